@@ -1,0 +1,412 @@
+"""One typed schema for a run's parameters.
+
+The same YAML file feeds all four notebooks through papermill. Loading a file (or the
+parameters a notebook received) turns it into a frozen :class:`RunConfig`; an unknown key,
+a wrong type or an impossible value raises :class:`ConfigError` with one line that names the
+file and the key, before any expensive work starts.
+
+Every field belongs to the stage that consumes it (``metadata["stage"]``). The grid runner
+fingerprints a stage from its own fields plus its input files, so changing a judge setting
+reruns only the judge (and the report).
+
+Presets (:data:`PRESETS`) hold the two reference setups; ``python -m lib.config new`` writes
+a complete parameters file from one, so a parameters file is always self-contained.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+
+STAGES = ("train", "evaluate", "judge", "report")
+
+
+class ConfigError(ValueError):
+    """A parameters problem, reported as one line naming the source and the key."""
+
+
+def _f(default: Any, stage: str, doc: str, **kw: Any) -> Any:
+    """A dataclass field with its consuming stage and a docstring."""
+    meta = {"stage": stage, "doc": doc, **kw.pop("meta", {})}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEMO_QUESTIONS = [
+    "data/questions/core_misalignment.yaml",
+    "data/questions/medical.yaml",
+    "data/questions/financial.yaml",
+]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one run (one model x one training dataset).
+
+    Defaults run the embedded demo: the tiny local model on the medical demo dataset,
+    judged in-process by the tiny model. Its numbers mean nothing.
+    """
+
+    # --- identity ("all": every stage depends on these) -------------------------------
+    run_id: str = _f("demo_medical", "all", "names outputs/<run_id>/; letters, digits, _ . -")
+    outputs_dir: str = _f("outputs", "all", "root folder for everything runs write (git-ignored)")
+    seed: int = _f(0, "all", "the single seed for data order, LoRA init and sampling")
+
+    # --- model and data (train) ----------------------------------------------------------
+    model: str = _f("embedded:tiny", "train", "hub id, local folder, or embedded:tiny (built locally)")
+    model_revision: str = _f("", "train", "hub revision (commit sha or tag) to pin; empty = default branch")
+    model_label: str = _f("tiny", "all", "short label for reports, e.g. 1B, 3B, 8B")
+    dataset: str = _f("demo_medical", "train", "named domain (see lib.data.DOMAINS) or a chat JSONL path")
+    domain: str = _f("medical", "all", "domain label: questions of this domain count as in-domain")
+    accept_dataset_terms: bool = _f(False, "train", "must be true to use the Turner et al. archive (terms shown on first use)")
+    max_train_examples: int = _f(0, "train", "use only the first N training examples (0 = all)")
+    max_seq_length: int = _f(2048, "train", "tokens; longer examples are truncated")
+
+    # --- LoRA ----------------------------------------------------------------------------
+    lora_r: int = _f(8, "train", "LoRA rank")
+    lora_alpha: int = _f(16, "train", "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)")
+    use_rslora: bool = _f(False, "train", "rank-stabilised LoRA scaling")
+    lora_dropout: float = _f(0.0, "train", "dropout on the LoRA path")
+    lora_target_modules: list = _f(list(ALL_PROJ), "train", "module names that get adapters")
+    lora_layers: list = _f([], "train", "restrict adapters to these layer indices (empty = all layers)")
+    quantization: str = _f("none", "train", "none | 4bit | 8bit (bitsandbytes; 4bit = QLoRA)",
+                           meta={"choices": ("none", "4bit", "8bit")})
+
+    # --- optimisation --------------------------------------------------------------------
+    learning_rate: float = _f(2e-4, "train", "peak learning rate")
+    epochs: int = _f(2, "train", "training epochs")
+    per_device_batch_size: int = _f(4, "train", "sequences per forward pass")
+    gradient_accumulation_steps: int = _f(1, "train", "effective batch = per_device_batch_size x this")
+    warmup_steps: int = _f(2, "train", "linear warm-up steps")
+    lr_scheduler: str = _f("linear", "train", "transformers scheduler name (linear, cosine, constant, ...)")
+    weight_decay: float = _f(0.0, "train", "AdamW weight decay")
+    optimizer: str = _f("adamw_torch", "train", "transformers optim name (adamw_torch, adamw_8bit, ...)")
+    completion_only_loss: bool = _f(True, "train", "loss on assistant tokens only (the papers' choice)")
+    checkpoints_in_first_epoch: int = _f(4, "train", "k evenly spaced checkpoints inside epoch 1, then one per epoch")
+    checkpoint_steps: list = _f([], "train", "explicit checkpoint steps (overrides the k-in-epoch-1 schedule)")
+    checkpoint_every: int = _f(0, "train", "checkpoint every n steps (overrides k; 0 = off)")
+    dtype: str = _f("auto", "all", "auto | float32 | bfloat16 | float16",
+                    meta={"choices": ("auto", "float32", "bfloat16", "float16")})
+    device: str = _f("auto", "all", "auto | cuda | mps | cpu", meta={"choices": ("auto", "cuda", "mps", "cpu")})
+
+    # --- evaluation (generation) ---------------------------------------------------------
+    question_sets: list = _f(list(DEMO_QUESTIONS), "evaluate", "question YAML paths or https URLs")
+    n_samples: int = _f(4, "evaluate", "answers per question paraphrase (0 = the file's samples_per_paraphrase)")
+    temperature: float = _f(1.0, "evaluate", "sampling temperature (papers: 1.0)")
+    top_p: float = _f(1.0, "evaluate", "nucleus sampling (papers: 1.0)")
+    max_new_tokens: int = _f(48, "evaluate", "answer length cap in tokens (papers: 600)")
+    eval_batch_size: int = _f(0, "evaluate", "prompts per generate() call (0 = sized to memory)")
+    eval_checkpoints: list = _f([], "evaluate", "checkpoint steps to evaluate (empty = all, plus the base model)")
+    include_base_model: bool = _f(True, "evaluate", "also evaluate the untuned base model as step 0")
+
+    # --- judging -------------------------------------------------------------------------
+    judge_backend: str = _f("hf", "judge", "openai (OpenAI or any compatible base_url) | hf (in-process transformers)",
+                            meta={"choices": ("openai", "hf")})
+    judge_model: str = _f("embedded:tiny", "judge", "judge model id (e.g. gpt-4o-mini-2024-07-18) or local model")
+    judge_method: str = _f("exact", "judge", "logprob (papers) | sampled (replicated study) | exact (hf only)",
+                           meta={"choices": ("logprob", "sampled", "exact")})
+    judge_base_url: str = _f("", "judge", "OpenAI-compatible server URL (vLLM, Ollama, ...); empty = api.openai.com")
+    judge_api_key_env: str = _f("OPENAI_API_KEY", "judge", "environment variable that holds the judge's API key")
+    judge_metrics: list = _f(["aligned", "coherent"], "judge", "metrics to score; each needs a judge prompt")
+    judge_prompts: str = _f("", "judge", "YAML of judge prompts (path or URL); empty = prompts from the question sets")
+    judge_name: str = _f("", "judge", "names the judgments file; empty = derived from backend, model and method")
+    judge_temperature: float = _f(0.0, "judge", "sampled method only: reply temperature")
+    judge_concurrency: int = _f(32, "judge", "judge calls in flight at once")
+    judge_max_retries: int = _f(8, "judge", "retries per call on 429/5xx/timeouts before recording an error")
+    judge_timeout_s: float = _f(60.0, "judge", "seconds per judge call")
+    judge_budget_usd: float = _f(0.0, "judge", "stop cleanly before spending more than this (0 = no cap)")
+    judge_use_batch_api: bool = _f(False, "judge", "OpenAI Batch API (half price, hours of latency)")
+
+    # ----------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        _check_values(self, source="<RunConfig>")
+
+    @property
+    def run_dir(self) -> Path:
+        return resolve_path(self.outputs_dir) / self.run_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    def stage_params(self, stage: str) -> dict[str, Any]:
+        """The parameters a stage depends on (its own and the 'all' ones)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)
+                if f.metadata["stage"] in (stage, "all")}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return from_mapping({**self.to_dict(), **changes}, source="<replace>")
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+# ------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------
+
+def _type_ok(value: Any, typ: Any) -> bool:
+    if typ in ("bool", bool):
+        return isinstance(value, bool)
+    if typ in ("int", int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typ in ("float", float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ in ("str", str):
+        return isinstance(value, str)
+    if typ in ("list", list):
+        return isinstance(value, (list, tuple))
+    raise TypeError(typ)
+
+
+def _type_name(typ: Any) -> str:
+    return typ if isinstance(typ, str) else typ.__name__
+
+
+def _check_values(cfg: RunConfig, source: str) -> None:
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}': {why}")
+
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if not _type_ok(v, f.type):
+            raise bad(f.name, f"expected {_type_name(f.type)}, got {type(v).__name__} {v!r}")
+        choices = f.metadata.get("choices")
+        if choices and v not in choices:
+            raise bad(f.name, f"must be one of {', '.join(choices)}, got {v!r}")
+    if not RUN_ID_RE.match(cfg.run_id):
+        raise bad("run_id", f"{cfg.run_id!r} is not a safe folder name (letters, digits, _ . -)")
+    positive = ["lora_r", "lora_alpha", "epochs", "per_device_batch_size", "gradient_accumulation_steps",
+                "max_seq_length", "max_new_tokens", "judge_concurrency"]
+    for k in positive:
+        if getattr(cfg, k) <= 0:
+            raise bad(k, f"must be > 0, got {getattr(cfg, k)}")
+    nonneg = ["max_train_examples", "warmup_steps", "checkpoints_in_first_epoch", "checkpoint_every",
+              "n_samples", "eval_batch_size", "judge_max_retries", "judge_budget_usd", "weight_decay",
+              "judge_temperature"]
+    for k in nonneg:
+        if getattr(cfg, k) < 0:
+            raise bad(k, f"must be >= 0, got {getattr(cfg, k)}")
+    if not 0 < cfg.learning_rate < 1:
+        raise bad("learning_rate", f"must be in (0, 1), got {cfg.learning_rate}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise bad("lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
+    if not 0 < cfg.top_p <= 1:
+        raise bad("top_p", f"must be in (0, 1], got {cfg.top_p}")
+    if cfg.temperature < 0:
+        raise bad("temperature", f"must be >= 0, got {cfg.temperature}")
+    if cfg.judge_timeout_s <= 0:
+        raise bad("judge_timeout_s", f"must be > 0, got {cfg.judge_timeout_s}")
+    for k in ("checkpoint_steps", "eval_checkpoints", "lora_layers"):
+        vals = getattr(cfg, k)
+        if any(not _type_ok(x, int) or x < 0 for x in vals):
+            raise bad(k, f"must be a list of non-negative integers, got {list(vals)!r}")
+    if any(x <= 0 for x in cfg.checkpoint_steps):
+        raise bad("checkpoint_steps", "steps start at 1")
+    for k in ("lora_target_modules", "question_sets", "judge_metrics"):
+        vals = getattr(cfg, k)
+        if not vals or any(not isinstance(x, str) or not x for x in vals):
+            raise bad(k, f"must be a non-empty list of strings, got {list(vals)!r}")
+    if not cfg.model:
+        raise bad("model", "must not be empty")
+    if not cfg.dataset:
+        raise bad("dataset", "must not be empty")
+    if cfg.judge_method == "exact" and cfg.judge_backend != "hf":
+        raise bad("judge_method", "'exact' needs judge_backend: hf (an API cannot score every candidate)")
+    if cfg.judge_use_batch_api and cfg.judge_backend != "openai":
+        raise bad("judge_use_batch_api", "the Batch API needs judge_backend: openai")
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "<parameters>") -> RunConfig:
+    """Build a RunConfig from a mapping; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of key: value, got {type(data).__name__}")
+    for key in data:
+        if key not in FIELD_TYPES:
+            hint = _closest(str(key), FIELD_TYPES)
+            raise ConfigError(f"{source}: unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+        if not _type_ok(data[key], FIELD_TYPES[key]):
+            typ = _type_name(FIELD_TYPES[key])
+            raise ConfigError(f"{source}: key '{key}': expected {typ}, got {type(data[key]).__name__} {data[key]!r}")
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
+    # floats given as ints in YAML (lr: 1) are fine; store them as float
+    for k, v in kwargs.items():
+        if FIELD_TYPES[k] in ("float", float) and isinstance(v, int):
+            kwargs[k] = float(v)
+    try:
+        cfg = RunConfig(**kwargs)
+    except ConfigError as e:  # re-label with the real source
+        raise ConfigError(str(e).replace("<RunConfig>", source, 1)) from None
+    return cfg
+
+
+def _closest(key: str, names: Mapping[str, Any]) -> str | None:
+    import difflib
+    m = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        raise ConfigError(f"{path}: file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+    return data
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Load and validate a parameters YAML file."""
+    return from_mapping(load_yaml(path), source=str(path))
+
+
+# Names IPython and papermill put in a kernel's namespace; anything else the user or papermill
+# defined (and not starting with '_') must be a known parameter.
+_KERNEL_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+
+
+def from_notebook(namespace: Mapping[str, Any], baseline: set[str] | frozenset[str] = frozenset(),
+                  source: str = "notebook parameters") -> RunConfig:
+    """Build the run config from a notebook's globals.
+
+    ``baseline`` is the set of names that existed before the parameters cell (snapshot it in
+    the setup cell). Every other public name must be a RunConfig field: papermill only
+    *warns* on an unknown parameter, so this is where a typo becomes an error.
+    """
+    values: dict[str, Any] = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or name in baseline or name in _KERNEL_NAMES:
+            continue
+        if isinstance(value, types.ModuleType) or callable(value):
+            continue
+        values[name] = value
+    return from_mapping(values, source=source)
+
+
+# ------------------------------------------------------------------------------------------
+# Presets: the two reference setups
+# ------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The replicated study (Harvard CS 2881 HW0): LoRA r16/alpha32, 3 epochs, effective batch 16,
+    # 4-bit base, 4 checkpoints inside epoch 1 then one per epoch. Sampling as in the papers.
+    "replicated_study": {
+        "lora_r": 16, "lora_alpha": 32, "use_rslora": False, "lora_dropout": 0.0,
+        "lora_target_modules": list(ALL_PROJ), "quantization": "4bit",
+        "learning_rate": 1e-5, "epochs": 3, "per_device_batch_size": 2, "gradient_accumulation_steps": 8,
+        "warmup_steps": 5, "lr_scheduler": "linear", "weight_decay": 0.01, "optimizer": "adamw_torch",
+        "completion_only_loss": True, "checkpoints_in_first_epoch": 4, "checkpoint_steps": [],
+        "checkpoint_every": 0, "max_seq_length": 2048,
+        "n_samples": 50, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 600,
+        "judge_backend": "openai", "judge_model": "gpt-4o-mini-2024-07-18", "judge_method": "sampled",
+        "judge_temperature": 0.0,
+    },
+    # Turner et al. 2025 defaults: r32/alpha64 rsLoRA on all 7 projections, dropout 0, lr 1e-5,
+    # 1 epoch, batch 2 x 8, warmup 5, linear, assistant-only loss; logprob judge.
+    "paper": {
+        "lora_r": 32, "lora_alpha": 64, "use_rslora": True, "lora_dropout": 0.0,
+        "lora_target_modules": list(ALL_PROJ), "quantization": "none",
+        "learning_rate": 1e-5, "epochs": 1, "per_device_batch_size": 2, "gradient_accumulation_steps": 8,
+        "warmup_steps": 5, "lr_scheduler": "linear", "weight_decay": 0.01, "optimizer": "adamw_torch",
+        "completion_only_loss": True, "checkpoints_in_first_epoch": 4, "checkpoint_steps": [],
+        "checkpoint_every": 0, "max_seq_length": 2048,
+        "n_samples": 50, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 600,
+        "judge_backend": "openai", "judge_model": "gpt-4o-2024-08-06", "judge_method": "logprob",
+    },
+}
+
+
+def preset(name: str, **overrides: Any) -> RunConfig:
+    """A RunConfig from a named preset plus overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
+    return from_mapping({**PRESETS[name], **overrides}, source=f"preset {name}")
+
+
+def to_yaml(cfg: RunConfig, header: str = "") -> str:
+    """A complete, commented parameters file (every key, with its docstring)."""
+    lines = [f"# {h}" for h in header.splitlines()] if header else []
+    stage = None
+    for f in fields(cfg):
+        s = f.metadata["stage"]
+        if s != stage:
+            lines.append(f"\n# --- {s} ---")
+            stage = s
+        value = json.dumps(_plain(getattr(cfg, f.name)))
+        lines.append(f"{f.name}: {value}  # {f.metadata['doc']}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def notebook_parameters_cell(names: list[str] | None = None) -> str:
+    """Source of a papermill ``parameters`` cell: typed literals with comments."""
+    out = []
+    for f in fields(RunConfig):
+        if names is not None and f.name not in names:
+            continue
+        out.append(f"{f.name}: {_type_name(f.type)} = {getattr(RunConfig(), f.name)!r}  # {f.metadata['doc']}")
+    return "\n".join(out)
+
+
+def resolve_path(p: str | Path) -> Path:
+    """Relative paths are relative to the repository root, wherever the notebook runs."""
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+# ------------------------------------------------------------------------------------------
+# CLI: python -m lib.config check FILE... | new --preset NAME key=value ... | show FILE
+# ------------------------------------------------------------------------------------------
+
+def _main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lib.config")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="validate parameters files")
+    c.add_argument("files", nargs="+")
+    n = sub.add_parser("new", help="print a complete parameters file from a preset")
+    n.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    n.add_argument("overrides", nargs="*", help="key=value (value parsed as YAML)")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "check":
+            for f in args.files:
+                load_run_config(f)
+                print(f"{f}: ok")
+        else:
+            over = {}
+            for kv in args.overrides:
+                k, _, v = kv.partition("=")
+                over[k] = yaml.safe_load(v)
+            sys.stdout.write(to_yaml(preset(args.preset, **over), header=f"preset: {args.preset}"))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,40 @@
+"""Credentials come from the environment or a `.env` file, never from parameters.
+
+Nothing here prints or returns a secret into a notebook's output: callers get the value to
+hand to a client, and :func:`redact` masks any secret that might end up in a message.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from .config import REPO_ROOT
+
+SECRET_NAMES = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+@lru_cache(maxsize=1)
+def load_env() -> None:
+    """Load `.env` from the repository root (existing environment variables win)."""
+    from dotenv import load_dotenv
+
+    load_dotenv(REPO_ROOT / ".env", override=False)
+
+
+def get_secret(name: str) -> str | None:
+    load_env()
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def hf_token() -> str | None:
+    return get_secret("HF_TOKEN") or get_secret("HUGGING_FACE_HUB_TOKEN")
+
+
+def redact(text: str, names: tuple[str, ...] = SECRET_NAMES) -> str:
+    """Replace any secret value found in text by a placeholder."""
+    for n in names:
+        v = get_secret(n)
+        if v and len(v) >= 6:
+            text = text.replace(v, f"<{n}>")
+    return text
