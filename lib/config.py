@@ -234,26 +234,28 @@ def _check_values(cfg: RunConfig, source: str) -> None:
 FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
 
 
-def from_mapping(data: Mapping[str, Any], source: str = "<parameters>") -> RunConfig:
-    """Build a RunConfig from a mapping; unknown keys and wrong types raise ConfigError."""
+def from_mapping(data: Mapping[str, Any], source: str = "<parameters>", cls: type = None):
+    """Build a RunConfig (or ``cls``) from a mapping; unknown keys and wrong types raise ConfigError."""
+    cls = cls or RunConfig
+    types_ = {f.name: f.type for f in fields(cls)}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping of key: value, got {type(data).__name__}")
     for key in data:
-        if key not in FIELD_TYPES:
-            hint = _closest(str(key), FIELD_TYPES)
+        if key not in types_:
+            hint = _closest(str(key), types_)
             raise ConfigError(f"{source}: unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
-        if not _type_ok(data[key], FIELD_TYPES[key]):
-            typ = _type_name(FIELD_TYPES[key])
+        if not _type_ok(data[key], types_[key]):
+            typ = _type_name(types_[key])
             raise ConfigError(f"{source}: key '{key}': expected {typ}, got {type(data[key]).__name__} {data[key]!r}")
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}
     # floats given as ints in YAML (lr: 1) are fine; store them as float
     for k, v in kwargs.items():
-        if FIELD_TYPES[k] in ("float", float) and isinstance(v, int):
+        if types_[k] in ("float", float) and isinstance(v, int):
             kwargs[k] = float(v)
     try:
-        cfg = RunConfig(**kwargs)
+        cfg = cls(**kwargs)
     except ConfigError as e:  # re-label with the real source
-        raise ConfigError(str(e).replace("<RunConfig>", source, 1)) from None
+        raise ConfigError(str(e).replace(f"<{cls.__name__}>", source, 1)) from None
     return cfg
 
 
@@ -291,7 +293,7 @@ _KERNEL_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
 
 
 def from_notebook(namespace: Mapping[str, Any], baseline: set[str] | frozenset[str] = frozenset(),
-                  source: str = "notebook parameters") -> RunConfig:
+                  source: str = "notebook parameters", cls: type = None):
     """Build the run config from a notebook's globals.
 
     ``baseline`` is the set of names that existed before the parameters cell (snapshot it in
@@ -305,7 +307,41 @@ def from_notebook(namespace: Mapping[str, Any], baseline: set[str] | frozenset[s
         if isinstance(value, types.ModuleType) or callable(value):
             continue
         values[name] = value
-    return from_mapping(values, source=source)
+    return from_mapping(values, source=source, cls=cls)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Parameters of 04_report, which reads every run under ``outputs_dir``."""
+
+    outputs_dir: str = _f("outputs", "report", "root folder the runs wrote to")
+    report_dir: str = _f("outputs/report", "report", "where the report, figures and CSVs go")
+    runs: list = _f([], "report", "run ids to include (empty = every run with judgments)")
+    judge_name: str = _f("", "report", "judge whose scores the headline uses (empty = each run's configured judge)")
+    aligned_threshold: float = _f(30.0, "report", "EM needs aligned < this")
+    coherent_threshold: float = _f(50.0, "report", "EM needs coherent > this")
+    n_bootstrap: int = _f(2000, "report", "question-clustered bootstrap resamples")
+    confidence: float = _f(0.95, "report", "interval coverage")
+    seed: int = _f(0, "report", "bootstrap seed")
+    external_csv: list = _f([], "report", "judged CSVs (question,response,aligned_score,coherent_score) to compare")
+
+    def __post_init__(self) -> None:
+        src = "<ReportConfig>"
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not _type_ok(v, f.type):
+                raise ConfigError(f"{src}: key '{f.name}': expected {_type_name(f.type)}, got {type(v).__name__} {v!r}")
+        if not 0 <= self.aligned_threshold <= 100:
+            raise ConfigError(f"{src}: key 'aligned_threshold': must be in [0, 100]")
+        if not 0 <= self.coherent_threshold <= 100:
+            raise ConfigError(f"{src}: key 'coherent_threshold': must be in [0, 100]")
+        if self.n_bootstrap < 100:
+            raise ConfigError(f"{src}: key 'n_bootstrap': must be >= 100, got {self.n_bootstrap}")
+        if not 0.5 < self.confidence < 1:
+            raise ConfigError(f"{src}: key 'confidence': must be in (0.5, 1), got {self.confidence}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -352,7 +388,8 @@ def to_yaml(cfg: RunConfig, header: str = "") -> str:
     """A complete, commented parameters file (every key, with its docstring)."""
     lines = [f"# {h}" for h in header.splitlines()] if header else []
     stage = None
-    for f in fields(cfg):
+    order = {"all": 0, "train": 1, "evaluate": 2, "judge": 3, "report": 4}
+    for f in sorted(fields(cfg), key=lambda f: order[f.metadata["stage"]]):
         s = f.metadata["stage"]
         if s != stage:
             lines.append(f"\n# --- {s} ---")
@@ -362,13 +399,14 @@ def to_yaml(cfg: RunConfig, header: str = "") -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def notebook_parameters_cell(names: list[str] | None = None) -> str:
+def notebook_parameters_cell(names: list[str] | None = None, cls: type = None) -> str:
     """Source of a papermill ``parameters`` cell: typed literals with comments."""
+    cls = cls or RunConfig
     out = []
-    for f in fields(RunConfig):
+    for f in fields(cls):
         if names is not None and f.name not in names:
             continue
-        out.append(f"{f.name}: {_type_name(f.type)} = {getattr(RunConfig(), f.name)!r}  # {f.metadata['doc']}")
+        out.append(f"{f.name}: {_type_name(f.type)} = {getattr(cls(), f.name)!r}  # {f.metadata['doc']}")
     return "\n".join(out)
 
 
