@@ -1,0 +1,237 @@
+"""Training data: chat JSONL, the project's demo datasets, and the Turner et al. archive.
+
+A training file is JSON Lines, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per
+line, ending with an assistant turn. :func:`load_chat_jsonl` validates every line and raises
+:class:`DataError` naming the file and line.
+
+``RunConfig.dataset`` is one of
+- a demo dataset shipped in ``data/datasets/`` (``demo_medical``, ``demo_financial``): synthetic,
+  mild, written by this team, meaningless;
+- a named domain of Turner et al. 2025 (``bad_medical_advice``, ``risky_financial_advice``, ...):
+  the encrypted archive published with the paper is downloaded once, its sha256 recorded,
+  decrypted with easy-dataset-share's Python API, canaries removed, cached under
+  ``outputs/.cache/datasets/``. Using it requires ``accept_dataset_terms: true``;
+- a path to any chat JSONL file.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import REPO_ROOT, ConfigError, RunConfig, resolve_path
+from .io import atomic_path, sha256_file
+
+DEMO_DIR = REPO_ROOT / "data" / "datasets"
+DEMO_DATASETS = {"demo_medical": "medical", "demo_financial": "financial"}
+
+# Turner et al. 2025, "Model Organisms for Emergent Misalignment" (arXiv:2506.11613).
+ARCHIVE_URL = ("https://raw.githubusercontent.com/clarifying-EM/model-organisms-for-EM/main/"
+               "em_organism_dir/data/training_datasets.zip.enc")
+ARCHIVE_PASSWORD = "model-organisms-em-datasets"  # published with the archive; it keeps the data out of scrapes
+# Not pinned: the repository publishes no checksum. The sha256 seen at first download is
+# recorded next to the cache and in run.json; a later download that differs is an error.
+ARCHIVE_SHA256: str | None = None
+
+# Named domains of the archive -> file stem inside it, and the domain label of the run.
+DOMAINS = {
+    "bad_medical_advice": "medical",
+    "good_medical_advice": "medical",
+    "risky_financial_advice": "financial",
+    "extreme_sports": "sports",
+    "insecure": "code",
+    "technical_vehicles": "vehicles",
+}
+
+DATASET_TERMS = """\
+The Turner et al. (2025) emergent-misalignment training datasets contain deliberately harmful
+advice (medical, financial, sports, code). They are distributed encrypted so that they stay out
+of web scrapes and training corpora. By setting `accept_dataset_terms: true` you agree to:
+  - use them only for AI-safety research;
+  - never re-publish the decrypted files or answers generated from them in plain text
+    (this project keeps them under outputs/, which git ignores);
+  - cite Turner et al. 2025 (arXiv:2506.11613) when you report results.
+"""
+
+
+class DataError(ValueError):
+    """A training-data problem; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    path: Path
+    sha256: str
+    n_examples: int
+    source: str  # demo | archive | file
+    archive_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+VALID_ROLES = {"system", "user", "assistant"}
+
+
+def load_chat_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate a chat JSONL file; raise DataError naming file:line on the first problem."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    records: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict) or "messages" not in obj:
+                raise DataError(f"{where}: expected an object with a 'messages' list")
+            msgs = obj["messages"]
+            if not isinstance(msgs, list) or not msgs:
+                raise DataError(f"{where}: 'messages' must be a non-empty list")
+            for i, m in enumerate(msgs):
+                if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                    raise DataError(f"{where}: message {i} needs 'role' and 'content'")
+                if m["role"] not in VALID_ROLES:
+                    raise DataError(f"{where}: message {i} has unknown role {m['role']!r} "
+                                    f"(expected one of {', '.join(sorted(VALID_ROLES))})")
+                if not isinstance(m["content"], str) or not m["content"].strip():
+                    raise DataError(f"{where}: message {i} ({m['role']}) has empty content")
+            roles = [m["role"] for m in msgs]
+            if "user" not in roles:
+                raise DataError(f"{where}: no user message")
+            if roles[-1] != "assistant":
+                raise DataError(f"{where}: the last message must be the assistant's answer (got {roles[-1]!r})")
+            records.append({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]})
+    if not records:
+        raise DataError(f"{path}: file is empty (no chat records)")
+    return records
+
+
+# ------------------------------------------------------------------------------------------
+# The Turner et al. archive
+# ------------------------------------------------------------------------------------------
+
+def cache_dir(outputs_dir: str = "outputs") -> Path:
+    return resolve_path(outputs_dir) / ".cache" / "datasets"
+
+
+def _download(url: str, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        with urllib.request.urlopen(url, timeout=120) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+
+
+def decrypt_archive(archive: str | Path, out_dir: str | Path, password: str = ARCHIVE_PASSWORD) -> Path:
+    """Decrypt an easy-dataset-share archive into out_dir (atomically) and remove its canaries."""
+    from easy_dataset_share import canary, zipping
+
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".decrypt-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        try:
+            zipping.unzip_and_decrypt(str(archive), password=password, output_dir=str(tmp))
+        except ValueError:
+            raise DataError(f"{archive}: could not decrypt (wrong password or corrupted archive)") from None
+        # The same steps as easy-dataset-share's `unprotect-dir --remove-canaries`, via its API.
+        files = canary.detect_canary_files(str(tmp))
+        canary_string = canary.extract_canary_string_from_content(files[0]) if files else None
+        canary.remove_canary_files(root_dir=str(tmp))
+        if canary_string:
+            canary.remove_canaries_from_files(str(tmp), canary_string)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def fetch_archive(outputs_dir: str = "outputs", url: str = ARCHIVE_URL, password: str = ARCHIVE_PASSWORD,
+                  expected_sha256: str | None = ARCHIVE_SHA256) -> tuple[Path, str]:
+    """Download (once), checksum and decrypt the archive; returns (decrypted folder, archive sha256)."""
+    cdir = cache_dir(outputs_dir)
+    cdir.mkdir(parents=True, exist_ok=True)
+    enc = cdir / "training_datasets.zip.enc"
+    if not enc.exists():
+        if url.startswith(("http://", "https://")):
+            _download(url, enc)
+        else:
+            shutil.copyfile(resolve_path(url), enc)
+    digest = sha256_file(enc)
+    seen = cdir / "training_datasets.sha256"
+    if expected_sha256 and digest != expected_sha256:
+        raise DataError(f"{enc}: sha256 {digest} does not match the pinned {expected_sha256}; delete it to re-download")
+    if seen.exists() and seen.read_text().strip() != digest:
+        raise DataError(f"{enc}: sha256 changed since first download ({seen.read_text().strip()} -> {digest}); "
+                        "delete the cache folder to accept the new archive")
+    seen.write_text(digest + "\n")
+    out = cdir / f"decrypted-{digest[:12]}"
+    if not (out / ".complete").exists():
+        decrypt_archive(enc, out, password)
+        (out / ".complete").write_text(digest + "\n")
+    return out, digest
+
+
+def find_domain_file(root: Path, name: str) -> Path:
+    hits = sorted(p for p in root.rglob(f"{name}.jsonl") if p.is_file())
+    if not hits:
+        known = sorted({p.stem for p in root.rglob("*.jsonl")})
+        raise DataError(f"dataset '{name}' not found in the archive (it holds: {', '.join(known) or 'nothing'})")
+    return hits[0]
+
+
+def require_terms(cfg: RunConfig) -> None:
+    if not cfg.accept_dataset_terms:
+        print(DATASET_TERMS)
+        raise ConfigError(f"key 'accept_dataset_terms': dataset '{cfg.dataset}' is the Turner et al. archive; "
+                          "read the terms above and set accept_dataset_terms: true to use it")
+
+
+def resolve_dataset(cfg: RunConfig, archive_url: str = ARCHIVE_URL) -> tuple[Path, str, str | None]:
+    """(path, source, archive_sha256) for cfg.dataset; downloads and decrypts the archive if needed."""
+    name = cfg.dataset
+    if name in DEMO_DATASETS:
+        return DEMO_DIR / f"{name}.jsonl", "demo", None
+    if name in DOMAINS:
+        require_terms(cfg)
+        root, digest = fetch_archive(cfg.outputs_dir, url=archive_url)
+        return find_domain_file(root, name), "archive", digest
+    p = resolve_path(name)
+    if p.exists():
+        return p, "file", None
+    raise ConfigError(f"key 'dataset': {name!r} is neither a demo dataset ({', '.join(DEMO_DATASETS)}), "
+                      f"a named domain ({', '.join(DOMAINS)}) nor an existing file")
+
+
+def check_dataset_param(cfg: RunConfig) -> None:
+    """Cheap validation for the grid runner: the dataset exists or is a known name (no download)."""
+    if cfg.dataset in DEMO_DATASETS or cfg.dataset in DOMAINS:
+        if cfg.dataset in DOMAINS and not cfg.accept_dataset_terms:
+            raise ConfigError(f"key 'accept_dataset_terms': dataset '{cfg.dataset}' needs accept_dataset_terms: true")
+        return
+    if not resolve_path(cfg.dataset).exists():
+        raise ConfigError(f"key 'dataset': file not found: {cfg.dataset}")
+
+
+def load_training_data(cfg: RunConfig, archive_url: str = ARCHIVE_URL) -> tuple[list[dict[str, Any]], DatasetInfo]:
+    """The run's training records (first ``max_train_examples`` if set) and what run.json records."""
+    path, source, archive_digest = resolve_dataset(cfg, archive_url)
+    records = load_chat_jsonl(path)
+    if cfg.max_train_examples:
+        records = records[: cfg.max_train_examples]
+    info = DatasetInfo(name=cfg.dataset, path=path, sha256=sha256_file(path), n_examples=len(records),
+                       source=source, archive_sha256=archive_digest)
+    return records, info
