@@ -240,6 +240,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<parameters>", cls: typ
     types_ = {f.name: f.type for f in fields(cls)}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping of key: value, got {type(data).__name__}")
+    data = {k: _yaml_float(v) if types_.get(k) in ("float", float) else v for k, v in data.items()}
     for key in data:
         if key not in types_:
             hint = _closest(str(key), types_)
@@ -257,6 +258,14 @@ def from_mapping(data: Mapping[str, Any], source: str = "<parameters>", cls: typ
     except ConfigError as e:  # re-label with the real source
         raise ConfigError(str(e).replace(f"<{cls.__name__}>", source, 1)) from None
     return cfg
+
+
+_SCI_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _yaml_float(v: Any) -> Any:
+    """YAML 1.1 reads `1e-5` (no dot) as a string; accept it for float keys."""
+    return float(v) if isinstance(v, str) and _SCI_RE.match(v.strip()) else v
 
 
 def _closest(key: str, names: Mapping[str, Any]) -> str | None:
@@ -384,8 +393,9 @@ def preset(name: str, **overrides: Any) -> RunConfig:
     return from_mapping({**PRESETS[name], **overrides}, source=f"preset {name}")
 
 
-def to_yaml(cfg: RunConfig, header: str = "") -> str:
-    """A complete, commented parameters file (every key, with its docstring)."""
+def to_yaml(cfg: RunConfig, header: str = "", notes: Mapping[str, str] | None = None) -> str:
+    """A complete, commented parameters file (every key, with its docstring or a note)."""
+    notes = notes or {}
     lines = [f"# {h}" for h in header.splitlines()] if header else []
     stage = None
     order = {"all": 0, "train": 1, "evaluate": 2, "judge": 3, "report": 4}
@@ -395,7 +405,7 @@ def to_yaml(cfg: RunConfig, header: str = "") -> str:
             lines.append(f"\n# --- {s} ---")
             stage = s
         value = json.dumps(_plain(getattr(cfg, f.name)))
-        lines.append(f"{f.name}: {value}  # {f.metadata['doc']}")
+        lines.append(f"{f.name}: {value}  # {notes.get(f.name, f.metadata['doc'])}")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 

@@ -235,3 +235,13 @@ def load_training_data(cfg: RunConfig, archive_url: str = ARCHIVE_URL) -> tuple[
     info = DatasetInfo(name=cfg.dataset, path=path, sha256=sha256_file(path), n_examples=len(records),
                        source=source, archive_sha256=archive_digest)
     return records, info
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["terms"]:
+        print(DATASET_TERMS)
+    else:
+        print("usage: python -m lib.data terms", file=sys.stderr)
+        raise SystemExit(2)

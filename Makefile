@@ -1,0 +1,47 @@
+# Emergent-misalignment lab. `make demo` runs the embedded pipeline; `make test` runs the tests.
+# Both create the environment first (`make setup`) when it is missing or out of date.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.em-lab-installed
+# CPU install: torch 2.13.0 (CPU build) pinned so that pip pulls no CUDA packages; every other
+# package pinned by the lock file. GPU machines: see README ("GPU install") / environment.yml.
+TORCH_CPU ?= torch==2.13.0
+LOCK ?= requirements/cpu.lock
+PARAMS ?= parameters/demo_medical.yaml parameters/demo_financial.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lab grid lock clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c $(LOCK) "$(TORCH_CPU)"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[quant,lab,dev]"
+	@if $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then \
+	  echo "error: CUDA packages were installed into the CPU environment" >&2; exit 1; fi
+	touch $(STAMP)
+
+# The embedded demo: two tiny runs (two demo domains), then the report. Offline, CPU, minutes.
+demo: setup
+	$(PY) -m lib.grid run parameters/demo_medical.yaml parameters/demo_financial.yaml
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lab: setup
+	$(PY) -m jupyter lab notebooks/
+
+# A grid of runs: make grid PARAMS="parameters/study_1b_medical.yaml parameters/study_1b_financial.yaml"
+grid: setup
+	$(PY) -m lib.grid run $(PARAMS) $(GRID_ARGS)
+
+# Re-record resolved versions after changing dependencies.
+lock: setup
+	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > $(LOCK)
+
+clean-outputs:
+	rm -rf outputs/
