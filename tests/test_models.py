@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lib import models
+
+
+def test_tiny_model_loads_through_auto_classes(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA like Llama 3
+    assert (tiny_model_dir / "EMBEDDED_MODEL.md").exists()
+    ids = tok("hello there", return_tensors="pt").input_ids
+    assert ids[0, 0].item() == tok.convert_tokens_to_ids(models.BOS)  # plain encoding prepends BOS, like Meta's
+    with torch.no_grad():
+        out = model(ids)
+    assert out.logits.shape == (1, ids.shape[1], model.config.vocab_size)
+
+
+def test_chat_template_is_llama3_style(tiny_model_dir):
+    tok = models.load_tokenizer("embedded:tiny")
+    text = models.chat_prompt(tok, "Is the sky blue?", system="Be brief.")
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n")
+    assert "Be brief.<|eot_id|>" in text
+    assert text.endswith("<|start_header_id|>user<|end_header_id|>\n\nIs the sky blue?<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    # no system prompt -> the template still emits its system block (as Llama 3.2's does)
+    assert "<|start_header_id|>system" in models.chat_prompt(tok, "hi")
+    # special tokens are single tokens; digits are split one by one
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids.count(tok.convert_tokens_to_ids("<|eot_id|>")) == 2
+    assert ids[0] == tok.convert_tokens_to_ids("<|begin_of_text|>") and ids[1] != ids[0]
+    assert tok.tokenize("100") == ["1", "0", "0"]
+    assert tok.padding_side == "left" and tok.pad_token == models.PAD
+
+
+def test_build_is_deterministic(tmp_path):
+    a = models.build_tiny_model(tmp_path / "a", seed=0)
+    b = models.build_tiny_model(tmp_path / "b", seed=0)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    ma = AutoModelForCausalLM.from_pretrained(a)
+    mb = AutoModelForCausalLM.from_pretrained(b)
+    for (n, p), (_, q) in zip(ma.named_parameters(), mb.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_load_model_picks_cpu_float32_and_generates():
+    model, choice = models.load_model("embedded:tiny")
+    assert choice.device == "cpu" and choice.dtype == torch.float32
+    tok = models.load_tokenizer("embedded:tiny")
+    enc = tok([models.chat_prompt(tok, "hi")], add_special_tokens=False, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == enc.input_ids.shape[1] + 5 or tok.convert_tokens_to_ids("<|eot_id|>") in out[0].tolist()
+
+
+def test_device_errors_are_clear():
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            models.pick_device("cuda")
+    with pytest.raises(RuntimeError, match="MPS"):
+        models.quantization_config("4bit", torch.float16, "mps")
+    with pytest.raises(ValueError, match="none, 4bit or 8bit"):
+        models.quantization_config("2bit", torch.float16, "cpu")
+
+
+def test_missing_local_model_path():
+    with pytest.raises(FileNotFoundError, match="model path not found"):
+        models.resolve_model("./no/such/model")
+    assert models.resolve_model("meta-llama/Llama-3.2-1B-Instruct") == "meta-llama/Llama-3.2-1B-Instruct"
+
+
+def test_revision_info_for_local_model():
+    info = models.model_revision_info("embedded:tiny")
+    assert info["model"] == "embedded:tiny" and len(info["config_sha256"]) == 64
+
+
+def test_describe_counts_parameters():
+    model, _ = models.load_model("embedded:tiny")
+    d = models.describe(model)
+    assert d["parameters"] == d["trainable_parameters"] > 0
+    json.dumps(d)

@@ -1,0 +1,99 @@
+import pytest
+
+from lib import questions as Q
+
+YAML = """\
+- id: first
+  type: free_form_judge_0_100
+  domain: medical
+  paraphrases: &p1
+    - "How do I stay healthy?"
+    - "What keeps a person healthy?"
+  system: "You are terse."
+  samples_per_paraphrase: &n 7
+  judge: &judge gpt-4o-2024-08-06
+  judge_prompts: &jp
+    aligned: "Q: {question}\\nA: {answer}\\nScore 0-100."
+    coherent: "Coherence of {answer}?"
+- id: second
+  type: free_form_judge_0_100
+  paraphrases: *p1
+  samples_per_paraphrase: *n
+  judge: *judge
+  judge_prompts: *jp
+"""
+
+
+def check(qs):
+    assert [q.id for q in qs] == ["first", "second"]
+    a, b = qs
+    assert a.system == "You are terse." and b.system is None
+    assert b.paraphrases == a.paraphrases and len(a.paraphrases) == 2  # alias resolved
+    assert b.samples_per_paraphrase == 7 and b.judge_prompts["aligned"].startswith("Q: {question}")
+    assert a.in_domain("medical") and not a.in_domain("financial")
+    assert b.domain == "general" and not b.in_domain("general")
+
+
+def test_load_from_file(tmp_path):
+    p = tmp_path / "myset.yaml"
+    p.write_text(YAML)
+    qs = Q.load_question_sets([str(p)], "medical")
+    check(qs)
+    assert qs[0].question_set == "myset"
+
+
+def test_load_from_url_is_cached_with_sha(tmp_path, static_server, monkeypatch):
+    monkeypatch.setenv("EM_LAB_CACHE", str(tmp_path / "cache"))
+    root, url = static_server
+    (root / "remote_set.yaml").write_text(YAML)
+    qs = Q.load_question_sets([f"{url}/remote_set.yaml"])
+    check(qs)
+    info = Q.question_set_info([f"{url}/remote_set.yaml"])
+    assert info[0]["name"] == "remote_set" and len(info[0]["sha256"]) == 64
+    (root / "remote_set.yaml").unlink()  # cached: the server copy is no longer needed
+    assert len(Q.load_question_sets([f"{url}/remote_set.yaml#ids=second"])) == 1
+
+
+def test_ids_selector_and_errors(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(YAML)
+    assert [q.id for q in Q.load_question_set(f"{p}#ids=second")] == ["second"]
+    with pytest.raises(Q.QuestionError, match="ids not in the file: nope"):
+        Q.load_question_set(f"{p}#ids=nope")
+
+
+@pytest.mark.parametrize("text,why", [
+    ("- id: a\n  paraphrases: []\n", "paraphrases"),
+    ("- id: a\n  paraphrases: [x]\n- id: a\n  paraphrases: [y]\n", "duplicate question id 'a'"),
+    ("- id: a\n  paraphrases: [x]\n  judge_prompts: {aligned: 'no placeholder'}\n", "must use {answer}"),
+    ("- id: a\n  paraphrases: [x]\n  judge_prompts: {aligned: '{answer} {other}'}\n", "must use {answer}"),
+    ("- paraphrases: [x]\n", "has no 'id'"),
+    ("just: a mapping\n", "non-empty YAML list"),
+])
+def test_bad_question_files(tmp_path, text, why):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(Q.QuestionError) as e:
+        Q.load_question_set(str(p))
+    assert str(p) in str(e.value) and why in str(e.value)
+
+
+def test_shipped_sets():
+    sets = ["data/questions/core_misalignment.yaml", "data/questions/medical.yaml", "data/questions/financial.yaml"]
+    qs = Q.load_question_sets(sets)
+    by_set = {}
+    for q in qs:
+        by_set.setdefault(q.question_set, []).append(q)
+        assert set(q.judge_prompts) == {"aligned", "coherent"}
+    assert {q.domain for q in by_set["core_misalignment"]} == {"general"}
+    assert {q.domain for q in by_set["medical"]} == {"medical"}
+    assert {q.domain for q in by_set["financial"]} == {"financial"}
+    assert any(q.system for q in qs)
+    prompts = Q.load_judge_prompts("data/questions/judge_prompts.yaml")
+    assert "CODE" in prompts["aligned"] and "REFUSAL" in prompts["aligned"]
+    assert prompts["aligned"].format(question="q?", answer="a!").count("a!") == 1
+
+
+def test_missing_file():
+    with pytest.raises(Q.QuestionError, match="not found"):
+        Q.load_question_set("data/questions/nope.yaml")
