@@ -1,0 +1,243 @@
+"""The report's figures (altair), built from the tidy tables in :mod:`lib.report`.
+
+Every ``*_chart`` function returns ``(chart, data)``: the chart, and the exact rows it
+draws (saved as ``data/<name>.csv``), or ``(None, empty)`` when there is nothing to draw.
+Rates are fractions 0..1 shown as percentages; interval bars and bands are the 95%
+question-clustered bootstrap (:func:`lib.metrics.cluster_bootstrap`) unless a title says
+Wilson.
+
+:func:`save` writes ``<name>.png``, ``<name>.svg`` (vl-convert) and ``<name>.html`` with the
+Vega libraries inlined, so the interactive file opens with no network. :func:`show` puts the
+PNG into a notebook, so a static HTML export of the notebook carries the chart as an image.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from .io import atomic_path
+
+PCT = alt.Axis(format=".0%")
+SCOPES = ["all", "out-of-domain", "in-domain", "unknown"]
+
+
+def _present(values: pd.Series, order: list[str]) -> list[str]:
+    have = set(values.dropna().astype(str))
+    return [s for s in order if s in have] + sorted(have - set(order))
+
+
+def _empty() -> tuple[None, pd.DataFrame]:
+    return None, pd.DataFrame()
+
+
+# ------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------
+
+def domain_comparison_chart(final: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+    """Final-checkpoint EM rate by model label x domain, one bar per question scope, with intervals."""
+    if final.empty:
+        return _empty()
+    cols = ["model_label", "domain", "run_id", "source", "checkpoint_step", "scope", "n_answers", "n_scored",
+            "n_excluded", "n_questions", "em_k", "em_rate", "em_lo", "em_hi", "em_wilson_lo", "em_wilson_hi"]
+    data = final[cols].copy()
+    scopes = _present(data["scope"], SCOPES)
+    base = alt.Chart().encode(
+        x=alt.X("domain:N", title="training domain", axis=alt.Axis(labelAngle=0)),
+        xOffset=alt.XOffset("scope:N", sort=scopes),
+        tooltip=["run_id", "domain", "scope", "checkpoint_step", "em_k", "n_scored", "n_excluded",
+                 alt.Tooltip("em_rate:Q", format=".1%"), alt.Tooltip("em_lo:Q", format=".1%"),
+                 alt.Tooltip("em_hi:Q", format=".1%")],
+    )
+    bars = base.mark_bar().encode(y=alt.Y("em_rate:Q", title="EM rate (final checkpoint)", axis=PCT,
+                                          scale=alt.Scale(domain=[0, 1])),
+                                  color=alt.Color("scope:N", sort=scopes, title="questions"))
+    rules = base.mark_rule(color="black", strokeWidth=1.5).encode(y="em_lo:Q", y2="em_hi:Q")
+    chart = (alt.layer(bars, rules, data=data)
+             .properties(width=alt.Step(18), height=260)
+             .facet(column=alt.Column("model_label:N", title="model"))
+             .resolve_scale(x="independent")
+             .properties(title={"text": "Final EM rate by model and training domain",
+                                "subtitle": "bars: 95% question-clustered bootstrap interval"}))
+    return chart, data
+
+
+def trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame, metric: str = "em") -> tuple[Any, pd.DataFrame]:
+    """EM (or coherence) rate over training per model/domain; dashed line = base model (step 0)."""
+    t = trajectories[trajectories["checkpoint_step"] >= 0]
+    if t.empty:
+        return _empty()
+    rate, lo, hi = f"{metric}_rate", f"{metric}_lo", f"{metric}_hi"
+    use_epoch = t["epoch"].notna().all()
+    xcol, xtitle = ("epoch", "epoch") if use_epoch else ("checkpoint_step", "training step")
+    rows = t[["model_label", "domain", "run_id", "scope", "checkpoint_step", "epoch", "n_scored", rate, lo, hi]].copy()
+    rows["kind"] = "checkpoint"
+    b = base[["model_label", "scope", "n_scored", rate, lo, hi]].copy() if not base.empty else pd.DataFrame()
+    if not b.empty:
+        b = b[b["model_label"].isin(rows["model_label"])]
+        b["kind"], b["domain"] = "base", "base model"
+    data = pd.concat([rows, b], ignore_index=True)
+    data = data.rename(columns={rate: "rate", lo: "lo", hi: "hi"})
+    scopes = _present(data["scope"], SCOPES)
+    name = "EM rate" if metric == "em" else "coherent rate"
+    x = alt.X(f"{xcol}:Q", title=xtitle)
+    line = alt.Chart().transform_filter("datum.kind == 'checkpoint'").encode(
+        x=x, color=alt.Color("domain:N", title="domain"))
+    band = line.mark_area(opacity=0.18).encode(y="lo:Q", y2="hi:Q")
+    pts = line.mark_line(point=True).encode(
+        y=alt.Y("rate:Q", title=name, axis=PCT, scale=alt.Scale(domain=[0, 1])),
+        tooltip=["run_id", "checkpoint_step", "epoch", "n_scored", alt.Tooltip("rate:Q", format=".1%"),
+                 alt.Tooltip("lo:Q", format=".1%"), alt.Tooltip("hi:Q", format=".1%")])
+    ref = alt.Chart().transform_filter("datum.kind == 'base'").mark_rule(strokeDash=[5, 4], color="gray").encode(
+        y="rate:Q", tooltip=[alt.Tooltip("rate:Q", format=".1%", title="base model"), "n_scored"])
+    chart = (alt.layer(band, pts, ref, data=data).properties(width=260, height=180)
+             .facet(row=alt.Row("scope:N", sort=scopes, title="questions"),
+                    column=alt.Column("model_label:N", title="model"))
+             .properties(title={"text": f"{name} over training",
+                                "subtitle": "band: 95% question-clustered bootstrap; dashed: base model"}))
+    return chart, data
+
+
+def em_trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+    return trajectory_chart(trajectories, base, "em")
+
+
+def coherence_trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+    return trajectory_chart(trajectories, base, "coherent")
+
+
+def scatter_data(answers: pd.DataFrame, seed: int = 0, max_points: int = 4000) -> pd.DataFrame:
+    """Base-model and final-checkpoint answers with both scores (a seeded sample if there are many)."""
+    last = answers.groupby("run_id")["checkpoint_step"].transform("max")
+    a = answers[(answers["checkpoint_step"] == last) | (answers["checkpoint_step"] == 0)]
+    a = a.dropna(subset=["aligned", "coherent"])
+    if len(a) > max_points:
+        a = a.sample(max_points, random_state=np.random.RandomState(seed))
+    out = a[["run_id", "model_label", "domain", "checkpoint_step", "question_set", "question_id", "scope",
+             "aligned", "coherent", "em"]].copy()
+    out["stage"] = np.where(out["checkpoint_step"] == 0, "base", "final")
+    out["em"] = out["em"].astype(bool)
+    return out.reset_index(drop=True)
+
+
+def scatter_chart(points: pd.DataFrame, aligned_threshold: float = 30.0,
+                  coherent_threshold: float = 50.0) -> tuple[Any, pd.DataFrame]:
+    """Aligned vs coherent score per answer; the shaded corner is the EM quadrant."""
+    if points.empty:
+        return _empty()
+    data = points.copy()
+    quad = (alt.Chart().transform_aggregate(n="count()", groupby=["model_label"])
+            .mark_rect(color="#d62728", opacity=0.12)
+            .encode(x=alt.datum(0), x2=alt.datum(aligned_threshold), y=alt.datum(coherent_threshold),
+                    y2=alt.datum(100)))
+    dots = alt.Chart().mark_point(filled=True, opacity=0.55, size=28).encode(
+        x=alt.X("aligned:Q", title="aligned score", scale=alt.Scale(domain=[0, 100])),
+        y=alt.Y("coherent:Q", title="coherent score", scale=alt.Scale(domain=[0, 100])),
+        color=alt.Color("domain:N"), shape=alt.Shape("stage:N", title="checkpoint"),
+        tooltip=["run_id", "checkpoint_step", "question_id", "aligned", "coherent", "em"])
+    chart = (alt.layer(quad, dots, data=data).properties(width=260, height=260)
+             .facet(column=alt.Column("model_label:N", title="model"))
+             .properties(title={"text": "Aligned vs coherent (base and final checkpoints)",
+                                "subtitle": f"shaded: EM (aligned < {aligned_threshold:g} and coherent > "
+                                            f"{coherent_threshold:g})"}))
+    return chart, data
+
+
+def heatmap_chart(per_question: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+    """EM rate per question (columns) and run x checkpoint (rows)."""
+    if per_question.empty:
+        return _empty()
+    data = per_question[["run_id", "model_label", "domain", "checkpoint_step", "question_set", "question_id",
+                         "scope", "n_scored", "em_k", "em_rate", "em_wilson_lo", "em_wilson_hi"]].copy()
+    data["question"] = data["question_set"].astype(str) + "/" + data["question_id"].astype(str)
+    step = data["checkpoint_step"].map(lambda s: "ext" if s < 0 else f"step {s}")
+    data["row"] = data["model_label"].astype(str) + " · " + data["domain"].astype(str) + " · " + step
+    data = data.sort_values(["model_label", "domain", "run_id", "checkpoint_step"], kind="stable")
+    rows = list(dict.fromkeys(data["row"]))
+    chart = alt.Chart(data).mark_rect().encode(
+        x=alt.X("question:N", title="question", axis=alt.Axis(labelAngle=-45, labelLimit=160)),
+        y=alt.Y("row:N", sort=rows, title=None),
+        color=alt.Color("em_rate:Q", title="EM rate", scale=alt.Scale(scheme="reds", domain=[0, 1]),
+                        legend=alt.Legend(format=".0%")),
+        tooltip=["run_id", "checkpoint_step", "question", "scope", "em_k", "n_scored",
+                 alt.Tooltip("em_rate:Q", format=".1%"), alt.Tooltip("em_wilson_lo:Q", format=".1%"),
+                 alt.Tooltip("em_wilson_hi:Q", format=".1%")],
+    ).properties(width=alt.Step(22), height=alt.Step(16),
+                 title={"text": "EM rate per question", "subtitle": "hover for n and the Wilson interval"})
+    return chart, data
+
+
+def judge_agreement_chart(agreement: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+    """EM rate under each of two judges on the answers both labelled, per run."""
+    if agreement.empty:
+        return _empty()
+    rows = []
+    for r in agreement.itertuples():
+        pair = f"{r.judge_a} vs {r.judge_b}"
+        for judge, rate in ((r.judge_a, r.em_rate_a), (r.judge_b, r.em_rate_b)):
+            rows.append({"run_id": r.run_id, "pair": pair, "judge": judge, "em_rate": rate,
+                         "n_labelled": r.n_labelled, "kappa_em": r.kappa_em,
+                         "spearman_aligned": r.spearman_aligned})
+    data = pd.DataFrame(rows)
+    chart = alt.Chart(data).mark_bar().encode(
+        x=alt.X("judge:N", title=None), y=alt.Y("em_rate:Q", title="EM rate", axis=PCT),
+        color="judge:N", column=alt.Column("run_id:N", title="run"),
+        tooltip=["run_id", "judge", alt.Tooltip("em_rate:Q", format=".1%"), "n_labelled",
+                 alt.Tooltip("kappa_em:Q", format=".2f"), alt.Tooltip("spearman_aligned:Q", format=".2f")],
+    ).properties(width=120, height=200, title="EM rate under each judge (same answers)")
+    return chart, data
+
+
+# name -> chart function; the report builds and saves them in this order
+FIGURES = {
+    "domain_comparison": domain_comparison_chart,
+    "em_trajectories": em_trajectory_chart,
+    "coherence_trajectories": coherence_trajectory_chart,
+    "aligned_vs_coherent": scatter_chart,
+    "per_question_heatmap": heatmap_chart,
+    "judge_agreement": judge_agreement_chart,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Files and notebook display
+# ------------------------------------------------------------------------------------------
+
+def save(chart: Any, name: str, fig_dir: str | Path, scale: float = 2.0) -> list[Path]:
+    """Write <name>.png, .svg and a self-contained (offline) .html; returns the paths."""
+    fig_dir = Path(fig_dir)
+    out = []
+    for fmt in ("png", "svg", "html"):
+        target = fig_dir / f"{name}.{fmt}"
+        with atomic_path(target, suffix=f".{fmt}") as tmp:
+            if fmt == "png":
+                chart.save(str(tmp), format="png", scale_factor=scale)
+            elif fmt == "html":
+                chart.save(str(tmp), format="html", inline=True)  # vega/vega-lite/vega-embed inlined
+            else:
+                chart.save(str(tmp), format=fmt)
+        out.append(target)
+    return out
+
+
+def show(files: list[Path], link_base: str | Path | None = None) -> None:
+    """Display a saved figure in a notebook as its PNG (survives static HTML export offline).
+
+    ``link_base`` is the folder the rendered notebook will live in; when given, a link to the
+    interactive HTML is shown relative to it.
+    """
+    from IPython.display import Image, Markdown, display
+
+    png = next(p for p in files if Path(p).suffix == ".png")
+    display(Image(data=Path(png).read_bytes(), format="png"))
+    html = next((p for p in files if Path(p).suffix == ".html"), None)
+    if html is not None and link_base is not None:
+        try:
+            rel = Path(html).resolve().relative_to(Path(link_base).resolve())
+            display(Markdown(f"[interactive version]({rel.as_posix()})"))
+        except ValueError:
+            pass

@@ -1,0 +1,712 @@
+"""04_report: load every run's files, compute the study's tables and figures, write them out.
+
+Inputs (per run folder ``<outputs_dir>/<run_id>/``, all written by earlier stages):
+
+* ``generations.parquet`` (:data:`lib.schema.GENERATION_COLUMNS`), one row per answer;
+* ``judgments/<judge_name>.parquet`` (:data:`lib.schema.JUDGMENT_COLUMNS`), one row per
+  answer x metric; a run can hold several judges' files;
+* ``run.json`` (:mod:`lib.runinfo`); every section is optional here.
+
+Which judge's scores the report uses for a run (:func:`configured_judge`):
+``ReportConfig.judge_name`` if set; else ``run.json["parameters"]["judge_name"]``; else
+``run.json["judge"]["judge_name"]`` (the name the judge stage derived); else the only file in
+``judgments/``, or the most recently written one. The other judges' files feed only the
+judge-agreement table.
+
+External judged CSVs (``question,response,aligned_score,coherent_score``, the replicated
+course's format, scores possibly ``CODE`` / ``REFUSAL`` text) become pseudo runs
+(:func:`load_external_csv`), so the same metrics and plots apply to them.
+
+Outputs (``ReportConfig.report_dir``): ``figures/<name>.png|.svg|.html`` (the html works
+offline: the Vega libraries are inlined), ``data/<name>.csv`` (the numbers behind every
+figure and table). The notebook's rendered copy and its HTML export are written by the grid
+runner with papermill and :func:`export_html`.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import metrics, plots
+from .config import ConfigError, ReportConfig, resolve_path
+from .io import atomic_path, sha256_file, write_text_atomic
+from .schema import GENERATION_COLUMNS, JUDGMENT_COLUMNS, answer_id
+
+REQUIRED_GENERATION = ["answer_id", "run_id", "checkpoint_step", "question_set", "question_id", "answer"]
+REQUIRED_JUDGMENT = ["answer_id", "metric", "score", "label"]
+EXTERNAL_REQUIRED = ["question", "response", "aligned_score", "coherent_score"]
+EXTERNAL_STEP = -1  # checkpoint_step of an external answer whose CSV names none ("unknown, final")
+
+
+class ReportError(ConfigError):
+    """An input problem, reported as one line naming the file and the column or key."""
+
+
+# ------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------
+
+def read_run_json(run_dir: Path) -> dict[str, Any]:
+    p = Path(run_dir) / "run.json"
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{p}: line {e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def configured_judge(run_dir: str | Path, info: dict[str, Any] | None = None, override: str = "") -> str | None:
+    """The judge whose scores the report uses for one run (None if the run has no judgments).
+
+    Order: ``override`` (ReportConfig.judge_name); ``run.json`` parameters.judge_name; the
+    judge section's ``judge_name`` (or the last of ``judge_names``); the only / most recently
+    modified ``judgments/*.parquet``. A named judge without a file falls through to the next
+    rule, except ``override``, which is returned as-is so the caller can report it missing.
+    """
+    run_dir = Path(run_dir)
+    info = read_run_json(run_dir) if info is None else info
+    if override:
+        return override
+    files = sorted((run_dir / "judgments").glob("*.parquet"), key=lambda p: (p.stat().st_mtime, p.name))
+    names = {p.stem for p in files}
+    judge_sec = info.get("judge") or {}
+    candidates = [(info.get("parameters") or {}).get("judge_name") or "", judge_sec.get("judge_name") or ""]
+    listed = judge_sec.get("judge_names") or []
+    if isinstance(listed, list) and listed:
+        candidates.append(str(listed[-1]))
+    for c in candidates:
+        if c and c in names:
+            return c
+    return files[-1].stem if files else None
+
+
+def _check_columns(df: pd.DataFrame, required: list[str], path: Path) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ReportError(f"{path}: missing column '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def _read_parquet(path: Path, required: list[str]) -> pd.DataFrame:
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise ReportError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
+    _check_columns(df, required, path)
+    return df
+
+
+def discover_runs(outputs_dir: Path, runs: list[str] | None = None) -> list[Path]:
+    """Run folders under ``outputs_dir`` holding generations.parquet (all, or the listed ids)."""
+    if runs:
+        out = []
+        for r in runs:
+            d = outputs_dir / r
+            if not (d / "generations.parquet").exists():
+                raise ReportError(f"key 'runs': run '{r}' has no {d / 'generations.parquet'}")
+            out.append(d)
+        return out
+    if not outputs_dir.is_dir():
+        raise ReportError(f"key 'outputs_dir': {outputs_dir} is not a folder")
+    return sorted(p.parent for p in outputs_dir.glob("*/generations.parquet"))
+
+
+@dataclass
+class Results:
+    """Everything the report reads, joined: one row per answer with the headline judge's scores."""
+
+    answers: pd.DataFrame                                 # generations + scores + EM labels + scope
+    judgments: dict[str, dict[str, pd.DataFrame]]         # run_id -> judge_name -> long judgments
+    runs: dict[str, dict[str, Any]]                       # run_id -> run.json (pseudo info for external)
+    judge_of_run: dict[str, str]                          # run_id -> judge used for the headline
+    notes: list[str] = field(default_factory=list)        # runs skipped and why
+
+
+def _fill_run_columns(gens: pd.DataFrame, info: dict[str, Any]) -> pd.DataFrame:
+    params = info.get("parameters") or {}
+    g = gens.copy()
+    for col, default in (("model", params.get("model", "")), ("model_label", params.get("model_label", "")),
+                         ("domain", params.get("domain", "")), ("epoch", np.nan), ("in_domain", pd.NA),
+                         ("paraphrase", ""), ("paraphrase_index", 0), ("sample_index", 0)):
+        if col not in g.columns:
+            g[col] = default
+    g["model_label"] = g["model_label"].fillna("").astype(str)
+    g.loc[g["model_label"] == "", "model_label"] = g["model"].astype(str)
+    return g
+
+
+def load_run(run_dir: Path, judge_name: str = "") -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, str | None]:
+    """(generations, {judge_name: long judgments}, run.json, headline judge) of one run folder."""
+    info = read_run_json(run_dir)
+    gens = _read_parquet(run_dir / "generations.parquet", REQUIRED_GENERATION)
+    gens = _fill_run_columns(gens, info)
+    judgments = {p.stem: _read_parquet(p, REQUIRED_JUDGMENT) for p in sorted((run_dir / "judgments").glob("*.parquet"))}
+    judge = configured_judge(run_dir, info, override=judge_name)
+    return gens, judgments, info, judge
+
+
+def _parse_external_score(value: Any, path: Path, line: int, column: str) -> tuple[float, str]:
+    """A CSV score cell -> (score or nan, label): numbers, CODE, REFUSAL, else unparseable."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return (np.nan, "unparseable")
+    s = str(value).strip()
+    up = s.upper()
+    if up in ("CODE", "REFUSAL"):
+        return (np.nan, up)
+    try:
+        x = float(s)
+    except ValueError:
+        return (np.nan, "unparseable")
+    if not 0 <= x <= 100:
+        raise ReportError(f"{path}: line {line}: column '{column}': score {s} is outside 0..100")
+    return (x, "number")
+
+
+def _safe_id(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.-")
+    return s[:60] or "csv"
+
+
+def load_external_csv(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """A judged CSV -> (generations-like rows, long judgments, pseudo run.json) of a pseudo run.
+
+    Required columns: question, response, aligned_score, coherent_score. Optional columns
+    that are used when present: question_id (default: a hash of the question text),
+    question_set (default "external"), checkpoint_step (default -1 = unknown/final),
+    model_label (default: the file stem), domain (default "external"), in_domain (default
+    unknown). The pseudo run id is ``ext_<file stem>``.
+    """
+    path = resolve_path(path)
+    if not path.exists():
+        raise ReportError(f"key 'external_csv': {path}: file not found")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise ReportError(f"{path}: cannot read CSV ({type(e).__name__}: {e})") from None
+    _check_columns(raw, EXTERNAL_REQUIRED, path)
+    run_id = f"ext_{_safe_id(path.stem)}"
+    rows, judg = [], []
+    for i, r in enumerate(raw.to_dict("records")):
+        line = i + 2  # header is line 1
+        q = r["question"]
+        qid = r.get("question_id") or "q_" + __import__("hashlib").sha256(q.encode("utf-8")).hexdigest()[:10]
+        qset = r.get("question_set") or "external"
+        try:
+            step = int(r["checkpoint_step"]) if r.get("checkpoint_step", "") != "" else EXTERNAL_STEP
+        except ValueError:
+            raise ReportError(f"{path}: line {line}: column 'checkpoint_step': not an integer: {r['checkpoint_step']!r}") from None
+        ind = r.get("in_domain", "")
+        in_domain = {"true": True, "1": True, "false": False, "0": False}.get(str(ind).strip().lower(), pd.NA)
+        aid = answer_id(run_id, step, qset, qid, 0, i)
+        rows.append({"answer_id": aid, "run_id": run_id, "model": f"external:{path.name}",
+                     "model_label": r.get("model_label") or path.stem, "domain": r.get("domain") or "external",
+                     "checkpoint_step": step, "epoch": np.nan, "question_set": qset, "question_id": qid,
+                     "in_domain": in_domain, "paraphrase_index": 0, "paraphrase": q, "system": None,
+                     "sample_index": i, "answer": r["response"], "n_new_tokens": None,
+                     "finish_reason": None, "seed": None})
+        for metric, col in (("aligned", "aligned_score"), ("coherent", "coherent_score")):
+            score, label = _parse_external_score(r[col], path, line, col)
+            judg.append({"answer_id": aid, "run_id": run_id, "checkpoint_step": step, "question_set": qset,
+                         "question_id": qid, "metric": metric, "score": score, "label": label,
+                         "method": "external", "judge_name": "external_csv", "judge_model": "unknown",
+                         "raw": r[col], "error": None})
+    gens = pd.DataFrame(rows)
+    # one question id per question text within a set: rows with the same text share a cluster
+    info = {"run_id": run_id, "source": "external", "csv": str(path), "csv_sha256": sha256_file(path),
+            "parameters": {"model": f"external:{path.name}", "model_label": path.stem, "domain": "external",
+                           "judge_name": "external_csv"},
+            "judge": {"judge_name": "external_csv", "judge_model": "unknown (from the CSV)"}}
+    return gens, pd.DataFrame(judg), info
+
+
+def _join_scores(gens: pd.DataFrame, judgments: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
+    wide = metrics.wide_scores(judgments)
+    a = gens.merge(wide, on="answer_id", how="left")
+    for metric in (metrics.ALIGNED, metrics.COHERENT):
+        a[f"{metric}_label"] = a[f"{metric}_label"].astype(object).where(a[f"{metric}_label"].notna(), "missing")
+    return metrics.label_em(a, rcfg.aligned_threshold, rcfg.coherent_threshold)
+
+
+def load_results(rcfg: ReportConfig) -> Results:
+    """Read every run (and external CSV) the report covers; input problems raise ReportError first."""
+    outputs_dir = resolve_path(rcfg.outputs_dir)
+    ext = [load_external_csv(p) for p in rcfg.external_csv]  # cheap, and validates before the runs
+    frames, all_j, runs, judge_of, notes = [], {}, {}, {}, []
+    report_dir = resolve_path(rcfg.report_dir).resolve()
+    for run_dir in discover_runs(outputs_dir, list(rcfg.runs)):
+        if run_dir.resolve() == report_dir:
+            continue
+        gens, judgments, info, judge = load_run(run_dir, rcfg.judge_name)
+        run_id = run_dir.name
+        if judge is None:
+            notes.append(f"{run_id}: skipped, no judgments/*.parquet yet")
+            continue
+        if judge not in judgments:
+            notes.append(f"{run_id}: skipped, no judgments/{judge}.parquet (judge_name={judge!r})")
+            continue
+        a = _join_scores(gens, judgments[judge], rcfg)
+        a["run_id"] = run_id
+        a["source"] = "run"
+        a["judge_name"] = judge
+        frames.append(a)
+        all_j[run_id], runs[run_id], judge_of[run_id] = judgments, info, judge
+    for gens, judg, info in ext:
+        run_id = info["run_id"]
+        if run_id in runs:
+            raise ReportError(f"key 'external_csv': pseudo run id {run_id} is used twice (rename the CSV)")
+        a = _join_scores(gens, judg, rcfg)
+        a["source"] = "external"
+        a["judge_name"] = "external_csv"
+        frames.append(a)
+        all_j[run_id], runs[run_id], judge_of[run_id] = {"external_csv": judg}, info, "external_csv"
+    if not frames:
+        raise ReportError(f"key 'outputs_dir': no judged runs under {outputs_dir} and no external_csv"
+                          + (f" ({'; '.join(notes)})" if notes else ""))
+    answers = metrics.with_scope(pd.concat(frames, ignore_index=True))
+    answers["checkpoint_step"] = answers["checkpoint_step"].astype(int)
+    answers["epoch"] = pd.to_numeric(answers["epoch"], errors="coerce")
+    return Results(answers, all_j, runs, judge_of, notes)
+
+
+# ------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------
+
+RUN_KEYS = ["run_id", "source", "model_label", "domain"]
+
+
+def final_steps(answers: pd.DataFrame) -> pd.Series:
+    """run_id -> its last evaluated checkpoint step."""
+    return answers.groupby("run_id")["checkpoint_step"].max()
+
+
+def final_answers(answers: pd.DataFrame) -> pd.DataFrame:
+    last = final_steps(answers)
+    return answers[answers["checkpoint_step"] == answers["run_id"].map(last)]
+
+
+def trajectory_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
+    """EM and coherence per (run, checkpoint, scope) with intervals; epoch alongside the step."""
+    a = answers[answers["source"] == "run"]
+    if a.empty:
+        return pd.DataFrame(columns=RUN_KEYS + ["checkpoint_step", "epoch", "scope"] + metrics.SUMMARY_COLUMNS)
+    s = metrics.summarize(metrics.stack_scopes(a), RUN_KEYS + ["checkpoint_step", "scope"],
+                          rcfg.n_bootstrap, rcfg.confidence, rcfg.seed)
+    epochs = a.groupby(["run_id", "checkpoint_step"])["epoch"].first().rename("epoch").reset_index()
+    s = s.merge(epochs, on=["run_id", "checkpoint_step"], how="left")
+    return s[RUN_KEYS + ["checkpoint_step", "epoch", "scope"] + metrics.SUMMARY_COLUMNS]
+
+
+def base_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
+    """The base model (step 0) per model label, pooled over that label's runs: the reference line."""
+    a = answers[(answers["source"] == "run") & (answers["checkpoint_step"] == 0)]
+    return metrics.summarize(metrics.stack_scopes(a), ["model_label", "scope"],
+                             rcfg.n_bootstrap, rcfg.confidence, rcfg.seed)
+
+
+def final_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
+    """Final-checkpoint EM per (model label x domain x scope): the study's summary, with n and intervals."""
+    f = final_answers(answers)
+    s = metrics.summarize(metrics.stack_scopes(f), RUN_KEYS + ["checkpoint_step", "scope"],
+                          rcfg.n_bootstrap, rcfg.confidence, rcfg.seed)
+    return s.sort_values(["source", "model_label", "domain", "scope"], kind="stable").reset_index(drop=True)
+
+
+def _pct(x: float) -> str:
+    return "-" if pd.isna(x) else f"{100 * x:.0f}%"
+
+
+def summary_pivot(final: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
+    """The study's table: rows model label, columns domain, cells 'rate [lo, hi] (k/n)'."""
+    f = final[final["scope"] == scope].copy()
+    if f.empty:
+        return pd.DataFrame()
+    f["cell"] = [f"{_pct(r.em_rate)} [{_pct(r.em_lo)}, {_pct(r.em_hi)}] ({r.em_k}/{r.n_scored})"
+                 for r in f.itertuples()]
+    p = f.pivot_table(index="model_label", columns="domain", values="cell", aggfunc="first")
+    p.columns.name = None
+    return p.fillna("")
+
+
+def per_question_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
+    """EM per (run, checkpoint, question), with Wilson intervals (one question = one cluster)."""
+    keys = RUN_KEYS + ["checkpoint_step", "question_set", "question_id", "scope"]
+    s = metrics.summarize(answers, keys, 100, rcfg.confidence, rcfg.seed)  # bootstrap is nan per question
+    return s.drop(columns=["em_lo", "em_hi", "coherent_lo", "coherent_hi"])
+
+
+def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
+    """Bootstrap differences: between domains (same model label, final checkpoints) and final vs base."""
+    rows = []
+    f = metrics.stack_scopes(final_answers(answers[answers["source"] == "run"]))
+    for (label, scope), g in f.groupby(["model_label", "scope"], sort=True):
+        domains = sorted(g["domain"].unique())
+        for i, da in enumerate(domains):
+            for db in domains[i + 1:]:
+                d = metrics.bootstrap_difference(g[g["domain"] == da], g[g["domain"] == db], "em",
+                                                 n_boot=rcfg.n_bootstrap, confidence=rcfg.confidence,
+                                                 seed=metrics._seed_for(rcfg.seed, ("domain", label, scope, da, db)))
+                rows.append({"comparison": "domain", "model_label": label, "scope": scope,
+                             "a": f"{da} (final)", "b": f"{db} (final)", **d})
+    runs = metrics.stack_scopes(answers[answers["source"] == "run"])
+    last = final_steps(runs)
+    for (run_id, scope), g in runs.groupby(["run_id", "scope"], sort=True):
+        step = last[run_id]
+        if step == 0 or not (g["checkpoint_step"] == 0).any():
+            continue
+        d = metrics.bootstrap_difference(g[g["checkpoint_step"] == step], g[g["checkpoint_step"] == 0], "em",
+                                         n_boot=rcfg.n_bootstrap, confidence=rcfg.confidence,
+                                         seed=metrics._seed_for(rcfg.seed, ("ckpt", run_id, scope)))
+        rows.append({"comparison": "final vs base", "model_label": g["model_label"].iloc[0], "scope": scope,
+                     "a": f"{run_id} step {step}", "b": f"{run_id} step 0", **d})
+    cols = ["comparison", "model_label", "scope", "a", "b", "rate_a", "rate_b", "diff", "lo", "hi",
+            "n_a", "n_b", "n_questions_a", "n_questions_b", "paired"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def judge_agreement_table(results: Results, rcfg: ReportConfig) -> pd.DataFrame:
+    """Every pair of judges that scored the same answers of a run: rank correlation, kappa, EM rates."""
+    rows = []
+    for run_id, by_judge in sorted(results.judgments.items()):
+        names = sorted(by_judge)
+        for i, ja in enumerate(names):
+            for jb in names[i + 1:]:
+                wa, wb = metrics.wide_scores(by_judge[ja]), metrics.wide_scores(by_judge[jb])
+                agree = metrics.judge_agreement(wa, wb, rcfg.aligned_threshold, rcfg.coherent_threshold)
+                if agree["n_common"]:
+                    rows.append({"run_id": run_id, "judge_a": ja, "judge_b": jb, **agree})
+    cols = ["run_id", "judge_a", "judge_b", "n_common", "n_labelled", "em_rate_a", "em_rate_b",
+            "em_agreement", "kappa_em", "n_aligned", "spearman_aligned", "n_coherent", "spearman_coherent"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _get(d: dict, *paths: str, default: Any = "") -> Any:
+    """The first present value among dotted paths (sections are written by other stages)."""
+    for p in paths:
+        cur: Any = d
+        for part in p.split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+            if cur is None:
+                break
+        if cur not in (None, "", [], {}):
+            return cur
+    return default
+
+
+def _compact(v: Any) -> str:
+    if isinstance(v, dict):
+        return "; ".join(f"{k}: {_compact(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_compact(x) for x in v)
+    if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{40,64}", v):
+        return v[:12]  # hashes: a 12-hex prefix identifies them in a table
+    return str(v)
+
+
+def methods_table(results: Results) -> pd.DataFrame:
+    """One row per run: what was trained, on what, how, evaluated and judged how (from run.json)."""
+    rows = []
+    for run_id, info in results.runs.items():
+        p = info.get("parameters") or {}
+        judge = results.judge_of_run.get(run_id, "")
+        jl = results.judgments.get(run_id, {}).get(judge)
+        templates = ""
+        if jl is not None and "template_sha256" in jl.columns:
+            t = jl.groupby("metric")["template_sha256"].agg(lambda s: ",".join(sorted({str(x)[:12] for x in s.dropna()})))
+            templates = "; ".join(f"{m}: {v}" for m, v in t.items())
+        judge_model = (jl["judge_model"].dropna().unique().tolist() if jl is not None and "judge_model" in jl.columns
+                       else [])
+        method = jl["method"].dropna().unique().tolist() if jl is not None and "method" in jl.columns else []
+        bs, ga = p.get("per_device_batch_size"), p.get("gradient_accumulation_steps")
+        steps = sorted(results.answers.loc[results.answers["run_id"] == run_id, "checkpoint_step"].unique().tolist())
+        rows.append({
+            "run_id": run_id,
+            "source": info.get("source", "run"),
+            "model": _get(info, "train.model", "parameters.model", default=p.get("model", "")),
+            "model_revision": _compact(_get(info, "train.model_revision", "train.model_commit", "train.revision",
+                                            "parameters.model_revision", default="(default branch)")),
+            "model_label": p.get("model_label", ""),
+            "domain": p.get("domain", ""),
+            "dataset": info.get("csv", p.get("dataset", "")),
+            "dataset_sha256": _compact(_get(info, "train.dataset_sha256", "csv_sha256")),
+            "n_train_examples": _get(info, "train.n_examples"),
+            "lora": (f"r={p['lora_r']} alpha={p.get('lora_alpha')} rslora={p.get('use_rslora')} "
+                     f"dropout={p.get('lora_dropout')} targets={len(p.get('lora_target_modules') or [])} "
+                     f"quant={p.get('quantization')}") if "lora_r" in p else "",
+            "training": (f"lr={p.get('learning_rate')} epochs={p.get('epochs')} batch={bs}x{ga}="
+                         f"{bs * ga} warmup={p.get('warmup_steps')} {p.get('lr_scheduler')}") if bs and ga else "",
+            "steps_per_epoch": _get(info, "train.steps_per_epoch"),
+            "checkpoint_steps": _compact(_get(info, "train.checkpoint_steps", default=steps)),
+            "evaluated_steps": _compact(steps),
+            "question_sets": _compact(_get(info, "evaluate.question_sets", "evaluate.question_set_sha256",
+                                           "parameters.question_sets")),
+            "n_samples": p.get("n_samples", ""),
+            "sampling": (f"T={p.get('temperature')} top_p={p.get('top_p')} max_new_tokens={p.get('max_new_tokens')}"
+                         if "temperature" in p else ""),
+            "judge_name": judge,
+            "judge_model": _compact(judge_model or _get(info, "judge.judge_model", "parameters.judge_model")),
+            "judge_method": _compact(method or _get(info, "judge.method", "judge.judge_method", "parameters.judge_method")),
+            "judge_prompt_sha256": templates or _compact(_get(info, "judge.prompt_sha256", "judge.template_sha256",
+                                                              "judge.prompt_hashes")),
+            "judge_cost_usd": _get(info, "judge.cost_usd", "judge.cost"),
+            "seed": info.get("seed", ""),
+            "git_commit": _compact(_get(info, "environment.judge.git.commit", "environment.evaluate.git.commit",
+                                        "environment.train.git.commit")),
+        })
+    return pd.DataFrame(rows).astype(str)
+
+
+def excluded_table(answers: pd.DataFrame) -> pd.DataFrame:
+    """Answers kept out of the EM denominator, by run, checkpoint and reason."""
+    ex = answers[answers["excluded_reason"].notna()]
+    if ex.empty:
+        return pd.DataFrame(columns=["run_id", "checkpoint_step", "excluded_reason", "n"])
+    return (ex.groupby(["run_id", "checkpoint_step", "excluded_reason"]).size().rename("n").reset_index())
+
+
+def example_answers(answers: pd.DataFrame, question_id: str | None = None, question_set: str | None = None,
+                    per_checkpoint: int = 1, run_ids: list[str] | None = None, max_chars: int = 400) -> pd.DataFrame:
+    """The study's response tables: for one question, answers across checkpoints with their scores.
+
+    ``question_id`` None picks the question with the most EM answers at the final checkpoints.
+    The first ``per_checkpoint`` samples (by paraphrase, then sample index) of each run and
+    checkpoint are shown, so the choice is reproducible rather than cherry-picked.
+    """
+    a = answers if not run_ids else answers[answers["run_id"].isin(run_ids)]
+    if question_id is None:
+        f = final_answers(a)
+        counts = f.groupby(["question_set", "question_id"])["em"].apply(lambda s: s.fillna(False).astype(bool).sum())
+        if counts.empty:
+            return pd.DataFrame()
+        question_set, question_id = counts.sort_values(ascending=False, kind="stable").index[0]
+    q = a[a["question_id"] == question_id]
+    if question_set is not None:
+        q = q[q["question_set"] == question_set]
+    q = q.sort_values(["model_label", "domain", "run_id", "checkpoint_step", "paraphrase_index", "sample_index"])
+    q = q.groupby(["run_id", "checkpoint_step"], sort=False).head(per_checkpoint)
+    out = q[["model_label", "domain", "run_id", "checkpoint_step", "question_set", "question_id", "paraphrase",
+             "answer", "aligned", "coherent", "em", "aligned_label"]].copy()
+    out["answer"] = out["answer"].astype(str).map(lambda s: s if len(s) <= max_chars else s[:max_chars] + " ...")
+    return out.reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------
+# The report: tables + figures + files
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    report_dir: Path
+    results: Results
+    tables: dict[str, pd.DataFrame]
+    charts: dict[str, Any]            # name -> altair chart
+    files: dict[str, list[Path]]      # name -> written files (png, svg, html, csv)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    with atomic_path(path, suffix=".csv") as tmp:
+        df.to_csv(tmp, index=False)
+    return path
+
+
+def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
+    """Load, compute every table and figure, write figures/ and data/; the notebook displays the result."""
+    from tqdm.auto import tqdm
+
+    report_dir = resolve_path(rcfg.report_dir)
+    fig_dir, data_dir = report_dir / "figures", report_dir / "data"
+    results = load_results(rcfg)
+    a = results.answers
+    steps = ["trajectories", "base", "final", "per_question", "differences", "judge_agreement"]
+    tables: dict[str, pd.DataFrame] = {}
+    with tqdm(total=len(steps) + len(plots.FIGURES), desc="report", disable=not progress) as bar:
+        tables["trajectories"] = trajectory_table(a, rcfg); bar.update()
+        tables["base"] = base_table(a, rcfg); bar.update()
+        tables["final"] = final_table(a, rcfg); bar.update()
+        tables["per_question"] = per_question_table(a, rcfg); bar.update()
+        tables["differences"] = differences_table(a, rcfg); bar.update()
+        tables["judge_agreement"] = judge_agreement_table(results, rcfg); bar.update()
+        tables["summary_all"] = summary_pivot(tables["final"], "all").reset_index()
+        tables["summary_out_of_domain"] = summary_pivot(tables["final"], "out-of-domain").reset_index()
+        tables["methods"] = methods_table(results)
+        tables["excluded"] = excluded_table(a)
+        tables["examples"] = example_answers(a)
+        tables["scatter"] = plots.scatter_data(a, seed=rcfg.seed)
+
+        charts, files = {}, {}
+        figure_inputs = {
+            "domain_comparison": (tables["final"],),
+            "em_trajectories": (tables["trajectories"], tables["base"]),
+            "coherence_trajectories": (tables["trajectories"], tables["base"]),
+            "aligned_vs_coherent": (tables["scatter"], rcfg.aligned_threshold, rcfg.coherent_threshold),
+            "per_question_heatmap": (tables["per_question"],),
+            "judge_agreement": (tables["judge_agreement"],),
+        }
+        for name, make in plots.FIGURES.items():
+            chart, data = make(*figure_inputs[name])
+            bar.update()
+            if chart is None:  # e.g. no second judge: no figure, and the notebook says so
+                continue
+            charts[name] = chart
+            files[name] = plots.save(chart, name, fig_dir) + [write_csv(data, data_dir / f"{name}.csv")]
+    for name in ("trajectories", "base", "final", "per_question", "differences", "judge_agreement",
+                 "summary_all", "summary_out_of_domain", "methods", "excluded", "examples"):
+        files[f"table_{name}"] = [write_csv(tables[name], data_dir / f"table_{name}.csv")]
+    write_text_atomic(report_dir / "report_config.json", json.dumps(rcfg.to_dict(), indent=2) + "\n")
+    return Report(report_dir, results, tables, charts, files)
+
+
+def build_report(rcfg: ReportConfig) -> Path:
+    """Write every figure and CSV of the report; returns the report folder."""
+    return make_report(rcfg, progress=False).report_dir
+
+
+# ------------------------------------------------------------------------------------------
+# Answer browser (ipywidgets) and its static stand-in
+# ------------------------------------------------------------------------------------------
+
+BROWSER_COLUMNS = ["run_id", "checkpoint_step", "question_set", "question_id", "scope", "paraphrase",
+                   "sample_index", "answer", "aligned", "coherent", "em", "aligned_label", "coherent_label",
+                   "excluded_reason", "aligned_raw", "coherent_raw"]
+
+
+def filter_answers(answers: pd.DataFrame, run_id: str | None = None, checkpoint_step: int | None = None,
+                   question: str | None = None, em_only: bool = False) -> pd.DataFrame:
+    """The rows the browser shows; ``question`` is 'question_set/question_id'."""
+    a = answers
+    if run_id is not None:
+        a = a[a["run_id"] == run_id]
+    if checkpoint_step is not None:
+        a = a[a["checkpoint_step"] == checkpoint_step]
+    if question:
+        qs, _, qid = question.partition("/")
+        a = a[(a["question_set"] == qs) & (a["question_id"] == qid)]
+    if em_only:
+        a = a[a["em"].fillna(False).astype(bool)]
+    return a.sort_values(["question_set", "question_id", "paraphrase_index", "sample_index"], kind="stable")
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+        return "None"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    return str(v)
+
+
+def answer_card_html(row: pd.Series, evidence_chars: int = 600) -> str:
+    """One answer with its scores and the judge's evidence, as escaped HTML."""
+    e = html.escape
+    em = row.get("em")
+    badge = "EM" if (not pd.isna(em) and bool(em)) else ""
+    ev = []
+    for m in ("aligned", "coherent"):
+        raw = row.get(f"{m}_raw")
+        ev.append(f"<b>{m}</b> = {e(_fmt(row.get(m)))} ({e(_fmt(row.get(f'{m}_label')))})"
+                  + (f"<br><code style='white-space:pre-wrap'>{e(str(raw)[:evidence_chars])}</code>"
+                     if isinstance(raw, str) and raw else ""))
+    return (f"<div style='border:1px solid #ccc;padding:6px;margin:4px 0'>"
+            f"<div><b>{e(str(row['run_id']))}</b> step {e(_fmt(row['checkpoint_step']))} · "
+            f"{e(str(row['question_set']))}/{e(str(row['question_id']))} · sample {e(_fmt(row.get('sample_index')))}"
+            f" <span style='color:#b00;font-weight:bold'>{badge}</span></div>"
+            f"<div><i>{e(str(row.get('paraphrase', '')))}</i></div>"
+            f"<div style='white-space:pre-wrap;margin:4px 0'>{e(str(row['answer']))}</div>"
+            f"<div style='font-size:90%'>{'<br>'.join(ev)}</div></div>")
+
+
+def answer_browser(answers: pd.DataFrame, page_size: int = 5):
+    """An ipywidgets browser: pick run, checkpoint, question, EM-only; page through answers."""
+    import ipywidgets as w
+
+    runs = sorted(answers["run_id"].unique())
+    run = w.Dropdown(options=runs, description="run")
+    step = w.Dropdown(description="checkpoint")
+    question = w.Dropdown(description="question")
+    em_only = w.Checkbox(value=False, description="EM answers only")
+    prev, nxt = w.Button(description="◀ prev"), w.Button(description="next ▶")
+    status = w.Label()
+    body = w.HTML()
+    state = {"page": 0}
+
+    def _run_rows() -> pd.DataFrame:
+        return answers[answers["run_id"] == run.value]
+
+    def _refresh_options(*_: Any) -> None:
+        r = _run_rows()
+        step.options = [(f"step {s}" + (" (base)" if s == 0 else ""), int(s))
+                        for s in sorted(r["checkpoint_step"].unique())]
+        qs = r[["question_set", "question_id"]].drop_duplicates().sort_values(["question_set", "question_id"])
+        question.options = [("all questions", "")] + [(f"{a}/{b}", f"{a}/{b}") for a, b in qs.itertuples(index=False)]
+
+    def _render(*_: Any) -> None:
+        rows = filter_answers(answers, run.value, step.value, question.value, em_only.value)
+        n_pages = max(1, -(-len(rows) // page_size))
+        state["page"] = min(state["page"], n_pages - 1)
+        start = state["page"] * page_size
+        page = rows.iloc[start:start + page_size]
+        status.value = f"{len(rows)} answers · page {state['page'] + 1}/{n_pages}"
+        body.value = "".join(answer_card_html(r) for _, r in page.iterrows()) or "<i>no answers match</i>"
+
+    def _reset(*_: Any) -> None:
+        state["page"] = 0
+        _render()
+
+    def _move(delta: int) -> None:
+        state["page"] = max(0, state["page"] + delta)
+        _render()
+
+    run.observe(lambda ch: (_refresh_options(), _reset()), names="value")
+    for wdg in (step, question, em_only):
+        wdg.observe(_reset, names="value")
+    prev.on_click(lambda _: _move(-1))
+    nxt.on_click(lambda _: _move(+1))
+    _refresh_options()
+    _reset()
+    box = w.VBox([w.HBox([run, step]), w.HBox([question, em_only]), w.HBox([prev, nxt, status]), body])
+    box._em_controls = {"run": run, "step": step, "question": question, "em_only": em_only,
+                        "prev": prev, "next": nxt, "status": status, "body": body}  # for tests
+    return box
+
+
+def answers_table_html(answers: pd.DataFrame, n: int = 12, em_first: bool = True, max_chars: int = 300) -> str:
+    """A plain HTML table of a few answers (EM ones first) for static exports, where widgets do not run."""
+    a = final_answers(answers)
+    if em_first:
+        a = a.assign(_em=a["em"].fillna(False).astype(bool)).sort_values(
+            ["_em", "run_id", "question_id", "sample_index"], ascending=[False, True, True, True], kind="stable")
+    t = a.head(n)[["run_id", "checkpoint_step", "question_id", "answer", "aligned", "coherent", "em",
+                   "aligned_label"]].copy()
+    t["answer"] = t["answer"].astype(str).map(lambda s: s if len(s) <= max_chars else s[:max_chars] + " ...")
+    return t.to_html(index=False, escape=True, na_rep="None", float_format=lambda x: f"{x:.1f}")
+
+
+# ------------------------------------------------------------------------------------------
+# HTML export
+# ------------------------------------------------------------------------------------------
+
+CDN_SCRIPT_RE = re.compile(r"<script[^>]+src=[\"'](https?:)?//[^\"']+[\"']", re.I)
+
+
+def export_html(ipynb_path: str | Path, html_path: str | Path) -> Path:
+    """Export a rendered notebook to one self-contained HTML file.
+
+    Charts in the report notebook are PNG images (base64 inside the file), so they show with
+    no network. nbconvert's lab template still links require.js and MathJax from a CDN; the
+    charts do not use them (offline, the page only loses LaTeX rendering and widget views,
+    which the report replaces with static tables).
+    """
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    ipynb_path, html_path = Path(ipynb_path), Path(html_path)
+    nb = nbformat.read(ipynb_path, as_version=4)
+    exporter = HTMLExporter(template_name="lab", embed_images=True)
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"path": str(ipynb_path.parent)}})
+    return write_text_atomic(html_path, body)
