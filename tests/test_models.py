@@ -82,3 +82,20 @@ def test_describe_counts_parameters():
     d = models.describe(model)
     assert d["parameters"] == d["trainable_parameters"] > 0
     json.dumps(d)
+
+
+def test_4bit_quantised_load_where_supported():
+    """bitsandbytes >= 0.45 has a CPU backend: 4-bit loads here; without bitsandbytes the error says how to fix it."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        with pytest.raises(RuntimeError, match=r"pip install -e '.\[quant\]'"):
+            models.load_model("embedded:tiny", quantization="4bit")
+        return
+    model, _ = models.load_model("embedded:tiny", quantization="4bit")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    tok = models.load_tokenizer("embedded:tiny")
+    enc = tok([models.chat_prompt(tok, "hi")], add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert torch.isfinite(logits).all()
