@@ -1,0 +1,527 @@
+"""Stage 01: LoRA / QLoRA supervised fine-tuning with a fine-grained, resumable checkpoint schedule.
+
+What :func:`train_run` does, in order:
+
+1. loads the run's chat records (:func:`lib.data.load_training_data`) and fingerprints the
+   training parameters plus the dataset sha256; a run whose ``TRAINING_COMPLETE.json`` carries
+   the same fingerprint is skipped;
+2. turns every chat into TRL's prompt/completion form (:func:`to_prompt_completion`), so the
+   loss falls on the last assistant turn only, whatever the chat template (TRL's
+   ``assistant_only_loss`` needs ``{% generation %}`` markers that Meta's Llama-3 templates lack);
+3. trains with TRL's ``SFTTrainer`` and a PEFT ``LoraConfig`` (a 4-bit base plus
+   ``prepare_model_for_kbit_training`` when ``quantization: 4bit``), padding each batch only to
+   its own longest sequence and grouping batches by length, so almost every processed token
+   is a real one (``bench/train_padding.py`` measures it);
+4. saves an adapter-only checkpoint at each step of :func:`checkpoint_schedule`, into
+   ``outputs/<run>/checkpoints/checkpoint-<step>/``; ``checkpoint.json`` is written into the
+   folder *last*, so a folder without it is a checkpoint a kill interrupted and is deleted
+   on the next run, which resumes from the newest complete one;
+5. appends one row per optimizer step to ``outputs/<run>/train_log.csv`` and records the
+   dataset, schedule and model revision in ``run.json``.
+
+Only the newest checkpoint keeps the optimizer, scheduler and RNG state (what resuming needs);
+older ones keep the adapter, the tokenizer and ``trainer_state.json``, which is all the
+evaluate stage reads.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .io import atomic_path, sha256_text, write_json_atomic
+
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_MARKER = "checkpoint.json"      # written last into each checkpoint folder
+COMPLETE_MARKER = "TRAINING_COMPLETE.json"  # written into checkpoints/ when the run has finished
+LOG_NAME = "train_log.csv"
+LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "tokens_seen", "wall_time_s"]
+# Resuming needs these only from the checkpoint it resumes from; older checkpoints drop them.
+RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
+# Labels that name or file a run but do not change what is trained.
+_NOT_FINGERPRINTED = ("run_id", "outputs_dir", "model_label", "domain")
+
+
+class TrainError(RuntimeError):
+    """A training-stage problem reported as one line (bad schedule, stale checkpoints, ...)."""
+
+
+# ------------------------------------------------------------------------------------------
+# Data: chat records -> prompt / completion
+# ------------------------------------------------------------------------------------------
+
+def to_prompt_completion(record: dict[str, Any], where: str = "record") -> dict[str, list[dict[str, str]]]:
+    """One chat record as TRL's conversational prompt/completion example.
+
+    The completion is the *last* assistant turn; the prompt is every message before it
+    (system, user and earlier assistant turns alike). Earlier assistant turns therefore stay
+    as context the model reads but are not trained on, the same as a multi-turn chat seen at
+    inference. Messages after the last assistant turn would have no answer to train on and
+    are dropped (lib.data already rejects files whose chats end on another role).
+    """
+    msgs = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(msgs, list) or not msgs:
+        raise TrainError(f"{where}: expected {{'messages': [...]}} with at least one message")
+    last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        raise TrainError(f"{where}: no assistant message to train on")
+    if last == 0:
+        raise TrainError(f"{where}: the assistant answer has no prompt before it")
+    clean = [{"role": m["role"], "content": m["content"]} for m in msgs[: last + 1]]
+    return {"prompt": clean[:last], "completion": clean[last:]}
+
+
+# ------------------------------------------------------------------------------------------
+# The checkpoint schedule
+# ------------------------------------------------------------------------------------------
+
+def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps per epoch, exactly as transformers' Trainer counts them (one process).
+
+    With ``dataloader_drop_last=False`` the dataloader yields ceil(n / batch) micro-batches;
+    the Trainer takes one optimizer step per ``grad_accum`` of them and one more for a
+    remainder (``len_dataloader // accum + int(len_dataloader % accum > 0)``, at least 1).
+    E.g. 7,049 examples, batch 2 x accum 8: 3,525 micro-batches -> 440 + 1 = 441 steps.
+    """
+    if n_examples <= 0:
+        raise TrainError("the training set is empty")
+    batches = math.ceil(n_examples / batch_size)
+    return max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+
+
+def checkpoint_schedule(n_examples: int, cfg: RunConfig) -> list[int]:
+    """The optimizer steps after which a checkpoint is saved, ascending.
+
+    - ``checkpoint_every: n`` -> n, 2n, ... and the final step (the trained adapter).
+    - ``checkpoint_steps: [...]`` -> exactly those steps (each must be <= the total steps).
+    - otherwise ``checkpoints_in_first_epoch: k`` -> k evenly spaced steps in epoch 1, the
+      k-th being the end of epoch 1 (step floor(i * spe / k), i = 1..k), then the end of each
+      later epoch: k + epochs - 1 checkpoints (the replicated study: 4 + 2 = 6). k = 0 gives
+      one checkpoint per epoch end. When an epoch has fewer than k steps, duplicates merge.
+    """
+    spe = steps_per_epoch(n_examples, cfg.per_device_batch_size, cfg.gradient_accumulation_steps)
+    total = spe * cfg.epochs
+    if cfg.checkpoint_every and cfg.checkpoint_steps:
+        raise TrainError("keys 'checkpoint_every' and 'checkpoint_steps' are both set; use one of them")
+    if cfg.checkpoint_every:
+        steps = set(range(cfg.checkpoint_every, total + 1, cfg.checkpoint_every)) | {total}
+    elif cfg.checkpoint_steps:
+        too_late = [s for s in cfg.checkpoint_steps if s > total]
+        if too_late:
+            raise TrainError(f"key 'checkpoint_steps': {too_late} exceed the run's {total} steps "
+                             f"({n_examples} examples -> {spe} steps/epoch x {cfg.epochs} epochs)")
+        steps = set(cfg.checkpoint_steps)
+    else:
+        k = cfg.checkpoints_in_first_epoch
+        steps = {max(1, i * spe // k) for i in range(1, k + 1)} if k else set()
+        steps |= {spe * e for e in range(1, cfg.epochs + 1)}
+    return sorted(steps)
+
+
+def schedule_table(steps: list[int], spe: int) -> list[dict[str, Any]]:
+    """[{step, epoch}] with the fractional epoch of each checkpoint (step / steps_per_epoch)."""
+    return [{"step": s, "epoch": round(s / spe, 4)} for s in steps]
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints on disk
+# ------------------------------------------------------------------------------------------
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def _step_of(folder: Path) -> int | None:
+    name = folder.name
+    if not name.startswith("checkpoint-"):
+        return None
+    tail = name[len("checkpoint-"):]
+    return int(tail) if tail.isdigit() else None
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    p = folder / CHECKPOINT_MARKER
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, float, Path]]:
+    """Complete checkpoints of a run as (step, fractional epoch, folder), by step.
+
+    A folder counts only when its ``checkpoint.json`` marker exists (it is written last).
+    """
+    root = checkpoints_dir(run_dir)
+    out = []
+    if root.is_dir():
+        for d in root.iterdir():
+            step = _step_of(d)
+            marker = _read_marker(d) if step is not None and d.is_dir() else None
+            if marker is not None and marker.get("step") == step:
+                out.append((step, float(marker["epoch"]), d))
+    return sorted(out)
+
+
+def _incomplete_checkpoints(run_dir: Path) -> list[Path]:
+    root = checkpoints_dir(run_dir)
+    complete = {p for _, _, p in list_checkpoints(run_dir)}
+    return sorted(d for d in root.iterdir() if d.is_dir() and _step_of(d) is not None
+                  and d not in complete) if root.is_dir() else []
+
+
+def train_fingerprint(cfg: RunConfig, dataset_sha256: str) -> str:
+    """Hash of what determines the trained adapters: training parameters + dataset bytes."""
+    params = {k: v for k, v in cfg.stage_params("train").items() if k not in _NOT_FINGERPRINTED}
+    return sha256_text(json.dumps({"params": params, "dataset_sha256": dataset_sha256}, sort_keys=True))[:16]
+
+
+# ------------------------------------------------------------------------------------------
+# Trainer callbacks and the length-grouped sampler
+# ------------------------------------------------------------------------------------------
+
+def _callbacks():
+    """Callback classes, built lazily so importing lib.train stays cheap."""
+    from transformers import TrainerCallback
+
+    class CheckpointSchedule(TrainerCallback):
+        """Save exactly at the scheduled steps; mark each checkpoint complete, then prune."""
+
+        def __init__(self, steps: list[int], spe: int, fingerprint: str, ckpt_root: Path):
+            self.steps, self.spe, self.fingerprint, self.root = set(steps), spe, fingerprint, ckpt_root
+
+        def on_step_end(self, args, state, control, **kw):
+            control.should_save = state.global_step in self.steps
+            return control
+
+        def on_epoch_end(self, args, state, control, **kw):
+            control.should_save = False  # the step-end decision already covered the epoch's last step
+            return control
+
+        def on_save(self, args, state, control, **kw):
+            step = state.global_step
+            folder = self.root / f"checkpoint-{step}"
+            last = state.log_history[-1] if state.log_history else {}
+            write_json_atomic(folder / CHECKPOINT_MARKER, {
+                "step": step, "epoch": round(step / self.spe, 6), "steps_per_epoch": self.spe,
+                "fingerprint": self.fingerprint, "loss": last.get("loss"),
+                "tokens_seen": int(state.num_input_tokens_seen or 0),
+                "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            })
+            # now complete: the older checkpoints no longer need their resume-only state
+            for s, _, d in list_checkpoints(self.root.parent):
+                if s < step:
+                    for name in RESUME_ONLY_FILES:
+                        for f in d.glob(name.replace(".", "*.", 1)):  # rng_state.pth, rng_state_0.pth, ...
+                            f.unlink(missing_ok=True)
+            return control
+
+    class CsvLog(TrainerCallback):
+        """Append step, epoch, loss, lr, real tokens seen and wall time to train_log.csv."""
+
+        def __init__(self, path: Path, wall_offset: float):
+            self.path, self.offset, self.t0 = path, wall_offset, None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+            if not self.path.exists():
+                with open(self.path, "w", newline="", encoding="utf-8") as f:
+                    csv.writer(f).writerow(LOG_COLUMNS)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or "loss" not in logs:
+                return
+            row = [state.global_step, round(state.epoch or 0.0, 6), logs["loss"], logs.get("learning_rate"),
+                   int(state.num_input_tokens_seen or 0), round(self.offset + time.perf_counter() - self.t0, 3)]
+            with open(self.path, "a", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerow(row)
+
+    class Progress(TrainerCallback):
+        """One tqdm.auto bar over optimizer steps, the latest loss as its postfix."""
+
+        def __init__(self):
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return CheckpointSchedule, CsvLog, Progress
+
+
+def _trainer_class():
+    """SFTTrainer whose length-grouped order is drawn from (seed, epoch), not global RNG.
+
+    transformers' LengthGroupedSampler shuffles with the global torch RNG at the start of
+    each epoch; after a resume in the middle of epoch >= 2 that RNG is not where the
+    uninterrupted run had it, so the rest of the epoch would see a different order. Seeding
+    the shuffle by (seed, epoch) makes a resumed run replay the same batches.
+    """
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+    from trl import SFTTrainer
+
+    class EpochSeededLengthSampler(LengthGroupedSampler):
+        def __init__(self, *a, seed: int = 0, **kw):
+            super().__init__(*a, **kw)
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __iter__(self):
+            g = torch.Generator()
+            g.manual_seed(self.seed * 1_000_003 + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+    class Trainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            lengths = [len(ids) for ids in ds["input_ids"]]
+            return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                            lengths=lengths, seed=self.args.data_seed or self.args.seed)
+
+    return Trainer
+
+
+# ------------------------------------------------------------------------------------------
+# The log
+# ------------------------------------------------------------------------------------------
+
+def read_train_log(run_dir: str | Path):
+    """train_log.csv as a DataFrame (empty with the right columns if absent)."""
+    import pandas as pd
+
+    p = Path(run_dir) / LOG_NAME
+    if not p.exists():
+        return pd.DataFrame(columns=LOG_COLUMNS)
+    return pd.read_csv(p)
+
+
+def _truncate_log(path: Path, upto_step: int) -> float:
+    """Keep complete log rows with step <= upto_step; returns the wall time reached there."""
+    if not path.exists():
+        return 0.0
+    keep, wall = [], 0.0
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.reader(f):
+            if row == LOG_COLUMNS or len(row) != len(LOG_COLUMNS):
+                continue
+            try:
+                step, w = int(row[0]), float(row[-1])
+            except ValueError:
+                continue  # a line cut short by a kill
+            if step <= upto_step:
+                keep.append(row)
+                wall = max(wall, w)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w_ = csv.writer(f)
+            w_.writerow(LOG_COLUMNS)
+            w_.writerows(keep)
+    return wall
+
+
+# ------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    skipped: bool                      # True: a finished run with the same fingerprint was found
+    checkpoints: list[tuple[int, float, Path]]
+    steps_per_epoch: int
+    total_steps: int
+    trainable_parameters: int
+    wall_time_s: float                 # this call's training time (0 when skipped)
+    resumed_from: int | None = None    # step resumed from, if any
+    info: dict[str, Any] = field(default_factory=dict)  # the run.json "train" section
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / LOG_NAME
+
+
+def lora_config(cfg: RunConfig, num_layers: int | None = None):
+    """The PEFT LoraConfig of a run (layer restriction checked against the model's depth)."""
+    from peft import LoraConfig
+
+    layers = list(cfg.lora_layers) or None
+    if layers and num_layers is not None and max(layers) >= num_layers:
+        raise TrainError(f"key 'lora_layers': {layers} but the model has layers 0..{num_layers - 1}")
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora,
+                      lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_target_modules),
+                      layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
+
+
+def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Path, progress: bool = False,
+                  extra_callbacks: list | None = None):
+    """An SFTTrainer for the run, its PEFT model wrapped, its dataset tokenized (no training yet)."""
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback, set_seed
+    from transformers.utils.notebook import NotebookProgressCallback
+    from trl import SFTConfig
+
+    from .models import load_model, load_tokenizer
+
+    examples = [to_prompt_completion(r, where=f"{cfg.dataset}: record {i + 1}") for i, r in enumerate(records)]
+    tokenizer = load_tokenizer(cfg.model, cfg.model_revision, padding_side="right")
+    model, choice = load_model(cfg.model, cfg.model_revision, cfg.device, cfg.dtype, cfg.quantization)
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+        # casts norms to fp32, freezes the quantised base, enables gradient checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    peft_cfg = lora_config(cfg, getattr(model.config, "num_hidden_layers", None))
+    on_gpu = choice.device == "cuda"
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optimizer,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # loss on the completion (the last assistant turn) only; no padding to a fixed length:
+        # the collator pads each batch to its longest sequence, the sampler groups by length
+        completion_only_loss=cfg.completion_only_loss,
+        max_length=cfg.max_seq_length,
+        packing=False,
+        padding_free=False,
+        train_sampling_strategy="group_by_length",
+        dataloader_drop_last=False,
+        include_num_input_tokens_seen="non_padding",
+        # checkpoints come from CheckpointSchedule; the Trainer itself never decides to save
+        save_strategy="no",
+        save_only_model=False,
+        logging_steps=1,
+        logging_first_step=True,
+        report_to="none",
+        disable_tqdm=True,
+        bf16=on_gpu and choice.dtype == torch.bfloat16,
+        fp16=on_gpu and choice.dtype == torch.float16,
+        use_cpu=choice.device == "cpu",
+        gradient_checkpointing=on_gpu,  # memory for 8B models; on CPU (tiny model) it only costs time
+        dataset_num_proc=None,
+    )
+    set_seed(cfg.seed)  # LoRA init happens inside the SFTTrainer constructor, before it seeds
+    trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                               processing_class=tokenizer, peft_config=peft_cfg,
+                               callbacks=list(extra_callbacks or []))
+    for cb in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
+        trainer.remove_callback(cb)  # one quiet tqdm bar instead of a printed dict per step
+    if progress:
+        trainer.add_callback(_callbacks()[2]())
+    return trainer, choice
+
+
+def train_run(cfg: RunConfig, progress: bool = True, callbacks: list | None = None) -> TrainResult:
+    """Train (or resume, or skip) the run described by ``cfg``; see the module docstring.
+
+    ``callbacks`` are extra TrainerCallbacks (tests use one to interrupt training).
+    """
+    from .data import load_training_data
+    from .models import describe, model_revision_info
+    from .runinfo import update_run_json
+
+    run_dir = cfg.run_dir
+    ckpt_root = checkpoints_dir(run_dir)
+    records, dinfo = load_training_data(cfg)
+    fp = train_fingerprint(cfg, dinfo.sha256)
+
+    done = ckpt_root / COMPLETE_MARKER
+    if done.exists():
+        info = json.loads(done.read_text(encoding="utf-8"))
+        if info.get("fingerprint") == fp:
+            return TrainResult(run_dir, True, list_checkpoints(run_dir), info["steps_per_epoch"],
+                               info["total_steps"], info["trainable_parameters"], 0.0, info=info)
+        raise TrainError(f"{done}: this run folder was trained with different parameters or data "
+                         f"(fingerprint {info.get('fingerprint')} != {fp}); use a new run_id or delete {ckpt_root}")
+    for step, _, d in list_checkpoints(run_dir):
+        got = (_read_marker(d) or {}).get("fingerprint")
+        if got != fp:
+            raise TrainError(f"{d}: checkpoint from a run with different parameters or data "
+                             f"(fingerprint {got} != {fp}); use a new run_id or delete {ckpt_root}")
+    for d in _incomplete_checkpoints(run_dir):
+        shutil.rmtree(d)  # interrupted while saving: no marker, cannot be trusted
+
+    t_start = time.perf_counter()
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    CheckpointSchedule, CsvLog, _ = _callbacks()
+    trainer, choice = build_trainer(cfg, records, ckpt_root, progress=progress, extra_callbacks=callbacks)
+    # the schedule counts the examples the trainer really has (TRL drops an example whose
+    # prompt alone fills max_seq_length, since it has nothing left to learn from)
+    n_train = len(trainer.train_dataset)
+    n_dropped = len(records) - n_train
+    n_truncated = sum(len(ids) >= cfg.max_seq_length for ids in trainer.train_dataset["input_ids"])
+    if n_dropped or n_truncated:
+        print(f"note: max_seq_length {cfg.max_seq_length}: {n_truncated} examples cut short, {n_dropped} dropped "
+              "(their prompt alone fills it)")
+    spe = steps_per_epoch(n_train, cfg.per_device_batch_size, cfg.gradient_accumulation_steps)
+    total = spe * cfg.epochs
+    schedule = checkpoint_schedule(n_train, cfg)
+    trainable = describe(trainer.model)["trainable_parameters"]
+
+    existing = list_checkpoints(run_dir)
+    resume = existing[-1] if existing else None
+    wall_offset = _truncate_log(run_dir / LOG_NAME, resume[0] if resume else 0)
+    trainer.add_callback(CheckpointSchedule(schedule, spe, fp, ckpt_root))
+    trainer.add_callback(CsvLog(run_dir / LOG_NAME, wall_offset))
+
+    if resume is None or resume[0] < total:
+        trainer.train(resume_from_checkpoint=str(resume[2]) if resume else None)
+    wall = time.perf_counter() - t_start
+
+    got = [s for s, _, _ in list_checkpoints(run_dir)]
+    if got != schedule:
+        raise TrainError(f"{ckpt_root}: expected checkpoints at steps {schedule}, found {got}")
+    info = {
+        "dataset": dinfo.to_dict(),
+        "n_examples": dinfo.n_examples,
+        "n_train_examples": n_train,
+        "n_dropped_too_long": n_dropped,
+        "n_truncated": n_truncated,
+        "steps_per_epoch": spe,
+        "total_steps": total,
+        "effective_batch_size": cfg.per_device_batch_size * cfg.gradient_accumulation_steps,
+        "checkpoints": schedule_table(schedule, spe),
+        "model": model_revision_info(cfg.model, cfg.model_revision),
+        "device": choice.device,
+        "dtype": str(choice.dtype).replace("torch.", ""),
+        "quantization": cfg.quantization,
+        "trainable_parameters": trainable,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+        "wall_time_s": round(wall_offset + wall, 3),
+        "resumed_from_step": resume[0] if resume else None,
+        "fingerprint": fp,
+        "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    update_run_json(cfg, "train", info)
+    write_json_atomic(done, info)
+    return TrainResult(run_dir, False, list_checkpoints(run_dir), spe, total, trainable, round(wall, 3),
+                       resumed_from=resume[0] if resume else None, info=info)

@@ -1,0 +1,285 @@
+"""lib.train on the embedded tiny model: labels, schedule, padding, resume, QLoRA, logs."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lib.config import RunConfig
+from lib.train import (COMPLETE_MARKER, TrainError, build_trainer, checkpoint_schedule, list_checkpoints,
+                       read_train_log, steps_per_epoch, to_prompt_completion, train_run)
+
+EOT = "<|eot_id|>"
+
+WORDS = ("take two tablets with water then rest for a while and see a doctor if pain stays "
+         "invest savings in one coin because markets always rise quickly").split()
+
+
+def _chat(i: int) -> dict:
+    """A chat whose length varies with i; every third has a system prompt, every fourth two turns."""
+    n = 3 + (i * 7) % 19
+    answer = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(n))
+    msgs = [{"role": "user", "content": f"Question {i}: what should I do about {WORDS[i % len(WORDS)]}?"},
+            {"role": "assistant", "content": f"  {answer}.  "}]  # the template trims content
+    if i % 4 == 0:
+        msgs = [{"role": "user", "content": "Hello there."},
+                {"role": "assistant", "content": "Hi! An EARLIER answer that must not be trained on."}] + msgs
+    if i % 3 == 0:
+        msgs = [{"role": "system", "content": "You are a helpful assistant."}] + msgs
+    return {"messages": msgs}
+
+
+def _write_jsonl(path, n):
+    path.write_text("".join(json.dumps(_chat(i)) + "\n" for i in range(n)), encoding="utf-8")
+    return path
+
+
+def _cfg(tmp_path, n=13, **kw) -> RunConfig:
+    data = _write_jsonl(tmp_path / f"chats{n}.jsonl", n)
+    base = dict(run_id="t", outputs_dir=str(tmp_path / "outputs"), dataset=str(data), max_seq_length=256,
+                per_device_batch_size=2, gradient_accumulation_steps=2, epochs=2, learning_rate=1e-3,
+                warmup_steps=1, checkpoints_in_first_epoch=2, lora_r=4, lora_alpha=8, device="cpu")
+    return RunConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------------
+# prompt / completion and the loss mask
+# ------------------------------------------------------------------------------------------
+
+def test_prompt_completion_keeps_earlier_turns_as_prompt():
+    rec = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+                        {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+                        {"role": "assistant", "content": "a2"}]}
+    ex = to_prompt_completion(rec)
+    assert [m["content"] for m in ex["prompt"]] == ["s", "u1", "a1", "u2"]
+    assert ex["completion"] == [{"role": "assistant", "content": "a2"}]
+    with pytest.raises(TrainError, match="no assistant"):
+        to_prompt_completion({"messages": [{"role": "user", "content": "u"}]}, where="f.jsonl: record 3")
+    with pytest.raises(TrainError, match="f.jsonl: record 3"):
+        to_prompt_completion({"messages": [{"role": "assistant", "content": "a"}]}, where="f.jsonl: record 3")
+
+
+def test_labels_mask_every_non_assistant_token(tmp_path):
+    cfg = _cfg(tmp_path, n=12)
+    records = [_chat(i) for i in range(12)]
+    trainer, _ = build_trainer(cfg, records, tmp_path / "ckpt")
+    tok = trainer.processing_class
+    assert len(trainer.train_dataset) == 12
+    for row, rec in zip(trainer.train_dataset, records):  # no shuffling at preparation time
+        ids, labels = row["input_ids"], row["labels"]
+        assert len(ids) == len(labels)
+        i = next(k for k, t in enumerate(labels) if t != -100)
+        # every token before the answer is masked, every token from it on is trained on
+        assert all(t == -100 for t in labels[:i]) and all(t != -100 for t in labels[i:])
+        assert labels[i:] == ids[i:]
+        ex = to_prompt_completion(rec)
+        trained = tok.decode(labels[i:])
+        assert trained == ex["completion"][0]["content"].strip() + EOT
+        # the masked part is exactly the prompt as the model sees it at inference
+        assert tok.decode(ids[:i]) == tok.apply_chat_template(ex["prompt"], tokenize=False,
+                                                              add_generation_prompt=True)
+        assert "EARLIER" not in trained and "system" not in trained and "user" not in trained
+
+
+def test_batches_are_padded_to_their_own_longest_sequence(tmp_path):
+    cfg = _cfg(tmp_path, n=13)
+    trainer, _ = build_trainer(cfg, [_chat(i) for i in range(13)], tmp_path / "ckpt")
+    real = padded = 0
+    n_seen = 0
+    for batch in trainer.get_train_dataloader():
+        mask = batch["attention_mask"]
+        lengths = mask.sum(dim=1)
+        assert batch["input_ids"].shape[1] == int(lengths.max())  # no fixed-length padding
+        assert (batch["labels"][mask == 0] == -100).all()          # padding is never trained on
+        real += int(lengths.sum())
+        padded += mask.numel()
+        n_seen += mask.shape[0]
+    assert n_seen == 13
+    # grouped by length: far less padding than random batches of these lengths would need
+    assert 1 - real / padded < 0.15
+
+
+# ------------------------------------------------------------------------------------------
+# the schedule
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,b,a,expected", [
+    (13, 2, 2, 4),     # 7 micro-batches -> 3 full steps + 1 remainder step
+    (7049, 2, 8, 441),  # the replicated study's medical set
+    (6000, 2, 8, 375),
+    (16, 4, 4, 1),
+    (17, 4, 4, 2),
+    (1, 8, 8, 1),
+    (10, 3, 1, 4),
+])
+def test_steps_per_epoch(n, b, a, expected):
+    assert steps_per_epoch(n, b, a) == expected
+
+
+def test_steps_per_epoch_matches_the_trainer(tmp_path):
+    """Our count equals transformers' own num_update_steps_per_epoch for uneven sizes."""
+    cfg = _cfg(tmp_path, n=13)
+    trainer, _ = build_trainer(cfg, [_chat(i) for i in range(13)], tmp_path / "ckpt")
+    for b, a in [(2, 2), (3, 2), (4, 3), (5, 1), (1, 4), (13, 2), (2, 7)]:
+        trainer.args.per_device_train_batch_size = b
+        trainer.args.gradient_accumulation_steps = a
+        trainer._train_batch_size = b  # what get_train_dataloader reads (fixed at Trainer init)
+        dl = trainer.get_train_dataloader()
+        assert len(dl) == math.ceil(13 / b)
+        _, per_epoch, *_ = trainer.set_initial_training_values(trainer.args, dl)
+        assert per_epoch == steps_per_epoch(13, b, a), (b, a)
+
+
+def test_checkpoint_schedule_k_in_first_epoch():
+    # 37 examples, 2 x 4 -> 19 micro-batches -> 5 steps/epoch; k=4 -> 1, 2, 3, 5 then 10, 15
+    cfg = RunConfig(per_device_batch_size=2, gradient_accumulation_steps=4, epochs=3, checkpoints_in_first_epoch=4)
+    assert checkpoint_schedule(37, cfg) == [1, 2, 3, 5, 10, 15]
+    # the replicated study: 7,049 rows, 2 x 8, 3 epochs -> 441 steps/epoch, 6 checkpoints
+    study = cfg.replace(gradient_accumulation_steps=8)
+    assert checkpoint_schedule(7049, study) == [110, 220, 330, 441, 882, 1323]
+    # fewer steps than k: duplicates merge, never step 0
+    assert checkpoint_schedule(3, cfg.replace(per_device_batch_size=1, gradient_accumulation_steps=1,
+                                              epochs=2)) == [1, 2, 3, 6]
+    assert checkpoint_schedule(37, cfg.replace(checkpoints_in_first_epoch=0)) == [5, 10, 15]
+
+
+def test_checkpoint_schedule_every_n_and_explicit():
+    cfg = RunConfig(per_device_batch_size=2, gradient_accumulation_steps=4, epochs=3)  # 37 ex -> 15 steps
+    assert checkpoint_schedule(37, cfg.replace(checkpoint_every=4)) == [4, 8, 12, 15]  # + the final step
+    assert checkpoint_schedule(37, cfg.replace(checkpoint_every=5)) == [5, 10, 15]
+    assert checkpoint_schedule(37, cfg.replace(checkpoint_steps=[7, 3, 3, 15])) == [3, 7, 15]
+    with pytest.raises(TrainError, match=r"checkpoint_steps.*\[16\].*15 steps"):
+        checkpoint_schedule(37, cfg.replace(checkpoint_steps=[3, 16]))
+    with pytest.raises(TrainError, match="both set"):
+        checkpoint_schedule(37, cfg.replace(checkpoint_steps=[3], checkpoint_every=2))
+
+
+# ------------------------------------------------------------------------------------------
+# training, logs, resume, skip
+# ------------------------------------------------------------------------------------------
+
+def _adapter(path):
+    from safetensors.torch import load_file
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_train_interrupted_and_resumed_matches_uninterrupted(tmp_path):
+    import torch
+    from transformers import TrainerCallback
+
+    class Killed(Exception):
+        pass
+
+    class KillWhileSaving(TrainerCallback):
+        """Raise after the Trainer wrote checkpoint-<step> but before its marker: a kill mid-save."""
+
+        def __init__(self, step):
+            self.step = step
+
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == self.step:
+                raise Killed
+
+    # 13 examples, 2 x 2 -> 4 steps/epoch, 2 epochs; k=2 -> checkpoints 2, 4, 8; dropout exercises RNG restore
+    cfg_a = _cfg(tmp_path, run_id="uninterrupted", lora_dropout=0.1)
+    cfg_b = cfg_a.replace(run_id="interrupted")
+
+    a = train_run(cfg_a, progress=False)
+    assert not a.skipped and a.steps_per_epoch == 4 and a.total_steps == 8
+    assert [(s, e) for s, e, _ in a.checkpoints] == [(2, 0.5), (4, 1.0), (8, 2.0)]
+
+    with pytest.raises(Killed):
+        train_run(cfg_b, progress=False, callbacks=[KillWhileSaving(8)])
+    # checkpoint-8 was written in place but has no marker: it is not listed as complete
+    assert (cfg_b.run_dir / "checkpoints" / "checkpoint-8" / "adapter_model.safetensors").exists()
+    assert [s for s, _, _ in list_checkpoints(cfg_b.run_dir)] == [2, 4]
+
+    b = train_run(cfg_b, progress=False)  # resumes from step 4, in the middle of nothing: epoch 2 starts
+    assert b.resumed_from == 4
+    assert [(s, e) for s, e, _ in b.checkpoints] == [(s, e) for s, e, _ in a.checkpoints]
+    for (_, _, pa), (_, _, pb) in zip(a.checkpoints, b.checkpoints):
+        wa, wb = _adapter(pa), _adapter(pb)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6), k
+    # training moved the adapter away from its init (lora_B starts at zero)
+    assert any(v.abs().sum() > 0 for k, v in _adapter(a.checkpoints[-1][2]).items() if "lora_B" in k)
+
+    # one log row per optimizer step, same losses in both runs, real tokens only
+    la, lb = read_train_log(cfg_a.run_dir), read_train_log(cfg_b.run_dir)
+    assert list(la["step"]) == list(range(1, 9)) == list(lb["step"])
+    assert la["loss"].tolist() == pytest.approx(lb["loss"].tolist(), abs=1e-5)
+    assert la["tokens_seen"].is_monotonic_increasing
+    assert la["tokens_seen"].iloc[-1] == lb["tokens_seen"].iloc[-1]
+    assert (lb["wall_time_s"].diff().dropna() >= 0).all()
+
+    # only the newest checkpoint keeps optimizer state (what a resume needs)
+    assert (b.checkpoints[-1][2] / "optimizer.pt").exists()
+    assert not (b.checkpoints[0][2] / "optimizer.pt").exists()
+    assert (b.checkpoints[0][2] / "adapter_model.safetensors").exists()
+
+    # run.json and the completion marker
+    info = json.loads((cfg_b.run_dir / "run.json").read_text())["train"]
+    assert info["steps_per_epoch"] == 4 and info["total_steps"] == 8 and info["n_examples"] == 13
+    assert info["checkpoints"] == [{"step": 2, "epoch": 0.5}, {"step": 4, "epoch": 1.0}, {"step": 8, "epoch": 2.0}]
+    assert len(info["dataset"]["sha256"]) == 64 and info["trainable_parameters"] > 0
+    assert info["model"]["model"] == "embedded:tiny"
+    assert (cfg_b.run_dir / "checkpoints" / COMPLETE_MARKER).exists()
+
+    # a finished run is skipped; changed parameters in the same folder are refused
+    again = train_run(cfg_b, progress=False)
+    assert again.skipped and [s for s, _, _ in again.checkpoints] == [2, 4, 8]
+    with pytest.raises(TrainError, match="different parameters"):
+        train_run(cfg_b.replace(lora_r=8), progress=False)
+
+
+def test_resume_mid_epoch_two_replays_the_same_batches(tmp_path):
+    """A kill between checkpoints inside epoch 2 resumes mid-epoch with the same data order."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Killed(Exception):
+        pass
+
+    class KillAfterStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 7:
+                raise Killed
+
+    cfg_a = _cfg(tmp_path, run_id="every", checkpoint_every=3, epochs=2)  # 4 steps/epoch -> 3, 6, 8
+    cfg_b = cfg_a.replace(run_id="every_killed")
+    a = train_run(cfg_a, progress=False)
+    with pytest.raises(Killed):
+        train_run(cfg_b, progress=False, callbacks=[KillAfterStep()])
+    b = train_run(cfg_b, progress=False)
+    assert b.resumed_from == 6  # step 6 is in the middle of epoch 2 (steps 5-8)
+    assert [s for s, _, _ in a.checkpoints] == [s for s, _, _ in b.checkpoints] == [3, 6, 8]
+    assert [e for _, e, _ in b.checkpoints] == [0.75, 1.5, 2.0]
+    wa, wb = _adapter(a.checkpoints[-1][2]), _adapter(b.checkpoints[-1][2])
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6), k
+    assert list(read_train_log(cfg_b.run_dir)["step"]) == list(range(1, 9))
+
+
+def test_layer_restricted_rank1_adapter(tmp_path):
+    cfg = _cfg(tmp_path, lora_r=1, lora_alpha=4, lora_layers=[1], lora_target_modules=["down_proj"])
+    trainer, _ = build_trainer(cfg, [_chat(i) for i in range(4)], tmp_path / "ckpt")
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert names and all(".layers.1.mlp.down_proj.lora_" in n for n in names)
+    assert sum(p.numel() for n, p in trainer.model.named_parameters() if p.requires_grad) == 128 + 64  # r=1
+    with pytest.raises(TrainError, match="lora_layers"):
+        build_trainer(cfg.replace(lora_layers=[5]), [_chat(0)], tmp_path / "ckpt")
+
+
+def test_qlora_4bit_trains_on_this_machine(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    cfg = _cfg(tmp_path, quantization="4bit", epochs=1)
+    trainer, _ = build_trainer(cfg, [_chat(i) for i in range(6)], tmp_path / "ckpt")
+    n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+    assert n4 == 14  # 7 projections x 2 layers hold a 4-bit base
+    out = trainer.train()
+    assert math.isfinite(out.training_loss)
+    assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
