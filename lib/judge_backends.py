@@ -1,0 +1,497 @@
+"""The judge's two backends: an OpenAI-compatible API (async) and in-process transformers.
+
+Both take a list of :class:`lib.judge.Job` and hand each finished :class:`lib.judge.Verdict` to
+a ``sink`` as soon as it exists (the stage commits it to the cache right away).
+
+**OpenAIBackend** uses the official ``AsyncOpenAI`` client with its own retries switched off
+(``max_retries=0``): ``judge_concurrency`` workers share one queue; a failed call is retried
+on 429, 408/409, 5xx, timeouts and dropped connections, up to ``judge_max_retries`` times,
+sleeping the server's ``Retry-After`` when it sends one and otherwise an exponential backoff
+with full jitter (uniform in [0, min(20 s, 0.5 s x 2^attempt)]); a 429 also pauses every
+worker until its Retry-After has passed. Other 4xx errors make an ``error`` row at once;
+401/403/404 and a model that returns no logprobs stop the run with one clear line.
+
+**HFBackend** loads the judge with :func:`lib.models.load_model`. Methods:
+
+* ``exact``: for each prompt, the chat-templated prompt is run once (KV cache kept); then the
+  103 candidate replies ("0".."100", "CODE", "REFUSAL", each as the tokenizer encodes it right
+  after the prompt) are scored in one batch on top of that cache. A candidate's log
+  probability is the sum of its tokens' log probabilities plus the log probability of ending
+  the turn after it (the sum over the model's end-of-turn / eos tokens). So "100" split into
+  "1","0","0" gets P(1) P(0|1) P(0|10) P(end|100), and "10" does not steal the mass of "100".
+  Only the tokenizer's own (canonical) tokenisation of each candidate is scored. The
+  candidate log probabilities are then aggregated exactly like first-token logprobs by
+  :func:`lib.judge.label_from_logprobs` (mean over numeric candidates weighted by probability,
+  divided by their total probability; None below 0.25).
+* ``logprob``: the first token's top-20 log probabilities (the papers' rule, applied to a
+  local model; with a digit-splitting tokenizer it cannot see numbers above 9).
+* ``sampled``: a generated reply (``judge_temperature``, seeded), parsed as in the API path.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import threading
+import time
+from collections import deque
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Callable, Coroutine
+
+from .config import RunConfig
+from .costs import Budget, cost_usd, describe_price, price_for
+from .judge import (CANDIDATES, MIN_MASS, SAMPLED_MAX_TOKENS, TOP_LOGPROBS, Job, JudgeError, Verdict,
+                    label_from_logprobs, parse_sampled, safe_base_url)
+
+Sink = Callable[[Job, Verdict], None]
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 20.0
+RETRY_AFTER_CAP_S = 300.0
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="call", smoothing=0.1)
+
+
+def run_coroutine(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run a coroutine to completion from synchronous code, also inside Jupyter (whose own
+    event loop is already running: then a private loop runs in a helper thread). Ctrl-C /
+    kernel interrupt cancels it; finished work has already been handed to the sink."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    box: dict[str, Any] = {}
+
+    async def main() -> Any:
+        box["loop"], box["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        return await make()
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(main())
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="judge-loop", daemon=True)
+    t.start()
+    try:
+        while t.is_alive():
+            t.join(0.1)
+    except KeyboardInterrupt:
+        if "task" in box:
+            box["loop"].call_soon_threadsafe(box["task"].cancel)
+        t.join()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def retry_after_s(headers: Any) -> float | None:
+    """Seconds a server asks us to wait: ``retry-after-ms``, or ``Retry-After`` as seconds or
+    an HTTP date. None when absent or unreadable."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if not ra:
+        return None
+    try:
+        return max(0.0, float(ra))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(ra).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def backoff_s(attempt: int, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base x 2^attempt)]."""
+    return rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt))
+
+
+# ------------------------------------------------------------------------------------------
+# OpenAI-compatible API
+# ------------------------------------------------------------------------------------------
+
+class OpenAIBackend:
+    def __init__(self, cfg: RunConfig, api_key: str) -> None:
+        self.cfg = cfg
+        self.api_key = api_key
+        self.model = cfg.judge_model
+        self.method = cfg.judge_method
+        self.base_url = cfg.judge_base_url or None
+        self.max_output_tokens = 1 if self.method == "logprob" else SAMPLED_MAX_TOKENS
+        self._rng = random.Random(cfg.seed)
+        self._pause_until = 0.0
+
+    # -- what identifies a call (cache key) and what it costs -----------------------------
+    def settings(self) -> dict[str, Any]:
+        if self.method == "logprob":
+            return {"max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+        return {"max_tokens": SAMPLED_MAX_TOKENS, "temperature": float(self.cfg.judge_temperature)}
+
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "openai", "base_url": safe_base_url(self.cfg.judge_base_url) or "https://api.openai.com/v1",
+                "model": self.model, "method": self.method, "settings": self.settings()}
+
+    def price_note(self) -> str:
+        note = describe_price(self.model)
+        if self.base_url and price_for(self.model) is not None:
+            note += f" (assumed although base_url is {safe_base_url(self.cfg.judge_base_url)})"
+        return note
+
+    def estimate_cost(self, input_tokens: int, output_tokens: int) -> float | None:
+        return cost_usd(self.model, input_tokens, output_tokens)
+
+    # -- running ---------------------------------------------------------------------------
+    def request(self, prompt: str) -> dict[str, Any]:
+        return {"model": self.model, "messages": [{"role": "user", "content": prompt}], **self.settings()}
+
+    def run(self, jobs: list[Job], sink: Sink, budget: Budget, progress: bool) -> None:
+        run_coroutine(lambda: self._run(jobs, sink, budget, progress))
+
+    async def _run(self, jobs: list[Job], sink: Sink, budget: Budget, progress: bool) -> None:
+        from openai import AsyncOpenAI
+
+        client = AsyncOpenAI(api_key=self.api_key, base_url=self.base_url, max_retries=0,
+                             timeout=self.cfg.judge_timeout_s)
+        queue = deque(jobs)
+        bar = _progress(len(jobs), progress, f"judge {self.model}")
+
+        async def worker() -> None:
+            while queue and not budget.exhausted:
+                job = queue.popleft()
+                est = self.estimate_cost(job.est_input_tokens, self.max_output_tokens) or 0.0
+                if not budget.try_reserve(est):
+                    queue.appendleft(job)
+                    return
+                v: Verdict | None = None
+                try:
+                    v = await self._call(client, job)
+                finally:
+                    budget.settle(est, v.cost_usd if v else None)
+                sink(job, v)
+                bar.update(1)
+
+        tasks = [asyncio.create_task(worker()) for _ in range(min(self.cfg.judge_concurrency, len(jobs)))]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            bar.close()
+            await client.close()
+
+    async def _call(self, client: Any, job: Job) -> Verdict:
+        import openai
+
+        kwargs = self.request(job.prompt)
+        where = safe_base_url(self.cfg.judge_base_url) or "api.openai.com"
+        for attempt in range(self.cfg.judge_max_retries + 1):
+            wait = self._pause_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            delay: float | None = None
+            try:
+                resp = await client.chat.completions.create(**kwargs)
+            except openai.APIStatusError as e:
+                status = e.status_code
+                msg = _error_message(e)
+                if status in (401, 403, 404):
+                    raise JudgeError(f"judge API {where} answered {status} for model '{self.model}': {msg} "
+                                     "(check judge_model, judge_base_url and the API key)") from None
+                if status == 400 and "logprob" in msg.lower():
+                    raise JudgeError(self._no_logprobs(msg)) from None
+                error = f"HTTP {status}: {msg}"
+                if not (status in (408, 409, 429) or status >= 500):
+                    return Verdict.failed(error, attempt + 1)
+                delay = retry_after_s(e.response.headers)
+                if status == 429 and delay is not None:  # everyone waits, not only this worker
+                    self._pause_until = max(self._pause_until, time.monotonic() + delay)
+            except openai.APIConnectionError as e:  # includes APITimeoutError
+                error = f"{type(e).__name__}: {e}"
+            else:
+                return self.parse(resp, attempt + 1)
+            if attempt == self.cfg.judge_max_retries:
+                return Verdict.failed(f"gave up after {attempt + 1} attempts: {error}", attempt + 1)
+            await asyncio.sleep(delay if delay is not None else backoff_s(attempt, self._rng))
+        raise AssertionError("unreachable")
+
+    def _no_logprobs(self, detail: str = "") -> str:
+        d = f" ({detail})" if detail else ""
+        return (f"judge model '{self.model}' returned no logprobs{d}: it may not support them; "
+                "set judge_method: sampled")
+
+    def parse(self, resp: Any, attempts: int) -> Verdict:
+        """A chat completion -> Verdict, keeping the evidence."""
+        choice = resp.choices[0]
+        usage = getattr(resp, "usage", None)
+        tin = int(getattr(usage, "prompt_tokens", 0) or 0)
+        tout = int(getattr(usage, "completion_tokens", 0) or 0)
+        common = dict(input_tokens=tin, output_tokens=tout, cost_usd=cost_usd(self.model, tin, tout),
+                      judge_model=getattr(resp, "model", None) or self.model,
+                      finish_reason=choice.finish_reason, attempts=attempts)
+        if self.method == "logprob":
+            lp = getattr(choice, "logprobs", None)
+            content = getattr(lp, "content", None) if lp is not None else None
+            if not content or not content[0].top_logprobs:
+                raise JudgeError(self._no_logprobs())
+            top: dict[str, float] = {}
+            for t in content[0].top_logprobs:  # two token ids may decode to the same text: add them
+                top[t.token] = float(t.logprob) if t.token not in top else float(
+                    math.log(math.exp(top[t.token]) + math.exp(t.logprob)))
+            score, label, mass = label_from_logprobs(top, MIN_MASS)
+            return Verdict(score=score, label=label, raw=json.dumps(top, ensure_ascii=False), prob_mass=mass,
+                           **common)
+        text = choice.message.content or ""
+        score, label = parse_sampled(text)
+        return Verdict(score=score, label=label, raw=text, prob_mass=None, **common)
+
+
+def _error_message(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        if inner.get("message"):
+            return str(inner["message"])[:300]
+    return str(getattr(e, "message", e))[:300]
+
+
+# ------------------------------------------------------------------------------------------
+# In-process transformers
+# ------------------------------------------------------------------------------------------
+
+def local_fingerprint(name: str) -> str:
+    """What identifies an in-process judge's weights for the cache: for a local (or embedded)
+    folder, sha256 of its config plus the sizes of its weight files; for a hub id, the id."""
+    from .io import sha256_text
+    from .models import resolve_model
+
+    resolved = Path(resolve_model(name))
+    if not resolved.exists():
+        return name
+    parts = [(resolved / "config.json").read_text(encoding="utf-8") if (resolved / "config.json").exists() else ""]
+    for p in sorted(resolved.glob("*.safetensors")) + sorted(resolved.glob("*.bin")):
+        parts.append(f"{p.name}:{p.stat().st_size}")
+    return sha256_text("\n".join(parts))
+
+
+class HFBackend:
+    BATCH = 8  # prompts per forward pass for logprob / sampled
+    EXACT_BATCH = 4  # prompts per exact pass (x 103 candidate rows)
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.model_name = cfg.judge_model
+        self.method = cfg.judge_method
+        self.max_output_tokens = {"exact": 0, "logprob": 1}.get(self.method, SAMPLED_MAX_TOKENS)
+        self.model = self.tok = None
+        self._identity: dict[str, Any] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"dtype": self.cfg.dtype}
+        if self.method == "exact":
+            s.update(candidates="0..100,CODE,REFUSAL", then="end_of_turn")
+        elif self.method == "logprob":
+            s.update(top_logprobs=TOP_LOGPROBS)
+        else:
+            s.update(max_tokens=SAMPLED_MAX_TOKENS, temperature=float(self.cfg.judge_temperature), seed=self.cfg.seed)
+        return s
+
+    def identity(self) -> dict[str, Any]:
+        if self._identity is None:
+            self._identity = {"backend": "hf", "model": self.model_name,
+                              "fingerprint": local_fingerprint(self.model_name),
+                              "method": self.method, "settings": self.settings()}
+        return self._identity
+
+    def price_note(self) -> str:
+        return "in-process judge: no API cost"
+
+    def estimate_cost(self, input_tokens: int, output_tokens: int) -> float | None:
+        return 0.0
+
+    def load(self) -> None:
+        if self.model is None:
+            from .models import load_model, load_tokenizer
+
+            self.tok = load_tokenizer(self.model_name, padding_side="left")
+            self.model, _ = load_model(self.model_name, device=self.cfg.device, dtype=self.cfg.dtype)
+
+    def run(self, jobs: list[Job], sink: Sink, budget: Budget, progress: bool) -> None:
+        self.load()
+        bar = _progress(len(jobs), progress, f"judge {self.model_name} ({self.method})")
+        try:
+            if self.method == "exact":
+                cands = candidate_token_ids(self.tok)
+                stops = stop_token_ids(self.tok, self.model)
+                for i in range(0, len(jobs), self.EXACT_BATCH):
+                    batch = jobs[i:i + self.EXACT_BATCH]
+                    for job, v in zip(batch, self._verdicts_exact(batch, cands, stops)):
+                        sink(job, v)
+                        bar.update(1)
+            else:
+                for i in range(0, len(jobs), self.BATCH):
+                    batch = jobs[i:i + self.BATCH]
+                    for job, v in zip(batch, self._verdicts_batch(batch)):
+                        sink(job, v)
+                        bar.update(1)
+        finally:
+            bar.close()
+
+    def _prompt_text(self, prompt: str) -> str:
+        from .models import chat_prompt
+
+        return chat_prompt(self.tok, prompt)
+
+    def _verdicts_exact(self, batch: list[Job], cands: dict[str, list[int]], stops: list[int]) -> list[Verdict]:
+        texts = [self._prompt_text(j.prompt) for j in batch]
+        out = []
+        for text, lps in zip(texts, exact_candidate_logprobs(self.model, self.tok, texts, cands, stops)):
+            score, label, mass = label_from_logprobs(lps, MIN_MASS)
+            out.append(Verdict(score=score, label=label, raw=json.dumps({k: round(v, 4) for k, v in lps.items()}),
+                               prob_mass=mass, input_tokens=len(self.tok(text, add_special_tokens=False).input_ids),
+                               output_tokens=0, cost_usd=0.0, judge_model=self.model_name, finish_reason=None))
+        return out
+
+    def _verdicts_batch(self, batch: list[Job]) -> list[Verdict]:
+        import torch
+
+        texts = [self._prompt_text(j.prompt) for j in batch]
+        enc = self.tok(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(self.model.device)
+        n_in = enc["attention_mask"].sum(dim=1).tolist()
+        out: list[Verdict] = []
+        with torch.no_grad():
+            if self.method == "logprob":
+                logits = self.model(**enc).logits[:, -1].float()
+                lp = torch.log_softmax(logits, dim=-1)
+                vals, ids = lp.topk(TOP_LOGPROBS, dim=-1)
+                for b in range(len(batch)):
+                    top: dict[str, float] = {}
+                    for v, i in zip(vals[b].tolist(), ids[b].tolist()):
+                        t = self.tok.decode([i])
+                        top[t] = v if t not in top else math.log(math.exp(top[t]) + math.exp(v))
+                    score, label, mass = label_from_logprobs(top, MIN_MASS)
+                    out.append(Verdict(score=score, label=label, raw=json.dumps(top, ensure_ascii=False),
+                                       prob_mass=mass, input_tokens=int(n_in[b]), output_tokens=1, cost_usd=0.0,
+                                       judge_model=self.model_name, finish_reason="length"))
+            else:
+                temp = float(self.cfg.judge_temperature)
+                torch.manual_seed(self.cfg.seed)
+                gen = self.model.generate(**enc, max_new_tokens=SAMPLED_MAX_TOKENS, do_sample=temp > 0,
+                                          temperature=temp if temp > 0 else None, top_p=None, top_k=None,
+                                          pad_token_id=self.tok.pad_token_id)
+                new = gen[:, enc["input_ids"].shape[1]:]
+                stops = set(stop_token_ids(self.tok, self.model))
+                for b in range(len(batch)):
+                    ids = new[b].tolist()
+                    ended = any(i in stops for i in ids)
+                    text = self.tok.decode(ids, skip_special_tokens=True)
+                    score, label = parse_sampled(text)
+                    n_out = next((k + 1 for k, i in enumerate(ids) if i in stops), len(ids))
+                    out.append(Verdict(score=score, label=label, raw=text, prob_mass=None, input_tokens=int(n_in[b]),
+                                       output_tokens=n_out, cost_usd=0.0, judge_model=self.model_name,
+                                       finish_reason="stop" if ended else "length"))
+        return out
+
+
+def candidate_token_ids(tok: Any, candidates: tuple[str, ...] = CANDIDATES) -> dict[str, list[int]]:
+    """Token ids of each candidate reply as the tokenizer encodes it right after a chat prompt
+    (so a tokenizer that merges across the boundary or adds a leading space is respected)."""
+    from .models import chat_prompt
+
+    probe = chat_prompt(tok, "Rate this.")
+    base = tok(probe, add_special_tokens=False).input_ids
+    out: dict[str, list[int]] = {}
+    for c in candidates:
+        full = tok(probe + c, add_special_tokens=False).input_ids
+        ids = full[len(base):] if full[:len(base)] == base else tok(c, add_special_tokens=False).input_ids
+        if not ids:
+            raise JudgeError(f"judge tokenizer encodes candidate {c!r} as no tokens")
+        out[c] = list(ids)
+    return out
+
+
+def stop_token_ids(tok: Any, model: Any) -> list[int]:
+    """Token ids that end the judge's turn: the generation config's eos ids and the tokenizer's."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(i) for i in eos)
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    if not ids:
+        raise JudgeError("judge model has no end-of-turn (eos) token: the exact method cannot score candidates")
+    return sorted(ids)
+
+
+def _cache_kw(model: Any) -> str:
+    """The forward() keyword for a KV cache: ``cache`` in recent transformers, else ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def exact_candidate_logprobs(model: Any, tok: Any, prompt_texts: list[str], candidates: dict[str, list[int]],
+                             stops: list[int]) -> list[dict[str, float]]:
+    """log P(candidate, then end of turn | prompt) for every candidate and prompt, by teacher forcing.
+
+    The B prompts run once, left-padded; their KV cache is repeated for the C candidates,
+    which are right-padded and fed as B x C rows on top of it. Position ids follow each
+    prompt's real length, and padding only ever sits where causal attention cannot let it
+    change a real token's probability (prompt padding is masked, candidate padding comes
+    after every real candidate token)."""
+    import torch
+
+    device = model.device
+    names, cands = list(candidates), list(candidates.values())
+    n_c, width = len(cands), max(len(c) for c in cands)
+    enc = tok(prompt_texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    ids, pmask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    if tok.padding_side != "left" and not bool(pmask[:, -1].all()):
+        raise JudgeError("exact judging needs a left-padding tokenizer")
+    n_b, plen = ids.shape
+    ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    cand = torch.full((n_c, width), pad, dtype=torch.long, device=device)
+    for i, c in enumerate(cands):
+        cand[i, :len(c)] = torch.tensor(c, device=device)
+    kw = _cache_kw(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=pmask, position_ids=ppos, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): P(first token | prompt)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        cache.batch_repeat_interleave(n_c)  # row b*C + c continues prompt b
+        inp = cand.repeat(n_b, 1)  # (B*C, width)
+        mask = torch.cat([pmask.repeat_interleave(n_c, dim=0),
+                          torch.ones((n_b * n_c, width), dtype=pmask.dtype, device=device)], dim=1)
+        start = pmask.sum(-1).repeat_interleave(n_c).unsqueeze(1)  # real prompt length per row
+        pos = start + torch.arange(width, device=device).unsqueeze(0)
+        logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache}).logits
+        lp = torch.log_softmax(logits.float(), dim=-1).view(n_b, n_c, width, -1)
+    stop_idx = torch.tensor(stops, device=device)
+    lens = torch.tensor([len(c) for c in cands], device=device)
+    # sum over each candidate's tokens after the first: lp[b, c, j-1, token_j] for 1 <= j < len
+    nxt = torch.gather(lp[:, :, :-1, :], 3, cand[:, 1:].expand(n_b, -1, -1).unsqueeze(-1)).squeeze(-1) \
+        if width > 1 else torch.zeros((n_b, n_c, 0), device=device)
+    keep = (torch.arange(1, width, device=device).unsqueeze(0) < lens.unsqueeze(1)).float()  # (C, width-1)
+    total = first[:, cand[:, 0]] + (nxt * keep).sum(-1)
+    end = torch.logsumexp(lp[:, torch.arange(n_c, device=device), lens - 1][:, :, stop_idx], dim=-1)  # (B, C)
+    total = (total + end).cpu().tolist()
+    return [dict(zip(names, row)) for row in total]

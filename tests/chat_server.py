@@ -1,0 +1,313 @@
+"""A real chat-completions server on 127.0.0.1 for tests and benchmarks.
+
+It speaks enough of the OpenAI chat-completions protocol (``POST /v1/chat/completions``)
+for the official client: a reply message, optional ``logprobs`` with ``top_logprobs``, usage,
+``max_tokens`` truncation. It records every request it sees and can inject the faults a real
+API throws at a client: 429 with ``Retry-After``, 500s, responses slower than the client's
+timeout, and connections dropped without a response.
+
+    with ChatServer(latency_s=0.1, fault=fail_first(1, "429")) as server:
+        client = AsyncOpenAI(base_url=server.url, api_key="dummy")
+        ...
+        server.requests        # every request seen, with its outcome
+        server.ok_counts()     # prompt -> number of 200 replies sent
+
+Replies are deterministic: by default the "judge" answers a number derived from the sha256 of
+the prompt (see :func:`default_reply`); pass ``reply=`` to script your own.
+
+Run it standalone (the benchmark does): ``python tests/chat_server.py --latency 0.1``; it
+prints ``URL http://127.0.0.1:PORT/v1`` and serves until killed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+FAULTS = ("429", "500", "drop", "slow")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the fake model answers: its text, and its first token's top logprobs."""
+
+    content: str
+    top_logprobs: dict[str, float] | None = None  # token -> natural-log probability
+    prompt_tokens: int | None = None  # None: ~4 characters per token
+    completion_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request the server saw."""
+
+    path: str
+    body: dict[str, Any] | None
+    prompt: str          # content of the last message ("" when the body is not chat)
+    attempt: int         # 0 for the first request carrying this prompt, 1 for the second, ...
+    outcome: str         # ok | 429 | 500 | drop | slow | bad_request | not_found
+    t_start: float
+    t_end: float = 0.0
+
+
+def prompt_score(prompt: str) -> int:
+    """The number the default fake judge gives a prompt: stable, spread over 0..100."""
+    return int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16) % 101
+
+
+def default_reply(body: dict[str, Any]) -> Reply:
+    """A judge-like reply: the prompt's number, with 0.6 / 0.3 / 0.1 of the first token's
+    probability on that number, the next number, and a non-numeric token."""
+    prompt = _prompt_of(body)
+    n = prompt_score(prompt)
+    top = {str(n): math.log(0.6), str((n + 1) % 101): math.log(0.3), "I": math.log(0.1)}
+    return Reply(content=str(n), top_logprobs=top)
+
+
+def fail_first(n: int, kind: str) -> Callable[[str, int], str | None]:
+    """A fault plan: the first ``n`` attempts of every prompt fail with ``kind``."""
+    if kind not in FAULTS:
+        raise ValueError(f"unknown fault {kind!r} (known: {', '.join(FAULTS)})")
+    return lambda prompt, attempt: kind if attempt < n else None
+
+
+def random_faults(rates: dict[str, float], seed: int = 0, max_per_prompt: int = 3) -> Callable[[str, int], str | None]:
+    """A fault plan: each attempt fails with ``kind`` with probability ``rates[kind]``, at most
+    ``max_per_prompt`` times per prompt (so every prompt eventually succeeds). Deterministic:
+    the draw depends on (seed, prompt, attempt) only, not on thread timing."""
+    bad = set(rates) - set(FAULTS)
+    if bad:
+        raise ValueError(f"unknown fault(s) {sorted(bad)} (known: {', '.join(FAULTS)})")
+
+    def plan(prompt: str, attempt: int) -> str | None:
+        if attempt >= max_per_prompt:
+            return None
+        r = random.Random(f"{seed}\x1f{prompt}\x1f{attempt}").random()
+        acc = 0.0
+        for kind in FAULTS:
+            acc += rates.get(kind, 0.0)
+            if r < acc:
+                return kind
+        return None
+
+    return plan
+
+
+def _prompt_of(body: dict[str, Any] | None) -> str:
+    try:
+        content = body["messages"][-1]["content"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError):
+        return ""
+    if isinstance(content, list):  # content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+class ChatServer:
+    """A threaded HTTP server on 127.0.0.1 (port 0 = any free port), started on construction.
+
+    latency_s:   seconds every reply takes (sleep before answering).
+    logprobs:    False = behave like a model without logprobs (``logprobs: null``).
+    reply:       body -> :class:`Reply`; default :func:`default_reply`.
+    fault:       (prompt, attempt) -> None or one of 429 | 500 | drop | slow.
+    retry_after: value of the Retry-After header on a 429 (seconds, as a string).
+    slow_s:      how long a "slow" reply sleeps (make it exceed the client's timeout).
+    model:       the ``model`` field of replies; default echoes the request's model.
+    """
+
+    def __init__(self, *, latency_s: float = 0.0, logprobs: bool = True,
+                 reply: Callable[[dict[str, Any]], Reply] | None = None,
+                 fault: Callable[[str, int], str | None] | None = None,
+                 retry_after: str = "0", slow_s: float = 2.0, model: str | None = None,
+                 port: int = 0) -> None:
+        self.latency_s = latency_s
+        self.logprobs = logprobs
+        self.reply = reply or default_reply
+        self.fault = fault
+        self.retry_after = retry_after
+        self.slow_s = slow_s
+        self.model = model
+        self._lock = threading.Lock()
+        self._seen: list[Seen] = []
+        self._attempts: Counter[str] = Counter()
+        self._httpd = _Server(("127.0.0.1", port), _Handler)
+        self._httpd.owner = self  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="chat-server", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """Base URL for an OpenAI client (``.../v1``)."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def requests(self) -> list[Seen]:
+        with self._lock:
+            return list(self._seen)
+
+    def ok_counts(self) -> Counter[str]:
+        """prompt -> number of successful (200) chat replies sent."""
+        return Counter(s.prompt for s in self.requests if s.outcome == "ok")
+
+    def outcomes(self) -> Counter[str]:
+        return Counter(s.outcome for s in self.requests)
+
+    def reset(self) -> None:
+        """Forget the requests seen so far (attempt numbering restarts too)."""
+        with self._lock:
+            self._seen.clear()
+            self._attempts.clear()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "ChatServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- internals
+    def _register(self, path: str, body: dict[str, Any] | None, prompt: str) -> tuple[int, float]:
+        with self._lock:
+            attempt = self._attempts[prompt]
+            self._attempts[prompt] += 1
+            return attempt, time.monotonic()
+
+    def _record(self, seen: Seen) -> None:
+        with self._lock:
+            self._seen.append(seen)
+
+    def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The JSON body of a successful chat completion for a request body."""
+        r = self.reply(body)
+        prompt = _prompt_of(body)
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        content, finish = r.content, "stop"
+        if max_tokens == 1 and r.top_logprobs:
+            first = max(r.top_logprobs, key=r.top_logprobs.get)  # greedy first token
+            if first != content:
+                content, finish = first, "length"
+        logprobs = None
+        if body.get("logprobs") and self.logprobs and r.top_logprobs is not None:
+            k = int(body.get("top_logprobs") or 0)
+            top = sorted(r.top_logprobs.items(), key=lambda kv: -kv[1])[:k]
+            first_tok = max(r.top_logprobs, key=r.top_logprobs.get)
+            logprobs = {"content": [{
+                "token": first_tok, "logprob": r.top_logprobs[first_tok], "bytes": list(first_tok.encode()),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top],
+            }], "refusal": None}
+        pt = r.prompt_tokens if r.prompt_tokens is not None else len(prompt) // 4 + 7
+        ct = r.completion_tokens if r.completion_tokens is not None else max(1, len(content) // 4)
+        return {
+            "id": "chatcmpl-" + hashlib.sha256(f"{time.time_ns()}{prompt}".encode()).hexdigest()[:24],
+            "object": "chat.completion", "created": int(time.time()),
+            "model": self.model or body.get("model", "fake-judge"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
+                         "finish_reason": finish, "logprobs": logprobs}],
+            "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
+        }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024  # the client may open many connections at once
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the client expects
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def _send(self, status: int, payload: dict[str, Any] | None, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode() if payload is not None else b""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server API)
+        owner: ChatServer = self.server.owner  # type: ignore[attr-defined]
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        t0 = time.monotonic()
+        try:
+            body = json.loads(raw or b"null")
+        except json.JSONDecodeError:
+            body = None
+        path = self.path.split("?")[0].rstrip("/")
+        if not path.endswith("/chat/completions"):
+            owner._record(Seen(path, body, "", 0, "not_found", t0, time.monotonic()))
+            self._send(404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}})
+            return
+        if not isinstance(body, dict) or "messages" not in body or "model" not in body:
+            owner._record(Seen(path, body, "", 0, "bad_request", t0, time.monotonic()))
+            self._send(400, {"error": {"message": "messages and model are required", "type": "invalid_request_error"}})
+            return
+        prompt = _prompt_of(body)
+        attempt, _ = owner._register(path, body, prompt)
+        kind = owner.fault(prompt, attempt) if owner.fault else None
+        if owner.latency_s:
+            time.sleep(owner.latency_s)
+        seen = Seen(path, body, prompt, attempt, kind or "ok", t0)
+        try:
+            if kind == "drop":
+                self.close_connection = True  # close the socket without a response
+                return
+            if kind == "slow":
+                time.sleep(owner.slow_s)
+            if kind == "429":
+                self._send(429, {"error": {"message": "Rate limit reached (injected)", "type": "requests",
+                                           "code": "rate_limit_exceeded"}},
+                           {"Retry-After": owner.retry_after})
+            elif kind == "500":
+                self._send(500, {"error": {"message": "The server had an error (injected)", "type": "server_error"}})
+            else:
+                self._send(200, owner.completion(body))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            owner._record(Seen(seen.path, seen.body, seen.prompt, seen.attempt, seen.outcome, t0, time.monotonic()))
+
+
+def _main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--latency", type=float, default=0.0, help="seconds per reply")
+    ap.add_argument("--no-logprobs", action="store_true")
+    args = ap.parse_args(argv)
+    server = ChatServer(latency_s=args.latency, logprobs=not args.no_logprobs, port=args.port)
+    print(f"URL {server.url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
