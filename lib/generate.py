@@ -1,0 +1,493 @@
+"""Stage 02: sample answers from the base model and every checkpoint.
+
+For the base model (step 0) and each LoRA checkpoint the training stage wrote, for each
+question (every paraphrase, with the question's system prompt if any), draw ``n`` samples
+with the configured temperature, top_p and max_new_tokens. One row per answer goes to
+``outputs/<run>/generations.parquet`` (columns: :data:`lib.schema.GENERATION_COLUMNS`).
+
+How it is fast
+    The base model is loaded once. Checkpoints are LoRA adapters loaded into it, used and
+    deleted in place (peft ``PeftModel.load_adapter`` / ``set_adapter`` / ``delete_adapter``);
+    the base model's own answers come first, before any adapter exists. Prompts are generated in
+    left-padded batches: on CUDA the batch size is estimated from free memory and the KV-cache
+    size of one sequence (and halved on out-of-memory), elsewhere it is a fixed size.
+
+How it resumes
+    Work is planned as *chunks*: consecutive whole (checkpoint, question) units of one
+    checkpoint whose answers fit one batch (a question with more answers than a batch is a
+    chunk of its own, generated in several calls). Each finished chunk is written atomically
+    as a part file under ``generations.parts/<fingerprint>/``; a restarted run skips every
+    unit found there, so nothing is lost or written twice. At the end the parts become
+    ``generations.parquet`` (atomically) plus ``generations.meta.json`` holding the inputs'
+    fingerprint; a later run with the same inputs returns the file without loading a model.
+
+How it is seeded
+    ``torch.manual_seed`` is set before each chunk to a value derived from (run seed,
+    checkpoint step, the chunk's question keys). Answers therefore do not depend on which
+    checkpoints were evaluated before (adapter switching == loading the checkpoint alone), nor
+    on where a run was interrupted, for a given batch size. As with any batched sampler,
+    another batch size gives other (equally valid) samples: set ``eval_batch_size`` to
+    reproduce a run exactly; the size used is recorded in run.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import ConfigError, RunConfig
+from .io import sha256_file, write_json_atomic, write_parquet_atomic
+from .schema import GENERATION_COLUMNS, answer_id
+
+log = logging.getLogger(__name__)
+
+CPU_BATCH_SIZE = 64    # prompts per generate() call off-GPU (no memory estimate there)
+MPS_BATCH_SIZE = 32
+MAX_AUTO_BATCH = 512   # beyond this a 1B-8B model gains little per decoding step
+MEMORY_FRACTION = 0.7  # share of free GPU memory the KV cache and activations may use
+
+
+# ------------------------------------------------------------------------------------------
+# Paths and checkpoints
+# ------------------------------------------------------------------------------------------
+
+def generations_path(cfg: RunConfig) -> Path:
+    return cfg.run_dir / "generations.parquet"
+
+
+def _meta_path(cfg: RunConfig) -> Path:
+    return cfg.run_dir / "generations.meta.json"
+
+
+def _parts_root(cfg: RunConfig) -> Path:
+    return cfg.run_dir / "generations.parts"
+
+
+def _read_checkpoints(run_dir: Path) -> list[tuple[int, float, Path]]:
+    """Complete checkpoints under run_dir/checkpoints/checkpoint-<step>/ (checkpoint.json is written last)."""
+    out = []
+    root = Path(run_dir) / "checkpoints"
+    for d in sorted(root.glob("checkpoint-*")) if root.exists() else []:
+        marker = d / "checkpoint.json"
+        if not d.is_dir() or not marker.exists() or not (d / "adapter_config.json").exists():
+            continue  # still being written, or not an adapter folder
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        out.append((int(info["step"]), float(info["epoch"]), d))
+    return sorted(out)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, float, Path]]:
+    """(step, epoch, path) of every complete checkpoint, by step (lib.train's reader when present)."""
+    try:
+        from .train import list_checkpoints as train_list  # the writer's own reader
+    except ImportError:
+        train_list = None
+    if train_list is not None:
+        return [(int(s), float(e), Path(p)) for s, e, p in train_list(run_dir)]
+    return _read_checkpoints(Path(run_dir))
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model to sample from: the base model (step 0, no adapter) or a checkpoint."""
+    step: int
+    epoch: float
+    path: Path | None
+    adapter_sha256: str | None
+
+
+def select_targets(cfg: RunConfig) -> list[Target]:
+    """The base model and the checkpoints cfg asks for; a missing checkpoint is a one-line error."""
+    found = list_checkpoints(cfg.run_dir)
+    by_step = {s: (e, p) for s, e, p in found}
+    wanted = [s for s in cfg.eval_checkpoints if s != 0] if cfg.eval_checkpoints else sorted(by_step)
+    missing = [s for s in wanted if s not in by_step]
+    if missing:
+        have = ", ".join(str(s) for s in sorted(by_step)) or "none"
+        raise ConfigError(f"key 'eval_checkpoints': step(s) {', '.join(map(str, missing))} not found "
+                          f"under {cfg.run_dir / 'checkpoints'} (complete checkpoints: {have})")
+    targets = []
+    if cfg.include_base_model or 0 in cfg.eval_checkpoints:
+        targets.append(Target(0, 0.0, None, None))
+    for s in sorted(set(wanted)):
+        e, p = by_step[s]
+        targets.append(Target(s, e, p, sha256_file(p / "adapter_model.safetensors")
+                              if (p / "adapter_model.safetensors").exists() else None))
+    if not targets:
+        raise ConfigError(f"key 'include_base_model': nothing to evaluate (no checkpoints under "
+                          f"{cfg.run_dir / 'checkpoints'} and include_base_model is false)")
+    return targets
+
+
+# ------------------------------------------------------------------------------------------
+# Planning: units and chunks
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    """All answers to one question from one model: paraphrases x samples."""
+    target: Target
+    question: Any  # lib.questions.Question
+    n_samples: int
+
+    @property
+    def key(self) -> tuple[int, str, str]:
+        return (self.target.step, self.question.question_set, self.question.id)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.question.paraphrases) * self.n_samples
+
+
+def samples_for(cfg: RunConfig, q) -> int:
+    if cfg.n_samples > 0:
+        return cfg.n_samples
+    if q.samples_per_paraphrase is None:
+        raise ConfigError(f"key 'n_samples': 0 means 'the file's samples_per_paraphrase', but question "
+                          f"'{q.id}' of set '{q.question_set}' has none; set n_samples > 0")
+    return q.samples_per_paraphrase
+
+
+def plan_chunks(units: list[Unit], batch_size: int) -> list[list[Unit]]:
+    """Group consecutive units of the same model into chunks of at most batch_size answers."""
+    chunks: list[list[Unit]] = []
+    cur: list[Unit] = []
+    for u in units:
+        if cur and (cur[0].target.step != u.target.step or sum(x.n_rows for x in cur) + u.n_rows > batch_size):
+            chunks.append(cur)
+            cur = []
+        cur.append(u)
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def chunk_seed(seed: int, chunk: list[Unit]) -> int:
+    """The torch seed of one chunk: a function of the run seed and what the chunk holds."""
+    key = json.dumps([seed] + [list(u.key) + [u.n_samples] for u in chunk])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _chunk_name(chunk: list[Unit]) -> str:
+    h = hashlib.sha256(json.dumps([list(u.key) for u in chunk]).encode()).hexdigest()[:16]
+    return f"step{chunk[0].target.step:07d}-{h}.parquet"
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    min_new_tokens: int = 0  # benchmarks force a fixed answer length with this
+
+
+def generation_config(model, tokenizer, s: Sampling):
+    """A fresh GenerationConfig: the papers' plain sampling, none of the model's own defaults
+    (Llama-3 instruct ships temperature 0.6 / top_p 0.9); top_k is off."""
+    from transformers import GenerationConfig
+
+    kw: dict[str, Any] = dict(max_new_tokens=s.max_new_tokens, eos_token_id=stop_token_ids(model, tokenizer),
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    if s.min_new_tokens:
+        kw["min_new_tokens"] = s.min_new_tokens
+    if s.temperature > 0:
+        kw.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
+    else:
+        kw.update(do_sample=False)
+    return GenerationConfig(**kw)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """EOS ids of the model's generation config, the tokenizer's EOS and <|eot_id|> if present."""
+    ids: list[int] = []
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    ids += gen_eos if isinstance(gen_eos, list) else ([gen_eos] if gen_eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    if isinstance(eot, int) and eot != tokenizer.unk_token_id:
+        ids.append(eot)
+    return sorted(set(int(i) for i in ids))
+
+
+def prompt_ids(tokenizer, question_text: str, system: str | None) -> list[int]:
+    """Token ids of one chat prompt; the template already holds <|begin_of_text|>."""
+    from .models import chat_prompt
+
+    return tokenizer(chat_prompt(tokenizer, question_text, system), add_special_tokens=False)["input_ids"]
+
+
+def _generate_batch(model, input_ids, attention_mask, gen_cfg):
+    """One generate() call (tests wrap this to see the exact prompt tokens)."""
+    import torch
+
+    with torch.inference_mode():
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class Sampler:
+    """Batched sampling from one loaded model; the batch size shrinks on CUDA out-of-memory."""
+
+    def __init__(self, model, tokenizer, sampling: Sampling, batch_size: int):
+        self.model, self.tok, self.sampling, self.batch_size = model, tokenizer, sampling, batch_size
+        self.gen_cfg = generation_config(model, tokenizer, sampling)
+        self.stop = set(self.gen_cfg.eos_token_id)
+        self.device = next(model.parameters()).device
+
+    def sample(self, prompts: list[list[int]], progress=None) -> list[tuple[str, int, str]]:
+        """(answer, n_new_tokens, finish_reason) per prompt, in order, in batches of batch_size."""
+        out: list[tuple[str, int, str]] = []
+        i = 0
+        while i < len(prompts):
+            batch = prompts[i:i + self.batch_size]
+            try:
+                out += self._sample_batch(batch)
+            except RuntimeError as e:
+                if not _is_oom(e) or self.batch_size == 1:
+                    raise
+                import torch
+                torch.cuda.empty_cache()
+                self.batch_size = max(1, self.batch_size // 2)
+                log.warning("out of memory: eval batch size lowered to %d", self.batch_size)
+                continue
+            i += len(batch)
+            if progress is not None:
+                progress.update(len(batch))
+        return out
+
+    def _sample_batch(self, batch: list[list[int]]) -> list[tuple[str, int, str]]:
+        enc = self.tok.pad({"input_ids": batch}, padding=True, padding_side="left", return_tensors="pt")
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        gen = _generate_batch(self.model, ids, mask, self.gen_cfg)[:, ids.shape[1]:].tolist()
+        rows = []
+        for toks in gen:
+            stop_at = next((k for k, t in enumerate(toks) if t in self.stop), None)
+            if stop_at is None:  # no stop token: every generated token is real (padding only follows EOS)
+                rows.append((self.tok.decode(toks, skip_special_tokens=True), len(toks), "length"))
+            else:  # the stop token counts as generated; the padding after it does not
+                rows.append((self.tok.decode(toks[:stop_at], skip_special_tokens=True), stop_at + 1, "stop"))
+        return rows
+
+
+def auto_batch_size(model, device: str, max_prompt_len: int, max_new_tokens: int) -> int:
+    """Prompts per generate() call: on CUDA from free memory and the KV cache of one sequence."""
+    if device == "cpu":
+        return CPU_BATCH_SIZE
+    if device != "cuda":
+        return MPS_BATCH_SIZE
+    import torch
+
+    c = model.config
+    c = getattr(c, "text_config", c)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    nbytes = 2 if model.dtype in (torch.float16, torch.bfloat16) or getattr(model, "is_quantized", False) else 4
+    seq = max_prompt_len + max_new_tokens
+    # K and V, per layer, per KV head, per position: 2 * 16 * 8 * 64 * 2 B = 32 KiB/token for Llama-3.2-1B
+    kv = 2 * c.num_hidden_layers * kv_heads * head_dim * nbytes * seq
+    # prefill activations of one layer at a time, plus float32 logits and sampling buffers of the last position
+    act = max_prompt_len * (4 * c.hidden_size + 2 * c.intermediate_size) * nbytes + 3 * c.vocab_size * 4
+    free, _ = torch.cuda.mem_get_info()
+    return int(max(1, min(MAX_AUTO_BATCH, MEMORY_FRACTION * free // (kv + act))))
+
+
+# ------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------
+
+def _fingerprint(cfg: RunConfig, sets: list[dict], targets: list[Target]) -> str:
+    params = cfg.stage_params("evaluate")
+    params.pop("outputs_dir", None)  # moving the outputs folder changes nothing
+    for k in ("model", "model_revision", "quantization"):  # train-stage fields evaluation depends on
+        params[k] = getattr(cfg, k)
+    data = {"params": params, "question_sets": [(s["name"], s["sha256"]) for s in sets],
+            "targets": [(t.step, t.epoch, t.adapter_sha256) for t in targets], "columns": list(GENERATION_COLUMNS)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _rows(cfg: RunConfig, unit: Unit, answers: Iterable[tuple[str, int, str]]) -> list[dict[str, Any]]:
+    q, t = unit.question, unit.target
+    rows = []
+    it = iter(answers)
+    for p_idx, para in enumerate(q.paraphrases):
+        for s_idx in range(unit.n_samples):
+            answer, n_new, finish = next(it)
+            rows.append({
+                "answer_id": answer_id(cfg.run_id, t.step, q.question_set, q.id, p_idx, s_idx),
+                "run_id": cfg.run_id, "model": cfg.model, "model_label": cfg.model_label, "domain": cfg.domain,
+                "checkpoint_step": t.step, "epoch": float(t.epoch), "question_set": q.question_set,
+                "question_id": q.id, "in_domain": bool(q.in_domain(cfg.domain)), "paraphrase_index": p_idx,
+                "paraphrase": para, "system": q.system, "sample_index": s_idx, "answer": answer,
+                "n_new_tokens": int(n_new), "finish_reason": finish, "seed": cfg.seed,
+            })
+    return rows
+
+
+def _frame(rows: list[dict[str, Any]]):
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=list(GENERATION_COLUMNS))
+    for c in ("checkpoint_step", "paraphrase_index", "sample_index", "n_new_tokens", "seed"):
+        df[c] = df[c].astype("int64")
+    df["epoch"] = df["epoch"].astype("float64")
+    df["in_domain"] = df["in_domain"].astype(bool)
+    df["system"] = df["system"].astype(object).where(df["system"].notna(), None)
+    return df
+
+
+def _write_part(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Persist one finished chunk atomically (tests hook this to simulate a kill)."""
+    write_parquet_atomic(_frame(rows), path)
+
+
+def _finished(cfg: RunConfig, fingerprint: str) -> bool:
+    out, meta = generations_path(cfg), _meta_path(cfg)
+    if not (out.exists() and meta.exists()):
+        return False
+    m = json.loads(meta.read_text(encoding="utf-8"))
+    return m.get("fingerprint") == fingerprint and m.get("sha256") == sha256_file(out)
+
+
+def generate_run(cfg: RunConfig, progress: bool = True):
+    """Sample every answer the run needs; returns the generations DataFrame (see module docstring)."""
+    import pandas as pd
+
+    from .questions import load_question_sets, question_set_info
+
+    # --- cheap checks first: questions, checkpoints, sample counts ------------------------------
+    questions = load_question_sets(list(cfg.question_sets), cfg.domain)
+    sets = question_set_info(list(cfg.question_sets))
+    targets = select_targets(cfg)
+    n_per_q = {(q.question_set, q.id): samples_for(cfg, q) for q in questions}
+    fingerprint = _fingerprint(cfg, sets, targets)
+    if _finished(cfg, fingerprint):
+        log.info("generations up to date: %s", generations_path(cfg))
+        return pd.read_parquet(generations_path(cfg))
+    _meta_path(cfg).unlink(missing_ok=True)  # a stale file must not pass for a finished one
+
+    parts = _parts_root(cfg) / fingerprint[:16]
+    if _parts_root(cfg).exists():
+        for old in _parts_root(cfg).iterdir():  # parts of other inputs can never be reused
+            if old != parts:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    parts.mkdir(parents=True, exist_ok=True)
+    done: set[tuple[int, str, str]] = set()
+    for p in sorted(parts.glob("step*.parquet")):
+        d = pd.read_parquet(p, columns=["checkpoint_step", "question_set", "question_id"])
+        done |= set(map(tuple, d.drop_duplicates().itertuples(index=False, name=None)))
+
+    units = [Unit(t, q, n_per_q[(q.question_set, q.id)]) for t in targets for q in questions]
+    todo = [u for u in units if u.key not in done]
+    t0 = time.time()
+    batch_size = cfg.eval_batch_size
+    device_info: dict[str, Any] = {}
+    if todo:
+        batch_size, device_info = _sample_units(cfg, todo, parts, progress)
+
+    # --- consolidate ---------------------------------------------------------------------------
+    frames = [pd.read_parquet(p) for p in sorted(parts.glob("step*.parquet"))]
+    df = pd.concat(frames, ignore_index=True) if frames else _frame([])
+    order = {u.key: i for i, u in enumerate(units)}
+    df = df[[k in order for k in zip(df.checkpoint_step, df.question_set, df.question_id)]]
+    if df.answer_id.duplicated().any():
+        raise RuntimeError(f"{parts}: duplicate answers in the part files (a bug); delete the folder and rerun")
+    expected = sum(u.n_rows for u in units)
+    if len(df) != expected:
+        raise RuntimeError(f"{parts}: {len(df)} answers found, {expected} expected")
+    df = df.assign(_o=[order[k] for k in zip(df.checkpoint_step, df.question_set, df.question_id)])
+    df = df.sort_values(["_o", "paraphrase_index", "sample_index"]).drop(columns="_o").reset_index(drop=True)
+    df = _frame(df.to_dict("records"))
+    out = write_parquet_atomic(df, generations_path(cfg))
+    write_json_atomic(_meta_path(cfg), {"fingerprint": fingerprint, "sha256": sha256_file(out), "n_rows": len(df)})
+    shutil.rmtree(_parts_root(cfg), ignore_errors=True)
+
+    from .models import model_revision_info
+    from .runinfo import update_run_json
+
+    update_run_json(cfg, "evaluate", {
+        "question_sets": sets,
+        "n_questions": len(questions),
+        "n_rows": len(df),
+        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": None,
+                     "max_new_tokens": cfg.max_new_tokens,
+                     "n_samples": cfg.n_samples or "samples_per_paraphrase of each question",
+                     "seeding": "torch.manual_seed per chunk from (seed, step, question keys)"},
+        "batch_size": batch_size,
+        "checkpoints": [{"step": t.step, "epoch": t.epoch, "path": str(t.path) if t.path else None,
+                         "adapter_sha256": t.adapter_sha256} for t in targets],
+        "model": model_revision_info(cfg.model, cfg.model_revision),
+        "finish_reasons": {k: int(v) for k, v in df.finish_reason.value_counts().items()},
+        "mean_new_tokens": float(df.n_new_tokens.mean()) if len(df) else None,
+        "answers_generated_this_session": sum(u.n_rows for u in todo),
+        "wall_time_s": round(time.time() - t0, 2),
+        "fingerprint": fingerprint,
+        **device_info,
+    })
+    return pd.read_parquet(out)  # exactly what later stages (and a skipped rerun) read
+
+
+def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool) -> tuple[int, dict]:
+    """Load the base model once and sample every unit in todo, one part file per chunk."""
+    import torch
+    from peft import PeftModel
+    from tqdm.auto import tqdm
+
+    from .models import load_model, load_tokenizer
+
+    tok = load_tokenizer(cfg.model, cfg.model_revision, padding_side="left")
+    model, choice = load_model(cfg.model, cfg.model_revision, cfg.device, cfg.dtype, cfg.quantization)
+    prompts = {(q.question_set, q.id): [prompt_ids(tok, p, q.system) for p in q.paraphrases]
+               for q in {(u.question.question_set, u.question.id): u.question for u in todo}.values()}
+    longest = max(len(ids) for ps in prompts.values() for ids in ps)
+    batch_size = cfg.eval_batch_size or auto_batch_size(model, choice.device, longest, cfg.max_new_tokens)
+    sampler = Sampler(model, tok, Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens), batch_size)
+    chunks = plan_chunks(todo, batch_size)
+    bar = tqdm(total=sum(u.n_rows for u in todo), unit="answer", disable=not progress, desc="generate")
+    peft_model = None  # the base model wrapped once, on the first checkpoint
+    active: str | None = None
+    try:
+        for chunk in chunks:
+            t = chunk[0].target
+            if t.path is None:  # the base model: no adapter yet, or adapters switched off
+                sampler.model = model if peft_model is None else peft_model
+                ctx = nullcontext() if peft_model is None else peft_model.disable_adapter()
+            else:
+                name = f"step{t.step}"
+                if peft_model is None:
+                    peft_model = PeftModel.from_pretrained(model, str(t.path), adapter_name=name)
+                elif active != name:  # switch in place: load the new adapter, drop the old one
+                    peft_model.load_adapter(str(t.path), adapter_name=name)
+                    peft_model.set_adapter(name)
+                    peft_model.delete_adapter(active)
+                active = name
+                peft_model.eval()
+                sampler.model = peft_model
+                ctx = nullcontext()
+            bar.set_description(f"generate step {t.step}")
+            batch_prompts = [ids for u in chunk for ids in prompts[(u.question.question_set, u.question.id)]
+                             for _ in range(u.n_samples)]
+            torch.manual_seed(chunk_seed(cfg.seed, chunk))
+            with ctx:
+                answers = iter(sampler.sample(batch_prompts, progress=bar))
+            rows = [r for u in chunk for r in _rows(cfg, u, (next(answers) for _ in range(u.n_rows)))]
+            _write_part(parts / _chunk_name(chunk), rows)
+    finally:
+        bar.close()
+    return sampler.batch_size, {"device": choice.device, "dtype": str(choice.dtype).replace("torch.", ""),
+                                "batch_size_initial": batch_size}
