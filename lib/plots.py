@@ -12,6 +12,8 @@ PNG into a notebook, so a static HTML export of the notebook carries the chart a
 """
 from __future__ import annotations
 
+import base64
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -225,19 +227,27 @@ def save(chart: Any, name: str, fig_dir: str | Path, scale: float = 2.0) -> list
 
 
 def show(files: list[Path], link_base: str | Path | None = None) -> None:
-    """Display a saved figure in a notebook as its PNG (survives static HTML export offline).
+    """Display a saved figure in a notebook as its PNG, embedded in an ``<img>`` (base64).
 
-    ``link_base`` is the folder the rendered notebook will live in; when given, a link to the
-    interactive HTML is shown relative to it.
+    The image travels inside the notebook and any static HTML export of it, so it shows with
+    no network; its alt text is ``figure: <name>`` (nbconvert's lab template drops the alt of
+    plain image outputs, hence HTML). ``link_base`` is the folder the rendered notebook will
+    live in; when given, a relative link to the interactive HTML follows the image.
     """
-    from IPython.display import Image, Markdown, display
+    from IPython.display import HTML, display
 
-    png = next(p for p in files if Path(p).suffix == ".png")
-    display(Image(data=Path(png).read_bytes(), format="png"))
-    html = next((p for p in files if Path(p).suffix == ".html"), None)
-    if html is not None and link_base is not None:
+    png = Path(next(p for p in files if Path(p).suffix == ".png"))
+    data = png.read_bytes()
+    width = struct.unpack(">I", data[16:20])[0]  # PNG IHDR: width is bytes 16-19, big-endian
+    link = ""
+    interactive = next((p for p in files if Path(p).suffix == ".html"), None)
+    if interactive is not None and link_base is not None:
         try:
-            rel = Path(html).resolve().relative_to(Path(link_base).resolve())
-            display(Markdown(f"[interactive version]({rel.as_posix()})"))
+            rel = Path(interactive).resolve().relative_to(Path(link_base).resolve())
+            link = f'<figcaption><a href="{rel.as_posix()}">interactive version</a></figcaption>'
         except ValueError:
             pass
+    # saved at scale 2: shown at natural size, shrunk to the page width when wider
+    display(HTML(f'<figure class="em-figure" data-figure="{png.stem}" style="margin:0">'
+                 f'<img alt="figure: {png.stem}" width="{max(1, width // 2)}" style="max-width:100%;height:auto" '
+                 f'src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}"/>{link}</figure>'))

@@ -497,6 +497,43 @@ def example_answers(answers: pd.DataFrame, question_id: str | None = None, quest
     return out.reset_index(drop=True)
 
 
+def demo_note(results: Results) -> str:
+    """A loud note when any run used the embedded tiny model (or judge): its numbers mean nothing."""
+    tiny = sorted(r for r, info in results.runs.items()
+                  if "embedded:" in str((info.get("parameters") or {}).get("model", ""))
+                  or "embedded:" in str((info.get("parameters") or {}).get("judge_model", "")))
+    if not tiny:
+        return ""
+    return ("**These numbers mean nothing.** Runs " + ", ".join(f"`{r}`" for r in tiny)
+            + " use the embedded tiny model (`embedded:tiny`), built locally to exercise the pipeline "
+              "offline; its answers and its judge's scores are noise. Only the layout of this report is real.")
+
+
+def rates_view(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """A readable copy of a summary table: counts, and rates with intervals as percentages."""
+    out = df[keys].copy()
+    out["EM"] = [f"{_pct(r.em_rate)} [{_pct(r.em_lo)}, {_pct(r.em_hi)}]" for r in df.itertuples()]
+    out["EM (Wilson)"] = [f"[{_pct(r.em_wilson_lo)}, {_pct(r.em_wilson_hi)}]" for r in df.itertuples()]
+    out["EM k/n"] = [f"{r.em_k}/{r.n_scored}" for r in df.itertuples()]
+    out["excluded (refusal/code/other)"] = [f"{r.n_excluded} ({r.n_refusal}/{r.n_code}/{r.n_other_excluded})"
+                                            for r in df.itertuples()]
+    out["coherent"] = [f"{_pct(r.coherent_rate)} [{_pct(r.coherent_lo)}, {_pct(r.coherent_hi)}]"
+                       for r in df.itertuples()]
+    out["questions"] = df["n_questions"].to_numpy()
+    return out.reset_index(drop=True)
+
+
+def differences_view(diff: pd.DataFrame) -> pd.DataFrame:
+    out = diff[["comparison", "model_label", "scope", "a", "b"]].copy()
+    out["difference (a - b)"] = [f"{100 * r.diff:+.0f} pts [{100 * r.lo:+.0f}, {100 * r.hi:+.0f}]"
+                                 if pd.notna(r.diff) and pd.notna(r.lo) else
+                                 (f"{100 * r.diff:+.0f} pts [no interval]" if pd.notna(r.diff) else "-")
+                                 for r in diff.itertuples()]
+    out["n a / b"] = [f"{r.n_a} / {r.n_b}" for r in diff.itertuples()]
+    out["paired questions"] = diff["paired"].to_numpy()
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # The report: tables + figures + files
 # ------------------------------------------------------------------------------------------
