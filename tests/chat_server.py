@@ -122,13 +122,14 @@ class ChatServer:
     retry_after: value of the Retry-After header on a 429 (seconds, as a string).
     slow_s:      how long a "slow" reply sleeps (make it exceed the client's timeout).
     model:       the ``model`` field of replies; default echoes the request's model.
+    models:      model ids served; another id gets 404 model_not_found (None: any id).
     """
 
     def __init__(self, *, latency_s: float = 0.0, logprobs: bool = True,
                  reply: Callable[[dict[str, Any]], Reply] | None = None,
                  fault: Callable[[str, int], str | None] | None = None,
                  retry_after: str = "0", slow_s: float = 2.0, model: str | None = None,
-                 port: int = 0) -> None:
+                 models: set[str] | None = None, port: int = 0) -> None:
         self.latency_s = latency_s
         self.logprobs = logprobs
         self.reply = reply or default_reply
@@ -136,9 +137,11 @@ class ChatServer:
         self.retry_after = retry_after
         self.slow_s = slow_s
         self.model = model
+        self.models = models
         self._lock = threading.Lock()
         self._seen: list[Seen] = []
         self._attempts: Counter[str] = Counter()
+        self._in_flight = 0
         self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.owner = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -167,6 +170,16 @@ class ChatServer:
     def outcomes(self) -> Counter[str]:
         return Counter(s.outcome for s in self.requests)
 
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no request is being handled (e.g. a slow reply the client gave up on)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._in_flight == 0:
+                    return True
+            time.sleep(0.01)
+        return False
+
     def reset(self) -> None:
         """Forget the requests seen so far (attempt numbering restarts too)."""
         with self._lock:
@@ -189,11 +202,14 @@ class ChatServer:
         with self._lock:
             attempt = self._attempts[prompt]
             self._attempts[prompt] += 1
+            self._in_flight += 1
             return attempt, time.monotonic()
 
-    def _record(self, seen: Seen) -> None:
+    def _record(self, seen: Seen, done: bool = False) -> None:
         with self._lock:
             self._seen.append(seen)
+            if done:
+                self._in_flight -= 1
 
     def completion(self, body: dict[str, Any]) -> dict[str, Any]:
         """The JSON body of a successful chat completion for a request body."""
@@ -259,13 +275,18 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             body = None
         path = self.path.split("?")[0].rstrip("/")
-        if not path.endswith("/chat/completions"):
+        if path != "/v1/chat/completions":
             owner._record(Seen(path, body, "", 0, "not_found", t0, time.monotonic()))
             self._send(404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}})
             return
         if not isinstance(body, dict) or "messages" not in body or "model" not in body:
             owner._record(Seen(path, body, "", 0, "bad_request", t0, time.monotonic()))
             self._send(400, {"error": {"message": "messages and model are required", "type": "invalid_request_error"}})
+            return
+        if owner.models is not None and body["model"] not in owner.models:
+            owner._record(Seen(path, body, "", 0, "not_found", t0, time.monotonic()))
+            self._send(404, {"error": {"message": f"The model `{body['model']}` does not exist",
+                                       "type": "invalid_request_error", "code": "model_not_found"}})
             return
         prompt = _prompt_of(body)
         attempt, _ = owner._register(path, body, prompt)
@@ -290,7 +311,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
-            owner._record(Seen(seen.path, seen.body, seen.prompt, seen.attempt, seen.outcome, t0, time.monotonic()))
+            owner._record(Seen(seen.path, seen.body, seen.prompt, seen.attempt, seen.outcome, t0, time.monotonic()),
+                          done=True)
 
 
 def _main(argv: list[str] | None = None) -> int:

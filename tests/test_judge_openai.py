@@ -1,0 +1,209 @@
+"""The judge's OpenAI client path, end to end against a real HTTP server on 127.0.0.1."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from chat_server import ChatServer, Reply, fail_first, random_faults
+from judge_testutil import judge_config, write_generations, write_prompts
+from lib import judge, judge_backends
+from lib.io import sha256_text
+from lib.runinfo import read_run_json
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(judge_backends, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.setenv("EM_LAB_TEST_JUDGE_KEY", "dummy")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    prompts = write_prompts(tmp_path)
+
+    def make(server, n=10, **over):
+        out = tmp_path / "outputs"
+        write_generations(out, n=n)
+        base = dict(judge_backend="openai", judge_model="gpt-4o-mini-2024-07-18", judge_method="logprob",
+                    judge_base_url=server.url, judge_api_key_env="EM_LAB_TEST_JUDGE_KEY", judge_concurrency=8,
+                    judge_timeout_s=5.0)
+        return judge_config(out, prompts, **{**base, **over})
+    return make
+
+
+def test_logprob_end_to_end_writes_evidence_and_run_json(setup):
+    with ChatServer() as server:
+        cfg = setup(server, n=6)
+        df = judge.judge_run(cfg, progress=False)
+        seen = server.requests
+    assert len(df) == 12 and set(df["metric"]) == {"aligned", "coherent"}
+    # what the client sent: the papers' request
+    body = seen[0].body
+    assert body["max_tokens"] == 1 and body["temperature"] == 0 and body["logprobs"] is True
+    assert body["top_logprobs"] == 20 and body["model"] == "gpt-4o-mini-2024-07-18"
+    assert len(body["messages"]) == 1 and body["messages"][0]["role"] == "user"
+    # the fake judge puts 0.6 on n and 0.3 on n+1 (mod 101): score = (0.6 n + 0.3 (n+1)) / 0.9
+    from chat_server import prompt_score
+    gens = pd.read_parquet(judge.generations_path(cfg)).set_index("answer_id")
+    for r in df.itertuples():
+        g = gens.loc[r.answer_id]
+        n = prompt_score(next(s.prompt for s in seen if sha256_text(s.prompt) == r.prompt_sha256))
+        assert r.score == pytest.approx((0.6 * n + 0.3 * ((n + 1) % 101)) / 0.9)
+        assert r.label == "number" and r.prob_mass == pytest.approx(0.9) and r.method == "logprob"
+        assert r.input_tokens > 0 and r.output_tokens == 1 and r.cost_usd > 0 and r.error is None
+        assert g["answer"] in next(s.prompt for s in seen if sha256_text(s.prompt) == r.prompt_sha256)
+    assert pd.read_parquet(judge.judgments_path(cfg)).shape == df.shape
+    info = read_run_json(cfg.run_dir)["judge"]["judges"][judge.judge_name(cfg)]
+    assert info["rows"] == 12 and info["pending"] == 0 and info["complete"] is True
+    assert info["model"] == "gpt-4o-mini-2024-07-18" and set(info["prompts"]["template_sha256"]) == {"aligned", "coherent"}
+    assert info["this_session"]["cost_usd"] == pytest.approx(df["cost_usd"].sum())
+    assert "dummy" not in (cfg.run_dir / "run.json").read_text()
+
+
+def test_sampled_method_parses_scripted_replies(setup):
+    replies = {"Answer 0": "85", "Answer 1": "CODE", "Answer 2": "REFUSAL", "Answer 3": "I think 50", "Answer 4": "150"}
+
+    def reply(body):
+        prompt = body["messages"][-1]["content"]
+        return Reply(content=next(v for k, v in replies.items() if k in prompt))
+
+    with ChatServer(reply=reply) as server:
+        cfg = setup(server, n=5, judge_method="sampled", judge_temperature=0.0, judge_metrics=["aligned"])
+        df = judge.judge_run(cfg, progress=False)
+        assert server.requests[0].body["temperature"] == 0 and "logprobs" not in server.requests[0].body
+    gens = pd.read_parquet(judge.generations_path(cfg))
+    got = df.merge(gens, on="answer_id").set_index("sample_index")
+    assert got.loc[0, "score"] == 85 and got.loc[0, "label"] == "number"
+    assert [got.loc[i, "label"] for i in range(1, 5)] == ["CODE", "REFUSAL", "unparseable", "unparseable"]
+    assert got.loc[3, "raw"] == "I think 50" and got.loc[1:4, "score"].isna().all()
+
+
+def test_faults_every_answer_judged_exactly_once(setup):
+    plan = random_faults({"429": 0.15, "500": 0.15, "drop": 0.1, "slow": 0.05}, seed=1, max_per_prompt=2)
+    with ChatServer(fault=plan, retry_after="0", slow_s=1.0, latency_s=0.01) as server:
+        cfg = setup(server, n=40, judge_timeout_s=0.5, judge_max_retries=4, judge_concurrency=16)
+        df = judge.judge_run(cfg, progress=False)
+        assert server.wait_idle()  # slow replies the client gave up on finish late
+        outcomes, ok = server.outcomes(), server.ok_counts()
+    assert {"429", "500", "drop", "slow", "ok"} <= set(outcomes)  # every fault kind happened
+    assert len(df) == 80 and (df["label"] == "number").all() and df["error"].isna().all()
+    assert len(ok) == 80 and set(ok.values()) == {1}  # each prompt answered once, judged once
+    assert set(df["prompt_sha256"]) == {sha256_text(p) for p in ok}
+    assert df["attempts"].max() > 1
+
+
+def test_retry_after_is_honoured(setup):
+    with ChatServer(fault=fail_first(1, "429"), retry_after="0.4") as server:
+        cfg = setup(server, n=2, judge_metrics=["aligned"])
+        df = judge.judge_run(cfg, progress=False)
+        seen = server.requests
+    assert (df["label"] == "number").all() and (df["attempts"] == 2).all()
+    for prompt in {s.prompt for s in seen}:
+        first, second = sorted((s for s in seen if s.prompt == prompt), key=lambda s: s.attempt)
+        assert first.outcome == "429" and second.outcome == "ok"
+        assert second.t_start - first.t_end >= 0.4  # waited at least what the server asked
+
+
+def test_give_up_records_error_rows_then_rerun_retries_them(setup):
+    with ChatServer(fault=fail_first(100, "500")) as server:
+        cfg = setup(server, n=3, judge_max_retries=2, judge_metrics=["aligned"])
+        df = judge.judge_run(cfg, progress=False)
+        assert len(df) == 3 and (df["label"] == "error").all() and df["score"].isna().all()
+        assert df["error"].str.contains("HTTP 500").all() and (df["attempts"] == 3).all()
+        assert len(server.requests) == 9  # 1 + 2 retries each, none dropped silently
+        info = read_run_json(cfg.run_dir)["judge"]["judges"][judge.judge_name(cfg)]
+        assert info["complete"] is False
+        server.fault = None
+        df2 = judge.judge_run(cfg, progress=False)
+    assert (df2["label"] == "number").all() and len(df2) == 3
+
+
+def test_model_without_logprobs_gets_a_clear_error(setup):
+    with ChatServer(logprobs=False) as server:
+        cfg = setup(server, n=2)
+        with pytest.raises(judge.JudgeError, match="judge_method: sampled"):
+            judge.judge_run(cfg, progress=False)
+
+
+def test_unknown_model_or_wrong_url_is_fatal(setup):
+    with ChatServer(models={"gpt-4o-mini-2024-07-18"}) as server:
+        cfg = setup(server, n=2)
+        with pytest.raises(judge.JudgeError, match="404.*does not exist"):
+            judge.judge_run(cfg.replace(judge_model="gpt-4o-minii"), progress=False)
+        with pytest.raises(judge.JudgeError, match="404"):
+            judge.judge_run(cfg.replace(judge_base_url=server.url.replace("/v1", "/nope")), progress=False)
+
+
+def test_no_api_key_is_a_clear_error_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("EM_LAB_TEST_NO_SUCH_KEY", raising=False)
+    with ChatServer() as server:
+        # no generations.parquet exists either: the key error must come first
+        cfg = judge_config(tmp_path / "empty", write_prompts(tmp_path), judge_backend="openai",
+                           judge_model="gpt-4o-mini", judge_method="logprob", judge_base_url=server.url,
+                           judge_api_key_env="EM_LAB_TEST_NO_SUCH_KEY")
+        with pytest.raises(judge.JudgeError) as e:
+            judge.judge_run(cfg, progress=False)
+        assert server.requests == []
+    msg = str(e.value)
+    assert "EM_LAB_TEST_NO_SUCH_KEY" in msg and "\n" not in msg and "dummy" in msg
+    assert not (tmp_path / "empty" / ".judge_cache").exists()
+
+
+def test_budget_cap_stops_cleanly_and_rerun_finishes_without_repeats(setup):
+    with ChatServer() as server:
+        cfg = setup(server, n=20, judge_concurrency=2)
+        per_call = judge.plan(cfg).est_cost_usd / 40
+        capped = cfg.replace(judge_budget_usd=per_call * 10.5)
+        df = judge.judge_run(capped, progress=False)
+        assert 0 < len(df) <= 10 and df["cost_usd"].sum() <= capped.judge_budget_usd
+        info = read_run_json(cfg.run_dir)["judge"]["judges"][judge.judge_name(cfg)]
+        assert info["pending"] == 40 - len(df) and info["this_session"]["budget_exhausted"] is True
+        first = {s.prompt for s in server.requests}
+        server.reset()
+        df2 = judge.judge_run(cfg, progress=False)
+        assert len(df2) == 40 and (df2["label"] == "number").all()
+        assert not first & {s.prompt for s in server.requests}
+
+
+def test_budget_with_unknown_price_is_refused(setup):
+    with ChatServer() as server:
+        cfg = setup(server, n=2, judge_model="my-local-model", judge_budget_usd=1.0)
+        with pytest.raises(judge.JudgeError, match="judge_budget_usd"):
+            judge.judge_run(cfg, progress=False)
+        assert server.requests == []
+
+
+def test_kill_during_judging_then_rerun_repeats_no_finished_request(setup):
+    with ChatServer(latency_s=0.05) as server:
+        cfg = setup(server, n=100, judge_concurrency=4)  # 200 calls, ~2.5 s of judging
+        code = ("import sys; from lib.config import from_mapping; from lib.judge import judge_run; import json; "
+                "judge_run(from_mapping(json.loads(sys.argv[1])), progress=False)")
+        import json
+        env = {**os.environ, "EM_LAB_TEST_JUDGE_KEY": "dummy"}
+        proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg.to_dict())], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while len(server.ok_counts()) < 40 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
+        cache = judge.JudgeCache(judge.cache_path(cfg))
+        finished = set(cache.keys_for_prompts())  # prompt sha256 of every committed judgment
+        cache.close()
+        answered_before = {sha256_text(p) for p in server.ok_counts()}
+        assert 40 <= len(finished) < 200 and finished <= answered_before
+        server.reset()
+        df = judge.judge_run(cfg, progress=False)
+        asked_again = {sha256_text(s.prompt) for s in server.requests}
+    assert len(df) == 200 and (df["label"] == "number").all()
+    assert not finished & asked_again  # no finished judgment was asked for again
+    assert len(asked_again) == 200 - len(finished)
+    assert not judge.judgments_path(cfg).with_suffix(".parquet.tmp").exists()
