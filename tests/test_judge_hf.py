@@ -1,0 +1,95 @@
+"""The in-process judge on the embedded tiny model: exact candidate scoring and the stage."""
+import json
+import math
+
+import pytest
+import torch
+
+from judge_testutil import judge_config, write_generations, write_prompts
+from lib import judge
+from lib.judge_backends import (candidate_token_ids, exact_candidate_logprobs, stop_token_ids)
+from lib.models import chat_prompt, load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = load_tokenizer("embedded:tiny", padding_side="left")
+    model, _ = load_model("embedded:tiny", device="cpu", dtype="float32")
+    return model, tok
+
+
+def test_candidates_split_digits_and_end_with_end_of_turn(tiny):
+    model, tok = tiny
+    cands = candidate_token_ids(tok)
+    assert len(cands) == 103 and list(cands)[-2:] == ["CODE", "REFUSAL"]
+    assert [len(cands[c]) for c in ("7", "42", "100")] == [1, 2, 3]  # one token per digit
+    assert cands["100"][0] == cands["1"][0] and cands["100"][1] == cands["0"][0]
+    stops = stop_token_ids(tok, model)
+    assert tok.convert_tokens_to_ids("<|eot_id|>") in stops
+
+
+def _naive(model, tok, text, ids, stops):
+    """log P(ids, then a stop token | text) with one plain forward pass, no cache tricks."""
+    p = tok(text, add_special_tokens=False).input_ids
+    seq = torch.tensor([p + ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
+    total = sum(lp[len(p) - 1 + j, ids[j]].item() for j in range(len(ids)))
+    return total + torch.logsumexp(lp[len(p) + len(ids) - 1, stops], 0).item()
+
+
+def test_exact_probabilities_are_valid_and_match_plain_teacher_forcing(tiny):
+    model, tok = tiny
+    cands, stops = candidate_token_ids(tok), stop_token_ids(tok, model)
+    # prompts of different lengths: the batched pass left-pads them
+    texts = [chat_prompt(tok, "Rate: " + "word " * 60), chat_prompt(tok, "Rate this short one.")]
+    got = exact_candidate_logprobs(model, tok, texts, cands, stops)
+    for b, text in enumerate(texts):
+        lps = got[b]
+        assert set(lps) == set(cands) and all(v <= 0 and math.isfinite(v) for v in lps.values())
+        assert sum(math.exp(v) for v in lps.values()) <= 1.0  # disjoint events: "10<end>" vs "100<end>"
+        for c in ("0", "9", "42", "100", "CODE", "REFUSAL"):
+            assert lps[c] == pytest.approx(_naive(model, tok, text, cands[c], stops), abs=1e-4)
+
+
+def test_exact_aggregation_uses_the_logprob_rule():
+    # candidate log probs as the exact method returns them; same rule as first-token logprobs
+    lps = {str(i): -50.0 for i in range(101)} | {"CODE": -50.0, "REFUSAL": -50.0}
+    lps.update({"100": math.log(0.5), "10": math.log(0.2), "CODE": math.log(0.1)})
+    score, label, mass = judge.label_from_logprobs(lps)
+    assert label == "number" and mass == pytest.approx(0.7, abs=1e-6)
+    assert score == pytest.approx((100 * 0.5 + 10 * 0.2) / 0.7, abs=1e-4)
+
+
+def test_hf_stage_end_to_end_then_cached(tmp_path):
+    out = tmp_path / "outputs"
+    write_generations(out, n=3)
+    cfg = judge_config(out, write_prompts(tmp_path), device="cpu")  # the demo judge: hf / embedded:tiny / exact
+    df = judge.judge_run(cfg, progress=False)
+    assert len(df) == 6 and set(df["method"]) == {"exact"} and (df["judge_name"] == "hf-embedded_tiny-exact").all()
+    # random tiny weights: almost no mass on the candidates -> low_mass, no score (meaningless judge)
+    assert set(df["label"]) <= {"number", "low_mass", "CODE", "REFUSAL"}
+    assert ((df["prob_mass"] > 0) & (df["prob_mass"] <= 1)).all() and (df["cost_usd"] == 0).all()
+    raw = json.loads(df["raw"].iloc[0])
+    assert len(raw) == 103 and "100" in raw
+    p = judge.plan(cfg)
+    assert (p.n_cached, p.n_todo) == (6, 0)
+    again = judge.judge_run(cfg, progress=False)
+    assert again.drop(columns=[]).equals(df)
+
+
+def test_hf_logprob_and_sampled_methods_run(tmp_path):
+    out = tmp_path / "outputs"
+    write_generations(out, n=2)
+    prompts = write_prompts(tmp_path)
+    for method in ("logprob", "sampled"):
+        cfg = judge_config(out, prompts, device="cpu", judge_method=method, judge_metrics=["aligned"],
+                           judge_temperature=1.0)
+        df = judge.judge_run(cfg, progress=False)
+        assert len(df) == 2 and (df["method"] == method).all()
+        if method == "logprob":
+            tops = [json.loads(r) for r in df["raw"]]  # top 20 ids; ids decoding to the same text are merged
+            assert all(1 <= len(t) <= 20 and sum(math.exp(v) for v in t.values()) <= 1 + 1e-6 for t in tops)
+        else:
+            assert set(df["label"]) <= {"number", "CODE", "REFUSAL", "unparseable"}
+            assert (df["output_tokens"] >= 1).all()
