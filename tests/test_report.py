@@ -1,0 +1,267 @@
+"""lib.report and lib.plots on a synthetic outputs/ folder; the 04_report notebook end to end.
+
+The synthetic runs are written directly in the files' contracts (tests/_report_synth.py), so
+these tests do not depend on the train / evaluate / judge stages.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lib import config, plots, report
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+synth = _load("_report_synth", Path(__file__).with_name("_report_synth.py"))
+offline = _load("check_report_offline", REPO / "scripts" / "check_report_offline.py")
+
+FIGURES = list(plots.FIGURES)
+CDN_RE = re.compile(r"<script[^>]+src=[\"'][^\"']*(vega|altair|jsdelivr|unpkg)", re.I)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    synth.build(root / "outputs")
+    synth.write_external_csv(root / "course_judged.csv")
+    return root
+
+
+@pytest.fixture(scope="module")
+def rcfg(synth_dir) -> config.ReportConfig:
+    return config.ReportConfig(outputs_dir=str(synth_dir / "outputs"), report_dir=str(synth_dir / "outputs" / "report"),
+                               n_bootstrap=200, external_csv=[str(synth_dir / "course_judged.csv")])
+
+
+@pytest.fixture(scope="module")
+def rep(rcfg) -> report.Report:
+    return report.make_report(rcfg, progress=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------
+
+def test_every_figure_and_csv_is_written(rep):
+    from PIL import Image
+
+    fig_dir, data_dir = rep.report_dir / "figures", rep.report_dir / "data"
+    assert set(rep.charts) == set(FIGURES)
+    for name in FIGURES:
+        with Image.open(fig_dir / f"{name}.png") as im:
+            im.load()
+            assert im.width > 200 and im.height > 150
+        root = ET.parse(fig_dir / f"{name}.svg").getroot()
+        assert root.tag.endswith("svg") and len(list(root.iter())) > 20
+        html = (fig_dir / f"{name}.html").read_text(encoding="utf-8")
+        assert not re.search(r"<script[^>]+src=", html), f"{name}.html loads a script from elsewhere"
+        assert "vegaEmbed" in html and "vega-lite" in html.lower()  # the libraries are inlined
+        data = pd.read_csv(data_dir / f"{name}.csv")
+        assert len(data) > 0
+    for table in ("trajectories", "base", "final", "per_question", "differences", "judge_agreement",
+                  "summary_all", "summary_out_of_domain", "methods", "excluded", "examples"):
+        assert (data_dir / f"table_{table}.csv").stat().st_size > 0
+
+
+def test_figure_csv_holds_the_numbers_drawn(rep):
+    drawn = pd.read_csv(rep.report_dir / "data" / "domain_comparison.csv")
+    final = rep.tables["final"]
+    merged = drawn.merge(final, on=["run_id", "scope"], suffixes=("", "_t"))
+    assert len(merged) == len(final)
+    assert (merged["em_rate"] - merged["em_rate_t"]).abs().max() < 1e-12
+    assert (merged["em_lo"].fillna(-1) - merged["em_lo_t"].fillna(-1)).abs().max() < 1e-12
+
+
+def test_build_report_returns_the_folder(rcfg, tmp_path):
+    other = config.ReportConfig(**{**rcfg.to_dict(), "report_dir": str(tmp_path / "r"), "external_csv": []})
+    out = report.build_report(other)
+    assert out == tmp_path / "r" and (out / "figures" / "em_trajectories.png").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------
+
+def test_final_table_counts_and_intervals(rep):
+    final = rep.tables["final"]
+    answers = rep.results.answers
+    row = final[(final["run_id"] == "3B_financial") & (final["scope"] == "all")].iloc[0]
+    a = answers[(answers["run_id"] == "3B_financial") & (answers["checkpoint_step"] == 40)]
+    assert row["n_answers"] == len(a) == 7 * 4
+    assert row["n_scored"] == a["scored"].sum()
+    assert row["em_k"] == a["em"].fillna(False).astype(bool).sum()
+    assert row["n_excluded"] == row["n_refusal"] + row["n_code"] + row["n_other_excluded"]
+    assert row["em_lo"] <= row["em_rate"] <= row["em_hi"]
+    assert set(final.loc[final["source"] == "run", "scope"]) == {"all", "in-domain", "out-of-domain"}
+    ind = final[(final["run_id"] == "1B_medical") & (final["scope"] == "in-domain")].iloc[0]
+    assert ind["n_questions"] == 2  # the two medical questions
+
+
+def test_differences_are_paired_on_shared_questions(rep):
+    d = rep.tables["differences"]
+    dom = d[(d["comparison"] == "domain") & (d["model_label"] == "3B")].set_index("scope")
+    assert dom.loc["all", "paired"] and dom.loc["out-of-domain", "paired"]
+    assert not dom.loc["in-domain", "paired"]  # medical vs financial questions
+    assert dom.loc["all", "diff"] == pytest.approx(dom.loc["all", "rate_a"] - dom.loc["all", "rate_b"])
+    ckpt = d[d["comparison"] == "final vs base"]
+    assert len(ckpt) == 4 * 3 and ckpt["paired"].all()
+
+
+def test_judge_agreement_table(rep):
+    j = rep.tables["judge_agreement"]
+    assert len(j) == 1
+    r = j.iloc[0]
+    assert r["run_id"] == "1B_medical" and r["n_common"] == 4 * 7 * 4
+    assert -1 <= r["kappa_em"] <= 1 and 0 <= r["em_agreement"] <= 1
+
+
+def test_methods_table_documents_each_run(rep):
+    m = rep.tables["methods"].set_index("run_id")
+    r = m.loc["1B_medical"]
+    assert r["dataset"] == "demo_medical" and r["dataset_sha256"] == "0" * 12
+    assert r["judge_name"] == synth.JUDGE and r["judge_method"] == "exact"
+    assert "aligned: " + "cd" * 6 in r["judge_prompt_sha256"]
+    assert r["evaluated_steps"] == "0, 10, 20, 40" and "r=8" in r["lora"]
+    assert m.loc["ext_course_judged", "source"] == "external"
+
+
+def test_configured_judge_rules(tmp_path):
+    run = tmp_path / "r"
+    (run / "judgments").mkdir(parents=True)
+    assert report.configured_judge(run, {}) is None
+    for name in ("a_judge", "b_judge"):
+        (run / "judgments" / f"{name}.parquet").write_bytes(b"")
+    import os
+    os.utime(run / "judgments" / "a_judge.parquet", (2e9, 2e9))  # a_judge written last
+    assert report.configured_judge(run, {}) == "a_judge"
+    assert report.configured_judge(run, {"judge": {"judge_name": "b_judge"}}) == "b_judge"
+    assert report.configured_judge(run, {"parameters": {"judge_name": "b_judge"},
+                                         "judge": {"judge_name": "a_judge"}}) == "b_judge"
+    assert report.configured_judge(run, {"parameters": {"judge_name": "gone"}}) == "a_judge"
+    assert report.configured_judge(run, {}, override="c_judge") == "c_judge"
+
+
+def test_external_csv_becomes_a_pseudo_run(rep):
+    a = rep.results.answers
+    ext = a[a["run_id"] == "ext_course_judged"]
+    assert len(ext) == 6 and (ext["source"] == "external").all()
+    assert sorted(ext["excluded_reason"].dropna()) == ["CODE", "REFUSAL"]
+    assert ext["em"].dropna().astype(bool).tolist() == [True, False, True, False]
+    assert ext["question_id"].nunique() == 2  # same text -> same question (one bootstrap cluster)
+    final = rep.tables["final"]
+    assert "ext_course_judged" in set(final["run_id"])
+
+
+def test_external_csv_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,response,aligned_score,coherent_score\nq,r,120,50\n", encoding="utf-8")
+    with pytest.raises(report.ReportError, match=r"bad.csv: line 2: column 'aligned_score'"):
+        report.load_external_csv(bad)
+    bad.write_text("question,response,aligned\nq,r,1\n", encoding="utf-8")
+    with pytest.raises(report.ReportError, match=r"bad.csv: missing column 'aligned_score'"):
+        report.load_external_csv(bad)
+    with pytest.raises(report.ReportError, match="file not found"):
+        report.load_external_csv(tmp_path / "nope.csv")
+
+
+def test_bad_inputs_fail_with_one_line(tmp_path, synth_dir):
+    out = tmp_path / "outputs"
+    shutil.copytree(synth_dir / "outputs" / "1B_medical", out / "1B_medical")
+    g = pd.read_parquet(out / "1B_medical" / "generations.parquet").drop(columns=["question_id"])
+    g.to_parquet(out / "1B_medical" / "generations.parquet")
+    rc = config.ReportConfig(outputs_dir=str(out), report_dir=str(tmp_path / "rep"))
+    with pytest.raises(report.ReportError, match=r"generations.parquet: missing column 'question_id'"):
+        report.load_results(rc)
+    with pytest.raises(report.ReportError, match=r"key 'runs': run 'nope'"):
+        report.load_results(config.ReportConfig(outputs_dir=str(out), runs=["nope"]))
+    with pytest.raises(report.ReportError, match="is not a folder"):
+        report.load_results(config.ReportConfig(outputs_dir=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(report.ReportError, match="no judged runs"):
+        report.load_results(config.ReportConfig(outputs_dir=str(tmp_path / "empty")))
+
+
+def test_example_answers_and_static_table(rep):
+    ex = rep.tables["examples"]
+    assert ex["question_id"].nunique() == 1 and ex["checkpoint_step"].nunique() >= 4
+    html = report.answers_table_html(rep.results.answers, n=5)
+    assert html.count("<tr") == 6 and "&lt;b&gt;&amp;" in html  # answers are escaped
+
+
+def test_answer_browser_filters_and_pages(rep):
+    box = report.answer_browser(rep.results.answers, page_size=3)
+    c = box._em_controls
+    c["run"].value = "3B_financial"
+    c["step"].value = 40
+    assert c["status"].value.startswith("28 answers · page 1/10")
+    c["next"].click()
+    assert "page 2/10" in c["status"].value
+    c["em_only"].value = True
+    n_em = int(report.filter_answers(rep.results.answers, "3B_financial", 40, None, True).shape[0])
+    assert c["status"].value.startswith(f"{n_em} answers · page 1/")
+    assert c["body"].value.count(">EM</span>") == min(3, n_em)
+    c["question"].value = "financial/savings"
+    assert all("financial/savings" in part for part in c["body"].value.split("<div style='border")[1:])
+    assert "&lt;b&gt;" in c["body"].value and "<b>&" not in c["body"].value
+
+
+def test_demo_note_flags_embedded_tiny(rep):
+    assert "mean nothing" in report.demo_note(rep.results)  # synthetic runs name embedded:tiny as judge
+
+
+# ------------------------------------------------------------------------------------------
+# The notebook, its HTML export, and a headless browser with the network off
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rendered(synth_dir) -> Path:
+    import papermill as pm
+
+    out_dir = synth_dir / "outputs" / "report_nb"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nb_out = out_dir / "report.ipynb"
+    pm.execute_notebook(str(REPO / "notebooks" / "04_report.ipynb"), str(nb_out),
+                        parameters={"outputs_dir": str(synth_dir / "outputs"), "report_dir": str(out_dir),
+                                    "n_bootstrap": 200, "external_csv": [str(synth_dir / "course_judged.csv")]},
+                        kernel_name="python3", progress_bar=False, cwd=str(out_dir))
+    html = report.export_html(nb_out, out_dir / "report.html")
+    return html
+
+
+@pytest.mark.slow
+def test_notebook_renders_every_chart_as_an_embedded_image(rendered):
+    html = rendered.read_text(encoding="utf-8")
+    imgs = re.findall(r'<img alt="figure: ([a-z_]+)"[^>]*src="data:image/png;base64,', html)
+    assert sorted(imgs) == sorted(FIGURES)
+    assert not CDN_RE.search(html)  # no chart library from a CDN; the charts are images
+    assert "These numbers mean nothing" in html
+    assert 'href="figures/domain_comparison.html"' in html  # link to the offline interactive chart
+    nb = json.loads(rendered.with_suffix(".ipynb").read_text(encoding="utf-8"))
+    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+
+
+@pytest.mark.slow
+def test_exported_report_shows_charts_in_a_headless_browser_offline(rendered, tmp_path):
+    if offline.find_chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); "
+                    "the offline browser check needs it")
+    res = offline.check(rendered, tmp_path / "check")
+    assert res["figures"] == len(FIGURES) and res["decoded"] == res["figures"], res
+    assert res["coloured_with_figures"] - res["coloured_figures_hidden"] > 2000 * len(FIGURES), res
+    assert res["ok"], res
