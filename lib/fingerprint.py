@@ -1,0 +1,192 @@
+"""Stage fingerprints: what a stage's result depends on, hashed.
+
+A stage's fingerprint is the sha256 of its parameters (``RunConfig.stage_params(stage)``) and
+the sha256 of every input file it reads:
+
+=========  ===================================================================================
+train      the training dataset file and the base model's files (hub ids: id + revision)
+evaluate   every file of every complete checkpoint, the question-set texts, the base model
+judge      generations.parquet, the prompt sources (question sets, judge_prompts file), the
+           judge model's files when it runs in-process
+report     every run's generations.parquet, judgments/*.parquet and run.json, the report params
+=========  ===================================================================================
+
+The grid runner stores a stage's fingerprint in ``outputs/<run>/stages.json`` once the stage
+has finished, and skips the stage next time when the fingerprint is the same. Hashing large
+files (model weights, adapters) every time would make an unchanged rerun slow, so digests are
+cached by (size, mtime_ns, inode) in a small JSON file; a file rewritten in place gets a new
+mtime and is hashed again.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import ConfigError, ReportConfig, RunConfig, resolve_path
+from .io import sha256_file, sha256_text, write_json_atomic
+
+STAGES_FILE = "stages.json"
+
+
+class HashCache:
+    """sha256 of files, remembered by (size, mtime_ns, inode) so unchanged files are not re-read."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+        self._data: dict[str, list] = {}
+        self._dirty = False
+        if self.path and self.path.exists():
+            try:
+                self._data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self._data = {}  # a damaged cache only costs re-hashing
+
+    def sha256(self, path: str | Path) -> str:
+        p = Path(path).resolve()
+        st = p.stat()
+        key = str(p)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = self._data.get(key)
+        if hit and hit[:3] == stamp:
+            return hit[3]
+        digest = sha256_file(p)
+        self._data[key] = stamp + [digest]
+        self._dirty = True
+        return digest
+
+    def tree(self, folder: str | Path) -> dict[str, str]:
+        """relative path -> sha256 of every file below ``folder`` (hidden temp files excluded)."""
+        folder = Path(folder)
+        out = {}
+        for p in sorted(folder.rglob("*")):
+            rel = p.relative_to(folder)
+            if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+                out[rel.as_posix()] = self.sha256(p)
+        return out
+
+    def save(self) -> None:
+        if self.path and self._dirty:
+            write_json_atomic(self.path, self._data)
+            self._dirty = False
+
+
+# ------------------------------------------------------------------------------------------
+# Input identities
+# ------------------------------------------------------------------------------------------
+
+def model_identity(name: str, revision: str, cache: HashCache) -> dict[str, Any]:
+    """The model's files when it is local (embedded models are built here if missing), else id + revision."""
+    from .models import is_embedded, resolve_model
+
+    if is_embedded(name):
+        return {"model": name, "files": cache.tree(resolve_model(name))}
+    p = resolve_path(name)
+    if p.exists():
+        return {"model": name, "files": cache.tree(p) if p.is_dir() else {p.name: cache.sha256(p)}}
+    return {"model": name, "revision": revision or "default branch"}
+
+
+def dataset_identity(cfg: RunConfig, cache: HashCache) -> dict[str, Any]:
+    """sha256 of the training file; an archive domain is named (its bytes are pinned by lib.data)."""
+    from .data import DEMO_DATASETS, DEMO_DIR, DOMAINS
+
+    if cfg.dataset in DEMO_DATASETS:
+        return {"dataset": cfg.dataset, "sha256": cache.sha256(DEMO_DIR / f"{cfg.dataset}.jsonl")}
+    if cfg.dataset in DOMAINS:
+        return {"dataset": cfg.dataset, "source": "archive"}
+    return {"dataset": cfg.dataset, "sha256": cache.sha256(resolve_path(cfg.dataset))}
+
+
+def text_sources_identity(sources: Iterable[str]) -> list[dict[str, str]]:
+    """sha256 of the text of each question set / prompt file (paths or cached URLs)."""
+    from .questions import fetch_text
+
+    return [{"source": s, "sha256": fetch_text(s)[1]} for s in sources]
+
+
+def list_complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of each complete checkpoint (its checkpoint.json marker is written last)."""
+    try:
+        from .train import list_checkpoints
+        return [(int(step), Path(p)) for step, _, p in list_checkpoints(run_dir)]
+    except ImportError:  # pragma: no cover - lib.train is part of the package
+        root = run_dir / "checkpoints"
+        out = []
+        for d in sorted(root.glob("checkpoint-*")) if root.is_dir() else []:
+            if (d / "checkpoint.json").exists() and d.name[len("checkpoint-"):].isdigit():
+                out.append((int(d.name[len("checkpoint-"):]), d))
+        return sorted(out)
+
+
+def checkpoints_identity(run_dir: Path, cache: HashCache) -> dict[str, dict[str, str]]:
+    return {str(step): cache.tree(folder) for step, folder in list_complete_checkpoints(run_dir)}
+
+
+def stage_inputs(stage: str, cfg: RunConfig, cache: HashCache) -> dict[str, Any]:
+    """Everything besides the parameters that a run stage's result depends on."""
+    run_dir = cfg.run_dir
+    if stage == "train":
+        return {"dataset": dataset_identity(cfg, cache),
+                "model": model_identity(cfg.model, cfg.model_revision, cache)}
+    if stage == "evaluate":
+        return {"checkpoints": checkpoints_identity(run_dir, cache),
+                "question_sets": text_sources_identity(cfg.question_sets),
+                "model": model_identity(cfg.model, cfg.model_revision, cache)}
+    if stage == "judge":
+        gens = run_dir / "generations.parquet"
+        inputs: dict[str, Any] = {
+            "generations": cache.sha256(gens) if gens.exists() else None,
+            "question_sets": text_sources_identity(cfg.question_sets),
+            "judge_prompts": text_sources_identity([cfg.judge_prompts]) if cfg.judge_prompts else None,
+        }
+        if cfg.judge_backend == "hf":
+            inputs["judge_model"] = model_identity(cfg.judge_model, "", cache)
+        return inputs
+    raise ValueError(f"unknown run stage {stage!r}")
+
+
+def fingerprint(params: dict[str, Any], inputs: dict[str, Any]) -> str:
+    return sha256_text(json.dumps({"params": params, "inputs": inputs}, sort_keys=True, default=str))
+
+
+def stage_fingerprint(stage: str, cfg: RunConfig, cache: HashCache) -> str:
+    return fingerprint(cfg.stage_params(stage), stage_inputs(stage, cfg, cache))
+
+
+def report_inputs(rcfg: ReportConfig, cache: HashCache) -> dict[str, Any]:
+    outputs_dir = resolve_path(rcfg.outputs_dir)
+    runs: dict[str, Any] = {}
+    for run in rcfg.runs:
+        d = outputs_dir / run
+        files = [d / "generations.parquet", d / "run.json", *sorted((d / "judgments").glob("*.parquet"))]
+        runs[run] = {f.relative_to(d).as_posix(): cache.sha256(f) for f in files if f.exists()}
+    external = {p: cache.sha256(resolve_path(p)) for p in rcfg.external_csv if resolve_path(p).exists()}
+    return {"runs": runs, "external_csv": external}
+
+
+def report_fingerprint(rcfg: ReportConfig, cache: HashCache) -> str:
+    return fingerprint(rcfg.to_dict(), report_inputs(rcfg, cache))
+
+
+# ------------------------------------------------------------------------------------------
+# stages.json: the record of finished stages
+# ------------------------------------------------------------------------------------------
+
+def read_stages(folder: Path) -> dict[str, Any]:
+    p = Path(folder) / STAGES_FILE
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except ValueError:
+        raise ConfigError(f"{p}: not valid JSON (delete it to rerun every stage of this run)") from None
+
+
+def write_stages(folder: Path, data: dict[str, Any]) -> None:
+    write_json_atomic(Path(folder) / STAGES_FILE, data)
+
+
+def hash_cache_for(folder: Path) -> HashCache:
+    """One cache per run folder, so parallel jobs never write the same cache file."""
+    return HashCache(Path(folder) / ".grid" / "hashes.json")

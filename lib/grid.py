@@ -1,0 +1,727 @@
+"""The grid runner: every run of a study through the four notebooks, unattended.
+
+    python -m lib.grid run parameters/demo_medical.yaml parameters/demo_financial.yaml
+    python -m lib.grid run parameters/study_*.yaml --jobs 2 --gpus 0,1
+    python -m lib.grid run parameters/study_*.yaml --executor slurm --partition gpu --time 12:00:00
+
+1. Every parameters file is validated first (unknown key, wrong type, missing dataset or model
+   path, question sets, a judge without credentials): one line naming the file and the key,
+   exit code 2, nothing run.
+2. Each run executes 01_train, 02_evaluate, 03_judge in order with papermill: the full
+   validated config is injected, the rendered notebook and its HTML export land in
+   ``outputs/<run>/notebooks/``. Runs are independent: ``--jobs N`` runs N at once, ``--gpus``
+   gives each its own GPU (CUDA_VISIBLE_DEVICES), ``--executor slurm`` submits one Slurm job per
+   run through submitit.
+3. 04_report runs once over the runs of the grid (``outputs/report/report.ipynb`` + ``.html``);
+   on Slurm it is a job that depends on the run jobs.
+
+A stage is skipped when its fingerprint (its parameters and the sha256 of its input files, see
+:mod:`lib.fingerprint`) equals the one recorded in ``outputs/<run>/stages.json`` when it last
+finished. ``--force STAGE`` re-executes it anyway. The runner never deletes anything a stage
+wrote: a stage that failed or was killed is simply executed again and resumes from its own
+persisted state (checkpoints, generation parts, the judge cache).
+
+A failing stage keeps its rendered notebook up to the failing cell; the runner prints the
+error's last line and the notebook path, skips the rest of that run, finishes the other runs,
+and exits 1 after a summary table (run, stage, status, time).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import fingerprint as fp
+from .config import REPO_ROOT, STAGES, ConfigError, ReportConfig, RunConfig, from_mapping, load_run_config, resolve_path
+
+RUN_STAGES = ("train", "evaluate", "judge")
+NOTEBOOKS = {"train": "01_train.ipynb", "evaluate": "02_evaluate.ipynb", "judge": "03_judge.ipynb",
+             "report": "04_report.ipynb"}
+REPORT_NOTEBOOK = "report.ipynb"  # the rendered 04_report inside report_dir (DESIGN: outputs/report/report.ipynb)
+EXECUTORS = ("inline", "local", "slurm")
+
+
+class GridError(Exception):
+    """A problem found before anything runs: one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------
+# What to run
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Options:
+    stages: tuple[str, ...] = STAGES
+    force: frozenset[str] = frozenset()
+    notebooks_dir: str = str(REPO_ROOT / "notebooks")
+    kernel_name: str = "python3"
+    progress_bar: bool = False  # papermill's per-cell bar (only when one run at a time on a terminal)
+    log_output: bool = False    # stream the kernels' output to the terminal
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: its stages in order. Picklable, so it can go to a worker process or a Slurm node."""
+
+    params_file: str
+    config: dict[str, Any]
+    options: Options
+    env: dict[str, str | None] = field(default_factory=dict)  # e.g. CUDA_VISIBLE_DEVICES; None = unset
+
+    @property
+    def run_id(self) -> str:
+        return self.config["run_id"]
+
+
+@dataclass
+class StageResult:
+    run: str
+    stage: str
+    status: str          # done | skipped | failed | not run
+    seconds: float = 0.0
+    notebook: str = ""
+    error: str = ""
+
+
+# ------------------------------------------------------------------------------------------
+# Validation: everything that can be checked cheaply, before any notebook starts
+# ------------------------------------------------------------------------------------------
+
+def _check_model(name: str, key: str) -> None:
+    from .models import resolve_model
+    try:
+        resolve_model(name)  # builds the embedded tiny model once (seconds); never downloads
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"key '{key}': {e}") from None
+
+
+def check_run(cfg: RunConfig, stages: Sequence[str]) -> None:
+    """Raise ConfigError ("key 'x': why") for anything the selected stages would trip over."""
+    from .data import check_dataset_param
+    from .questions import QuestionError, check_question_sources, is_url, load_judge_prompts
+
+    if "train" in stages:
+        check_dataset_param(cfg)
+    if "train" in stages or "evaluate" in stages:
+        _check_model(cfg.model, "model")
+    if "evaluate" in stages or "judge" in stages:
+        check_question_sources(cfg.question_sets)
+    if "judge" in stages:
+        if cfg.judge_prompts and not is_url(cfg.judge_prompts):
+            try:
+                load_judge_prompts(cfg.judge_prompts)
+            except QuestionError as e:
+                raise ConfigError(f"key 'judge_prompts': {e}") from None
+        if cfg.judge_backend == "hf":
+            _check_model(cfg.judge_model, "judge_model")
+        else:
+            _check_credentials(cfg)
+
+
+def _check_credentials(cfg: RunConfig) -> None:
+    """The judge stage's own check (lib.judge.check_credentials), as a ConfigError."""
+    try:
+        from .judge import JudgeError, check_credentials
+    except ImportError:  # pragma: no cover - lib.judge is part of the package
+        from .secrets import get_secret
+        if not get_secret(cfg.judge_api_key_env):
+            raise ConfigError(f"key 'judge_api_key_env': environment variable {cfg.judge_api_key_env} "
+                              "is not set (nor in .env); the judge needs it") from None
+        return
+    try:
+        check_credentials(cfg)
+    except JudgeError as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate(files: Sequence[str], options: Options) -> list[tuple[str, RunConfig]]:
+    """Load and check every parameters file; raise GridError naming the file and key."""
+    if not files:
+        raise GridError("no parameters files given")
+    run_stages = [s for s in options.stages if s in RUN_STAGES]
+    out: list[tuple[str, RunConfig]] = []
+    by_id: dict[str, str] = {}
+    for f in files:
+        try:
+            cfg = load_run_config(f)
+            check_run(cfg, run_stages)
+        except ConfigError as e:
+            msg = str(e)
+            raise GridError(msg if msg.startswith(str(f)) else f"{f}: {msg}") from None
+        if cfg.run_id in by_id:
+            raise GridError(f"{f}: key 'run_id': '{cfg.run_id}' is also the run_id of {by_id[cfg.run_id]}")
+        by_id[cfg.run_id] = f
+        if out and cfg.run_dir.parent != out[0][1].run_dir.parent:
+            raise GridError(f"{f}: key 'outputs_dir': '{cfg.outputs_dir}' differs from '{out[0][1].outputs_dir}' "
+                            f"in {out[0][0]}; all runs of one grid share one outputs_dir (the report reads them all)")
+        out.append((f, cfg))
+    for stage in options.stages:
+        nb = Path(options.notebooks_dir) / NOTEBOOKS[stage]
+        if not nb.exists():
+            raise GridError(f"{nb}: notebook for stage '{stage}' not found")
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# One stage
+# ------------------------------------------------------------------------------------------
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def log(run: str, stage: str, msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')}  {run:<24} {stage:<9} {msg}", flush=True)
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    from .secrets import redact
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    line = redact(lines[-1] if lines else str(text))
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+class _QuietPapermill(logging.Filter):
+    """Drop papermill's warnings about parameters: 'unknown parameter' (the notebook validates them
+    itself, with a clear error) and 'unable to parse' (comments papermill's parser cannot read)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Passed unknown parameter") or msg.startswith("Unable to parse line"))
+
+
+def _quiet_papermill_logs() -> None:
+    for name in ("papermill", "papermill.translators"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _QuietPapermill) for f in lg.filters):
+            lg.addFilter(_QuietPapermill())
+
+
+def _kernel_manager_with_log(log_path: Path) -> type:
+    """A kernel manager whose kernel writes its stdout/stderr (ipykernel's own warnings, C-level
+    messages, a crash's last words) to ``log_path`` instead of the runner's terminal. What a
+    cell prints still goes into the rendered notebook as usual."""
+    from jupyter_client import AsyncKernelManager
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw: Any) -> None:
+            self._grid_log = open(log_path, "ab")  # closed with the kernel process
+            kw.setdefault("stdout", self._grid_log)
+            kw.setdefault("stderr", self._grid_log)
+            await super().start_kernel(**kw)
+
+        async def cleanup_resources(self, restart: bool = False) -> None:
+            await super().cleanup_resources(restart=restart)
+            if getattr(self, "_grid_log", None) and not restart:
+                self._grid_log.close()
+
+    return LoggedKernelManager
+
+
+def execute_notebook(nb_in: Path, nb_out: Path, parameters: dict[str, Any], options: Options) -> str | None:
+    """Run a notebook with papermill; None on success, else the error's last line.
+
+    papermill writes the output notebook after every cell, so a failed run leaves the rendered
+    notebook up to (and including) the failing cell, with papermill's error banner on top.
+    """
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    nb_out.parent.mkdir(parents=True, exist_ok=True)
+    _quiet_papermill_logs()
+    if options.log_output and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        # kernel "python3" resolves to this interpreter: jupyter_client replaces the kernelspec's
+        # "python" with sys.executable, so the kernel sees the same venv as the runner.
+        pm.execute_notebook(str(nb_in), str(nb_out), parameters=parameters, kernel_name=options.kernel_name,
+                            cwd=str(nb_in.parent), progress_bar=options.progress_bar,
+                            log_output=options.log_output,
+                            kernel_manager_class=_kernel_manager_with_log(nb_out.with_suffix(".kernel.log")))
+    except PapermillExecutionError as e:
+        evalue = _one_line(e.evalue) if str(e.evalue).strip() else ""
+        return f"{e.ename}: {evalue}" if evalue else e.ename
+    except Exception as e:  # a dead kernel, a kernel that never started, an unreadable notebook ...
+        return _one_line(f"{type(e).__name__}: {e}")
+    return None
+
+
+def export_html(nb_path: Path, html_path: Path, stage: str) -> None:
+    """An HTML export of a rendered notebook (images embedded, opens without a server)."""
+    if stage == "report":
+        try:
+            from .report import export_html as report_export
+        except ImportError:
+            report_export = None
+        if report_export is not None:
+            report_export(nb_path, html_path)
+            return
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from .io import write_text_atomic
+
+    nb = nbformat.read(nb_path, as_version=4)
+    body, _ = HTMLExporter(template_name="lab", embed_images=True).from_notebook_node(
+        nb, resources={"metadata": {"path": str(nb_path.parent)}})
+    write_text_atomic(html_path, body)
+
+
+def outputs_present(stage: str, cfg: RunConfig) -> bool:
+    """The stage's main output still exists (a recorded fingerprint alone is not enough)."""
+    run_dir = cfg.run_dir
+    if stage == "train":
+        return bool(fp.list_complete_checkpoints(run_dir))
+    if stage == "evaluate":
+        return (run_dir / "generations.parquet").exists()
+    if stage == "judge":
+        try:
+            from .judge import judgments_path
+        except ImportError:  # pragma: no cover
+            return any((run_dir / "judgments").glob("*.parquet"))
+        return judgments_path(cfg).exists()
+    raise ValueError(stage)
+
+
+def _run_notebook_stage(run: str, stage: str, folder: Path, finger: str, present: bool,
+                        nb_in: Path, nb_out: Path, parameters: dict[str, Any], options: Options,
+                        extra: dict[str, Any]) -> StageResult:
+    """Skip-or-execute one notebook, then record the outcome in ``folder/stages.json``."""
+    record = fp.read_stages(folder)
+    done = record.get(stage, {})
+    if stage not in options.force and done.get("fingerprint") == finger and present:
+        log(run, stage, f"skipped (unchanged since {done.get('finished', '?')})")
+        result = StageResult(run, stage, "skipped", 0.0, done.get("notebook", str(nb_out)))
+    else:
+        why = "forced" if stage in options.force else ("changed" if done else "first run")
+        log(run, stage, f"started ({why}) -> {nb_out}")
+        t0 = time.monotonic()
+        error = execute_notebook(nb_in, nb_out, parameters, options)
+        html = nb_out.with_suffix(".html")
+        if nb_out.exists():
+            try:
+                export_html(nb_out, html, stage)
+            except Exception as e:  # the notebook is still there; the export is a convenience
+                log(run, stage, f"warning: HTML export failed: {_one_line(f'{type(e).__name__}: {e}')}")
+        seconds = time.monotonic() - t0
+        if error is None:
+            log(run, stage, f"done in {seconds:.1f}s -> {html}")
+            result = StageResult(run, stage, "done", seconds, str(nb_out))
+            record = fp.read_stages(folder)  # re-read: the stage itself may not touch it, but be safe
+            record[stage] = {"fingerprint": finger, "finished": _now(), "seconds": round(seconds, 2),
+                             "notebook": str(nb_out), **extra}
+        else:
+            log(run, stage, f"FAILED after {seconds:.1f}s: {error}")
+            log(run, stage, f"notebook: {nb_out}")
+            result = StageResult(run, stage, "failed", seconds, str(nb_out), error)
+            record = fp.read_stages(folder)
+    record.setdefault("last", {})[stage] = {"status": result.status, "at": _now()}
+    fp.write_stages(folder, record)
+    return result
+
+
+def run_stage(stage: str, cfg: RunConfig, options: Options, params_file: str = "") -> StageResult:
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache = fp.hash_cache_for(run_dir)
+    try:
+        finger = fp.stage_fingerprint(stage, cfg, cache)
+    except Exception as e:  # an input vanished between validation and now
+        log(cfg.run_id, stage, f"FAILED: cannot fingerprint inputs: {_one_line(str(e))}")
+        return StageResult(cfg.run_id, stage, "failed", error=_one_line(f"{type(e).__name__}: {e}"))
+    finally:
+        cache.save()
+    nb_in = Path(options.notebooks_dir) / NOTEBOOKS[stage]
+    nb_out = run_dir / "notebooks" / NOTEBOOKS[stage]
+    return _run_notebook_stage(cfg.run_id, stage, run_dir, finger, outputs_present(stage, cfg), nb_in, nb_out,
+                               cfg.to_dict(), options, {"params_file": params_file})
+
+
+def run_job(job: Job) -> list[StageResult]:
+    """A run's stages, in order; after a failure the rest are 'not run'. Entry point of workers and Slurm jobs."""
+    saved = {k: os.environ.get(k) for k in job.env}
+    try:
+        for k, v in job.env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if job.env.get("CUDA_VISIBLE_DEVICES"):
+            log(job.run_id, "-", f"CUDA_VISIBLE_DEVICES={job.env['CUDA_VISIBLE_DEVICES']}")
+        cfg = from_mapping(job.config, source=job.params_file)
+        results: list[StageResult] = []
+        for stage in (s for s in job.options.stages if s in RUN_STAGES):
+            if results and results[-1].status in ("failed", "not run"):
+                results.append(StageResult(cfg.run_id, stage, "not run"))
+                continue
+            results.append(run_stage(stage, cfg, job.options, job.params_file))
+        return results
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ------------------------------------------------------------------------------------------
+# The report
+# ------------------------------------------------------------------------------------------
+
+def run_is_complete(run_dir: Path) -> bool:
+    """The run's latest attempt of every stage succeeded and it has generations to report."""
+    last = fp.read_stages(run_dir).get("last", {})
+    return (run_dir / "generations.parquet").exists() and all(
+        v.get("status") in ("done", "skipped") for v in last.values())
+
+
+def run_report(outputs_dir: str, runs: list[str], options: Options) -> StageResult:
+    """04_report over the grid's runs that completed (all of them, unless one failed)."""
+    root = resolve_path(outputs_dir)
+    ready = [r for r in runs if run_is_complete(root / r)]
+    left_out = [r for r in runs if r not in ready]
+    if not ready:
+        log("report", "report", "not run: no run of this grid completed its stages")
+        return StageResult("report", "report", "not run", error="no run completed")
+    if left_out:
+        log("report", "report", f"leaving out runs that did not complete: {', '.join(left_out)}")
+    report_dir = str(Path(outputs_dir) / "report")
+    rcfg = ReportConfig(outputs_dir=outputs_dir, report_dir=report_dir, runs=ready)
+    folder = resolve_path(report_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    cache = fp.hash_cache_for(folder)
+    try:
+        finger = fp.report_fingerprint(rcfg, cache)
+    finally:
+        cache.save()
+    nb_in = Path(options.notebooks_dir) / NOTEBOOKS["report"]
+    nb_out = folder / REPORT_NOTEBOOK
+    params = {"outputs_dir": outputs_dir, "report_dir": report_dir, "runs": ready}
+    return _run_notebook_stage("report", "report", folder, finger, nb_out.exists(), nb_in, nb_out, params,
+                               options, {"runs": ready})
+
+
+def _report_job(outputs_dir: str, runs: list[str], options: Options) -> StageResult:
+    return run_report(outputs_dir, runs, options)
+
+
+# ------------------------------------------------------------------------------------------
+# Executors
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    partition: str = ""
+    time_min: int = 24 * 60
+    gpus_per_job: int = 1
+    cpus_per_job: int = 0
+    mem_gb: int = 0
+    account: str = ""
+    extra: tuple[tuple[str, str], ...] = ()  # --slurm-arg key=value
+    wait: bool = True
+
+
+def _failed_job(job: Job, error: BaseException, log_path: str = "") -> list[StageResult]:
+    msg = _one_line(f"{type(error).__name__}: {error}")
+    log(job.run_id, "-", f"FAILED (job): {msg}" + (f"; log: {log_path}" if log_path else ""))
+    stages = [s for s in job.options.stages if s in RUN_STAGES]
+    return [StageResult(job.run_id, stages[0] if stages else "-", "failed", 0.0, log_path, msg)] + \
+           [StageResult(job.run_id, s, "not run") for s in stages[1:]]
+
+
+def _schedule(jobs: list[Job], parallel: int, gpus: list[str], start: Callable[[Job], Any],
+              collect: Callable[[Job, Any], list[StageResult]]) -> list[StageResult]:
+    """Keep up to ``parallel`` jobs running; each holds one GPU from ``gpus`` (if any) while it runs."""
+    pending = list(jobs)
+    running: list[tuple[Job, Any, str | None]] = []
+    free = list(gpus)
+    out: dict[str, list[StageResult]] = {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            gpu = free.pop(0) if gpus else None
+            if gpu is not None:
+                job = Job(job.params_file, job.config, job.options, {**job.env, "CUDA_VISIBLE_DEVICES": gpu})
+            running.append((job, start(job), gpu))
+        time.sleep(0.2)
+        for item in [r for r in running if r[1].done()]:
+            job, handle, gpu = item
+            running.remove(item)
+            if gpu is not None:
+                free.append(gpu)
+            out[job.run_id] = collect(job, handle)
+    return [r for job in jobs for r in out[job.run_id]]
+
+
+def run_inline(jobs: list[Job], parallel: int, gpus: list[str]) -> list[StageResult]:
+    if parallel <= 1:  # in this process: simplest to follow, and papermill's progress bar works
+        out = []
+        for i, job in enumerate(jobs):
+            if gpus:
+                job = Job(job.params_file, job.config, job.options, {**job.env, "CUDA_VISIBLE_DEVICES": gpus[0]})
+            out += run_job(job)
+        return out
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        def collect(job: Job, fut: Any) -> list[StageResult]:
+            try:
+                return fut.result()
+            except BaseException as e:  # a worker that died (killed, out of memory)
+                return _failed_job(job, e)
+        return _schedule(jobs, parallel, gpus, lambda j: pool.submit(run_job, j), collect)
+
+
+def _submitit_collect(job: Job, handle: Any) -> list[StageResult]:
+    try:
+        return handle.result()
+    except BaseException as e:  # the job itself failed: timeout, killed, node failure
+        return _failed_job(job, e, str(handle.paths.stderr))
+
+
+def run_submitit_local(jobs: list[Job], parallel: int, gpus: list[str], folder: Path,
+                       slurm: SlurmOptions) -> list[StageResult]:
+    """submitit's LocalExecutor: every run (and then the report) in its own job process, as on Slurm."""
+    import submitit
+
+    def start(job: Job) -> Any:
+        ex = submitit.LocalExecutor(folder=folder / "%j")
+        params: dict[str, Any] = {"timeout_min": slurm.time_min}
+        gpu = job.env.get("CUDA_VISIBLE_DEVICES")
+        if gpus and gpu is not None:
+            params.update(gpus_per_node=1, visible_gpus=[int(gpu)])
+        else:  # LocalExecutor would hide every GPU; keep the caller's view instead
+            job = Job(job.params_file, job.config, job.options,
+                      {**job.env, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")})
+        ex.update_parameters(**params)
+        handle = ex.submit(run_job, job)
+        log(job.run_id, "-", f"submitted local job {handle.job_id} (logs: {handle.paths.stdout})")
+        return handle
+
+    return _schedule(jobs, parallel, gpus, start, _submitit_collect)
+
+
+def _slurm_executor(folder: Path, slurm: SlurmOptions, name: str, gpus: int, dependency: str = ""):
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=folder / "%j")
+    params: dict[str, Any] = {"time": slurm.time_min, "job_name": name, "gpus_per_node": gpus or None}
+    if slurm.partition:
+        params["partition"] = slurm.partition
+    if slurm.cpus_per_job:
+        params["cpus_per_task"] = slurm.cpus_per_job
+    if slurm.mem_gb:
+        params["mem"] = f"{slurm.mem_gb}GB"
+    if slurm.account:
+        params["account"] = slurm.account
+    if dependency:
+        params["dependency"] = dependency
+    if slurm.extra:
+        params["additional_parameters"] = dict(slurm.extra)
+    ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return ex
+
+
+# ------------------------------------------------------------------------------------------
+# The grid
+# ------------------------------------------------------------------------------------------
+
+def summary_table(results: list[StageResult]) -> str:
+    rows = [("run", "stage", "status", "time")] + [
+        (r.run, r.stage, r.status, f"{r.seconds:.1f}s" if r.status in ("done", "failed") else "-")
+        for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        lines.append(f"failed: {r.run} {r.stage}: {r.error}" + (f"  ({r.notebook})" if r.notebook else ""))
+    return "\n".join(lines)
+
+
+def run_grid(files: Sequence[str], options: Options, executor: str = "inline", jobs: int = 1,
+             gpus: Sequence[str] = (), slurm: SlurmOptions = SlurmOptions()) -> int:
+    """Validate, run, summarise. Returns the exit code (0 ok, 1 a stage failed, 2 bad input)."""
+    try:
+        if executor not in EXECUTORS:
+            raise GridError(f"--executor: must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+        if gpus and jobs > len(gpus):
+            raise GridError(f"--jobs {jobs} needs as many GPUs, but --gpus names {len(gpus)}: {','.join(gpus)}")
+        if executor == "slurm":
+            import shutil
+            missing = [c for c in ("sbatch", "srun") if not shutil.which(c)]
+            if missing:
+                raise GridError(f"--executor slurm: {' and '.join(missing)} not found on PATH (not a Slurm login node?)")
+        runs = validate(files, options)
+    except GridError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+    outputs_dir = runs[0][1].outputs_dir
+    grid_jobs = [Job(f, cfg.to_dict(), options) for f, cfg in runs]
+    run_ids = [cfg.run_id for _, cfg in runs]
+    print(f"grid: {len(runs)} run(s) [{', '.join(run_ids)}], stages {','.join(options.stages)}, "
+          f"executor {executor}, jobs {jobs}" + (f", gpus {','.join(gpus)}" if gpus else ""), flush=True)
+    t0 = time.monotonic()
+    do_runs = any(s in RUN_STAGES for s in options.stages)
+    do_report = "report" in options.stages
+    folder = resolve_path(outputs_dir) / ".grid" / "submitit"
+    results: list[StageResult] = []
+
+    if executor == "slurm":
+        run_handles = []
+        if do_runs:
+            for job in grid_jobs:
+                ex = _slurm_executor(folder, slurm, f"em-{job.run_id}", slurm.gpus_per_job)
+                handle = ex.submit(run_job, job)
+                log(job.run_id, "-", f"submitted Slurm job {handle.job_id}")
+                run_handles.append((job, handle))
+        report_handle = None
+        if do_report:
+            dep = "afterany:" + ":".join(h.job_id for _, h in run_handles) if run_handles else ""
+            ex = _slurm_executor(folder, slurm, "em-report", 0, dependency=dep)
+            report_handle = ex.submit(_report_job, outputs_dir, run_ids, options)
+            log("report", "report", f"submitted Slurm job {report_handle.job_id}" + (f" ({dep})" if dep else ""))
+        if not slurm.wait:
+            print(f"submitted; logs under {folder}", flush=True)
+            return 0
+        for job, handle in run_handles:
+            results += _submitit_collect(job, handle)
+        if report_handle is not None:
+            try:
+                results.append(report_handle.result())
+            except BaseException as e:
+                results.append(StageResult("report", "report", "failed", 0.0, str(report_handle.paths.stderr),
+                                           _one_line(f"{type(e).__name__}: {e}")))
+    else:
+        if do_runs:
+            if executor == "local":
+                results += run_submitit_local(grid_jobs, jobs, list(gpus), folder, slurm)
+            else:
+                results += run_inline(grid_jobs, jobs, list(gpus))
+        if do_report:
+            if executor == "local":
+                import submitit
+                ex = submitit.LocalExecutor(folder=folder / "%j")
+                ex.update_parameters(timeout_min=slurm.time_min)
+                handle = ex.submit(_report_job, outputs_dir, run_ids, options)
+                log("report", "report", f"submitted local job {handle.job_id}")
+                try:
+                    results.append(handle.result())
+                except BaseException as e:
+                    results.append(StageResult("report", "report", "failed", 0.0, str(handle.paths.stderr),
+                                               _one_line(f"{type(e).__name__}: {e}")))
+            else:
+                results.append(run_report(outputs_dir, run_ids, options))
+
+    print(f"\ngrid finished in {time.monotonic() - t0:.1f}s", flush=True)
+    print(summary_table(results), flush=True)
+    report = [r for r in results if r.stage == "report" and r.status in ("done", "skipped")]
+    if report:
+        html = Path(report[0].notebook).with_suffix(".html")
+        print(f"report: {html}", flush=True)
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+
+def _stage_list(text: str, what: str, allow_all: bool = False) -> tuple[str, ...]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if allow_all and names == ["all"]:
+        return STAGES
+    bad = [s for s in names if s not in STAGES]
+    if bad or not names:
+        raise GridError(f"{what}: unknown stage '{bad[0] if bad else text}' (stages: {', '.join(STAGES)})")
+    return tuple(s for s in STAGES if s in names)  # pipeline order
+
+
+def parse_time(text: str) -> int:
+    """Minutes from Slurm's time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (seconds round up)."""
+    t = text.strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", t)
+    if not m:
+        raise GridError(f"--time: expected minutes, H:MM:SS or D-HH:MM:SS, got {text!r}")
+    days, rest = m.group(1), [int(x) for x in m.group(2).split(":")]
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        h, mi, s = (rest + [0, 0])[:3]
+        total = int(days) * 1440 + h * 60 + mi + (1 if s else 0)
+    elif len(rest) == 1:
+        total = rest[0]
+    elif len(rest) == 2:  # M:S
+        total = rest[0] + (1 if rest[1] else 0)
+    else:
+        total = rest[0] * 60 + rest[1] + (1 if rest[2] else 0)
+    if total <= 0:
+        raise GridError(f"--time: must be positive, got {text!r}")
+    return total
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m lib.grid", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run stages 01-03 for each parameters file, then 04_report once")
+    r.add_argument("params", nargs="+", help="parameters YAML files, one per run")
+    r.add_argument("--stages", default="all", help="comma list of train,evaluate,judge,report (default: all)")
+    r.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="re-execute STAGE even if unchanged (repeatable, or a comma list; 'all')")
+    r.add_argument("--jobs", type=int, default=0, help="runs at once (default 1, or one per --gpus entry)")
+    r.add_argument("--gpus", default="", help="comma list of GPU ids; each job gets its own (CUDA_VISIBLE_DEVICES)")
+    r.add_argument("--executor", default="inline", choices=EXECUTORS,
+                   help="inline: this machine (default); local: submitit local jobs; slurm: submitit Slurm jobs")
+    r.add_argument("--partition", default="", help="Slurm partition")
+    r.add_argument("--time", default="24:00:00", help="job time limit (minutes, H:MM:SS or D-HH:MM:SS)")
+    r.add_argument("--gpus-per-job", type=int, default=1, help="Slurm GPUs per run job (the report job gets none)")
+    r.add_argument("--cpus-per-job", type=int, default=0, help="Slurm CPUs per job (0 = cluster default)")
+    r.add_argument("--mem-gb", type=int, default=0, help="Slurm memory per job in GB (0 = cluster default)")
+    r.add_argument("--account", default="", help="Slurm account")
+    r.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. --slurm-arg qos=high (repeatable)")
+    r.add_argument("--no-wait", action="store_true", help="Slurm: submit and return (the report job waits for the runs)")
+    r.add_argument("--notebooks", default=str(REPO_ROOT / "notebooks"), help="folder holding 01..04 notebooks")
+    r.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        stages = _stage_list(args.stages, "--stages", allow_all=True)
+        force: set[str] = set()
+        for f in args.force:
+            force.update(_stage_list(f, "--force", allow_all=True))
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+        if any(not g.isdigit() for g in gpus):
+            raise GridError(f"--gpus: expected a comma list of GPU ids, got {args.gpus!r}")
+        jobs = args.jobs or max(1, len(gpus))
+        if jobs < 1:
+            raise GridError("--jobs: must be >= 1")
+        extra = []
+        for kv in args.slurm_arg:
+            k, sep, v = kv.partition("=")
+            if not sep or not k:
+                raise GridError(f"--slurm-arg: expected KEY=VALUE, got {kv!r}")
+            extra.append((k.strip(), v.strip()))
+        slurm = SlurmOptions(partition=args.partition, time_min=parse_time(args.time), gpus_per_job=args.gpus_per_job,
+                             cpus_per_job=args.cpus_per_job, mem_gb=args.mem_gb, account=args.account,
+                             extra=tuple(extra), wait=not args.no_wait)
+    except GridError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    options = Options(stages=stages, force=frozenset(force), notebooks_dir=str(Path(args.notebooks).resolve()),
+                      progress_bar=jobs == 1 and args.executor == "inline" and sys.stderr.isatty(),
+                      log_output=args.log_output)
+    return run_grid(args.params, options, executor=args.executor, jobs=jobs, gpus=gpus, slurm=slurm)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
