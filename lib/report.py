@@ -335,6 +335,12 @@ def summary_pivot(final: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
     return p.fillna("")
 
 
+def question_set_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
+    """EM, coherence and mean scores per (run, checkpoint, question set, scope), clustered intervals."""
+    keys = RUN_KEYS + ["checkpoint_step", "question_set", "scope"]
+    return metrics.summarize(metrics.stack_scopes(answers), keys, rcfg.n_bootstrap, rcfg.confidence, rcfg.seed)
+
+
 def per_question_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
     """EM per (run, checkpoint, question), with Wilson intervals (one question = one cluster)."""
     keys = RUN_KEYS + ["checkpoint_step", "question_set", "question_id", "scope"]
@@ -561,12 +567,13 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
     fig_dir, data_dir = report_dir / "figures", report_dir / "data"
     results = load_results(rcfg)
     a = results.answers
-    steps = ["trajectories", "base", "final", "per_question", "differences", "judge_agreement"]
+    steps = ["trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement"]
     tables: dict[str, pd.DataFrame] = {}
     with tqdm(total=len(steps) + len(plots.FIGURES), desc="report", disable=not progress) as bar:
         tables["trajectories"] = trajectory_table(a, rcfg); bar.update()
         tables["base"] = base_table(a, rcfg); bar.update()
         tables["final"] = final_table(a, rcfg); bar.update()
+        tables["question_sets"] = question_set_table(a, rcfg); bar.update()
         tables["per_question"] = per_question_table(a, rcfg); bar.update()
         tables["differences"] = differences_table(a, rcfg); bar.update()
         tables["judge_agreement"] = judge_agreement_table(results, rcfg); bar.update()
@@ -593,7 +600,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
                 continue
             charts[name] = chart
             files[name] = plots.save(chart, name, fig_dir) + [write_csv(data, data_dir / f"{name}.csv")]
-    for name in ("trajectories", "base", "final", "per_question", "differences", "judge_agreement",
+    for name in ("trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement",
                  "summary_all", "summary_out_of_domain", "methods", "excluded", "examples"):
         files[f"table_{name}"] = [write_csv(tables[name], data_dir / f"table_{name}.csv")]
     write_text_atomic(report_dir / "report_config.json", json.dumps(rcfg.to_dict(), indent=2) + "\n")

@@ -78,6 +78,10 @@ display(rep.tables["summary_all"])
 display(Markdown("**Out-of-domain questions only**"))
 display(rep.tables["summary_out_of_domain"])"""),
     code("""display(report.rates_view(rep.tables["final"], ["model_label", "domain", "run_id", "checkpoint_step", "scope"]))"""),
+    md("""Per question set at the final checkpoint (every checkpoint is in `data/table_question_sets.csv`):"""),
+    code("""qs = rep.tables["question_sets"]
+qs_final = qs[(qs["scope"] == "all") & (qs["checkpoint_step"] == qs["run_id"].map(report.final_steps(res.answers)))]
+display(report.rates_view(qs_final, ["model_label", "domain", "run_id", "question_set"]))"""),
     md("""### Domain comparison
 
 Bars are final EM rates per question scope; black lines are the clustered-bootstrap intervals. The table

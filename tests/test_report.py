@@ -73,7 +73,7 @@ def test_every_figure_and_csv_is_written(rep):
         assert "vegaEmbed" in html and "vega-lite" in html.lower()  # the libraries are inlined
         data = pd.read_csv(data_dir / f"{name}.csv")
         assert len(data) > 0
-    for table in ("trajectories", "base", "final", "per_question", "differences", "judge_agreement",
+    for table in ("trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement",
                   "summary_all", "summary_out_of_domain", "methods", "excluded", "examples"):
         assert (data_dir / f"table_{table}.csv").stat().st_size > 0
 
@@ -110,6 +110,15 @@ def test_final_table_counts_and_intervals(rep):
     assert set(final.loc[final["source"] == "run", "scope"]) == {"all", "in-domain", "out-of-domain"}
     ind = final[(final["run_id"] == "1B_medical") & (final["scope"] == "in-domain")].iloc[0]
     assert ind["n_questions"] == 2  # the two medical questions
+
+
+def test_question_set_table_splits_sets_and_scopes(rep):
+    t = rep.tables["question_sets"]
+    r = t[(t["run_id"] == "1B_medical") & (t["checkpoint_step"] == 40)]
+    assert set(r.loc[r["scope"] == "in-domain", "question_set"]) == {"medical"}
+    assert set(r.loc[r["scope"] == "out-of-domain", "question_set"]) == {"core", "financial"}
+    core = r[(r["question_set"] == "core") & (r["scope"] == "all")].iloc[0]
+    assert core["n_answers"] == 3 * 4 and core["n_questions"] == 3
 
 
 def test_differences_are_paired_on_shared_questions(rep):
