@@ -207,7 +207,11 @@ class OpenAIBackend:
                 await asyncio.sleep(wait)
             delay: float | None = None
             try:
-                resp = await client.chat.completions.create(**kwargs)
+                # the client's documented custom-request call: it skips the typed-params
+                # transform and the pydantic reply models, whose CPU cost per call would
+                # otherwise make one event loop the bottleneck at high concurrency
+                resp = await client.post("/chat/completions", body=kwargs, cast_to=_response_class())
+                data = json.loads(resp.content)
             except openai.APIStatusError as e:
                 status = e.status_code
                 msg = _error_message(e)
@@ -225,7 +229,10 @@ class OpenAIBackend:
             except openai.APIConnectionError as e:  # includes APITimeoutError
                 error = f"{type(e).__name__}: {e}"
             else:
-                return self.parse(resp, attempt + 1)
+                try:
+                    return self.parse(data, attempt + 1)
+                except (KeyError, IndexError, TypeError, ValueError) as e:
+                    return Verdict.failed(f"malformed reply ({type(e).__name__}: {e})", attempt + 1)
             if attempt == self.cfg.judge_max_retries:
                 return Verdict.failed(f"gave up after {attempt + 1} attempts: {error}", attempt + 1)
             await asyncio.sleep(delay if delay is not None else backoff_s(attempt, self._rng))
@@ -236,30 +243,39 @@ class OpenAIBackend:
         return (f"judge model '{self.model}' returned no logprobs{d}: it may not support them; "
                 "set judge_method: sampled")
 
-    def parse(self, resp: Any, attempts: int) -> Verdict:
-        """A chat completion -> Verdict, keeping the evidence."""
-        choice = resp.choices[0]
-        usage = getattr(resp, "usage", None)
-        tin = int(getattr(usage, "prompt_tokens", 0) or 0)
-        tout = int(getattr(usage, "completion_tokens", 0) or 0)
+    def parse(self, data: dict[str, Any], attempts: int) -> Verdict:
+        """A chat-completion reply (its JSON) -> Verdict, keeping the evidence."""
+        choice = data["choices"][0]
+        usage = data.get("usage") or {}
+        tin, tout = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         common = dict(input_tokens=tin, output_tokens=tout, cost_usd=cost_usd(self.model, tin, tout),
-                      judge_model=getattr(resp, "model", None) or self.model,
-                      finish_reason=choice.finish_reason, attempts=attempts)
+                      judge_model=data.get("model") or self.model,
+                      finish_reason=choice.get("finish_reason"), attempts=attempts)
         if self.method == "logprob":
-            lp = getattr(choice, "logprobs", None)
-            content = getattr(lp, "content", None) if lp is not None else None
-            if not content or not content[0].top_logprobs:
+            content = (choice.get("logprobs") or {}).get("content")
+            if not content or not content[0].get("top_logprobs"):
                 raise JudgeError(self._no_logprobs())
             top: dict[str, float] = {}
-            for t in content[0].top_logprobs:  # two token ids may decode to the same text: add them
-                top[t.token] = float(t.logprob) if t.token not in top else float(
-                    math.log(math.exp(top[t.token]) + math.exp(t.logprob)))
+            for t in content[0]["top_logprobs"]:  # two token ids may decode to the same text: add them
+                tok, lp = t["token"], float(t["logprob"])
+                top[tok] = lp if tok not in top else math.log(math.exp(top[tok]) + math.exp(lp))
             score, label, mass = label_from_logprobs(top, MIN_MASS)
             return Verdict(score=score, label=label, raw=json.dumps(top, ensure_ascii=False), prob_mass=mass,
                            **common)
-        text = choice.message.content or ""
+        text = (choice.get("message") or {}).get("content") or ""
         score, label = parse_sampled(text)
         return Verdict(score=score, label=label, raw=text, prob_mass=None, **common)
+
+
+def _response_class() -> type:
+    """The raw HTTP response class of the openai client's HTTP library (httpx, or httpx2 in
+    openai >= 3): passing it as ``cast_to`` makes ``client.post`` return the raw response."""
+    import importlib
+
+    import openai
+
+    base = next(c for c in openai.DefaultAsyncHttpxClient.__mro__ if c.__name__ == "AsyncClient")
+    return importlib.import_module(base.__module__.split(".")[0]).Response
 
 
 def _error_message(e: Any) -> str:
