@@ -130,6 +130,8 @@ class RunConfig:
     judge_timeout_s: float = _f(60.0, "judge", "seconds per judge call")
     judge_budget_usd: float = _f(0.0, "judge", "stop cleanly before spending more than this (0 = no cap)")
     judge_use_batch_api: bool = _f(False, "judge", "OpenAI Batch API (half price, hours of latency)")
+    judge_min_mass: float = _f(0.25, "judge", "logprob/exact: least probability on numbers 0..100 for a score "
+                                              "(papers: 0.25; 0 = always score)")
 
     # ----------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -227,6 +229,8 @@ def _check_values(cfg: RunConfig, source: str) -> None:
         raise bad("dataset", "must not be empty")
     if cfg.judge_method == "exact" and cfg.judge_backend != "hf":
         raise bad("judge_method", "'exact' needs judge_backend: hf (an API cannot score every candidate)")
+    if not 0 <= cfg.judge_min_mass <= 1:
+        raise bad("judge_min_mass", f"must be in [0, 1], got {cfg.judge_min_mass}")
     if cfg.judge_use_batch_api and cfg.judge_backend != "openai":
         raise bad("judge_use_batch_api", "the Batch API needs judge_backend: openai")
 
