@@ -5,7 +5,7 @@ the sha256 of every input file it reads:
 
 =========  ===================================================================================
 train      the training dataset file and the base model's files (hub ids: id + revision)
-evaluate   every file of every complete checkpoint, the question-set texts, the base model
+evaluate   the adapter files of every complete checkpoint, the question-set texts, the base model
 judge      generations.parquet, the prompt sources (question sets, judge_prompts file), the
            judge model's files when it runs in-process
 report     every run's generations.parquet, judgments/*.parquet and run.json, the report params
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .config import ConfigError, ReportConfig, RunConfig, resolve_path
 from .io import sha256_file, sha256_text, write_json_atomic
@@ -55,13 +55,14 @@ class HashCache:
         self._dirty = True
         return digest
 
-    def tree(self, folder: str | Path) -> dict[str, str]:
-        """relative path -> sha256 of every file below ``folder`` (hidden temp files excluded)."""
+    def tree(self, folder: str | Path, keep: Callable[[Path], bool] = lambda p: True) -> dict[str, str]:
+        """relative path -> sha256 of every file below ``folder`` that ``keep`` accepts
+        (hidden files, such as a writer's temp files, excluded)."""
         folder = Path(folder)
         out = {}
         for p in sorted(folder.rglob("*")):
             rel = p.relative_to(folder)
-            if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            if p.is_file() and not any(part.startswith(".") for part in rel.parts) and keep(rel):
                 out[rel.as_posix()] = self.sha256(p)
         return out
 
@@ -119,8 +120,22 @@ def list_complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         return sorted(out)
 
 
+# Files in a checkpoint folder that say how training went, not what the model is: hashing them
+# would make an identical re-save (new timestamp, new optimizer state) look like a new model.
+TRAINER_STATE = {"checkpoint.json", "trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt",
+                 "README.md"}
+
+
+def checkpoint_files(folder: Path, cache: HashCache) -> dict[str, str]:
+    """sha256 of what defines a checkpoint's model: the adapter files (weights + config), or for a
+    full checkpoint everything except trainer state."""
+    if any(p.name.startswith("adapter_") for p in folder.iterdir()):
+        return cache.tree(folder, keep=lambda rel: rel.name.startswith("adapter_"))
+    return cache.tree(folder, keep=lambda rel: rel.name not in TRAINER_STATE and not rel.name.startswith("rng_state"))
+
+
 def checkpoints_identity(run_dir: Path, cache: HashCache) -> dict[str, dict[str, str]]:
-    return {str(step): cache.tree(folder) for step, folder in list_complete_checkpoints(run_dir)}
+    return {str(step): checkpoint_files(folder, cache) for step, folder in list_complete_checkpoints(run_dir)}
 
 
 def stage_inputs(stage: str, cfg: RunConfig, cache: HashCache) -> dict[str, Any]:
