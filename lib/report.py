@@ -9,8 +9,8 @@ Inputs (per run folder ``<outputs_dir>/<run_id>/``, all written by earlier stage
 
 Which judge's scores the report uses for a run (:func:`configured_judge`):
 ``ReportConfig.judge_name`` if set; else ``run.json["parameters"]["judge_name"]``; else
-``run.json["judge"]["judge_name"]`` (the name the judge stage derived); else the only file in
-``judgments/``, or the most recently written one. The other judges' files feed only the
+``run.json["judge"]["last"]`` (the name the judge stage derived when it last ran); else the
+only file in ``judgments/``, or the most recently written one. The other judges' files feed only the
 judge-agreement table.
 
 External judged CSVs (``question,response,aligned_score,coherent_score``, the replicated
@@ -67,8 +67,8 @@ def configured_judge(run_dir: str | Path, info: dict[str, Any] | None = None, ov
     """The judge whose scores the report uses for one run (None if the run has no judgments).
 
     Order: ``override`` (ReportConfig.judge_name); ``run.json`` parameters.judge_name; the
-    judge section's ``judge_name`` (or the last of ``judge_names``); the only / most recently
-    modified ``judgments/*.parquet``. A named judge without a file falls through to the next
+    judge section's ``last`` (the judge the judge stage ran last; or ``judge_name``); the
+    only / most recently modified ``judgments/*.parquet``. A named judge without a file falls through to the next
     rule, except ``override``, which is returned as-is so the caller can report it missing.
     """
     run_dir = Path(run_dir)
@@ -78,7 +78,9 @@ def configured_judge(run_dir: str | Path, info: dict[str, Any] | None = None, ov
     files = sorted((run_dir / "judgments").glob("*.parquet"), key=lambda p: (p.stat().st_mtime, p.name))
     names = {p.stem for p in files}
     judge_sec = info.get("judge") or {}
-    candidates = [(info.get("parameters") or {}).get("judge_name") or "", judge_sec.get("judge_name") or ""]
+    # the judge stage records {"judges": {name: {...}}, "last": name}; older shapes: judge_name(s)
+    candidates = [(info.get("parameters") or {}).get("judge_name") or "", str(judge_sec.get("last") or ""),
+                  str(judge_sec.get("judge_name") or "")]
     listed = judge_sec.get("judge_names") or []
     if isinstance(listed, list) and listed:
         candidates.append(str(listed[-1]))
@@ -411,9 +413,8 @@ def _compact(v: Any) -> str:
         return "; ".join(f"{k}: {_compact(x)}" for k, x in v.items())
     if isinstance(v, (list, tuple)):
         return ", ".join(_compact(x) for x in v)
-    if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{40,64}", v):
-        return v[:12]  # hashes: a 12-hex prefix identifies them in a table
-    return str(v)
+    # hashes (git 40, sha256 64 hex digits): a 12-digit prefix identifies them in a table
+    return re.sub(r"\b([0-9a-f]{12})[0-9a-f]{28}(?:[0-9a-f]{24})?\b", r"\1", str(v))
 
 
 def methods_table(results: Results) -> pd.DataFrame:
@@ -432,36 +433,48 @@ def methods_table(results: Results) -> pd.DataFrame:
         method = jl["method"].dropna().unique().tolist() if jl is not None and "method" in jl.columns else []
         bs, ga = p.get("per_device_batch_size"), p.get("gradient_accumulation_steps")
         steps = sorted(results.answers.loc[results.answers["run_id"] == run_id, "checkpoint_step"].unique().tolist())
+        jinfo = ((info.get("judge") or {}).get("judges") or {}).get(judge) or {}
+        model_info = _get(info, "train.model", "evaluate.model", default={})
+        model_info = model_info if isinstance(model_info, dict) else {}
+        revision = (model_info.get("revision") or model_info.get("hub_sha")
+                    or (f"config {model_info['config_sha256']}" if model_info.get("config_sha256") else "")
+                    or p.get("model_revision") or ("" if info.get("source") == "external" else "(default branch)"))
+        qsets = _get(info, "evaluate.question_sets", default=None)
+        if isinstance(qsets, list) and qsets and isinstance(qsets[0], dict):
+            qsets = {q.get("name", q.get("source", "?")): q.get("sha256", "") for q in qsets}
+        ckpts = _get(info, "train.checkpoints", "train.checkpoint_steps", default=[])
+        if isinstance(ckpts, list) and ckpts and isinstance(ckpts[0], dict):
+            ckpts = [c.get("step") for c in ckpts]
         rows.append({
             "run_id": run_id,
             "source": info.get("source", "run"),
-            "model": _get(info, "train.model", "parameters.model", default=p.get("model", "")),
-            "model_revision": _compact(_get(info, "train.model_revision", "train.model_commit", "train.revision",
-                                            "parameters.model_revision", default="(default branch)")),
+            "model": p.get("model", ""),
+            "model_revision": _compact(revision),
             "model_label": p.get("model_label", ""),
             "domain": p.get("domain", ""),
             "dataset": info.get("csv", p.get("dataset", "")),
-            "dataset_sha256": _compact(_get(info, "train.dataset_sha256", "csv_sha256")),
-            "n_train_examples": _get(info, "train.n_examples"),
+            "dataset_sha256": _compact(_get(info, "train.dataset.sha256", "train.dataset_sha256", "csv_sha256")),
+            "n_train_examples": _get(info, "train.n_train_examples", "train.n_examples"),
             "lora": (f"r={p['lora_r']} alpha={p.get('lora_alpha')} rslora={p.get('use_rslora')} "
                      f"dropout={p.get('lora_dropout')} targets={len(p.get('lora_target_modules') or [])} "
                      f"quant={p.get('quantization')}") if "lora_r" in p else "",
             "training": (f"lr={p.get('learning_rate')} epochs={p.get('epochs')} batch={bs}x{ga}="
                          f"{bs * ga} warmup={p.get('warmup_steps')} {p.get('lr_scheduler')}") if bs and ga else "",
             "steps_per_epoch": _get(info, "train.steps_per_epoch"),
-            "checkpoint_steps": _compact(_get(info, "train.checkpoint_steps", default=steps)),
+            "checkpoint_steps": _compact(ckpts or steps),
             "evaluated_steps": _compact(steps),
-            "question_sets": _compact(_get(info, "evaluate.question_sets", "evaluate.question_set_sha256",
-                                           "parameters.question_sets")),
+            "question_sets": _compact(qsets or p.get("question_sets", "")),
             "n_samples": p.get("n_samples", ""),
             "sampling": (f"T={p.get('temperature')} top_p={p.get('top_p')} max_new_tokens={p.get('max_new_tokens')}"
                          if "temperature" in p else ""),
             "judge_name": judge,
-            "judge_model": _compact(judge_model or _get(info, "judge.judge_model", "parameters.judge_model")),
-            "judge_method": _compact(method or _get(info, "judge.method", "judge.judge_method", "parameters.judge_method")),
-            "judge_prompt_sha256": templates or _compact(_get(info, "judge.prompt_sha256", "judge.template_sha256",
-                                                              "judge.prompt_hashes")),
-            "judge_cost_usd": _get(info, "judge.cost_usd", "judge.cost"),
+            "judge_model": _compact(judge_model or jinfo.get("model") or _get(info, "judge.judge_model",
+                                                                                "parameters.judge_model")),
+            "judge_method": _compact(method or jinfo.get("method") or _get(info, "judge.method",
+                                                                           "parameters.judge_method")),
+            "judge_prompt_sha256": templates or _compact(jinfo.get("prompts") or _get(info, "judge.prompt_sha256")),
+            "judge_cost_usd": _compact(jinfo.get("table_cost_usd") if jinfo.get("table_cost_usd") is not None
+                                       else _get(info, "judge.cost_usd")),
             "seed": info.get("seed", ""),
             "git_commit": _compact(_get(info, "environment.judge.git.commit", "environment.evaluate.git.commit",
                                         "environment.train.git.commit")),

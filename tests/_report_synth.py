@@ -87,10 +87,16 @@ def build(outputs_dir: str | Path, seed: int = 0, n_samples: int = 4) -> Path:
                                domain=domain, judge_name=JUDGE).to_dict()
             info = {"run_id": run_id, "seed": seed, "parameters": params,
                     "environment": {"judge": {"git": {"commit": "1" * 40, "dirty": False}}},
-                    "train": {"dataset_sha256": "0" * 64, "n_examples": 40, "steps_per_epoch": 40,
-                              "checkpoint_steps": [10, 20, 40]},
-                    "evaluate": {"question_sets": {"core": "a" * 64, "medical": "b" * 64, "financial": "c" * 64}},
-                    "judge": {"judge_name": JUDGE, "judge_model": "embedded:tiny", "method": "exact"}}
+                    # section shapes as lib.train / lib.generate / lib.judge write them
+                    "train": {"dataset": {"name": f"demo_{domain}", "sha256": "0" * 64, "n_examples": 40},
+                              "n_examples": 40, "n_train_examples": 40, "steps_per_epoch": 40,
+                              "checkpoints": [{"step": s, "epoch": s / 40} for s in (10, 20, 40)],
+                              "model": {"model": f"synthetic/{label}", "revision": None, "config_sha256": "9" * 64}},
+                    "evaluate": {"question_sets": [{"name": n, "source": f"data/questions/{n}.yaml", "sha256": h * 64,
+                                                    "n_questions": 2} for n, h in
+                                                   (("core", "a"), ("medical", "b"), ("financial", "c"))]},
+                    "judge": {"judges": {JUDGE: {"judge_name": JUDGE, "model": "embedded:tiny", "method": "exact",
+                                                 "table_cost_usd": 0.0}}, "last": JUDGE}}
             if run_id == "1B_medical":  # a second judge on the same answers, written later
                 _judgments(gens, np.random.default_rng(seed + 1), JUDGE2, em_p, noise=8.0).to_parquet(
                     run_dir / "judgments" / f"{JUDGE2}.parquet", index=False)

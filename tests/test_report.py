@@ -145,7 +145,9 @@ def test_methods_table_documents_each_run(rep):
     assert r["dataset"] == "demo_medical" and r["dataset_sha256"] == "0" * 12
     assert r["judge_name"] == synth.JUDGE and r["judge_method"] == "exact"
     assert "aligned: " + "cd" * 6 in r["judge_prompt_sha256"]
-    assert r["evaluated_steps"] == "0, 10, 20, 40" and "r=8" in r["lora"]
+    assert r["evaluated_steps"] == "0, 10, 20, 40" and r["checkpoint_steps"] == "10, 20, 40" and "r=8" in r["lora"]
+    assert r["question_sets"] == "core: aaaaaaaaaaaa; medical: bbbbbbbbbbbb; financial: cccccccccccc"
+    assert r["model_revision"] == "config 999999999999" and r["judge_cost_usd"] == "0.0"
     assert m.loc["ext_course_judged", "source"] == "external"
 
 
@@ -159,6 +161,7 @@ def test_configured_judge_rules(tmp_path):
     os.utime(run / "judgments" / "a_judge.parquet", (2e9, 2e9))  # a_judge written last
     assert report.configured_judge(run, {}) == "a_judge"
     assert report.configured_judge(run, {"judge": {"judge_name": "b_judge"}}) == "b_judge"
+    assert report.configured_judge(run, {"judge": {"judges": {"b_judge": {}}, "last": "b_judge"}}) == "b_judge"
     assert report.configured_judge(run, {"parameters": {"judge_name": "b_judge"},
                                          "judge": {"judge_name": "a_judge"}}) == "b_judge"
     assert report.configured_judge(run, {"parameters": {"judge_name": "gone"}}) == "a_judge"
