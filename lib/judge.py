@@ -513,6 +513,13 @@ def judge_run(cfg: RunConfig, progress: bool = True) -> pd.DataFrame:
     return table
 
 
+def rescore(v: Verdict, min_mass: float) -> Verdict:
+    """Re-apply the aggregation rule to a logprob/exact verdict's stored evidence (the cache
+    keeps the log probabilities, so changing ``judge_min_mass`` needs no new call)."""
+    score, label, mass = label_from_logprobs(json.loads(v.raw), min_mass)
+    return Verdict(**{**asdict(v), "score": score, "label": label, "prob_mass": mass})
+
+
 def assemble(rows: pd.DataFrame, verdicts: Mapping[str, Verdict], cfg: RunConfig) -> pd.DataFrame:
     """The judgments table: one row per (answer, metric) that has a verdict."""
     cols = [*JUDGMENT_COLUMNS, *EXTRA_COLUMNS]
@@ -522,6 +529,8 @@ def assemble(rows: pd.DataFrame, verdicts: Mapping[str, Verdict], cfg: RunConfig
         v = verdicts.get(r.cache_key)
         if v is None:
             continue  # not judged yet (budget cap or interrupted): left for a rerun
+        if cfg.judge_method in ("logprob", "exact") and v.label != "error":
+            v = rescore(v, cfg.judge_min_mass)
         out.append({
             "answer_id": r.answer_id, "run_id": r.run_id, "checkpoint_step": r.checkpoint_step,
             "question_set": r.question_set, "question_id": r.question_id, "metric": r.metric,

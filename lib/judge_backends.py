@@ -379,7 +379,7 @@ class HFBackend:
         out = []
         for text, lps in zip(texts, exact_candidate_logprobs(self.model, self.tok, texts, cands, stops)):
             score, label, mass = label_from_logprobs(lps, MIN_MASS)
-            out.append(Verdict(score=score, label=label, raw=json.dumps({k: round(v, 4) for k, v in lps.items()}),
+            out.append(Verdict(score=score, label=label, raw=json.dumps({k: round(v, 6) for k, v in lps.items()}),
                                prob_mass=mass, input_tokens=len(self.tok(text, add_special_tokens=False).input_ids),
                                output_tokens=0, cost_usd=0.0, judge_model=self.model_name, finish_reason=None))
         return out

@@ -75,7 +75,14 @@ def test_hf_stage_end_to_end_then_cached(tmp_path):
     p = judge.plan(cfg)
     assert (p.n_cached, p.n_todo) == (6, 0)
     again = judge.judge_run(cfg, progress=False)
-    assert again.drop(columns=[]).equals(df)
+    assert again.equals(df)
+    # min_mass 0 (the demo's setting): the noise model's candidate distribution still gives a score
+    scored = judge.judge_run(cfg.replace(judge_min_mass=0.0), progress=False)
+    assert (scored["label"] == "number").all() and scored["score"].between(0, 100).all()
+    raw = json.loads(scored["raw"].iloc[0])
+    expected = sum(int(k) * math.exp(v) for k, v in raw.items() if k.isdigit()) / \
+        sum(math.exp(v) for k, v in raw.items() if k.isdigit())
+    assert scored["score"].iloc[0] == pytest.approx(expected)
 
 
 def test_hf_logprob_and_sampled_methods_run(tmp_path):

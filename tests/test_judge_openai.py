@@ -207,3 +207,15 @@ def test_kill_during_judging_then_rerun_repeats_no_finished_request(setup):
     assert not finished & asked_again  # no finished judgment was asked for again
     assert len(asked_again) == 200 - len(finished)
     assert not judge.judgments_path(cfg).with_suffix(".parquet.tmp").exists()
+
+
+def test_changing_min_mass_rescores_from_the_evidence_without_calls(setup):
+    with ChatServer() as server:
+        cfg = setup(server, n=3, judge_metrics=["aligned"])
+        df = judge.judge_run(cfg, progress=False)
+        assert (df["label"] == "number").all()
+        n_calls = len(server.requests)
+        strict = judge.judge_run(cfg.replace(judge_min_mass=0.95), progress=False)  # fake judge: mass 0.9
+        assert len(server.requests) == n_calls
+    assert (strict["label"] == "low_mass").all() and strict["score"].isna().all()
+    assert strict["prob_mass"].tolist() == pytest.approx([0.9] * 3)
