@@ -582,6 +582,13 @@ def _record(cfg: RunConfig, plan_: Plan, table: pd.DataFrame, new: Mapping[str, 
 # Helpers for the notebook
 # ------------------------------------------------------------------------------------------
 
+def run_info(cfg: RunConfig) -> dict[str, Any]:
+    """This judge's section of run.json (empty before its first run)."""
+    from .runinfo import read_run_json
+
+    return read_run_json(cfg.run_dir).get("judge", {}).get("judges", {}).get(judge_name(cfg), {})
+
+
 def label_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Counts of each label per metric, with the mean score of numeric rows."""
     if table.empty:
