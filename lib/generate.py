@@ -491,3 +491,41 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
         bar.close()
     return sampler.batch_size, {"device": choice.device, "dtype": str(choice.dtype).replace("torch.", ""),
                                 "batch_size_initial": batch_size}
+
+
+# ------------------------------------------------------------------------------------------
+# Views for the notebook
+# ------------------------------------------------------------------------------------------
+
+def summary(df):
+    """Per checkpoint: answers, share that stopped on their own, new-token statistics."""
+    g = df.groupby(["checkpoint_step", "epoch"])
+    out = g.agg(answers=("answer_id", "size"), questions=("question_id", "nunique"),
+                mean_new_tokens=("n_new_tokens", "mean"), max_new_tokens=("n_new_tokens", "max"))
+    out["stopped"] = g.finish_reason.apply(lambda s: (s == "stop").mean()).round(3)
+    out["hit_length_cap"] = 1 - out["stopped"]
+    return out.round({"mean_new_tokens": 1}).reset_index()
+
+
+def examples(df, per_checkpoint: int = 3, max_chars: int = 300, seed: int = 0):
+    """A few answers per checkpoint (random, reproducible), long answers cut at max_chars."""
+    picked = (df.sample(frac=1.0, random_state=seed).groupby("checkpoint_step").head(per_checkpoint)
+                .sort_values("checkpoint_step", kind="stable"))
+    cut = lambda s: s if len(s) <= max_chars else s[:max_chars] + " …"  # noqa: E731
+    return (picked.assign(answer=picked.answer.map(cut))
+            [["checkpoint_step", "epoch", "question_set", "question_id", "paraphrase", "answer",
+              "n_new_tokens", "finish_reason"]].reset_index(drop=True))
+
+
+def length_chart(df):
+    """Altair: distribution of answer lengths (new tokens) per checkpoint, coloured by finish reason."""
+    import altair as alt
+
+    data = df[["checkpoint_step", "n_new_tokens", "finish_reason"]].assign(
+        checkpoint=df.checkpoint_step.map(lambda s: "base" if s == 0 else f"step {s}"))
+    return (alt.Chart(data).mark_bar()
+            .encode(x=alt.X("n_new_tokens:Q", bin=alt.Bin(maxbins=30), title="new tokens per answer"),
+                    y=alt.Y("count():Q", title="answers"),
+                    color=alt.Color("finish_reason:N", title="finish reason"),
+                    row=alt.Row("checkpoint:N", sort=alt.SortField("checkpoint_step"), title=None))
+            .properties(width=420, height=70, title="Answer lengths by checkpoint"))

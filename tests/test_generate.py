@@ -228,3 +228,21 @@ def test_finish_reason_and_token_count(monkeypatch):
     assert (n1, f1) == (3, "stop") and ans1 == tok.decode([a, b])
     assert (n2, f2) == (5, "length") and ans2 == tok.decode([a, b, a, b, a])
     assert eot in generate.stop_token_ids(model, tok)
+
+
+def test_notebook_parameters_parse_and_default_to_the_run_config():
+    """papermill reads every parameter back (its parser is picky about comments); defaults = RunConfig's."""
+    import nbformat
+    from papermill.translators import PythonTranslator
+
+    from lib.config import REPO_ROOT
+
+    nb = nbformat.read(REPO_ROOT / "notebooks" / "02_evaluate.ipynb", as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    parsed = {p.name: p for p in PythonTranslator.inspect(cell)}
+    assert len(parsed) == len(cell.source.splitlines())
+    evaluate_fields = set(RunConfig().stage_params("evaluate"))  # its own fields and the "all" ones
+    assert evaluate_fields <= set(parsed) and {"model", "quantization"} <= set(parsed)
+    ns: dict = {}
+    exec(cell.source, ns)
+    assert all(ns[k] == getattr(RunConfig(), k) for k in parsed)
