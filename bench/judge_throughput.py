@@ -79,7 +79,9 @@ def main() -> None:
         server.wait()
 
     floor = args.n * args.latency / args.concurrency
-    print(f"judgments: {args.n}, server latency {args.latency * 1000:.0f} ms, concurrency {args.concurrency}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"judgments: {args.n}, server latency {args.latency * 1000:.0f} ms, concurrency {args.concurrency}; "
+          f"{os.cpu_count()} CPUs, load average {load} (client, server and other work share them)")
     print(f"ours (judge_run, empty cache): {ours:.2f} s in all ({args.n / ours:.0f} judgments/s); "
           f"its calling phase: {calls:.2f} s (the rest reads inputs, writes the table and run.json)")
     print(f"serial loop (call + {args.serial_sleep} s sleep): {serial_measured:.2f} s measured on {len(prompts)} calls, "
