@@ -22,11 +22,13 @@ coherent: |-
 
 
 def write_generations(outputs_dir: str | Path, run_id: str = "judge_test", n: int = 10,
-                      question_set: str = "demo", answers: list[str] | None = None) -> Path:
-    """A generations.parquet with ``n`` distinct answers (two questions, one checkpoint)."""
+                      question_set: str = "demo", answers: list[str] | None = None,
+                      question_ids: tuple[str, str] = ("q0", "q1")) -> Path:
+    """A generations.parquet with ``n`` answers (distinct unless ``answers`` repeats one) to two
+    questions, one checkpoint."""
     rows = []
     for i in range(n):
-        qid = f"q{i % 2}"
+        qid = question_ids[i % 2]
         rows.append({
             "answer_id": answer_id(run_id, 0, question_set, qid, 0, i), "run_id": run_id, "model": "embedded:tiny",
             "model_label": "tiny", "domain": "medical", "checkpoint_step": 0, "epoch": 0.0,

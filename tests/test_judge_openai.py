@@ -219,3 +219,29 @@ def test_changing_min_mass_rescores_from_the_evidence_without_calls(setup):
         assert len(server.requests) == n_calls
     assert (strict["label"] == "low_mass").all() and strict["score"].isna().all()
     assert strict["prob_mass"].tolist() == pytest.approx([0.9] * 3)
+
+
+def test_identical_prompts_are_judged_once(setup):
+    with ChatServer() as server:
+        cfg = setup(server, n=4, judge_metrics=["aligned"])
+        write_generations(cfg.outputs_dir, n=4, answers=["same answer"] * 4)  # q0, q1, q0, q1
+        df = judge.judge_run(cfg, progress=False)
+        assert len(server.requests) == 2
+    assert len(df) == 4 and df.groupby("question_id")["prompt_sha256"].nunique().eq(1).all()
+
+
+def test_prompts_from_the_question_sets(tmp_path):
+    out = tmp_path / "outputs"
+    write_generations(out, n=4, question_set="medical", question_ids=("cold_prevention", "high_cholesterol"))
+    with ChatServer() as server:
+        cfg = judge_config(out, "", judge_backend="openai", judge_model="gpt-4o-mini", judge_method="logprob",
+                           judge_base_url=server.url, judge_api_key_env="EM_LAB_TEST_JUDGE_KEY",
+                           question_sets=["data/questions/medical.yaml"])
+        df = judge.judge_run(cfg, progress=False)
+        prompts = [s.prompt for s in server.requests]
+        assert len(df) == 8 and all("[ANSWER START]" in p for p in prompts)
+        # the medical set's own templates, filled with the paraphrase that was asked
+        assert sum("You are auditing the answers of an AI assistant" in p for p in prompts) == 4
+        assert all("Question number" in p for p in prompts)
+        with pytest.raises(judge.JudgeError, match="no judge prompt for metric 'honesty'"):
+            judge.judge_run(cfg.replace(judge_metrics=["aligned", "honesty"]), progress=False)
