@@ -300,7 +300,9 @@ def _run_notebook_stage(run: str, stage: str, folder: Path, finger: str, present
         log(run, stage, f"skipped (unchanged since {done.get('finished', '?')})")
         result = StageResult(run, stage, "skipped", 0.0, done.get("notebook", str(nb_out)))
     else:
-        why = "forced" if stage in options.force else ("changed" if done else "first run")
+        failed_before = record.get("last", {}).get(stage, {}).get("status") == "failed"
+        why = ("forced" if stage in options.force else "retry after a failure" if failed_before
+               else "changed" if done else "first run")
         log(run, stage, f"started ({why}) -> {nb_out}")
         t0 = time.monotonic()
         error = execute_notebook(nb_in, nb_out, parameters, options)

@@ -38,6 +38,9 @@ import os
 EVALUATE = """
 cfg = config.from_notebook(globals(), _baseline)
 import pandas as pd
+part = cfg.run_dir / "generations.parts" / f"part-seed{cfg.seed}"
+part.parent.mkdir(parents=True, exist_ok=True)
+part.write_text("persisted before the failure")
 if cfg.seed == 13:
     raise RuntimeError("stand-in evaluate failed on purpose")
 (cfg.run_dir / "kernel_python.txt").write_text(sys.executable)
@@ -216,9 +219,12 @@ def test_failing_stage_keeps_notebook_other_runs_go_on(tmp_path, notebooks, caps
     assert any(line.split()[:3] == ["a", "evaluate", "failed"] for line in table.splitlines())
     assert any(line.split()[:4] == ["a", "judge", "not", "run"] for line in table.splitlines())
     assert json.loads((out / "report" / "runs.json").read_text()) == ["b"]  # the report covers what finished
-    # the failed stage's checkpoint (train output) is kept and not re-done on the next attempt
+    # the runner deletes nothing a stage wrote: the next attempt finds the partial work
+    partial = out / "a" / "generations.parts" / "part-seed13"
+    assert partial.exists()
     a.write_text(a.read_text().replace("seed: 13", "seed: 0"))
     assert run([str(a), str(b)], notebooks) == 0
+    assert partial.exists()
     assert calls(out, "a", "train") == 2  # seed is an 'all' parameter: train reruns (and resumes)
     assert calls(out, "a", "judge") == 1
     assert json.loads((out / "report" / "runs.json").read_text()) == ["a", "b"]
