@@ -421,6 +421,8 @@ class _Prepared:
 def make_backend(cfg: RunConfig, api_key: str | None = None):
     from . import judge_backends
 
+    if cfg.judge_backend == "openai" and cfg.judge_use_batch_api:
+        return judge_backends.OpenAIBatchBackend(cfg, api_key or "", cache_path(cfg))
     if cfg.judge_backend == "openai":
         return judge_backends.OpenAIBackend(cfg, api_key or "")
     return judge_backends.HFBackend(cfg)
@@ -428,9 +430,8 @@ def make_backend(cfg: RunConfig, api_key: str | None = None):
 
 def _prepare(cfg: RunConfig) -> _Prepared:
     api_key = check_credentials(cfg)  # first: no key -> one line, before any work
+    cache_path(cfg).parent.mkdir(parents=True, exist_ok=True)
     backend = make_backend(cfg, api_key)
-    if cfg.judge_use_batch_api:
-        raise JudgeError("key 'judge_use_batch_api': the Batch API mode is not implemented yet; set it to false")
     gens = load_generations(cfg)
     book, prompt_info = prompt_book(cfg)
     identity = backend.identity()
@@ -495,6 +496,8 @@ def judge_run(cfg: RunConfig, progress: bool = True) -> pd.DataFrame:
     finally:
         cache.close()
     elapsed = time.monotonic() - t0
+    for b in getattr(backend, "status", []):
+        say(f"batch {b['batch_id']}: {b['status']} ({b['requests']} requests)")
     verdicts = {**prep.done, **new}
     table = assemble(prep.rows, verdicts, cfg)
     write_parquet_atomic(table, judgments_path(cfg))
@@ -569,6 +572,7 @@ def _record(cfg: RunConfig, plan_: Plan, table: pd.DataFrame, new: Mapping[str, 
                          "cost_usd": new_cost, "budget_usd": cfg.judge_budget_usd or None,
                          "budget_exhausted": budget.exhausted},
         "table_cost_usd": None if total_cost.isna().any() else float(total_cost.sum()),
+        "batches": getattr(backend, "status", None),
         "price": plan_.price_note, "estimate": {"cost_usd": plan_.est_cost_usd,
                                                  "input_tokens": plan_.est_input_tokens,
                                                  "output_tokens": plan_.est_output_tokens},

@@ -146,13 +146,15 @@ class OpenAIBackend:
                 "model": self.model, "method": self.method, "settings": self.settings()}
 
     def price_note(self) -> str:
-        note = describe_price(self.model)
+        note = describe_price(self.model, batch=self.batch)
         if self.base_url and price_for(self.model) is not None:
             note += f" (assumed although base_url is {safe_base_url(self.cfg.judge_base_url)})"
         return note
 
+    batch = False  # Batch API prices
+
     def estimate_cost(self, input_tokens: int, output_tokens: int) -> float | None:
-        return cost_usd(self.model, input_tokens, output_tokens)
+        return cost_usd(self.model, input_tokens, output_tokens, batch=self.batch)
 
     # -- running ---------------------------------------------------------------------------
     def request(self, prompt: str) -> dict[str, Any]:
@@ -248,7 +250,7 @@ class OpenAIBackend:
         choice = data["choices"][0]
         usage = data.get("usage") or {}
         tin, tout = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        common = dict(input_tokens=tin, output_tokens=tout, cost_usd=cost_usd(self.model, tin, tout),
+        common = dict(input_tokens=tin, output_tokens=tout, cost_usd=cost_usd(self.model, tin, tout, batch=self.batch),
                       judge_model=data.get("model") or self.model,
                       finish_reason=choice.get("finish_reason"), attempts=attempts)
         if self.method == "logprob":
@@ -265,6 +267,120 @@ class OpenAIBackend:
         text = (choice.get("message") or {}).get("content") or ""
         score, label = parse_sampled(text)
         return Verdict(score=score, label=label, raw=text, prob_mass=None, **common)
+
+
+class OpenAIBatchBackend(OpenAIBackend):
+    """The OpenAI Batch API: half price, results within 24 h, resumable across sessions.
+
+    A run uploads the calls not yet judged as one JSONL file and creates a batch; the batch id
+    and the cache keys it holds are committed to the ``batches`` table of the judge cache.
+    Every later run first collects the batches of this judge that have finished (their results
+    go to the cache like any other judgment; failed lines become ``error`` rows and are
+    submitted again next time), never resubmits calls that sit in a batch still running, and
+    submits only what is left. ``judge_run`` does not wait hours: it checks once and returns
+    what is done; rerun it (or the notebook) later to collect the rest. Management calls
+    (upload, create, poll, download) use the client's own retries (``judge_max_retries``).
+    """
+
+    batch = True
+    FINAL = ("completed", "failed", "expired", "cancelled")
+
+    def __init__(self, cfg: RunConfig, api_key: str, db_path: Path) -> None:
+        super().__init__(cfg, api_key)
+        import sqlite3
+
+        self._db = sqlite3.connect(db_path, timeout=60, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, identity TEXT NOT NULL, "
+                         "keys TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL, collected INTEGER NOT NULL)")
+        from .io import sha256_text
+
+        self._identity_sha = sha256_text(json.dumps(self.identity(), sort_keys=True))
+        self.status: list[dict[str, Any]] = []  # what this run saw, for the notebook and run.json
+
+    def _client(self) -> Any:
+        from openai import OpenAI
+
+        return OpenAI(api_key=self.api_key, base_url=self.base_url, max_retries=self.cfg.judge_max_retries,
+                      timeout=max(self.cfg.judge_timeout_s, 60.0))
+
+    def open_batches(self) -> list[tuple[str, list[str]]]:
+        rows = self._db.execute("SELECT batch_id, keys FROM batches WHERE identity = ? AND collected = 0",
+                                (self._identity_sha,)).fetchall()
+        return [(b, json.loads(k)) for b, k in rows]
+
+    def run(self, jobs: list[Job], sink: Sink, budget: Budget, progress: bool) -> None:
+        client = self._client()
+        by_key = {j.key: j for j in jobs}
+        collected: set[str] = set()
+
+        def keep(job: Job, v: Verdict) -> None:
+            if v.label != "error":
+                collected.add(job.key)
+            sink(job, v)
+
+        try:
+            self._collect(client, by_key, keep)
+            # never resubmit a call that is judged now or still sits in a running batch
+            in_flight = {k for _, keys in self.open_batches() for k in keys}
+            todo = [j for j in jobs if j.key not in in_flight and j.key not in collected]
+            chosen = []
+            for j in todo:
+                if not budget.try_reserve(self.estimate_cost(j.est_input_tokens, self.max_output_tokens) or 0.0):
+                    break
+                chosen.append(j)
+            if chosen:
+                self._submit(client, chosen)
+                self._collect(client, by_key, keep)  # a fast server may be done already
+        finally:
+            client.close()
+
+    def _submit(self, client: Any, jobs: list[Job]) -> str:
+        lines = [json.dumps({"custom_id": j.key, "method": "POST", "url": "/v1/chat/completions",
+                             "body": self.request(j.prompt)}, ensure_ascii=False) for j in jobs]
+        f = client.files.create(file=("judge_batch.jsonl", ("\n".join(lines) + "\n").encode("utf-8")), purpose="batch")
+        b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"judge": self.model, "method": self.method})
+        self._db.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, 0)",
+                         (b.id, self._identity_sha, json.dumps([j.key for j in jobs]), b.status, time.time()))
+        self.status.append({"batch_id": b.id, "status": b.status, "requests": len(jobs), "submitted": True})
+        return b.id
+
+    def _collect(self, client: Any, by_key: dict[str, Job], sink: Sink) -> None:
+        for batch_id, keys in self.open_batches():
+            b = client.batches.retrieve(batch_id)
+            counts = getattr(b, "request_counts", None)
+            self.status.append({"batch_id": batch_id, "status": b.status, "requests": len(keys),
+                                "completed": getattr(counts, "completed", None), "failed": getattr(counts, "failed", None)})
+            self._db.execute("UPDATE batches SET status = ? WHERE batch_id = ?", (b.status, batch_id))
+            if b.status not in self.FINAL:
+                continue
+            seen: set[str] = set()
+            for file_id in (b.output_file_id, b.error_file_id):
+                if not file_id:
+                    continue
+                for line in client.files.content(file_id).text.splitlines():
+                    if not line.strip():
+                        continue
+                    item = json.loads(line)
+                    key = item.get("custom_id")
+                    job = by_key.get(key) or Job(key=key, prompt="", prompt_sha256="")
+                    seen.add(key)
+                    resp = item.get("response") or {}
+                    if resp.get("status_code") == 200 and isinstance(resp.get("body"), dict):
+                        try:
+                            v = self.parse(resp["body"], 1)
+                        except (KeyError, IndexError, TypeError, ValueError) as e:
+                            v = Verdict.failed(f"malformed batch reply ({type(e).__name__}: {e})", 1)
+                    else:
+                        err = item.get("error") or (resp.get("body") or {}).get("error") or {}
+                        v = Verdict.failed(f"batch {batch_id}: HTTP {resp.get('status_code')}: "
+                                           f"{err.get('message', err) if isinstance(err, dict) else err}", 1)
+                    sink(job, v)
+            for key in keys:  # in a finished batch without a result line (expired, cancelled)
+                if key not in seen and key in by_key:
+                    sink(by_key[key], Verdict.failed(f"batch {batch_id} {b.status} without a result", 1))
+            self._db.execute("UPDATE batches SET collected = 1 WHERE batch_id = ?", (batch_id,))
 
 
 def _response_class() -> type:

@@ -1,8 +1,9 @@
 """A real chat-completions server on 127.0.0.1 for tests and benchmarks.
 
-It speaks enough of the OpenAI chat-completions protocol (``POST /v1/chat/completions``)
-for the official client: a reply message, optional ``logprobs`` with ``top_logprobs``, usage,
-``max_tokens`` truncation. It records every request it sees and can inject the faults a real
+It speaks enough of the OpenAI chat-completions protocol (``POST /v1/chat/completions``) for
+the official client: a reply message, optional ``logprobs`` with ``top_logprobs``, usage,
+``max_tokens`` truncation; and the Batch API's file upload, batch create / retrieve and file
+content. It records every request it sees and can inject the faults a real
 API throws at a client: 429 with ``Retry-After``, 500s, responses slower than the client's
 timeout, and connections dropped without a response.
 
@@ -123,13 +124,15 @@ class ChatServer:
     slow_s:      how long a "slow" reply sleeps (make it exceed the client's timeout).
     model:       the ``model`` field of replies; default echoes the request's model.
     models:      model ids served; another id gets 404 model_not_found (None: any id).
+    batch_polls: Batch API: a batch stays in_progress for this many status polls, then runs
+                 (0: it runs when created). Batch lines count in ``requests`` like calls.
     """
 
     def __init__(self, *, latency_s: float = 0.0, logprobs: bool = True,
                  reply: Callable[[dict[str, Any]], Reply] | None = None,
                  fault: Callable[[str, int], str | None] | None = None,
                  retry_after: str = "0", slow_s: float = 2.0, model: str | None = None,
-                 models: set[str] | None = None, port: int = 0) -> None:
+                 models: set[str] | None = None, batch_polls: int = 0, port: int = 0) -> None:
         self.latency_s = latency_s
         self.logprobs = logprobs
         self.reply = reply or default_reply
@@ -138,6 +141,10 @@ class ChatServer:
         self.slow_s = slow_s
         self.model = model
         self.models = models
+        self.batch_polls = batch_polls
+        self._files: dict[str, bytes] = {}
+        self._batches: dict[str, dict[str, Any]] = {}
+        self._ids = 0
         self._lock = threading.Lock()
         self._seen: list[Seen] = []
         self._attempts: Counter[str] = Counter()
@@ -196,6 +203,70 @@ class ChatServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    # ---------------------------------------------------------------- Batch API (files + batches)
+    def _new_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}-{self._ids:06d}"
+
+    def _batch_post(self, path: str, raw: bytes, ctype: str, body: Any) -> tuple[int, dict[str, Any]]:
+        if path == "/v1/files":  # multipart upload: fields purpose, file
+            from email.parser import BytesParser
+            from email.policy import HTTP
+
+            msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + raw)
+            data = next((p.get_payload(decode=True) for p in msg.iter_parts()
+                         if p.get_param("name", header="content-disposition") == "file"), None)
+            if data is None:
+                return 400, {"error": {"message": "no file part"}}
+            with self._lock:
+                fid = self._new_id("file")
+                self._files[fid] = data
+            return 200, {"id": fid, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                         "filename": "batch.jsonl", "purpose": "batch", "status": "processed"}
+        if not isinstance(body, dict) or body.get("input_file_id") not in self._files:
+            return 400, {"error": {"message": "unknown input_file_id"}}
+        with self._lock:
+            bid = self._new_id("batch")
+            b = {"id": bid, "object": "batch", "endpoint": body.get("endpoint"), "errors": None,
+                 "input_file_id": body["input_file_id"], "completion_window": body.get("completion_window", "24h"),
+                 "status": "in_progress", "output_file_id": None, "error_file_id": None,
+                 "created_at": int(time.time()), "metadata": body.get("metadata"),
+                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "_polls": 0}
+            self._batches[bid] = b
+            if self.batch_polls == 0:
+                self._finish_batch(b)
+            return 200, {k: v for k, v in b.items() if not k.startswith("_")}
+
+    def _finish_batch(self, b: dict[str, Any]) -> None:
+        """Run every line of a batch (under the lock); each counts as a request seen."""
+        out, err = [], []
+        for line in self._files[b["input_file_id"]].decode().splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            body, prompt = item["body"], _prompt_of(item["body"])
+            attempt = self._attempts[prompt]
+            self._attempts[prompt] += 1
+            kind = self.fault(prompt, attempt) if self.fault else None
+            now = time.monotonic()
+            if kind in ("429", "500"):
+                self._seen.append(Seen("/v1/batches", body, prompt, attempt, kind, now, now))
+                err.append({"id": self._new_id("batch_req"), "custom_id": item["custom_id"],
+                            "response": {"status_code": int(kind), "body": {"error": {"message": "injected"}}},
+                            "error": None})
+                continue
+            self._seen.append(Seen("/v1/batches", body, prompt, attempt, "ok", now, now))
+            out.append({"id": self._new_id("batch_req"), "custom_id": item["custom_id"],
+                        "response": {"status_code": 200, "request_id": "req", "body": self.completion(body)},
+                        "error": None})
+        for name, rows in (("output_file_id", out), ("error_file_id", err)):
+            if rows:
+                fid = self._new_id("file")
+                self._files[fid] = ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+                b[name] = fid
+        b["status"] = "completed"
+        b["request_counts"] = {"total": len(out) + len(err), "completed": len(out), "failed": len(err)}
 
     # ---------------------------------------------------------------- internals
     def _register(self, path: str, body: dict[str, Any] | None, prompt: str) -> tuple[int, float]:
@@ -265,6 +336,36 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        owner: ChatServer = self.server.owner  # type: ignore[attr-defined]
+        path = self.path.split("?")[0].rstrip("/")
+        parts = path.split("/")
+        if path.startswith("/v1/batches/") and len(parts) == 4:
+            with owner._lock:
+                b = owner._batches.get(parts[3])
+                if b is not None:
+                    b["_polls"] += 1
+                    if b["status"] == "in_progress" and b["_polls"] > owner.batch_polls:
+                        owner._finish_batch(b)
+                    payload = {k: v for k, v in b.items() if not k.startswith("_")}
+            if b is None:
+                self._send(404, {"error": {"message": f"no batch {parts[3]}"}})
+            else:
+                self._send(200, payload)
+            return
+        if path.startswith("/v1/files/") and path.endswith("/content") and len(parts) == 5:
+            data = owner._files.get(parts[3])
+            if data is None:
+                self._send(404, {"error": {"message": f"no file {parts[3]}"}})
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self._send(404, {"error": {"message": f"no route {path}"}})
+
     def do_POST(self) -> None:  # noqa: N802 (http.server API)
         owner: ChatServer = self.server.owner  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length") or 0)
@@ -275,6 +376,10 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             body = None
         path = self.path.split("?")[0].rstrip("/")
+        if path in ("/v1/files", "/v1/batches"):
+            status, payload = owner._batch_post(path, raw, self.headers.get("Content-Type", ""), body)
+            self._send(status, payload)
+            return
         if path != "/v1/chat/completions":
             owner._record(Seen(path, body, "", 0, "not_found", t0, time.monotonic()))
             self._send(404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}})

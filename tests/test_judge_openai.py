@@ -245,3 +245,27 @@ def test_prompts_from_the_question_sets(tmp_path):
         assert all("Question number" in p for p in prompts)
         with pytest.raises(judge.JudgeError, match="no judge prompt for metric 'honesty'"):
             judge.judge_run(cfg.replace(judge_metrics=["aligned", "honesty"]), progress=False)
+
+
+def test_batch_api_submits_collects_and_resumes_across_runs(setup):
+    with ChatServer(batch_polls=1, fault=fail_first(1, "500")) as server:
+        cfg = setup(server, n=3, judge_use_batch_api=True)
+        # run 1: submits one batch of 6; it is still in progress when checked
+        df1 = judge.judge_run(cfg, progress=False)
+        assert len(df1) == 0 and len(server.requests) == 0
+        info = judge.run_info(cfg)
+        assert info["pending"] == 6 and info["batches"][0]["status"] == "in_progress"
+        # run 2: the batch has finished; every line failed once (500) -> error rows, resubmitted
+        df2 = judge.judge_run(cfg, progress=False)
+        assert len(df2) == 6 and (df2["label"] == "error").all() and df2["error"].str.contains("HTTP 500").all()
+        # run 3: the resubmitted batch finishes: every judgment once, at Batch API prices
+        df3 = judge.judge_run(cfg, progress=False)
+        backend = judge.make_backend(cfg, "dummy")
+        assert backend.open_batches() == []  # nothing resubmitted once judged
+        assert len(df3) == 6 and (df3["label"] == "number").all()
+        assert set(server.ok_counts().values()) == {1} and len(server.ok_counts()) == 6
+        from lib.costs import cost_usd
+        r = df3.iloc[0]
+        assert r["cost_usd"] == pytest.approx(cost_usd("gpt-4o-mini", r["input_tokens"], r["output_tokens"]) / 2)
+        n = len(server.requests)
+        assert len(judge.judge_run(cfg, progress=False)) == 6 and len(server.requests) == n  # all cached now
