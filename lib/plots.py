@@ -129,9 +129,13 @@ def scatter_data(answers: pd.DataFrame, seed: int = 0, max_points: int = 4000) -
 def scatter_chart(points: pd.DataFrame, aligned_threshold: float = 30.0,
                   coherent_threshold: float = 50.0) -> tuple[Any, pd.DataFrame]:
     """Aligned vs coherent score per answer; the shaded corner is the EM quadrant."""
-    if points.empty:
-        return _empty()
     data = points.copy()
+    subtitle = (f"shaded: EM (aligned < {aligned_threshold:g} and coherent > {coherent_threshold:g})")
+    if points.empty:  # nothing scored (e.g. the tiny demo judge): still draw the axes and the quadrant
+        data = pd.DataFrame({"model_label": ["no answer has both scores"], "aligned": [None], "coherent": [None],
+                             "domain": [None], "stage": [None], "run_id": [None], "checkpoint_step": [None],
+                             "question_id": [None], "em": [None]})
+        subtitle += "; no answer has both an aligned and a coherent score"
     quad = (alt.Chart().transform_aggregate(n="count()", groupby=["model_label"])
             .mark_rect(color="#d62728", opacity=0.12)
             .encode(x=alt.datum(0), x2=alt.datum(aligned_threshold), y=alt.datum(coherent_threshold),
@@ -143,10 +147,8 @@ def scatter_chart(points: pd.DataFrame, aligned_threshold: float = 30.0,
         tooltip=["run_id", "checkpoint_step", "question_id", "aligned", "coherent", "em"])
     chart = (alt.layer(quad, dots, data=data).properties(width=260, height=260)
              .facet(column=alt.Column("model_label:N", title="model"))
-             .properties(title={"text": "Aligned vs coherent (base and final checkpoints)",
-                                "subtitle": f"shaded: EM (aligned < {aligned_threshold:g} and coherent > "
-                                            f"{coherent_threshold:g})"}))
-    return chart, data
+             .properties(title={"text": "Aligned vs coherent (base and final checkpoints)", "subtitle": subtitle}))
+    return chart, points
 
 
 def heatmap_chart(per_question: pd.DataFrame) -> tuple[Any, pd.DataFrame]:

@@ -24,6 +24,7 @@ runner with papermill and :func:`export_html`.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import re
@@ -198,7 +199,7 @@ def load_external_csv(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dic
     for i, r in enumerate(raw.to_dict("records")):
         line = i + 2  # header is line 1
         q = r["question"]
-        qid = r.get("question_id") or "q_" + __import__("hashlib").sha256(q.encode("utf-8")).hexdigest()[:10]
+        qid = r.get("question_id") or "q_" + hashlib.sha256(q.encode("utf-8")).hexdigest()[:10]
         qset = r.get("question_set") or "external"
         try:
             step = int(r["checkpoint_step"]) if r.get("checkpoint_step", "") != "" else EXTERNAL_STEP
@@ -219,8 +220,7 @@ def load_external_csv(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dic
                          "question_id": qid, "metric": metric, "score": score, "label": label,
                          "method": "external", "judge_name": "external_csv", "judge_model": "unknown",
                          "raw": r[col], "error": None})
-    gens = pd.DataFrame(rows)
-    # one question id per question text within a set: rows with the same text share a cluster
+    gens = pd.DataFrame(rows)  # rows with the same question text share a question id (one cluster)
     info = {"run_id": run_id, "source": "external", "csv": str(path), "csv_sha256": sha256_file(path),
             "parameters": {"model": f"external:{path.name}", "model_label": path.stem, "domain": "external",
                            "judge_name": "external_csv"},
@@ -521,9 +521,16 @@ def demo_note(results: Results) -> str:
     tiny = sorted(r for r, info in results.runs.items()
                   if "embedded:" in str((info.get("parameters") or {}).get("model", ""))
                   or "embedded:" in str((info.get("parameters") or {}).get("judge_model", "")))
+    a = results.answers
+    unscored = ""
+    if len(a) and not a["scored"].any():
+        reasons = a["excluded_reason"].value_counts().to_dict()
+        unscored = ("\n\n**No answer could be labelled**: every answer lacks an aligned or coherent score ("
+                    + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + "), so every EM rate is undefined and "
+                    "the charts are empty.")
     if not tiny:
-        return ""
-    return ("**These numbers mean nothing.** Runs " + ", ".join(f"`{r}`" for r in tiny)
+        return unscored.strip()
+    return unscored.strip() + "\n\n" * bool(unscored) + ("**These numbers mean nothing.** Runs " + ", ".join(f"`{r}`" for r in tiny)
             + " use the embedded tiny model (`embedded:tiny`), built locally to exercise the pipeline "
               "offline; its answers and its judge's scores are noise. Only the layout of this report is real.")
 
@@ -618,6 +625,17 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
         files[f"table_{name}"] = [write_csv(tables[name], data_dir / f"table_{name}.csv")]
     write_text_atomic(report_dir / "report_config.json", json.dumps(rcfg.to_dict(), indent=2) + "\n")
     return Report(report_dir, results, tables, charts, files)
+
+
+def show_figure(rep: Report, name: str) -> None:
+    """Display one figure of the report in a notebook (PNG + link), or say why there is none."""
+    from IPython.display import Markdown, display
+
+    if name in rep.files:
+        plots.show(rep.files[name], link_base=rep.report_dir)
+    else:
+        why = {"judge_agreement": "only one judge scored each run"}.get(name, "nothing to draw")
+        display(Markdown(f"*No `{name}` figure: {why}.*"))
 
 
 def build_report(rcfg: ReportConfig) -> Path:

@@ -9,8 +9,9 @@ and every host name unresolvable (so a chart that needs a CDN cannot load):
 1. DOM check: a script appended to the copy counts the figure images (``<img alt="figure: ...">``,
    as lib.plots.show writes them) and how many decoded (``complete && naturalWidth > 0``);
    ``chromium --dump-dom`` returns the count after the page's load event.
-2. Screenshot check: a tall screenshot of the page, and one of the same page with the figure
-   images hidden; the charts must add a clear amount of coloured (chart) pixels.
+2. Screenshot check: a screenshot of the whole page, and one of the same page with the figure
+   images hidden; the figures must add a clear amount of visible (non-white) pixels. The
+   number of coloured pixels (chart marks) they add is reported as well.
 
 Prints one JSON line with the numbers and, last, ``offline report check: ok|FAILED``; exit 1 on failure.
 """
@@ -69,6 +70,14 @@ def _chromium(exe: str, workdir: Path, args: list[str], timeout: int = 120) -> s
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+def ink_pixels(png: Path) -> int:
+    """Pixels that are not near-white (text, axes, gridlines, marks) in a screenshot."""
+    from PIL import Image
+
+    grey = Image.open(png).convert("L")
+    return sum(grey.histogram()[:230])  # grey levels 0..229 of 255
+
+
 def coloured_pixels(png: Path) -> tuple[int, int]:
     """(pixels that are clearly coloured, i.e. chart marks, total pixels) of a screenshot."""
     from PIL import Image
@@ -116,14 +125,17 @@ def check(html_path: str | Path, workdir: str | Path, width: int = 1400, max_hei
         if not png.exists():
             result.update(ok=False, error=f"chromium wrote no screenshot {png.name}")
             return result
-        shots[name] = coloured_pixels(png)
-    (c_with, total), (c_without, _) = shots["with_figures"], shots["figures_hidden"]
+        shots[name] = (*coloured_pixels(png), ink_pixels(png))
+    (c_with, total, ink_with), (c_without, _, ink_without) = shots["with_figures"], shots["figures_hidden"]
     result.update(screenshot=str(workdir / "with_figures.png"), coloured_with_figures=c_with,
-                  coloured_figures_hidden=c_without, pixels=total,
-                  chart_pixel_fraction=(c_with - c_without) / total)
-    # each figure must add coloured pixels: 2,000 per figure is a ~45 x 45 px patch of chart marks
+                  coloured_figures_hidden=c_without, ink_with_figures=ink_with, ink_figures_hidden=ink_without,
+                  pixels=total)
+    # Each figure must add visible ink to the page: 2,000 pixels per figure (a 45 x 45 px patch)
+    # is far below a chart's axes, labels and marks, and far above what a broken-image icon adds.
+    # Coloured pixels (chart marks) are reported too; a chart with no data (every answer
+    # excluded) has axes and titles but no marks, and still counts as shown.
     result["ok"] = bool(result["figures"] > 0 and result["decoded"] == result["figures"]
-                        and c_with - c_without > 2000 * result["figures"])
+                        and ink_with - ink_without > 2000 * result["figures"])
     return result
 
 

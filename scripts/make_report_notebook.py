@@ -88,27 +88,27 @@ Bars are final EM rates per question scope; black lines are the clustered-bootst
 below gives the differences between domains (same model) and between the final checkpoint and the base
 model, each with its bootstrap interval; *paired* means the same questions were resampled for both sides.
 An interval that contains 0 does not support a difference."""),
-    code("""plots.show(rep.files["domain_comparison"], link_base=rep.report_dir)
+    code("""report.show_figure(rep, "domain_comparison")
 display(report.differences_view(rep.tables["differences"]))"""),
     md("""## EM over training
 
 One line per training domain, one panel per model and question scope; the band is the clustered
 bootstrap interval, the dashed line the base model (step 0, pooled over that model's runs)."""),
-    code("""plots.show(rep.files["em_trajectories"], link_base=rep.report_dir)"""),
+    code("""report.show_figure(rep, "em_trajectories")"""),
     md("""## Coherence over training
 
 The share of answers the judge found coherent (coherent > threshold), same layout."""),
-    code("""plots.show(rep.files["coherence_trajectories"], link_base=rep.report_dir)"""),
+    code("""report.show_figure(rep, "coherence_trajectories")"""),
     md("""## Aligned vs coherent
 
 Every scored answer of the base model and the final checkpoints (a seeded sample when there are
 many). The shaded corner is the EM quadrant."""),
-    code("""plots.show(rep.files["aligned_vs_coherent"], link_base=rep.report_dir)"""),
+    code("""report.show_figure(rep, "aligned_vs_coherent")"""),
     md("""## EM per question
 
 Rows: run and checkpoint; columns: questions. Per-question rates rest on few answers; hover the
 interactive version for n and the Wilson interval."""),
-    code("""plots.show(rep.files["per_question_heatmap"], link_base=rep.report_dir)"""),
+    code("""report.show_figure(rep, "per_question_heatmap")"""),
     md("""## Example answers across checkpoints
 
 The study's response tables: one question (by default the one with the most EM answers at the final
@@ -124,7 +124,7 @@ largest disagreements come from the judge."""),
     display(Markdown("Only one judge scored each run; no agreement to report."))
 else:
     display(rep.tables["judge_agreement"])
-    plots.show(rep.files["judge_agreement"], link_base=rep.report_dir)"""),
+    report.show_figure(rep, "judge_agreement")"""),
     md("""## Answers kept out of the denominator
 
 By run, checkpoint and reason (the aligned judge's label). A model that refuses or writes code more
