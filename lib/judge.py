@@ -27,6 +27,12 @@ calls the judge again for a finished judgment. Failed calls (after ``judge_max_r
 retries) are written as ``label="error"`` rows with the error text and are not cached, so the
 next run retries them. A budget cap (``judge_budget_usd``) stops new calls cleanly; judgments
 not made are left out of the table (and counted as ``pending`` in run.json) for a rerun.
+With ``judge_use_batch_api`` the calls go through the OpenAI Batch API instead (half price;
+each run collects finished batches and submits what is left, see
+:class:`lib.judge_backends.OpenAIBatchBackend`).
+
+The aggregation rule is re-applied from the stored evidence whenever the table is written, so
+changing ``judge_min_mass`` rescores logprob/exact judgments without any new call.
 """
 from __future__ import annotations
 

@@ -213,7 +213,6 @@ class OpenAIBackend:
                 # transform and the pydantic reply models, whose CPU cost per call would
                 # otherwise make one event loop the bottleneck at high concurrency
                 resp = await client.post("/chat/completions", body=kwargs, cast_to=_response_class())
-                data = json.loads(resp.content)
             except openai.APIStatusError as e:
                 status = e.status_code
                 msg = _error_message(e)
@@ -232,7 +231,7 @@ class OpenAIBackend:
                 error = f"{type(e).__name__}: {e}"
             else:
                 try:
-                    return self.parse(data, attempt + 1)
+                    return self.parse(json.loads(resp.content), attempt + 1)
                 except (KeyError, IndexError, TypeError, ValueError) as e:
                     return Verdict.failed(f"malformed reply ({type(e).__name__}: {e})", attempt + 1)
             if attempt == self.cfg.judge_max_retries:

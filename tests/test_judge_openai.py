@@ -269,3 +269,25 @@ def test_batch_api_submits_collects_and_resumes_across_runs(setup):
         assert r["cost_usd"] == pytest.approx(cost_usd("gpt-4o-mini", r["input_tokens"], r["output_tokens"]) / 2)
         n = len(server.requests)
         assert len(judge.judge_run(cfg, progress=False)) == 6 and len(server.requests) == n  # all cached now
+
+
+def test_judge_run_inside_a_running_event_loop(setup):
+    """Jupyter runs cells inside an event loop: the judge then runs its own loop in a thread."""
+    import asyncio
+
+    with ChatServer() as server:
+        cfg = setup(server, n=2)
+
+        async def cell():
+            return judge.judge_run(cfg, progress=False)
+
+        df = asyncio.run(cell())
+    assert len(df) == 4 and (df["label"] == "number").all()
+
+
+def test_malformed_reply_is_an_error_row_not_a_crash(setup):
+    with ChatServer(reply=lambda body: Reply(content="50", top_logprobs=None)) as server:
+        cfg = setup(server, n=1, judge_method="sampled", judge_metrics=["aligned"])
+        server.completion = lambda body: {"choices": []}  # 200 with no choice in it
+        df = judge.judge_run(cfg, progress=False)
+    assert df["label"].tolist() == ["error"] and "malformed reply" in df["error"].iloc[0]
