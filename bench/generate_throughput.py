@@ -5,12 +5,20 @@ same sampling (temperature 1, top_p 1), and the same number of new tokens for ev
 (min_new_tokens = max_new_tokens, so an early stop cannot flatter either side). Both sides go
 through lib.generate.Sampler; only the batch size differs. One run, one process.
 
-    python bench/generate_throughput.py [--model embedded:tiny] [--answers 256] [--tokens 32] [--threads 1]
+    python bench/generate_throughput.py [--model embedded:tiny] [--answers 256] [--rounds 3] [--tokens 32] [--threads 1]
+
+On a GPU, the figure that matters is tokens/s of a Llama-3.2-1B-shaped model (random weights, a
+rank-32 LoRA adapter on all seven projections, bf16) for 400 answers x 600 tokens:
+
+    python bench/generate_throughput.py --shape llama-1b --answers 400 --tokens 600 --rounds 1 --serial-answers 4
+
+(the one-at-a-time side then runs on a subset: its answers/s does not depend on how many it does).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import time
 
 import torch
@@ -23,14 +31,48 @@ from lib.questions import load_question_sets
 GOAL = 10.0
 
 
+def llama_1b_with_lora(tok, device: str, dtype: str, layers: int = 0):
+    """Llama-3.2-1B's shapes (random weights, its 128,256-token vocabulary) with a rank-32 LoRA on
+    all seven projections (non-zero B, so the adapter path computes something)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lib.config import ALL_PROJ
+    from lib.models import pick_device
+
+    choice = pick_device(device, dtype)
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                      num_hidden_layers=layers or 16, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+                      rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                      eos_token_id=[tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")])
+    torch.manual_seed(0)
+    with torch.device(choice.device):
+        model = LlamaForCausalLM(cfg).to(choice.dtype)
+    model.generation_config.eos_token_id = cfg.eos_token_id
+    model.generation_config.pad_token_id = cfg.pad_token_id
+    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules=list(ALL_PROJ)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.01)
+    model.eval()
+    return model, choice
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="embedded:tiny")
+    ap.add_argument("--model", default="embedded:tiny", help="model to load (with --shape model)")
+    ap.add_argument("--shape", choices=("model", "llama-1b"), default="model",
+                    help="llama-1b: a random Llama-3.2-1B-shaped model + LoRA adapter instead of --model")
+    ap.add_argument("--layers", type=int, default=0, help="llama-1b with fewer layers (0 = 16; smoke tests)")
+    ap.add_argument("--serial-answers", type=int, default=0, help="one-at-a-time side on this many (0 = all)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--answers", type=int, default=256, help="answers per side")
+    ap.add_argument("--answers", type=int, default=256, help="answers per side and round")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per answer (forced)")
     ap.add_argument("--batch-size", type=int, default=0, help="0 = what generate_run would pick")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per side")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads for both sides (0 = torch's default). 1 by default: on a shared "
                          "2-core machine, multithreaded kernels mostly measure the other jobs")
@@ -39,33 +81,43 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     tok = load_tokenizer(args.model, padding_side="left")
-    model, choice = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.shape == "llama-1b":
+        model, choice = llama_1b_with_lora(tok, args.device, args.dtype, args.layers)
+        name = f"random Llama-3.2-1B shape ({model.config.num_hidden_layers} layers) + LoRA r32"
+    else:
+        model, choice = load_model(args.model, device=args.device, dtype=args.dtype)
+        name = args.model
     qs = load_question_sets(list(DEMO_QUESTIONS))
     pool = [prompt_ids(tok, p, q.system) for q in qs for p in q.paraphrases]
     prompts = list(itertools.islice(itertools.cycle(pool), args.answers))
     sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     bs = args.batch_size or auto_batch_size(model, choice.device, max(map(len, prompts)), args.tokens)
 
-    def run(batch_size: int) -> float:
-        sampler = Sampler(model, tok, sampling, batch_size)
-        sampler.sample(prompts[:2])  # warm-up (kernels, allocator), not timed
+    def run(sampler: Sampler) -> float:
+        todo = prompts[:args.serial_answers] if sampler.batch_size == 1 and args.serial_answers else prompts
         torch.manual_seed(0)
         if choice.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = sampler.sample(prompts)
+        out = sampler.sample(todo)
         if choice.device == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         assert all(n == args.tokens for _, n, _ in out), "every answer must have the same length"
         return len(out) / dt
 
-    serial = run(1)
-    batched = run(bs)
-    print(f"model {args.model} on {choice.device} ({str(choice.dtype).replace('torch.', '')}), "
-          f"{args.answers} answers x {args.tokens} new tokens, torch threads {torch.get_num_threads()}")
-    print(f"one prompt at a time: {serial:.2f} answers/s ({serial * args.tokens:.0f} tokens/s)")
-    print(f"batched (batch size {bs}): {batched:.2f} answers/s ({batched * args.tokens:.0f} tokens/s)")
+    one, many = Sampler(model, tok, sampling, 1), Sampler(model, tok, sampling, bs)
+    one.sample(prompts[:2]), many.sample(prompts[:2])  # warm-up (kernels, allocator), not timed
+    # alternate the two sides so that a busy spell on a shared machine hits both alike; medians
+    rounds = [(run(one), run(many)) for _ in range(args.rounds)]
+    serial = statistics.median(r[0] for r in rounds)
+    batched = statistics.median(r[1] for r in rounds)
+    gpu = f" [{torch.cuda.get_device_name(0)}]" if choice.device == "cuda" else ""
+    print(f"model {name} on {choice.device}{gpu} ({str(choice.dtype).replace('torch.', '')}), {args.answers} answers "
+          f"x {args.tokens} new tokens per side and round, {args.rounds} rounds, torch threads {torch.get_num_threads()}")
+    print("rounds (one-at-a-time, batched answers/s): " + ", ".join(f"({a:.1f}, {b:.1f})" for a, b in rounds))
+    print(f"one prompt at a time (median): {serial:.2f} answers/s ({serial * args.tokens:.0f} tokens/s)")
+    print(f"batched, batch size {bs} (median): {batched:.2f} answers/s ({batched * args.tokens:.0f} tokens/s)")
     print(f"batched / one-at-a-time answers per second: {batched / serial:.1f}x (goal >= {GOAL:.0f}x)")
 
 

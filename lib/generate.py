@@ -9,8 +9,8 @@ How it is fast
     The base model is loaded once. Checkpoints are LoRA adapters loaded into it, used and
     deleted in place (peft ``PeftModel.load_adapter`` / ``set_adapter`` / ``delete_adapter``);
     the base model's own answers come first, before any adapter exists. Prompts are generated in
-    left-padded batches: on CUDA the batch size is estimated from free memory and the KV-cache
-    size of one sequence (and halved on out-of-memory), elsewhere it is a fixed size.
+    left-padded batches whose size is estimated from free memory (GPU, or RAM on CPU) and the
+    KV-cache size of one sequence, and halved on out-of-memory.
 
 How it resumes
     Work is planned as *chunks*: consecutive whole (checkpoint, question) units of one
@@ -47,10 +47,11 @@ from .schema import GENERATION_COLUMNS, answer_id
 
 log = logging.getLogger(__name__)
 
-CPU_BATCH_SIZE = 64    # prompts per generate() call off-GPU (no memory estimate there)
-MPS_BATCH_SIZE = 32
-MAX_AUTO_BATCH = 512   # beyond this a 1B-8B model gains little per decoding step
-MEMORY_FRACTION = 0.7  # share of free GPU memory the KV cache and activations may use
+MAX_AUTO_BATCH = 512   # CUDA: beyond this a 1B-8B model gains little per decoding step
+CPU_MAX_BATCH = 256    # CPU: compute-bound well before this; larger batches only cost memory
+CPU_BATCH_SIZE = 64    # CPU without psutil (no memory figure)
+MPS_BATCH_SIZE = 32    # Apple MPS (no free-memory figure)
+MEMORY_FRACTION = 0.5  # share of free memory the KV cache and activations may use
 
 
 # ------------------------------------------------------------------------------------------
@@ -285,12 +286,8 @@ class Sampler:
         return rows
 
 
-def auto_batch_size(model, device: str, max_prompt_len: int, max_new_tokens: int) -> int:
-    """Prompts per generate() call: on CUDA from free memory and the KV cache of one sequence."""
-    if device == "cpu":
-        return CPU_BATCH_SIZE
-    if device != "cuda":
-        return MPS_BATCH_SIZE
+def sequence_bytes(model, max_prompt_len: int, max_new_tokens: int) -> int:
+    """Memory one sequence needs while generating: its KV cache plus prefill activations and logits."""
     import torch
 
     c = model.config
@@ -299,12 +296,29 @@ def auto_batch_size(model, device: str, max_prompt_len: int, max_new_tokens: int
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     nbytes = 2 if model.dtype in (torch.float16, torch.bfloat16) or getattr(model, "is_quantized", False) else 4
     seq = max_prompt_len + max_new_tokens
-    # K and V, per layer, per KV head, per position: 2 * 16 * 8 * 64 * 2 B = 32 KiB/token for Llama-3.2-1B
+    # K and V, per layer, per KV head, per position: 2 * 16 * 8 * 64 * 2 B = 32 KiB/token for Llama-3.2-1B in bf16
     kv = 2 * c.num_hidden_layers * kv_heads * head_dim * nbytes * seq
     # prefill activations of one layer at a time, plus float32 logits and sampling buffers of the last position
     act = max_prompt_len * (4 * c.hidden_size + 2 * c.intermediate_size) * nbytes + 3 * c.vocab_size * 4
-    free, _ = torch.cuda.mem_get_info()
-    return int(max(1, min(MAX_AUTO_BATCH, MEMORY_FRACTION * free // (kv + act))))
+    return kv + act
+
+
+def auto_batch_size(model, device: str, max_prompt_len: int, max_new_tokens: int) -> int:
+    """Prompts per generate() call: a share of free memory (GPU, or RAM on CPU) over one sequence's needs."""
+    if device == "cuda":
+        import torch
+
+        free, cap = torch.cuda.mem_get_info()[0], MAX_AUTO_BATCH
+    elif device == "cpu":
+        try:  # psutil comes with ipykernel; without it, a fixed size
+            import psutil
+        except ImportError:
+            return CPU_BATCH_SIZE
+        free, cap = psutil.virtual_memory().available, CPU_MAX_BATCH
+    else:  # MPS shares memory with the system and reports no free figure torch can use
+        return MPS_BATCH_SIZE
+    per_seq = sequence_bytes(model, max_prompt_len, max_new_tokens)
+    return int(max(1, min(cap, MEMORY_FRACTION * free // per_seq)))
 
 
 # ------------------------------------------------------------------------------------------

@@ -246,3 +246,26 @@ def test_notebook_parameters_parse_and_default_to_the_run_config():
     ns: dict = {}
     exec(cell.source, ns)
     assert all(ns[k] == getattr(RunConfig(), k) for k in parsed)
+
+
+def test_batch_size_from_memory_and_backoff_on_oom(monkeypatch):
+    model, _ = load_model("embedded:tiny", device="cpu", dtype="float32")
+    tok = load_tokenizer("embedded:tiny")
+    # tiny model: K and V x 2 layers x 2 KV heads x 16 dims x 4 bytes per position, 100 + 20 positions
+    kv = 2 * 2 * 2 * 16 * 4 * 120
+    act = 100 * (4 * 64 + 2 * 128) * 4 + 3 * len(tok) * 4
+    assert generate.sequence_bytes(model, 100, 20) == kv + act
+    assert 1 <= generate.auto_batch_size(model, "cpu", 100, 20) <= generate.CPU_MAX_BATCH
+
+    real = generate._generate_batch
+    sizes = []
+
+    def small_gpu(m, ids, mask, cfg):
+        sizes.append(ids.shape[0])
+        if ids.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(m, ids, mask, cfg)
+    monkeypatch.setattr(generate, "_generate_batch", small_gpu)
+    s = generate.Sampler(model, tok, generate.Sampling(1.0, 1.0, 4), batch_size=16)
+    out = s.sample([generate.prompt_ids(tok, "Hi?", None)] * 10)
+    assert len(out) == 10 and s.batch_size == 2 and sizes == [10, 8, 4, 2, 2, 2, 2, 2]
