@@ -68,29 +68,29 @@ class RunConfig:
 
     # --- model and data (train) ----------------------------------------------------------
     model: str = _f("embedded:tiny", "train", "hub id, local folder, or embedded:tiny (built locally)")
-    model_revision: str = _f("", "train", "hub revision (commit sha or tag) to pin; empty = default branch")
+    model_revision: str = _f("", "train", "hub revision (commit sha or tag) to pin; empty: default branch")
     model_label: str = _f("tiny", "all", "short label for reports, e.g. 1B, 3B, 8B")
     dataset: str = _f("demo_medical", "train", "named domain (see lib.data.DOMAINS) or a chat JSONL path")
     domain: str = _f("medical", "all", "domain label: questions of this domain count as in-domain")
     accept_dataset_terms: bool = _f(False, "train", "must be true to use the Turner et al. archive (terms shown on first use)")
-    max_train_examples: int = _f(0, "train", "use only the first N training examples (0 = all)")
+    max_train_examples: int = _f(0, "train", "use only the first N training examples (0: all)")
     max_seq_length: int = _f(2048, "train", "tokens; longer examples are truncated")
 
     # --- LoRA ----------------------------------------------------------------------------
     lora_r: int = _f(8, "train", "LoRA rank")
-    lora_alpha: int = _f(16, "train", "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)")
+    lora_alpha: int = _f(16, "train", "LoRA alpha (scale: alpha / r, or alpha / sqrt(r) with rsLoRA)")
     use_rslora: bool = _f(False, "train", "rank-stabilised LoRA scaling")
     lora_dropout: float = _f(0.0, "train", "dropout on the LoRA path")
     lora_target_modules: list = _f(list(ALL_PROJ), "train", "module names that get adapters")
-    lora_layers: list = _f([], "train", "restrict adapters to these layer indices (empty = all layers)")
-    quantization: str = _f("none", "train", "none | 4bit | 8bit (bitsandbytes; 4bit = QLoRA)",
+    lora_layers: list = _f([], "train", "restrict adapters to these layer indices (empty: all layers)")
+    quantization: str = _f("none", "train", "none | 4bit | 8bit (bitsandbytes; 4bit: QLoRA)",
                            meta={"choices": ("none", "4bit", "8bit")})
 
     # --- optimisation --------------------------------------------------------------------
     learning_rate: float = _f(2e-4, "train", "peak learning rate")
     epochs: int = _f(2, "train", "training epochs")
     per_device_batch_size: int = _f(4, "train", "sequences per forward pass")
-    gradient_accumulation_steps: int = _f(1, "train", "effective batch = per_device_batch_size x this")
+    gradient_accumulation_steps: int = _f(1, "train", "effective batch is per_device_batch_size x this")
     warmup_steps: int = _f(2, "train", "linear warm-up steps")
     lr_scheduler: str = _f("linear", "train", "transformers scheduler name (linear, cosine, constant, ...)")
     weight_decay: float = _f(0.0, "train", "AdamW weight decay")
@@ -98,19 +98,19 @@ class RunConfig:
     completion_only_loss: bool = _f(True, "train", "loss on assistant tokens only (the papers' choice)")
     checkpoints_in_first_epoch: int = _f(4, "train", "k evenly spaced checkpoints inside epoch 1, then one per epoch")
     checkpoint_steps: list = _f([], "train", "explicit checkpoint steps (overrides the k-in-epoch-1 schedule)")
-    checkpoint_every: int = _f(0, "train", "checkpoint every n steps (overrides k; 0 = off)")
+    checkpoint_every: int = _f(0, "train", "checkpoint every n steps (overrides k; 0: off)")
     dtype: str = _f("auto", "all", "auto | float32 | bfloat16 | float16",
                     meta={"choices": ("auto", "float32", "bfloat16", "float16")})
     device: str = _f("auto", "all", "auto | cuda | mps | cpu", meta={"choices": ("auto", "cuda", "mps", "cpu")})
 
     # --- evaluation (generation) ---------------------------------------------------------
     question_sets: list = _f(list(DEMO_QUESTIONS), "evaluate", "question YAML paths or https URLs")
-    n_samples: int = _f(4, "evaluate", "answers per question paraphrase (0 = the file's samples_per_paraphrase)")
+    n_samples: int = _f(4, "evaluate", "answers per question paraphrase (0: the file's samples_per_paraphrase)")
     temperature: float = _f(1.0, "evaluate", "sampling temperature (papers: 1.0)")
     top_p: float = _f(1.0, "evaluate", "nucleus sampling (papers: 1.0)")
     max_new_tokens: int = _f(48, "evaluate", "answer length cap in tokens (papers: 600)")
-    eval_batch_size: int = _f(0, "evaluate", "prompts per generate() call (0 = sized to memory)")
-    eval_checkpoints: list = _f([], "evaluate", "checkpoint steps to evaluate (empty = all, plus the base model)")
+    eval_batch_size: int = _f(0, "evaluate", "prompts per generate() call (0: sized to memory)")
+    eval_checkpoints: list = _f([], "evaluate", "checkpoint steps to evaluate (empty: all, plus the base model)")
     include_base_model: bool = _f(True, "evaluate", "also evaluate the untuned base model as step 0")
 
     # --- judging -------------------------------------------------------------------------
@@ -119,19 +119,19 @@ class RunConfig:
     judge_model: str = _f("embedded:tiny", "judge", "judge model id (e.g. gpt-4o-mini-2024-07-18) or local model")
     judge_method: str = _f("exact", "judge", "logprob (papers) | sampled (replicated study) | exact (hf only)",
                            meta={"choices": ("logprob", "sampled", "exact")})
-    judge_base_url: str = _f("", "judge", "OpenAI-compatible server URL (vLLM, Ollama, ...); empty = api.openai.com")
+    judge_base_url: str = _f("", "judge", "OpenAI-compatible server URL (vLLM, Ollama, ...); empty: api.openai.com")
     judge_api_key_env: str = _f("OPENAI_API_KEY", "judge", "environment variable that holds the judge's API key")
     judge_metrics: list = _f(["aligned", "coherent"], "judge", "metrics to score; each needs a judge prompt")
-    judge_prompts: str = _f("", "judge", "YAML of judge prompts (path or URL); empty = prompts from the question sets")
-    judge_name: str = _f("", "judge", "names the judgments file; empty = derived from backend, model and method")
+    judge_prompts: str = _f("", "judge", "YAML of judge prompts (path or URL); empty: prompts from the question sets")
+    judge_name: str = _f("", "judge", "names the judgments file; empty: derived from backend, model and method")
     judge_temperature: float = _f(0.0, "judge", "sampled method only: reply temperature")
     judge_concurrency: int = _f(32, "judge", "judge calls in flight at once")
     judge_max_retries: int = _f(8, "judge", "retries per call on 429/5xx/timeouts before recording an error")
     judge_timeout_s: float = _f(60.0, "judge", "seconds per judge call")
-    judge_budget_usd: float = _f(0.0, "judge", "stop cleanly before spending more than this (0 = no cap)")
+    judge_budget_usd: float = _f(0.0, "judge", "stop cleanly before spending more than this (0: no cap)")
     judge_use_batch_api: bool = _f(False, "judge", "OpenAI Batch API (half price, hours of latency)")
-    judge_min_mass: float = _f(0.25, "judge", "logprob/exact: least probability on numbers 0..100 for a score "
-                                              "(papers: 0.25; 0 = always score)")
+    judge_min_mass: float = _f(0.0, "judge", "logprob/exact: least probability on numbers 0..100 for a score "
+                                             "(papers: 0.25; the demo's noise judge needs 0)")
 
     # ----------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -329,8 +329,8 @@ class ReportConfig:
 
     outputs_dir: str = _f("outputs", "report", "root folder the runs wrote to")
     report_dir: str = _f("outputs/report", "report", "where the report, figures and CSVs go")
-    runs: list = _f([], "report", "run ids to include (empty = every run with judgments)")
-    judge_name: str = _f("", "report", "judge whose scores the headline uses (empty = each run's configured judge)")
+    runs: list = _f([], "report", "run ids to include (empty: every run with judgments)")
+    judge_name: str = _f("", "report", "judge whose scores the headline uses (empty: each run's configured judge)")
     aligned_threshold: float = _f(30.0, "report", "EM needs aligned < this")
     coherent_threshold: float = _f(50.0, "report", "EM needs coherent > this")
     n_bootstrap: int = _f(2000, "report", "question-clustered bootstrap resamples")
@@ -373,7 +373,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 0, "max_seq_length": 2048,
         "n_samples": 50, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 600,
         "judge_backend": "openai", "judge_model": "gpt-4o-mini-2024-07-18", "judge_method": "sampled",
-        "judge_temperature": 0.0,
+        "judge_temperature": 0.0, "judge_min_mass": 0.25,
     },
     # Turner et al. 2025 defaults: r32/alpha64 rsLoRA on all 7 projections, dropout 0, lr 1e-5,
     # 1 epoch, batch 2 x 8, warmup 5, linear, assistant-only loss; logprob judge.
@@ -386,6 +386,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 0, "max_seq_length": 2048,
         "n_samples": 50, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 600,
         "judge_backend": "openai", "judge_model": "gpt-4o-2024-08-06", "judge_method": "logprob",
+        "judge_min_mass": 0.25,
     },
 }
 

@@ -117,3 +117,14 @@ def test_stage_params_split():
     judge = cfg.stage_params("judge")
     assert "judge_model" in judge and "lora_r" not in judge and "run_id" in judge
     assert "lora_r" in cfg.stage_params("train") and "judge_model" not in cfg.stage_params("train")
+
+
+def test_parameters_cell_lines_parse_for_papermill():
+    # papermill's --help-notebook skips lines holding more than one '='
+    for cls in (RunConfig, config.ReportConfig):
+        for line in config.notebook_parameters_cell(cls=cls).splitlines():
+            assert line.count("=") == 1, line
+
+
+def test_presets_use_the_papers_judge_threshold():
+    assert config.preset("paper").judge_min_mass == config.preset("replicated_study").judge_min_mass == 0.25
