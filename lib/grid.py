@@ -290,19 +290,31 @@ def outputs_present(stage: str, cfg: RunConfig) -> bool:
     raise ValueError(stage)
 
 
+def why_run(stage: str, record: dict[str, Any], finger: str, present: bool, options: Options) -> str | None:
+    """Why a stage must execute, or None when it is up to date (same fingerprint, output present)."""
+    done = record.get(stage, {})
+    if stage in options.force:
+        return "forced"
+    if done.get("fingerprint") == finger and present:
+        return None
+    if record.get("last", {}).get(stage, {}).get("status") == "failed":
+        return "retry after a failure"
+    if not done:
+        return "first run"
+    return "inputs or parameters changed" if present else "output missing"
+
+
 def _run_notebook_stage(run: str, stage: str, folder: Path, finger: str, present: bool,
                         nb_in: Path, nb_out: Path, parameters: dict[str, Any], options: Options,
                         extra: dict[str, Any]) -> StageResult:
     """Skip-or-execute one notebook, then record the outcome in ``folder/stages.json``."""
     record = fp.read_stages(folder)
     done = record.get(stage, {})
-    if stage not in options.force and done.get("fingerprint") == finger and present:
+    why = why_run(stage, record, finger, present, options)
+    if why is None:
         log(run, stage, f"skipped (unchanged since {done.get('finished', '?')})")
         result = StageResult(run, stage, "skipped", 0.0, done.get("notebook", str(nb_out)))
     else:
-        failed_before = record.get("last", {}).get(stage, {}).get("status") == "failed"
-        why = ("forced" if stage in options.force else "retry after a failure" if failed_before
-               else "changed" if done else "first run")
         log(run, stage, f"started ({why}) -> {nb_out}")
         t0 = time.monotonic()
         error = execute_notebook(nb_in, nb_out, parameters, options)
@@ -384,25 +396,31 @@ def run_is_complete(run_dir: Path) -> bool:
         v.get("status") in ("done", "skipped") for v in last.values())
 
 
-def run_report(outputs_dir: str, runs: list[str], options: Options) -> StageResult:
-    """04_report over the grid's runs that completed (all of them, unless one failed)."""
+def _report_state(outputs_dir: str, runs: list[str], save: bool = True) -> tuple[list[str], ReportConfig, Path, str]:
+    """The runs ready for the report, its config, its folder and its fingerprint."""
     root = resolve_path(outputs_dir)
     ready = [r for r in runs if run_is_complete(root / r)]
+    report_dir = str(Path(outputs_dir) / "report")
+    rcfg = ReportConfig(outputs_dir=outputs_dir, report_dir=report_dir, runs=ready)
+    folder = resolve_path(report_dir)
+    cache = fp.hash_cache_for(folder)
+    finger = fp.report_fingerprint(rcfg, cache)
+    if save and ready:
+        folder.mkdir(parents=True, exist_ok=True)
+        cache.save()
+    return ready, rcfg, folder, finger
+
+
+def run_report(outputs_dir: str, runs: list[str], options: Options) -> StageResult:
+    """04_report over the grid's runs that completed (all of them, unless one failed)."""
+    ready, rcfg, folder, finger = _report_state(outputs_dir, runs)
     left_out = [r for r in runs if r not in ready]
     if not ready:
         log("report", "report", "not run: no run of this grid completed its stages")
         return StageResult("report", "report", "not run", error="no run completed")
     if left_out:
         log("report", "report", f"leaving out runs that did not complete: {', '.join(left_out)}")
-    report_dir = str(Path(outputs_dir) / "report")
-    rcfg = ReportConfig(outputs_dir=outputs_dir, report_dir=report_dir, runs=ready)
-    folder = resolve_path(report_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    cache = fp.hash_cache_for(folder)
-    try:
-        finger = fp.report_fingerprint(rcfg, cache)
-    finally:
-        cache.save()
+    report_dir = rcfg.report_dir
     nb_in = Path(options.notebooks_dir) / NOTEBOOKS["report"]
     nb_out = folder / REPORT_NOTEBOOK
     params = {"outputs_dir": outputs_dir, "report_dir": report_dir, "runs": ready}
@@ -465,7 +483,7 @@ def _schedule(jobs: list[Job], parallel: int, gpus: list[str], start: Callable[[
 def run_inline(jobs: list[Job], parallel: int, gpus: list[str]) -> list[StageResult]:
     if parallel <= 1:  # in this process: simplest to follow, and papermill's progress bar works
         out = []
-        for i, job in enumerate(jobs):
+        for job in jobs:
             if gpus:
                 job = Job(job.params_file, job.config, job.options, {**job.env, "CUDA_VISIBLE_DEVICES": gpus[0]})
             out += run_job(job)
@@ -536,6 +554,36 @@ def _slurm_executor(folder: Path, slurm: SlurmOptions, name: str, gpus: int, dep
 # The grid
 # ------------------------------------------------------------------------------------------
 
+def plan(runs: list[tuple[str, RunConfig]], options: Options) -> list[tuple[str, str, str]]:
+    """(run, stage, what would happen) without running anything. A stage after one that runs
+    is 'after <stage>': its inputs are only known once that stage has written them."""
+    rows: list[tuple[str, str, str]] = []
+    any_runs = False
+    for _, cfg in runs:
+        cache = fp.hash_cache_for(cfg.run_dir)
+        record = fp.read_stages(cfg.run_dir)
+        upstream = ""
+        for stage in (s for s in options.stages if s in RUN_STAGES):
+            if upstream:
+                rows.append((cfg.run_id, stage, f"after {upstream}"))
+                continue
+            why = why_run(stage, record, fp.stage_fingerprint(stage, cfg, cache), outputs_present(stage, cfg), options)
+            rows.append((cfg.run_id, stage, "up to date" if why is None else f"runs ({why})"))
+            if why is not None:
+                upstream, any_runs = stage, True
+        if cfg.run_dir.exists():
+            cache.save()
+    if "report" in options.stages:
+        if any_runs:
+            rows.append(("report", "report", "after the runs"))
+        else:
+            ready, _, folder, finger = _report_state(runs[0][1].outputs_dir, [c.run_id for _, c in runs], save=False)
+            why = why_run("report", fp.read_stages(folder), finger, (folder / REPORT_NOTEBOOK).exists(), options)
+            rows.append(("report", "report", "nothing to report" if not ready else
+                         "up to date" if why is None else f"runs ({why})"))
+    return rows
+
+
 def summary_table(results: list[StageResult]) -> str:
     rows = [("run", "stage", "status", "time")] + [
         (r.run, r.stage, r.status, f"{r.seconds:.1f}s" if r.status in ("done", "failed") else "-")
@@ -550,7 +598,7 @@ def summary_table(results: list[StageResult]) -> str:
 
 
 def run_grid(files: Sequence[str], options: Options, executor: str = "inline", jobs: int = 1,
-             gpus: Sequence[str] = (), slurm: SlurmOptions = SlurmOptions()) -> int:
+             gpus: Sequence[str] = (), slurm: SlurmOptions = SlurmOptions(), dry_run: bool = False) -> int:
     """Validate, run, summarise. Returns the exit code (0 ok, 1 a stage failed, 2 bad input)."""
     try:
         if executor not in EXECUTORS:
@@ -567,6 +615,10 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
 
+    if dry_run:
+        for run, stage, what in plan(runs, options):
+            print(f"{run:<24} {stage:<9} {what}")
+        return 0
     outputs_dir = runs[0][1].outputs_dir
     grid_jobs = [Job(f, cfg.to_dict(), options) for f, cfg in runs]
     run_ids = [cfg.run_id for _, cfg in runs]
@@ -676,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stages", default="all", help="comma list of train,evaluate,judge,report (default: all)")
     r.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="re-execute STAGE even if unchanged (repeatable, or a comma list; 'all')")
-    r.add_argument("--jobs", type=int, default=0, help="runs at once (default 1, or one per --gpus entry)")
+    r.add_argument("--jobs", type=int, default=0,
+                   help="runs at once (default 1, or one per --gpus entry; Slurm: the cluster schedules every job)")
     r.add_argument("--gpus", default="", help="comma list of GPU ids; each job gets its own (CUDA_VISIBLE_DEVICES)")
     r.add_argument("--executor", default="inline", choices=EXECUTORS,
                    help="inline: this machine (default); local: submitit local jobs; slurm: submitit Slurm jobs")
@@ -691,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-wait", action="store_true", help="Slurm: submit and return (the report job waits for the runs)")
     r.add_argument("--notebooks", default=str(REPO_ROOT / "notebooks"), help="folder holding 01..04 notebooks")
     r.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+    r.add_argument("--dry-run", action="store_true", help="validate and show which stages would run; run nothing")
     return ap
 
 
@@ -722,7 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(stages=stages, force=frozenset(force), notebooks_dir=str(Path(args.notebooks).resolve()),
                       progress_bar=jobs == 1 and args.executor == "inline" and sys.stderr.isatty(),
                       log_output=args.log_output)
-    return run_grid(args.params, options, executor=args.executor, jobs=jobs, gpus=gpus, slurm=slurm)
+    return run_grid(args.params, options, executor=args.executor, jobs=jobs, gpus=gpus, slurm=slurm,
+                    dry_run=args.dry_run)
 
 
 if __name__ == "__main__":
