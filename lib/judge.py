@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pandas as pd
 
 from .config import RunConfig, resolve_path
-from .costs import Budget, cost_usd, describe_price, estimate_tokens, price_for
+from .costs import Budget, estimate_tokens
 from .io import sha256_text, write_parquet_atomic
 from .schema import JUDGMENT_COLUMNS
 

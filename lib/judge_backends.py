@@ -423,7 +423,11 @@ def local_fingerprint(name: str) -> str:
 
 class HFBackend:
     BATCH = 8  # prompts per forward pass for logprob / sampled
-    EXACT_BATCH = 4  # prompts per exact pass (x 103 candidate rows)
+    # exact: prompts per pass are chosen so that rows x (prompt + candidate) tokens stays under
+    # this many token positions (each row holds a copy of its prompt's KV cache): 2^18 positions
+    # is ~12 prompts of 200 tokens x 103 candidates; for an 8B Llama (128 KiB of KV per token in
+    # bf16) it is one 500-token prompt (~7 GB of KV)
+    EXACT_TOKEN_BUDGET = 1 << 18
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -470,8 +474,8 @@ class HFBackend:
             if self.method == "exact":
                 cands = candidate_token_ids(self.tok)
                 stops = stop_token_ids(self.tok, self.model)
-                for i in range(0, len(jobs), self.EXACT_BATCH):
-                    batch = jobs[i:i + self.EXACT_BATCH]
+                width = max(len(c) for c in cands.values())
+                for batch in self._exact_batches(jobs, len(cands), width):
                     for job, v in zip(batch, self._verdicts_exact(batch, cands, stops)):
                         sink(job, v)
                         bar.update(1)
@@ -483,6 +487,20 @@ class HFBackend:
                         bar.update(1)
         finally:
             bar.close()
+
+    def _exact_batches(self, jobs: list[Job], n_cands: int, width: int) -> list[list[Job]]:
+        """Jobs grouped by similar prompt length, as many per pass as the token budget allows."""
+        lengths = {j.key: len(self.tok(self._prompt_text(j.prompt), add_special_tokens=False).input_ids)
+                   for j in jobs}
+        batches: list[list[Job]] = []
+        cur: list[Job] = []
+        for j in sorted(jobs, key=lambda j: lengths[j.key]):
+            longest = lengths[j.key]  # sorted: the newest job is the longest of the batch
+            if cur and (len(cur) + 1) * n_cands * (longest + width) > self.EXACT_TOKEN_BUDGET:
+                batches.append(cur)
+                cur = []
+            cur.append(j)
+        return batches + ([cur] if cur else [])
 
     def _prompt_text(self, prompt: str) -> str:
         from .models import chat_prompt
