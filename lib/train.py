@@ -318,6 +318,28 @@ def read_train_log(run_dir: str | Path):
     return pd.read_csv(p)
 
 
+def loss_chart(log, checkpoints: list[tuple[int, float, Path]] | None = None):
+    """Altair: training loss and learning rate by optimizer step, checkpoints as dashed rules."""
+    import altair as alt
+    import pandas as pd
+
+    data = log.copy()
+    x = alt.X("step:Q", title="optimizer step")
+    tip = ["step", alt.Tooltip("epoch:Q", format=".3f"), alt.Tooltip("loss:Q", format=".4f"),
+           alt.Tooltip("learning_rate:Q", format=".2e"), "tokens_seen"]
+    loss = alt.Chart(data).mark_line(point=len(data) <= 60).encode(
+        x=x, y=alt.Y("loss:Q", title="loss (assistant tokens)", scale=alt.Scale(zero=False)), tooltip=tip)
+    lr = alt.Chart(data).mark_line(color="gray").encode(
+        x=x, y=alt.Y("learning_rate:Q", title="learning rate", axis=alt.Axis(format=".1e")), tooltip=tip
+    ).properties(height=80, width=520)
+    if checkpoints:
+        ck = pd.DataFrame([{"step": s, "epoch": round(e, 3)} for s, e, _ in checkpoints])
+        rules = alt.Chart(ck).mark_rule(strokeDash=[4, 3], color="darkorange").encode(
+            x="step:Q", tooltip=["step", "epoch"])
+        loss = loss + rules
+    return alt.vconcat(loss.properties(height=220, width=520, title="training loss; dashed: checkpoints"), lr)
+
+
 def _truncate_log(path: Path, upto_step: int) -> float:
     """Keep complete log rows with step <= upto_step; returns the wall time reached there."""
     if not path.exists():
@@ -378,6 +400,7 @@ def lora_config(cfg: RunConfig, num_layers: int | None = None):
 def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Path, progress: bool = False,
                   extra_callbacks: list | None = None):
     """An SFTTrainer for the run, its PEFT model wrapped, its dataset tokenized (no training yet)."""
+    import datasets
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback, ProgressCallback, set_seed
@@ -430,9 +453,15 @@ def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Pat
         dataset_num_proc=None,
     )
     set_seed(cfg.seed)  # LoRA init happens inside the SFTTrainer constructor, before it seeds
-    trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                               processing_class=tokenizer, peft_config=peft_cfg,
-                               callbacks=list(extra_callbacks or []))
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # four "map" bars per run say nothing the notebook needs
+    try:
+        trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                                   processing_class=tokenizer, peft_config=peft_cfg,
+                                   callbacks=list(extra_callbacks or []))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     for cb in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
         trainer.remove_callback(cb)  # one quiet tqdm bar instead of a printed dict per step
     if progress:
