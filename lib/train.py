@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .io import atomic_path, sha256_text, write_json_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -94,6 +94,30 @@ def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
         raise TrainError("the training set is empty")
     batches = math.ceil(n_examples / batch_size)
     return max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+
+
+def check_train_config(cfg: RunConfig, source: str = "parameters") -> None:
+    """Cheap checks of the training keys that RunConfig cannot make alone (no model, no data).
+
+    Raises ConfigError naming the key, before any expensive work.
+    """
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}': {why}")
+
+    try:
+        SchedulerType(cfg.lr_scheduler)
+    except ValueError:
+        raise bad("lr_scheduler", f"unknown scheduler {cfg.lr_scheduler!r} "
+                                  f"(e.g. {', '.join(s.value for s in list(SchedulerType)[:6])})") from None
+    try:
+        OptimizerNames(cfg.optimizer)
+    except ValueError:
+        raise bad("optimizer", f"unknown optimizer {cfg.optimizer!r} (e.g. adamw_torch, adamw_8bit, paged_adamw_8bit)") from None
+    if cfg.checkpoint_every and cfg.checkpoint_steps:
+        raise bad("checkpoint_steps", "both checkpoint_steps and checkpoint_every are set; use one of them")
 
 
 def checkpoint_schedule(n_examples: int, cfg: RunConfig) -> list[int]:
@@ -478,6 +502,7 @@ def train_run(cfg: RunConfig, progress: bool = True, callbacks: list | None = No
     from .models import describe, model_revision_info
     from .runinfo import update_run_json
 
+    check_train_config(cfg)
     run_dir = cfg.run_dir
     ckpt_root = checkpoints_dir(run_dir)
     records, dinfo = load_training_data(cfg)

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from lib.config import RunConfig
-from lib.train import (COMPLETE_MARKER, TrainError, build_trainer, checkpoint_schedule, list_checkpoints,
-                       read_train_log, steps_per_epoch, to_prompt_completion, train_run)
+from lib.config import ConfigError, RunConfig
+from lib.train import (COMPLETE_MARKER, TrainError, build_trainer, check_train_config, checkpoint_schedule,
+                       list_checkpoints, read_train_log, steps_per_epoch, to_prompt_completion, train_run)
 
 EOT = "<|eot_id|>"
 
@@ -283,3 +283,37 @@ def test_qlora_4bit_trains_on_this_machine(tmp_path):
     out = trainer.train()
     assert math.isfinite(out.training_loss)
     assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
+
+
+def test_bad_training_keys_fail_before_any_work(tmp_path):
+    for key, value in [("lr_scheduler", "linearr"), ("optimizer", "adam_wrong")]:
+        cfg = RunConfig(**{key: value})
+        with pytest.raises(ConfigError, match=f"p.yaml: key '{key}'"):
+            check_train_config(cfg, source="p.yaml")
+    # train_run checks before loading anything: a missing dataset would be the next error otherwise
+    cfg = RunConfig(lr_scheduler="nope", dataset=str(tmp_path / "missing.jsonl"), outputs_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="lr_scheduler"):
+        train_run(cfg, progress=False)
+    assert not (tmp_path / cfg.run_id).exists()
+
+
+@pytest.mark.slow
+def test_notebook_runs_and_a_rerun_is_skipped(tmp_path):
+    """01_train under papermill on the demo defaults; the second run skips training."""
+    import papermill as pm
+
+    from lib.config import REPO_ROOT
+
+    out = tmp_path / "outputs"
+    for i in range(2):
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "01_train.ipynb"), str(tmp_path / f"run{i}.ipynb"),
+                            parameters={"outputs_dir": str(out), "run_id": "nb", "epochs": 1},
+                            cwd=str(REPO_ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
+    info = json.loads((out / "nb" / "run.json").read_text())["train"]
+    assert info["steps_per_epoch"] == 9 and info["n_examples"] == 36  # demo: 36 chats, batch 4
+    assert [c["step"] for c in info["checkpoints"]] == [2, 4, 6, 9]
+    assert (out / "nb" / "figures" / "train_loss.png").exists()
+    nb = json.loads((tmp_path / "run1.ipynb").read_text())
+    printed = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code"
+                      for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    assert "already trained with these parameters and data: skipped" in printed
