@@ -44,6 +44,7 @@ from typing import Any, Iterable
 from .config import ConfigError, RunConfig
 from .io import sha256_file, write_json_atomic, write_parquet_atomic
 from .schema import GENERATION_COLUMNS, answer_id
+from .train import list_checkpoints  # (step, epoch, folder) of complete checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -68,30 +69,6 @@ def _meta_path(cfg: RunConfig) -> Path:
 
 def _parts_root(cfg: RunConfig) -> Path:
     return cfg.run_dir / "generations.parts"
-
-
-def _read_checkpoints(run_dir: Path) -> list[tuple[int, float, Path]]:
-    """Complete checkpoints under run_dir/checkpoints/checkpoint-<step>/ (checkpoint.json is written last)."""
-    out = []
-    root = Path(run_dir) / "checkpoints"
-    for d in sorted(root.glob("checkpoint-*")) if root.exists() else []:
-        marker = d / "checkpoint.json"
-        if not d.is_dir() or not marker.exists() or not (d / "adapter_config.json").exists():
-            continue  # still being written, or not an adapter folder
-        info = json.loads(marker.read_text(encoding="utf-8"))
-        out.append((int(info["step"]), float(info["epoch"]), d))
-    return sorted(out)
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, float, Path]]:
-    """(step, epoch, path) of every complete checkpoint, by step (lib.train's reader when present)."""
-    try:
-        from .train import list_checkpoints as train_list  # the writer's own reader
-    except ImportError:
-        train_list = None
-    if train_list is not None:
-        return [(int(s), float(e), Path(p)) for s, e, p in train_list(run_dir)]
-    return _read_checkpoints(Path(run_dir))
 
 
 @dataclass(frozen=True)
