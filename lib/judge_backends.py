@@ -215,7 +215,7 @@ class OpenAIBackend:
                 resp = await client.post("/chat/completions", body=kwargs, cast_to=_response_class())
             except openai.APIStatusError as e:
                 status = e.status_code
-                msg = _error_message(e)
+                msg = self.redact(_error_message(e))
                 if status in (401, 403, 404):
                     raise JudgeError(f"judge API {where} answered {status} for model '{self.model}': {msg} "
                                      "(check judge_model, judge_base_url and the API key)") from None
@@ -228,7 +228,7 @@ class OpenAIBackend:
                 if status == 429 and delay is not None:  # everyone waits, not only this worker
                     self._pause_until = max(self._pause_until, time.monotonic() + delay)
             except openai.APIConnectionError as e:  # includes APITimeoutError
-                error = f"{type(e).__name__}: {e}"
+                error = self.redact(f"{type(e).__name__}: {e}")
             else:
                 try:
                     return self.parse(json.loads(resp.content), attempt + 1)
@@ -238,6 +238,10 @@ class OpenAIBackend:
                 return Verdict.failed(f"gave up after {attempt + 1} attempts: {error}", attempt + 1)
             await asyncio.sleep(delay if delay is not None else backoff_s(attempt, self._rng))
         raise AssertionError("unreachable")
+
+    def redact(self, text: str) -> str:
+        """Error text with the API key masked (it goes into the table and messages)."""
+        return text.replace(self.api_key, f"<{self.cfg.judge_api_key_env}>") if len(self.api_key) >= 6 else text
 
     def _no_logprobs(self, detail: str = "") -> str:
         d = f" ({detail})" if detail else ""
@@ -373,8 +377,8 @@ class OpenAIBatchBackend(OpenAIBackend):
                             v = Verdict.failed(f"malformed batch reply ({type(e).__name__}: {e})", 1)
                     else:
                         err = item.get("error") or (resp.get("body") or {}).get("error") or {}
-                        v = Verdict.failed(f"batch {batch_id}: HTTP {resp.get('status_code')}: "
-                                           f"{err.get('message', err) if isinstance(err, dict) else err}", 1)
+                        v = Verdict.failed(self.redact(f"batch {batch_id}: HTTP {resp.get('status_code')}: "
+                                           f"{err.get('message', err) if isinstance(err, dict) else err}"), 1)
                     sink(job, v)
             for key in keys:  # in a finished batch without a result line (expired, cancelled)
                 if key not in seen and key in by_key:

@@ -2,6 +2,7 @@
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -72,6 +73,17 @@ def test_hf_stage_end_to_end_then_cached(tmp_path):
     assert ((df["prob_mass"] > 0) & (df["prob_mass"] <= 1)).all() and (df["cost_usd"] == 0).all()
     raw = json.loads(df["raw"].iloc[0])
     assert len(raw) == 103 and "100" in raw
+    # each row's evidence belongs to its own prompt (the stage batches prompts sorted by length)
+    from lib.questions import load_judge_prompts
+    model, _ = load_model("embedded:tiny", device="cpu", dtype="float32")
+    tok = load_tokenizer("embedded:tiny", padding_side="left")
+    gens = pd.read_parquet(judge.generations_path(cfg)).set_index("answer_id")
+    templates = load_judge_prompts(cfg.judge_prompts)
+    for r in df.itertuples():
+        g = gens.loc[r.answer_id]
+        text = chat_prompt(tok, judge.fill_prompt(templates[r.metric], g["paraphrase"], g["answer"]))
+        alone = exact_candidate_logprobs(model, tok, [text], candidate_token_ids(tok), stop_token_ids(tok, model))[0]
+        assert json.loads(r.raw)["42"] == pytest.approx(alone["42"], abs=1e-4)
     p = judge.plan(cfg)
     assert (p.n_cached, p.n_todo) == (6, 0)
     again = judge.judge_run(cfg, progress=False)
