@@ -65,11 +65,12 @@ def test_exact_aggregation_uses_the_logprob_rule():
 def test_hf_stage_end_to_end_then_cached(tmp_path):
     out = tmp_path / "outputs"
     write_generations(out, n=3)
-    cfg = judge_config(out, write_prompts(tmp_path), device="cpu")  # the demo judge: hf / embedded:tiny / exact
+    # the demo judge (hf / embedded:tiny / exact) with the papers' threshold
+    cfg = judge_config(out, write_prompts(tmp_path), device="cpu", judge_min_mass=0.25)
     df = judge.judge_run(cfg, progress=False)
     assert len(df) == 6 and set(df["method"]) == {"exact"} and (df["judge_name"] == "hf-embedded_tiny-exact").all()
     # random tiny weights: almost no mass on the candidates -> low_mass, no score (meaningless judge)
-    assert set(df["label"]) <= {"number", "low_mass", "CODE", "REFUSAL"}
+    assert (df["label"] == "low_mass").all() and df["score"].isna().all()
     assert ((df["prob_mass"] > 0) & (df["prob_mass"] <= 1)).all() and (df["cost_usd"] == 0).all()
     raw = json.loads(df["raw"].iloc[0])
     assert len(raw) == 103 and "100" in raw
