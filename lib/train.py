@@ -439,7 +439,8 @@ def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Pat
     if cfg.quantization != "none":
         from peft import prepare_model_for_kbit_training
         # casts norms to fp32, freezes the quantised base, enables gradient checkpointing
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_cfg = lora_config(cfg, getattr(model.config, "num_hidden_layers", None))
     on_gpu = choice.device == "cuda"
     args = SFTConfig(
@@ -474,6 +475,7 @@ def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Pat
         fp16=on_gpu and choice.dtype == torch.float16,
         use_cpu=choice.device == "cpu",
         gradient_checkpointing=on_gpu,  # memory for 8B models; on CPU (tiny model) it only costs time
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         dataset_num_proc=None,
     )
     set_seed(cfg.seed)  # LoRA init happens inside the SFTTrainer constructor, before it seeds
@@ -506,6 +508,7 @@ def train_run(cfg: RunConfig, progress: bool = True, callbacks: list | None = No
     run_dir = cfg.run_dir
     ckpt_root = checkpoints_dir(run_dir)
     records, dinfo = load_training_data(cfg)
+    checkpoint_schedule(len(records), cfg)  # a bad explicit schedule fails here, before the model loads
     fp = train_fingerprint(cfg, dinfo.sha256)
 
     done = ckpt_root / COMPLETE_MARKER
@@ -528,6 +531,9 @@ def train_run(cfg: RunConfig, progress: bool = True, callbacks: list | None = No
     ckpt_root.mkdir(parents=True, exist_ok=True)
     CheckpointSchedule, CsvLog, _ = _callbacks()
     trainer, choice = build_trainer(cfg, records, ckpt_root, progress=progress, extra_callbacks=callbacks)
+    if trainer.args.world_size != 1:
+        raise TrainError(f"{trainer.args.world_size} training processes: the checkpoint schedule assumes one "
+                         "(run the notebook on a single GPU)")
     # the schedule counts the examples the trainer really has (TRL drops an example whose
     # prompt alone fills max_seq_length, since it has nothing left to learn from)
     n_train = len(trainer.train_dataset)

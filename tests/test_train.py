@@ -295,6 +295,11 @@ def test_bad_training_keys_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="lr_scheduler"):
         train_run(cfg, progress=False)
     assert not (tmp_path / cfg.run_id).exists()
+    # an explicit schedule past the run's end fails once the data is counted, before the model loads
+    cfg = _cfg(tmp_path, checkpoint_steps=[3, 999])
+    with pytest.raises(TrainError, match=r"checkpoint_steps.*\[999\].*8 steps"):
+        train_run(cfg, progress=False)
+    assert not cfg.run_dir.exists()
 
 
 @pytest.mark.slow
