@@ -115,6 +115,8 @@ log.tail()"""),
 
 def build() -> nbformat.NotebookNode:
     nb = new_notebook(cells=CELLS)
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"train-{i:02d}"  # stable ids: regenerating gives an identical file
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     return nb
