@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 GOAL = 0.10
 
 
-def run_grid(files: list[str]) -> float:
+def run_grid(files: list[str]) -> tuple[float, str]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "lib.grid", "run", *files], cwd=REPO,
                           capture_output=True, text=True)
@@ -31,8 +31,7 @@ def run_grid(files: list[str]) -> float:
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"grid run failed with exit code {proc.returncode}")
-    print(proc.stdout.strip().splitlines()[-1])  # the "report: ..." line
-    return seconds
+    return seconds, proc.stdout
 
 
 def main() -> None:
@@ -48,10 +47,15 @@ def main() -> None:
             p = tmp / f"{name}.yaml"
             p.write_text(yaml.safe_dump(data))
             files.append(str(p))
-        first = run_grid(files)
+        first, out1 = run_grid(files)
+        print(out1[out1.index("grid finished"):].rstrip())
+        rerun, out2 = run_grid(files)
+        print(out2[out2.index("grid finished"):].rstrip())
+        executed = [ln for ln in out2.splitlines() if "started (" in ln]
+        if executed:  # then the rerun was not "unchanged": an input moved under us (e.g. an edit to data/)
+            raise SystemExit("the rerun executed stages:\n" + "\n".join(executed))
         print(f"first run (2 runs x 3 stages + report): {first:.1f}s")
-        rerun = run_grid(files)
-        print(f"unchanged rerun (everything skipped): {rerun:.2f}s")
+        print(f"unchanged rerun (every stage skipped): {rerun:.2f}s")
         print(f"rerun / first run: {rerun / first:.2%} (goal < {GOAL:.0%})")
         print(f"grid unchanged rerun / first run: {rerun / first:.3f} (goal <{GOAL})")
     finally:

@@ -295,10 +295,14 @@ def why_run(stage: str, record: dict[str, Any], finger: str, present: bool, opti
     done = record.get(stage, {})
     if stage in options.force:
         return "forced"
+    # the latest attempt counts even when an older success matches: it may have rewritten outputs
+    last = record.get("last", {}).get(stage, {}).get("status")
+    if last == "failed":
+        return "retry after a failure"
+    if last == "running":
+        return "resume after an interrupted attempt"
     if done.get("fingerprint") == finger and present:
         return None
-    if record.get("last", {}).get(stage, {}).get("status") == "failed":
-        return "retry after a failure"
     if not done:
         return "first run"
     return "inputs or parameters changed" if present else "output missing"
@@ -316,6 +320,9 @@ def _run_notebook_stage(run: str, stage: str, folder: Path, finger: str, present
         result = StageResult(run, stage, "skipped", 0.0, done.get("notebook", str(nb_out)))
     else:
         log(run, stage, f"started ({why}) -> {nb_out}")
+        # 'running' stays if this process is killed: the report leaves the run out, the next attempt resumes
+        record.setdefault("last", {})[stage] = {"status": "running", "at": _now()}
+        fp.write_stages(folder, record)
         t0 = time.monotonic()
         error = execute_notebook(nb_in, nb_out, parameters, options)
         html = nb_out.with_suffix(".html")
@@ -449,11 +456,27 @@ class SlurmOptions:
 
 
 def _failed_job(job: Job, error: BaseException, log_path: str = "") -> list[StageResult]:
+    """Results for a job process that died (killed, timed out): the stage it was in failed."""
     msg = _one_line(f"{type(error).__name__}: {error}")
     log(job.run_id, "-", f"FAILED (job): {msg}" + (f"; log: {log_path}" if log_path else ""))
-    stages = [s for s in job.options.stages if s in RUN_STAGES]
-    return [StageResult(job.run_id, stages[0] if stages else "-", "failed", 0.0, log_path, msg)] + \
-           [StageResult(job.run_id, s, "not run") for s in stages[1:]]
+    run_dir = resolve_path(job.config["outputs_dir"]) / job.run_id
+    try:
+        last = fp.read_stages(run_dir).get("last", {})
+    except ConfigError:
+        last = {}
+    out: list[StageResult] = []
+    failed = False
+    for s in (s for s in job.options.stages if s in RUN_STAGES):
+        status = last.get(s, {}).get("status")
+        if failed:
+            out.append(StageResult(job.run_id, s, "not run"))
+        elif status == "running" or status is None:
+            out.append(StageResult(job.run_id, s, "failed", 0.0, log_path, msg))
+            failed = True
+        else:  # finished (or failed on its own) before the job died
+            out.append(StageResult(job.run_id, s, status))
+            failed = status == "failed"
+    return out
 
 
 def _schedule(jobs: list[Job], parallel: int, gpus: list[str], start: Callable[[Job], Any],

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from lib import config, grid
-from lib.fingerprint import HashCache, read_stages
+from lib.fingerprint import HashCache, read_stages, write_stages
 
 # --- stand-in notebooks ------------------------------------------------------------------------
 
@@ -303,3 +303,21 @@ def test_parse_time():
     assert grid.parse_time("2-00:00:00") == 2880
     with pytest.raises(grid.GridError):
         grid.parse_time("soon")
+
+
+def test_interrupted_stage_resumes_and_stays_out_of_the_report(tmp_path):
+    """A killed stage leaves 'running' in stages.json: it is executed again (and resumes from its own
+    persisted work) even though an older finished fingerprint matches, and the report leaves the run out."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "generations.parquet").write_bytes(b"")
+    record = {"judge": {"fingerprint": "f"}, "last": {"judge": {"status": "running"}}}
+    write_stages(run_dir, record)
+    assert grid.why_run("judge", read_stages(run_dir), "f", True, grid.Options()) == "resume after an interrupted attempt"
+    assert not grid.run_is_complete(run_dir)
+    record["last"]["judge"]["status"] = "done"
+    write_stages(run_dir, record)
+    assert grid.why_run("judge", read_stages(run_dir), "f", True, grid.Options()) is None
+    assert grid.why_run("judge", read_stages(run_dir), "f", False, grid.Options()) == "output missing"
+    assert grid.why_run("judge", read_stages(run_dir), "g", True, grid.Options()) == "inputs or parameters changed"
+    assert grid.run_is_complete(run_dir)
