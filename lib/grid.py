@@ -17,9 +17,10 @@
 
 A stage is skipped when its fingerprint (its parameters and the sha256 of its input files, see
 :mod:`lib.fingerprint`) equals the one recorded in ``outputs/<run>/stages.json`` when it last
-finished. ``--force STAGE`` re-executes it anyway. The runner never deletes anything a stage
-wrote: a stage that failed or was killed is simply executed again and resumes from its own
-persisted state (checkpoints, generation parts, the judge cache).
+finished. ``--force STAGE`` re-executes its notebook anyway (the stage's own resume logic still
+reuses finished work). The runner never deletes anything a stage wrote: a stage that failed or
+was killed (``stages.json`` says 'running') is executed again and resumes from its own persisted
+state (checkpoints, generation parts, the judge cache). ``--dry-run`` shows what would run.
 
 A failing stage keeps its rendered notebook up to the failing cell; the runner prints the
 error's last line and the notebook path, skips the rest of that run, finishes the other runs,
@@ -750,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("params", nargs="+", help="parameters YAML files, one per run")
     r.add_argument("--stages", default="all", help="comma list of train,evaluate,judge,report (default: all)")
     r.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="re-execute STAGE even if unchanged (repeatable, or a comma list; 'all')")
+                   help="re-execute STAGE's notebook even if unchanged (repeatable, or a comma list; 'all'); "
+                        "the stage itself still reuses its finished work, e.g. complete checkpoints")
     r.add_argument("--jobs", type=int, default=0,
                    help="runs at once (default 1, or one per --gpus entry; Slurm: the cluster schedules every job)")
     r.add_argument("--gpus", default="", help="comma list of GPU ids; each job gets its own (CUDA_VISIBLE_DEVICES)")
