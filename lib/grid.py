@@ -109,7 +109,10 @@ def check_run(cfg: RunConfig, stages: Sequence[str]) -> None:
     from .questions import QuestionError, check_question_sources, is_url, load_judge_prompts
 
     if "train" in stages:
+        from .train import check_train_config
+
         check_dataset_param(cfg)
+        check_train_config(cfg, source="")
     if "train" in stages or "evaluate" in stages:
         _check_model(cfg.model, "model")
     if "evaluate" in stages or "judge" in stages:

@@ -105,7 +105,7 @@ def check_train_config(cfg: RunConfig, source: str = "parameters") -> None:
     from transformers.training_args import OptimizerNames
 
     def bad(key: str, why: str) -> ConfigError:
-        return ConfigError(f"{source}: key '{key}': {why}")
+        return ConfigError(f"{source}: key '{key}': {why}" if source else f"key '{key}': {why}")
 
     try:
         SchedulerType(cfg.lr_scheduler)

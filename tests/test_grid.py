@@ -114,6 +114,7 @@ def run(argv: list[str], notebooks: Path) -> int:
     ({"dataset": "missing/data.jsonl"}, "dataset"),                    # missing dataset path
     ({"model": "./no/such/model"}, "model"),                           # missing model path
     ({"question_sets": ["data/questions/nope.yaml"]}, "question_sets"),
+    ({"lr_scheduler": "cosinus"}, "lr_scheduler"),                    # caught before any model loads
     ({"judge_backend": "openai", "judge_method": "logprob",
       "judge_api_key_env": "EM_LAB_TEST_UNSET_KEY"}, "judge_api_key_env"),  # a judge without credentials
 ])
