@@ -126,13 +126,16 @@ class ChatServer:
     models:      model ids served; another id gets 404 model_not_found (None: any id).
     batch_polls: Batch API: a batch stays in_progress for this many status polls, then runs
                  (0: it runs when created). Batch lines count in ``requests`` like calls.
+    api_key:     when set, a request without ``Authorization: Bearer <api_key>`` gets 401.
     """
 
     def __init__(self, *, latency_s: float = 0.0, logprobs: bool = True,
                  reply: Callable[[dict[str, Any]], Reply] | None = None,
                  fault: Callable[[str, int], str | None] | None = None,
                  retry_after: str = "0", slow_s: float = 2.0, model: str | None = None,
-                 models: set[str] | None = None, batch_polls: int = 0, port: int = 0) -> None:
+                 models: set[str] | None = None, batch_polls: int = 0, port: int = 0,
+                 api_key: str | None = None) -> None:
+        self.api_key = api_key
         self.latency_s = latency_s
         self.logprobs = logprobs
         self.reply = reply or default_reply
@@ -381,6 +384,10 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             body = None
         path = self.path.split("?")[0].rstrip("/")
+        if owner.api_key is not None and self.headers.get("Authorization") != f"Bearer {owner.api_key}":
+            self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                                       "code": "invalid_api_key"}})
+            return
         if path in ("/v1/files", "/v1/batches"):
             status, payload = owner._batch_post(path, raw, self.headers.get("Content-Type", ""), body)
             self._send(status, payload)
