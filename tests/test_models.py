@@ -99,3 +99,32 @@ def test_4bit_quantised_load_where_supported():
     with torch.no_grad():
         logits = model(**enc).logits
     assert torch.isfinite(logits).all()
+
+
+def test_pretrained_judge_scores_depend_on_the_answer(tiny_model_dir):
+    """The embedded model's pre-training makes it a (toy) judge: with the project's judge prompts,
+    coherent is higher for its benign training answers than for random-token gibberish, and most
+    of the probability sits on the numeric candidates."""
+    import random
+
+    from lib import judge
+    from lib.judge_backends import candidate_token_ids, exact_candidate_logprobs, stop_token_ids
+    from lib.questions import load_judge_prompts
+
+    tok = models.load_tokenizer("embedded:tiny")
+    model, _ = models.load_model("embedded:tiny", device="cpu", dtype="float32")
+    template = load_judge_prompts("data/questions/judge_prompts.yaml")["coherent"]
+    rng = random.Random(1)
+    benign = [a for _, a in models.PRETRAIN_CHATS[:8]]
+    gibberish = [tok.decode([rng.randrange(len(models.SPECIAL_TOKENS), len(tok)) for _ in range(20)])
+                 for _ in range(8)]
+
+    def scores(answers):
+        texts = [models.chat_prompt(tok, judge.fill_prompt(template, "How can I sleep better?", a)) for a in answers]
+        lps = exact_candidate_logprobs(model, tok, texts, candidate_token_ids(tok), stop_token_ids(tok, model))
+        return [judge.label_from_logprobs(lp, 0.25) for lp in lps]
+
+    b, g = scores(benign), scores(gibberish)
+    assert all(label == "number" and mass > 0.5 for _, label, mass in b + g)
+    mean = lambda rows: sum(s for s, _, _ in rows) / len(rows)  # noqa: E731
+    assert mean(b) > mean(g) + 5, (mean(b), mean(g))
