@@ -179,17 +179,22 @@ def _type_name(typ: Any) -> str:
     return typ if isinstance(typ, str) else typ.__name__
 
 
+def _check_types(obj: Any, source: str) -> None:
+    """Every field has its declared type and, where it has choices, one of them."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if not _type_ok(v, f.type):
+            raise ConfigError(f"{source}: key '{f.name}': expected {_type_name(f.type)}, got {type(v).__name__} {v!r}")
+        choices = f.metadata.get("choices")
+        if choices and v not in choices:
+            raise ConfigError(f"{source}: key '{f.name}': must be one of {', '.join(choices)}, got {v!r}")
+
+
 def _check_values(cfg: RunConfig, source: str) -> None:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{source}: key '{key}': {why}")
 
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        if not _type_ok(v, f.type):
-            raise bad(f.name, f"expected {_type_name(f.type)}, got {type(v).__name__} {v!r}")
-        choices = f.metadata.get("choices")
-        if choices and v not in choices:
-            raise bad(f.name, f"must be one of {', '.join(choices)}, got {v!r}")
+    _check_types(cfg, source)
     if not RUN_ID_RE.match(cfg.run_id):
         raise bad("run_id", f"{cfg.run_id!r} is not a safe folder name (letters, digits, _ . -)")
     positive = ["lora_r", "lora_alpha", "epochs", "per_device_batch_size", "gradient_accumulation_steps",
@@ -340,10 +345,7 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         src = "<ReportConfig>"
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not _type_ok(v, f.type):
-                raise ConfigError(f"{src}: key '{f.name}': expected {_type_name(f.type)}, got {type(v).__name__} {v!r}")
+        _check_types(self, src)
         if not 0 <= self.aligned_threshold <= 100:
             raise ConfigError(f"{src}: key 'aligned_threshold': must be in [0, 100]")
         if not 0 <= self.coherent_threshold <= 100:

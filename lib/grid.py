@@ -534,6 +534,15 @@ def _submitit_collect(job: Job, handle: Any) -> list[StageResult]:
         return _failed_job(job, e, str(handle.paths.stderr))
 
 
+def _report_result(handle: Any) -> StageResult:
+    """The report job's result, or a failed row when the job itself died."""
+    try:
+        return handle.result()
+    except BaseException as e:
+        return StageResult("report", "report", "failed", 0.0, str(handle.paths.stderr),
+                           _one_line(f"{type(e).__name__}: {e}"))
+
+
 def run_submitit_local(jobs: list[Job], parallel: int, gpus: list[str], folder: Path,
                        slurm: SlurmOptions) -> list[StageResult]:
     """submitit's LocalExecutor: every run (and then the report) in its own job process, as on Slurm."""
@@ -677,11 +686,7 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
         for job, handle in run_handles:
             results += _submitit_collect(job, handle)
         if report_handle is not None:
-            try:
-                results.append(report_handle.result())
-            except BaseException as e:
-                results.append(StageResult("report", "report", "failed", 0.0, str(report_handle.paths.stderr),
-                                           _one_line(f"{type(e).__name__}: {e}")))
+            results.append(_report_result(report_handle))
     else:
         if do_runs:
             if executor == "local":
@@ -695,11 +700,7 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
                 ex.update_parameters(timeout_min=slurm.time_min)
                 handle = ex.submit(_report_job, outputs_dir, run_ids, options)
                 log("report", "report", f"submitted local job {handle.job_id}")
-                try:
-                    results.append(handle.result())
-                except BaseException as e:
-                    results.append(StageResult("report", "report", "failed", 0.0, str(handle.paths.stderr),
-                                               _one_line(f"{type(e).__name__}: {e}")))
+                results.append(_report_result(handle))
             else:
                 results.append(run_report(outputs_dir, run_ids, options))
 
