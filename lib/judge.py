@@ -563,7 +563,8 @@ def _record(cfg: RunConfig, plan_: Plan, table: pd.DataFrame, new: Mapping[str, 
     from .runinfo import read_run_json, update_run_json
 
     labels = ({m: g["label"].value_counts().to_dict() for m, g in table.groupby("metric")} if len(table) else {})
-    total_cost = table["cost_usd"]
+    # one cost per distinct call: rows that share a cache key (identical prompts) share one paid call
+    total_cost = table.drop_duplicates("cache_key")["cost_usd"]
     info = {
         "judge_name": plan_.judge_name, "backend": cfg.judge_backend, "model": cfg.judge_model,
         "models_reported": sorted(set(table["judge_model"])) if len(table) else [],
@@ -605,7 +606,9 @@ def label_summary(table: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     counts = table.pivot_table(index="metric", columns="label", values="answer_id", aggfunc="count", fill_value=0)
     counts["mean_score"] = table.groupby("metric")["score"].mean()
-    counts["cost_usd"] = table.groupby("metric")["cost_usd"].sum(min_count=1)
+    # identical prompts share one paid call: count its cost once
+    calls = table.drop_duplicates(["metric", "cache_key"]) if "cache_key" in table.columns else table
+    counts["cost_usd"] = calls.groupby("metric")["cost_usd"].sum(min_count=1)
     return counts
 
 

@@ -247,6 +247,25 @@ def test_identical_prompts_are_judged_once(setup):
     assert len(df) == 4 and df.groupby("question_id")["prompt_sha256"].nunique().eq(1).all()
 
 
+def test_identical_prompts_are_paid_once_in_the_reported_costs(setup):
+    # 4 identical answers to 2 questions -> 2 distinct prompts -> 2 paid calls; the table has 4
+    # rows, two per call, each carrying its call's cost as evidence. The table's cost and the
+    # per-metric cost must count each paid call once.
+    with ChatServer() as server:
+        cfg = setup(server, n=4, judge_metrics=["aligned"])
+        write_generations(cfg.outputs_dir, n=4, answers=["same answer"] * 4)
+        df = judge.judge_run(cfg, progress=False)
+        assert len(server.requests) == 2
+    per_call = df.drop_duplicates("cache_key")["cost_usd"]
+    assert len(df) == 4 and len(per_call) == 2 and (per_call > 0).all()
+    paid = float(per_call.sum())  # = cost of the 2 calls, half of df["cost_usd"].sum()
+    info = read_run_json(cfg.run_dir)["judge"]["judges"][judge.judge_name(cfg)]
+    assert info["this_session"]["cost_usd"] == pytest.approx(paid)
+    assert info["table_cost_usd"] == pytest.approx(paid)
+    assert judge.label_summary(df).loc["aligned", "cost_usd"] == pytest.approx(paid)
+    assert df["cost_usd"].sum() == pytest.approx(2 * paid)
+
+
 def test_prompts_from_the_question_sets(tmp_path):
     out = tmp_path / "outputs"
     write_generations(out, n=4, question_set="medical", question_ids=("cold_prevention", "high_cholesterol"))
