@@ -94,7 +94,14 @@ def run_coroutine(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 
 def retry_after_s(headers: Any) -> float | None:
     """Seconds a server asks us to wait: ``retry-after-ms``, or ``Retry-After`` as seconds or
-    an HTTP date. None when absent or unreadable."""
+    an HTTP date, at most ``RETRY_AFTER_CAP_S`` (a huge or infinite value must not stall every
+    worker; the call is retried after the cap and gives up as usual). None when absent or
+    unreadable."""
+    wait = _retry_after_uncapped(headers)
+    return None if wait is None else min(wait, RETRY_AFTER_CAP_S)
+
+
+def _retry_after_uncapped(headers: Any) -> float | None:
     if headers is None:
         return None
     ms = headers.get("retry-after-ms")

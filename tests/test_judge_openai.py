@@ -111,6 +111,17 @@ def test_retry_after_is_honoured(setup):
         assert second.t_start - first.t_end >= 0.4  # waited at least what the server asked
 
 
+def test_retry_after_header_values_and_cap():
+    ra = judge_backends.retry_after_s
+    assert ra({"retry-after": "0.4"}) == pytest.approx(0.4)
+    assert ra({"retry-after-ms": "1500", "retry-after": "9"}) == pytest.approx(1.5)  # ms wins
+    assert ra({}) is None and ra(None) is None and ra({"retry-after": "soon"}) is None
+    assert ra({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0  # a date in the past
+    # a daily-quota style or infinite value is capped (float("inf") used to sleep forever)
+    cap = judge_backends.RETRY_AFTER_CAP_S
+    assert ra({"retry-after": "86400"}) == cap and ra({"retry-after": "inf"}) == cap
+
+
 def test_give_up_records_error_rows_then_rerun_retries_them(setup):
     with ChatServer(fault=fail_first(100, "500")) as server:
         cfg = setup(server, n=3, judge_max_retries=2, judge_metrics=["aligned"])
