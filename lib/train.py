@@ -488,6 +488,14 @@ def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Pat
     finally:
         if bars:
             datasets.enable_progress_bars()
+    if cfg.quantization != "none":
+        # TRL casts a quantised model's trainable adapter weights to bfloat16, and AdamW then updates
+        # them in bfloat16 with no float32 master copy: a step of lr ~1e-5 is below half a bf16 ulp of
+        # most LoRA weights (|A| ~ 0.02 has ulp 1.2e-4) and is rounded away. Keep them in float32
+        # (PEFT's own default); bf16 autocast still runs the matmuls in bf16 on the GPU.
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
     for cb in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
         trainer.remove_callback(cb)  # one quiet tqdm bar instead of a printed dict per step
     if progress:

@@ -285,6 +285,22 @@ def test_qlora_4bit_trains_on_this_machine(tmp_path):
     assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
 
 
+def test_qlora_adapters_stay_float32_so_small_lr_updates_are_not_lost(tmp_path):
+    """TRL casts a 4-bit model's adapters to bf16; AdamW then rounds away lr-1e-5 steps (the study's lr)."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    cfg = _cfg(tmp_path, quantization="4bit", epochs=1, learning_rate=1e-5, warmup_steps=0,
+               gradient_accumulation_steps=1)
+    trainer, _ = build_trainer(cfg, [_chat(i) for i in range(6)], tmp_path / "ckpt")
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    before = {n: p.detach().clone() for n, p in trainable.items() if "lora_A" in n}
+    trainer.train()  # 3 steps: B leaves zero at step 1, then A gets gradients
+    changed = [(trainable[n].detach() != b).float().mean().item() for n, b in before.items()]
+    assert sum(changed) / len(changed) > 0.9  # bf16 adapters: under 2% of A's entries move
+
+
 def test_bad_training_keys_fail_before_any_work(tmp_path):
     for key, value in [("lr_scheduler", "linearr"), ("optimizer", "adam_wrong")]:
         cfg = RunConfig(**{key: value})
