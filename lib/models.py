@@ -103,7 +103,9 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> DeviceChoice:
         raise RuntimeError("device: mps was asked for, but this torch has no Apple-silicon MPS backend")
     if dtype == "auto":
         if device == "cuda":
-            td = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # native bf16 only: with the default including_emulation=True, a T4 or V100 (no bf16 units)
+            # also reports True and would train and sample in slow emulated bf16
+            td = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         elif device == "mps":
             td = torch.float16
         else:

@@ -66,6 +66,15 @@ def test_device_errors_are_clear():
         models.quantization_config("2bit", torch.float16, "cpu")
 
 
+def test_auto_dtype_on_cuda_is_bf16_only_where_the_card_has_it(monkeypatch):
+    """Pre-Ampere cards (T4, V100) emulate bf16: is_bf16_supported() says True unless emulation is excluded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native, want in [(False, torch.float16), (True, torch.bfloat16)]:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: native or including_emulation)
+        assert models.pick_device("auto") == models.DeviceChoice("cuda", want)
+
+
 def test_missing_local_model_path():
     with pytest.raises(FileNotFoundError, match="model path not found"):
         models.resolve_model("./no/such/model")
