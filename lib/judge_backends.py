@@ -417,9 +417,31 @@ def _error_message(e: Any) -> str:
 # In-process transformers
 # ------------------------------------------------------------------------------------------
 
+FINGERPRINT_SAMPLES = 256      # evenly spaced chunks read from each weight file
+FINGERPRINT_CHUNK = 4096       # bytes per chunk (256 x 4 KiB = 1 MiB per file, whatever its size)
+FINGERPRINT_TEXT_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _weights_sample_sha(path: Path) -> str:
+    """sha256 of evenly spaced chunks of a weight file: cheap for a 16 GB model, and it changes
+    when the weights do (retrained or fine-tuned weights of the same shapes have the same size)."""
+    import hashlib
+
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for i in range(FINGERPRINT_SAMPLES):
+            f.seek(size * i // FINGERPRINT_SAMPLES)
+            h.update(f.read(FINGERPRINT_CHUNK))
+        f.seek(max(0, size - FINGERPRINT_CHUNK))
+        h.update(f.read(FINGERPRINT_CHUNK))
+    return h.hexdigest()
+
+
 def local_fingerprint(name: str) -> str:
-    """What identifies an in-process judge's weights for the cache: for a local (or embedded)
-    folder, sha256 of its config plus the sizes of its weight files; for a hub id, the id."""
+    """What identifies an in-process judge for the cache: for a local (or embedded) folder,
+    sha256 of its config, generation config and chat template files plus the size and a
+    content sample of each weight file; for a hub id, the id."""
     from .io import sha256_text
     from .models import resolve_model
 
@@ -427,8 +449,11 @@ def local_fingerprint(name: str) -> str:
     if not resolved.exists():
         return name
     parts = [(resolved / "config.json").read_text(encoding="utf-8") if (resolved / "config.json").exists() else ""]
+    for fname in FINGERPRINT_TEXT_FILES[1:]:
+        if (resolved / fname).exists():
+            parts.append(f"{fname}:{sha256_text((resolved / fname).read_text(encoding='utf-8'))}")
     for p in sorted(resolved.glob("*.safetensors")) + sorted(resolved.glob("*.bin")):
-        parts.append(f"{p.name}:{p.stat().st_size}")
+        parts.append(f"{p.name}:{p.stat().st_size}:{_weights_sample_sha(p)}")
     return sha256_text("\n".join(parts))
 
 

@@ -1,6 +1,7 @@
 """The in-process judge on the embedded tiny model: exact candidate scoring and the stage."""
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -113,3 +114,28 @@ def test_hf_logprob_and_sampled_methods_run(tmp_path):
         else:
             assert set(df["label"]) <= {"number", "CODE", "REFUSAL", "unparseable"}
             assert (df["output_tokens"] >= 1).all()
+
+
+def test_local_judge_fingerprint_follows_the_weights_not_only_their_size(tmp_path):
+    # the cache key of an in-process judge holds this fingerprint: weights retrained or
+    # replaced in place (same shapes, so the same file size) must not reuse old judgments
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lib.judge_backends import local_fingerprint
+    from lib.models import resolve_model
+
+    src = Path(resolve_model("embedded:tiny"))
+    a, b = tmp_path / "judge_a", tmp_path / "judge_b"
+    shutil.copytree(src, a)
+    shutil.copytree(src, b)
+    fp = local_fingerprint(str(a))
+    assert local_fingerprint(str(b)) == fp  # same content elsewhere (a copy): same judge
+    w = b / "model.safetensors"
+    size = w.stat().st_size
+    sd = load_file(w)
+    save_file({k: (v * 1.5 if "mlp" in k else v) for k, v in sd.items()}, w, metadata={"format": "pt"})
+    assert w.stat().st_size == size and local_fingerprint(str(b)) != fp
+    (a / "chat_template.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
+    assert local_fingerprint(str(a)) != fp  # another chat template: other prompts, other scores
