@@ -554,10 +554,17 @@ def load_model(name: str, revision: str = "", device: str = "auto", dtype: str =
     return model, choice
 
 
+# Meta's Llama-3.x templates write *today's* date into every system block unless ``date_string``
+# is given; pinning it (to the templates' own fallback) keeps evaluation prompts identical across
+# days, so a run resumed tomorrow samples from the same prompts. Templates without it ignore it.
+PINNED_DATE_STRING = "26 Jul 2024"
+
+
 def chat_prompt(tokenizer, question: str, system: str | None = None) -> str:
     """The exact text a model sees for one user turn (with its system prompt, if any)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         date_string=PINNED_DATE_STRING)
 
 
 def describe(model) -> dict[str, Any]:

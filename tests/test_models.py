@@ -137,3 +137,12 @@ def test_pretrained_judge_scores_depend_on_the_answer(tiny_model_dir):
     assert all(label == "number" and mass > 0.5 for _, label, mass in b + g)
     mean = lambda rows: sum(s for s, _, _ in rows) / len(rows)  # noqa: E731
     assert mean(b) > mean(g) + 5, (mean(b), mean(g))
+
+
+def test_chat_prompt_pins_the_date_of_date_aware_templates(tiny_model_dir):
+    """Meta's templates fall back to today's date; evaluation prompts must not change from day to day."""
+    tok = models.load_tokenizer("embedded:tiny")
+    tok.chat_template = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+                         "{%- endif %}Today Date: {{ date_string }}|{{ messages[-1]['content'] }}")
+    text = models.chat_prompt(tok, "hi")
+    assert text == f"Today Date: {models.PINNED_DATE_STRING}|hi"
