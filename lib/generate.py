@@ -362,7 +362,7 @@ def generate_run(cfg: RunConfig, progress: bool = True):
     from .questions import load_question_sets, question_set_info
 
     # --- cheap checks first: questions, checkpoints, sample counts ------------------------------
-    questions = load_question_sets(list(cfg.question_sets), cfg.domain)
+    questions = load_question_sets(list(cfg.question_sets))
     sets = question_set_info(list(cfg.question_sets))
     targets = select_targets(cfg)
     n_per_q = {(q.question_set, q.id): samples_for(cfg, q) for q in questions}

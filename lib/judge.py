@@ -333,7 +333,7 @@ def prompt_book(cfg: RunConfig) -> tuple[PromptBook, dict[str, Any]]:
             templates = questions.load_judge_prompts(cfg.judge_prompts)
             _, digest = questions.fetch_text(cfg.judge_prompts)
             return (lambda qs, qid, metric: templates.get(metric)), {"source": cfg.judge_prompts, "sha256": digest}
-        qs_list = questions.load_question_sets(list(cfg.question_sets), cfg.domain)
+        qs_list = questions.load_question_sets(list(cfg.question_sets))
     except questions.QuestionError as e:
         raise JudgeError(str(e)) from None
     by_q = {(q.question_set, q.id): q.judge_prompts for q in qs_list}

@@ -456,7 +456,7 @@ def is_embedded(name: str) -> bool:
     return name.startswith(EMBEDDED_PREFIX)
 
 
-def resolve_model(name: str, seed: int = 0) -> str:
+def resolve_model(name: str) -> str:
     """A loadable name: a local folder for embedded/local models, else the hub id unchanged."""
     if is_embedded(name):
         return str(embedded_model_dir(name[len(EMBEDDED_PREFIX):], seed=0))

@@ -181,8 +181,8 @@ def load_question_set(source: str) -> list[Question]:
     return parse_question_set(text, source)
 
 
-def load_question_sets(sources: list[str], run_domain: str | None = None) -> list[Question]:
-    """All questions of several sets; set names must be distinct. ``run_domain`` is only checked for type."""
+def load_question_sets(sources: list[str]) -> list[Question]:
+    """All questions of several sets; set names must be distinct (use ``Question.in_domain`` per run)."""
     out: list[Question] = []
     names: dict[str, str] = {}
     for s in sources:

@@ -37,7 +37,7 @@ def check(qs):
 def test_load_from_file(tmp_path):
     p = tmp_path / "myset.yaml"
     p.write_text(YAML)
-    qs = Q.load_question_sets([str(p)], "medical")
+    qs = Q.load_question_sets([str(p)])
     check(qs)
     assert qs[0].question_set == "myset"
 
