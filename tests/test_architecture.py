@@ -1,0 +1,236 @@
+"""lib/ is layered and its imports point one way (DESIGN.md, "Where each kind of code lives").
+
+The import graph is read from the source with ``ast``; an import inside a function counts
+like one at the top of the file. Rules:
+
+* every module of lib/ has a layer in :data:`LAYERS` (a new module must be placed there);
+* a module imports only modules of its own layer or below, and the graph has no circle;
+* a stage imports no other stage (it reads an earlier stage's files through the base
+  layer's run layout); only the parts listed in :data:`STAGE_PARTS` are shared;
+* imports of lib modules sit at the top of the file (none inside a function);
+* lib modules import each other relatively (``from .x import y``), with no fallback.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+LIB = Path(__file__).resolve().parents[1] / "lib"
+
+BASE, LOADERS, STAGES, ORCHESTRATION = 0, 1, 2, 3
+LAYER_NAMES = {BASE: "base", LOADERS: "loaders", STAGES: "stages", ORCHESTRATION: "orchestration"}
+
+# module -> layer (the README's "Layers" section lists the same)
+LAYERS: dict[str, int] = {
+    # base: configuration, files, rules; nothing here loads a model or runs a stage
+    "__init__": BASE,
+    "config": BASE,
+    "io": BASE,
+    "secrets": BASE,
+    "schema": BASE,
+    "runinfo": BASE,
+    "costs": BASE,
+    "metrics": BASE,
+    # loaders: models, the embedded tiny model, training data, question sets
+    "models": LOADERS,
+    "data": LOADERS,
+    "questions": LOADERS,
+    # stages: one module per stage (plus the parts in STAGE_PARTS)
+    "train": STAGES,
+    "generate": STAGES,
+    "judge": STAGES,
+    "judge_backends": STAGES,
+    "report": STAGES,
+    "plots": STAGES,
+    # orchestration: runs stages, decides what to skip
+    "grid": ORCHESTRATION,
+    "fingerprint": ORCHESTRATION,
+}
+
+# a stage module -> the stage-layer modules it may import (its own parts)
+STAGE_PARTS: dict[str, set[str]] = {
+    "judge": {"judge_backends"},
+    "report": {"plots"},
+}
+
+# Violations present when this test was written, each to be removed by restructuring.
+# The test fails on any violation not listed here, and on a listed one that is gone (so
+# the list only shrinks).
+KNOWN_BAD_EDGES: set[tuple[str, str]] = {
+    ("models", "judge"),             # the tiny model's pre-training fills judge prompts
+    ("judge_backends", "judge"),     # scoring rules live in the judge stage (circle)
+    ("generate", "train"),           # list_checkpoints
+}
+KNOWN_LAZY: set[tuple[str, str]] = {
+    ("fingerprint", "models"), ("fingerprint", "data"), ("fingerprint", "questions"), ("fingerprint", "train"),
+    ("generate", "models"), ("generate", "questions"), ("generate", "runinfo"),
+    ("grid", "models"), ("grid", "data"), ("grid", "questions"), ("grid", "secrets"), ("grid", "io"),
+    ("grid", "train"), ("grid", "judge"), ("grid", "report"),
+    ("judge", "secrets"), ("judge", "questions"), ("judge", "judge_backends"), ("judge", "runinfo"),
+    ("judge_backends", "io"), ("judge_backends", "models"),
+    ("models", "questions"), ("models", "judge"),
+    ("train", "models"), ("train", "data"), ("train", "runinfo"),
+}
+KNOWN_FALLBACKS: set[str] = {"grid", "fingerprint"}
+
+
+def _lib_modules() -> list[str]:
+    return sorted(p.stem for p in LIB.glob("*.py"))
+
+
+def _imports(module: str) -> list[tuple[str, bool, bool]]:
+    return _imports_in((LIB / f"{module}.py").read_text(encoding="utf-8"), set(_lib_modules()))
+
+
+def _catches_import_error(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Try):
+        return False
+    names = set()
+    for h in node.handlers:
+        types = h.type.elts if isinstance(h.type, ast.Tuple) else [h.type]
+        names |= {t.id for t in types if isinstance(t, ast.Name)}
+    return bool(names & {"ImportError", "ModuleNotFoundError", "Exception"})
+
+
+def _imports_in(source: str, known: set[str]) -> list[tuple[str, bool, bool]]:
+    """(imported lib module, inside a function, guarded) for each import of a lib module;
+    guarded: an absolute ``lib.`` import, or one inside ``try: ... except ImportError``."""
+    out: list[tuple[str, bool, bool]] = []
+
+    def visit(node: ast.AST, in_function: bool, guarded: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.ImportFrom):
+                if child.level == 1 or (child.level == 0 and child.module and
+                                        (child.module == "lib" or child.module.startswith("lib."))):
+                    flag = guarded or child.level == 0
+                    mod = (child.module or "") if child.level == 1 else child.module[len("lib"):].lstrip(".")
+                    if mod:
+                        out.append((mod.split(".")[0], in_function, flag))
+                    else:  # from . import x, y / from lib import x
+                        out.extend((a.name, in_function, flag) for a in child.names if a.name in known)
+            elif isinstance(child, ast.Import):
+                for a in child.names:
+                    if a.name.startswith("lib."):
+                        out.append((a.name.split(".")[1], in_function, True))
+            if _catches_import_error(child):
+                for part in child.body:
+                    visit(ast.Module(body=[part], type_ignores=[]), inner, True)
+                for rest in (*child.handlers, *child.orelse, *child.finalbody):
+                    visit(ast.Module(body=[rest], type_ignores=[]), inner, guarded)
+            else:
+                visit(child, inner, guarded)
+    visit(ast.parse(source), False, False)
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: {t for t, _, _ in _imports(m) if t != m} for m in _lib_modules()}
+
+
+def _violations(imports: dict[str, list[tuple[str, bool, bool]]] | None = None
+                ) -> tuple[set[tuple[str, str]], set[tuple[str, str]], set[str]]:
+    """(upward or stage-to-stage edges, imports inside functions, modules with absolute imports)."""
+    if imports is None:
+        imports = {m: _imports(m) for m in _lib_modules()}
+    bad, lazy, fallbacks = set(), set(), set()
+    for m, found in imports.items():
+        for target, in_function, absolute in found:
+            if in_function:
+                lazy.add((m, target))
+            if absolute:
+                fallbacks.add(m)
+            if m not in LAYERS or target not in LAYERS:
+                continue
+            if LAYERS[target] > LAYERS[m]:
+                bad.add((m, target))
+            elif LAYERS[m] == LAYERS[target] == STAGES and target != m and target not in STAGE_PARTS.get(m, set()):
+                bad.add((m, target))
+    return bad, lazy, fallbacks
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return out
+
+
+def test_every_module_has_a_layer():
+    missing = [m for m in _lib_modules() if m not in LAYERS]
+    assert not missing, f"place these lib modules in LAYERS (tests/test_architecture.py): {missing}"
+    gone = sorted(set(LAYERS) - set(_lib_modules()))
+    assert not gone, f"LAYERS names modules that no longer exist: {gone}"
+
+
+def test_no_import_circle():
+    graph = {m: {t for t in ts if (m, t) not in KNOWN_BAD_EDGES} for m, ts in _graph().items()}
+    assert _cycles(graph) == []
+
+
+def test_imports_point_down():
+    bad, _, _ = _violations()
+    new = sorted(bad - KNOWN_BAD_EDGES)
+    assert not new, "upward or stage-to-stage imports: " + ", ".join(
+        f"{a} ({LAYER_NAMES[LAYERS[a]]}) -> {b} ({LAYER_NAMES[LAYERS[b]]})" for a, b in new)
+    fixed = sorted(KNOWN_BAD_EDGES - bad)
+    assert not fixed, f"fixed, remove from KNOWN_BAD_EDGES: {fixed}"
+
+
+def test_lib_imports_at_top_of_file():
+    _, lazy, _ = _violations()
+    new = sorted(lazy - KNOWN_LAZY)
+    assert not new, f"lib imports inside functions (move them to the top of the file): {new}"
+    fixed = sorted(KNOWN_LAZY - lazy)
+    assert not fixed, f"fixed, remove from KNOWN_LAZY: {fixed}"
+
+
+def test_relative_imports_without_fallback():
+    _, _, fallbacks = _violations()
+    assert fallbacks == KNOWN_FALLBACKS
+
+
+def test_checker_sees_a_circle_an_upward_import_and_a_lazy_one():
+    """The rules above can fail: made-up graphs and sources that break each one."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+    known = {"judge", "config", "train", "plots"}
+    src = ("from .config import RunConfig\n"
+           "def f():\n    from .judge import fill_prompt\n"
+           "try:\n    from . import train, plots\nexcept ImportError:\n    import lib.train\n")
+    found = _imports_in(src, known)
+    assert found == [("config", False, False), ("judge", True, False), ("train", False, True),
+                     ("plots", False, True), ("train", False, True)]
+    bad, lazy, fallbacks = _violations({"models": found[:2], "generate": found[2:]})
+    assert _imports_in("import lib.judge\n", known) == [("judge", False, True)]
+    assert bad == {("models", "judge"), ("generate", "train"), ("generate", "plots")}
+    assert lazy == {("models", "judge")}
+    assert fallbacks == {"generate"}
