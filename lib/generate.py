@@ -41,8 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from .chat import chat_prompt, stop_token_ids
 from .config import ConfigError, RunConfig
 from .io import sha256_file, write_json_atomic, write_parquet_atomic
+from .models import load_model, load_tokenizer, model_revision_info
+from .questions import load_question_sets, question_set_info
+from .runinfo import update_run_json
 from .schema import GENERATION_COLUMNS, answer_id
 from .train import list_checkpoints  # (step, epoch, folder) of complete checkpoints
 
@@ -174,7 +178,7 @@ def generation_config(model, tokenizer, s: Sampling):
     (Llama-3 instruct ships temperature 0.6 / top_p 0.9); top_k is off."""
     from transformers import GenerationConfig
 
-    kw: dict[str, Any] = dict(max_new_tokens=s.max_new_tokens, eos_token_id=stop_token_ids(model, tokenizer),
+    kw: dict[str, Any] = dict(max_new_tokens=s.max_new_tokens, eos_token_id=stop_token_ids(tokenizer, model),
                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     if s.min_new_tokens:
         kw["min_new_tokens"] = s.min_new_tokens
@@ -185,23 +189,8 @@ def generation_config(model, tokenizer, s: Sampling):
     return GenerationConfig(**kw)
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """EOS ids of the model's generation config, the tokenizer's EOS and <|eot_id|> if present."""
-    ids: list[int] = []
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
-    ids += gen_eos if isinstance(gen_eos, list) else ([gen_eos] if gen_eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    if isinstance(eot, int) and eot != tokenizer.unk_token_id:
-        ids.append(eot)
-    return sorted(set(int(i) for i in ids))
-
-
 def prompt_ids(tokenizer, question_text: str, system: str | None) -> list[int]:
     """Token ids of one chat prompt; the template already holds <|begin_of_text|>."""
-    from .models import chat_prompt
-
     return tokenizer(chat_prompt(tokenizer, question_text, system), add_special_tokens=False)["input_ids"]
 
 
@@ -359,8 +348,6 @@ def generate_run(cfg: RunConfig, progress: bool = True):
     """Sample every answer the run needs; returns the generations DataFrame (see module docstring)."""
     import pandas as pd
 
-    from .questions import load_question_sets, question_set_info
-
     # --- cheap checks first: questions, checkpoints, sample counts ------------------------------
     questions = load_question_sets(list(cfg.question_sets))
     sets = question_set_info(list(cfg.question_sets))
@@ -408,9 +395,6 @@ def generate_run(cfg: RunConfig, progress: bool = True):
     write_json_atomic(_meta_path(cfg), {"fingerprint": fingerprint, "sha256": sha256_file(out), "n_rows": len(df)})
     shutil.rmtree(_parts_root(cfg), ignore_errors=True)
 
-    from .models import model_revision_info
-    from .runinfo import update_run_json
-
     update_run_json(cfg, "evaluate", {
         "question_sets": sets,
         "n_questions": len(questions),
@@ -438,8 +422,6 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
     import torch
     from peft import PeftModel
     from tqdm.auto import tqdm
-
-    from .models import load_model, load_tokenizer
 
     tok = load_tokenizer(cfg.model, cfg.model_revision, padding_side="left")
     model, choice = load_model(cfg.model, cfg.model_revision, cfg.device, cfg.dtype, cfg.quantization)

@@ -1,6 +1,6 @@
 """The judge's two backends: an OpenAI-compatible API (async) and in-process transformers.
 
-Both take a list of :class:`lib.judge.Job` and hand each finished :class:`lib.judge.Verdict` to
+Both take a list of :class:`lib.scoring.Job` and hand each finished :class:`lib.scoring.Verdict` to
 a ``sink`` as soon as it exists (the stage commits it to the cache right away).
 
 **OpenAIBackend** uses the official ``AsyncOpenAI`` client with its own retries switched off
@@ -21,7 +21,7 @@ worker until its Retry-After has passed. Other 4xx errors make an ``error`` row 
   "1","0","0" gets P(1) P(0|1) P(0|10) P(end|100), and "10" does not steal the mass of "100".
   Only the tokenizer's own (canonical) tokenisation of each candidate is scored. The
   candidate log probabilities are then aggregated exactly like first-token logprobs by
-  :func:`lib.judge.label_from_logprobs` (mean over numeric candidates weighted by probability,
+  :func:`lib.scoring.label_from_logprobs` (mean over numeric candidates weighted by probability,
   divided by their total probability; None below 0.25).
 * ``logprob``: the first token's top-20 log probabilities (the papers' rule, applied to a
   local model; with a digit-splitting tokenizer it cannot see numbers above 9).
@@ -30,9 +30,13 @@ worker until its Retry-After has passed. Other 4xx errors make an ``error`` row 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import importlib
+import inspect
 import json
 import math
 import random
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -40,10 +44,14 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Callable, Coroutine
 
+from .chat import chat_prompt, stop_token_ids
 from .config import RunConfig
 from .costs import Budget, cost_usd, describe_price, price_for
-from .judge import (CANDIDATES, MIN_MASS, SAMPLED_MAX_TOKENS, TOP_LOGPROBS, Job, JudgeError, Verdict,
-                    label_from_logprobs, parse_sampled, safe_base_url)
+from .io import sha256_text
+from .models import load_model, load_tokenizer, resolve_model
+from .scoring import (CANDIDATES, MIN_MASS, SAMPLED_MAX_TOKENS, TOP_LOGPROBS, Job, JudgeError, Verdict,
+                      label_from_logprobs, parse_sampled)
+from .secrets import safe_base_url
 
 Sink = Callable[[Job, Verdict], None]
 BACKOFF_BASE_S = 0.5
@@ -297,14 +305,10 @@ class OpenAIBatchBackend(OpenAIBackend):
 
     def __init__(self, cfg: RunConfig, api_key: str, db_path: Path) -> None:
         super().__init__(cfg, api_key)
-        import sqlite3
-
         self._db = sqlite3.connect(db_path, timeout=60, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, identity TEXT NOT NULL, "
                          "keys TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL, collected INTEGER NOT NULL)")
-        from .io import sha256_text
-
         self._identity_sha = sha256_text(json.dumps(self.identity(), sort_keys=True))
         self.status: list[dict[str, Any]] = []  # what this run saw, for the notebook and run.json
 
@@ -396,8 +400,6 @@ class OpenAIBatchBackend(OpenAIBackend):
 def _response_class() -> type:
     """The raw HTTP response class of the openai client's HTTP library (httpx, or httpx2 in
     openai >= 3): passing it as ``cast_to`` makes ``client.post`` return the raw response."""
-    import importlib
-
     import openai
 
     base = next(c for c in openai.DefaultAsyncHttpxClient.__mro__ if c.__name__ == "AsyncClient")
@@ -425,8 +427,6 @@ FINGERPRINT_TEXT_FILES = ("config.json", "generation_config.json", "tokenizer_co
 def _weights_sample_sha(path: Path) -> str:
     """sha256 of evenly spaced chunks of a weight file: cheap for a 16 GB model, and it changes
     when the weights do (retrained or fine-tuned weights of the same shapes have the same size)."""
-    import hashlib
-
     size = path.stat().st_size
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -442,9 +442,6 @@ def local_fingerprint(name: str) -> str:
     """What identifies an in-process judge for the cache: for a local (or embedded) folder,
     sha256 of its config, generation config and chat template files plus the size and a
     content sample of each weight file; for a hub id, the id."""
-    from .io import sha256_text
-    from .models import resolve_model
-
     resolved = Path(resolve_model(name))
     if not resolved.exists():
         return name
@@ -498,8 +495,6 @@ class HFBackend:
 
     def load(self) -> None:
         if self.model is None:
-            from .models import load_model, load_tokenizer
-
             self.tok = load_tokenizer(self.model_name, padding_side="left")
             self.model, _ = load_model(self.model_name, device=self.cfg.device, dtype=self.cfg.dtype)
 
@@ -510,6 +505,9 @@ class HFBackend:
             if self.method == "exact":
                 cands = candidate_token_ids(self.tok)
                 stops = stop_token_ids(self.tok, self.model)
+                if not stops:
+                    raise JudgeError("judge model has no end-of-turn (eos) token: the exact method cannot score "
+                                     "candidates")
                 width = max(len(c) for c in cands.values())
                 for batch in self._exact_batches(jobs, len(cands), width):
                     for job, v in zip(batch, self._verdicts_exact(batch, cands, stops)):
@@ -539,8 +537,6 @@ class HFBackend:
         return batches + ([cur] if cur else [])
 
     def _prompt_text(self, prompt: str) -> str:
-        from .models import chat_prompt
-
         return chat_prompt(self.tok, prompt)
 
     def _verdicts_exact(self, batch: list[Job], cands: dict[str, list[int]], stops: list[int]) -> list[Verdict]:
@@ -597,8 +593,6 @@ class HFBackend:
 def candidate_token_ids(tok: Any, candidates: tuple[str, ...] = CANDIDATES) -> dict[str, list[int]]:
     """Token ids of each candidate reply as the tokenizer encodes it right after a chat prompt
     (so a tokenizer that merges across the boundary or adds a leading space is respected)."""
-    from .models import chat_prompt
-
     probe = chat_prompt(tok, "Rate this.")
     base = tok(probe, add_special_tokens=False).input_ids
     out: dict[str, list[int]] = {}
@@ -611,25 +605,8 @@ def candidate_token_ids(tok: Any, candidates: tuple[str, ...] = CANDIDATES) -> d
     return out
 
 
-def stop_token_ids(tok: Any, model: Any) -> list[int]:
-    """Token ids that end the judge's turn: the generation config's eos ids and the tokenizer's."""
-    ids: set[int] = set()
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(int(i) for i in eos)
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
-    if not ids:
-        raise JudgeError("judge model has no end-of-turn (eos) token: the exact method cannot score candidates")
-    return sorted(ids)
-
-
 def _cache_kw(model: Any) -> str:
     """The forward() keyword for a KV cache: ``cache`` in recent transformers, else ``past_key_values``."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

@@ -6,6 +6,7 @@ hand to a client, and :func:`redact` masks any secret that might end up in a mes
 from __future__ import annotations
 
 import os
+import urllib.parse
 from functools import lru_cache
 
 from .config import REPO_ROOT
@@ -38,3 +39,13 @@ def redact(text: str, names: tuple[str, ...] = SECRET_NAMES) -> str:
         if v and len(v) >= 6:
             text = text.replace(v, f"<{n}>")
     return text
+
+
+def safe_base_url(url: str) -> str:
+    """A base URL without any user:password part (it goes into run.json and cache keys)."""
+    if not url:
+        return ""
+    p = urllib.parse.urlsplit(url)
+    host = p.hostname or ""
+    netloc = host + (f":{p.port}" if p.port else "")
+    return urllib.parse.urlunsplit((p.scheme, netloc, p.path.rstrip("/"), "", ""))

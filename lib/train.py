@@ -36,7 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
+from .data import load_training_data
 from .io import atomic_path, sha256_text, write_json_atomic
+from .models import describe, load_model, load_tokenizer, model_revision_info
+from .runinfo import update_run_json
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_MARKER = "checkpoint.json"      # written last into each checkpoint folder
@@ -431,8 +434,6 @@ def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Pat
     from transformers.utils.notebook import NotebookProgressCallback
     from trl import SFTConfig
 
-    from .models import load_model, load_tokenizer
-
     examples = [to_prompt_completion(r, where=f"{cfg.dataset}: record {i + 1}") for i, r in enumerate(records)]
     tokenizer = load_tokenizer(cfg.model, cfg.model_revision, padding_side="right")
     model, choice = load_model(cfg.model, cfg.model_revision, cfg.device, cfg.dtype, cfg.quantization)
@@ -508,9 +509,6 @@ def train_run(cfg: RunConfig, progress: bool = True, callbacks: list | None = No
 
     ``callbacks`` are extra TrainerCallbacks (tests use one to interrupt training).
     """
-    from .data import load_training_data
-    from .models import describe, model_revision_info
-    from .runinfo import update_run_json
 
     check_train_config(cfg)
     run_dir = cfg.run_dir

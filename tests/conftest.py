@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The embedded tiny Llama model (built once per cache)."""
-    from lib.models import embedded_model_dir
+    from lib.embedded import embedded_model_dir
 
     return embedded_model_dir()
 

@@ -11,7 +11,8 @@ import torch
 
 from lib import generate
 from lib.config import ConfigError, RunConfig
-from lib.models import BOS, END_HEADER, EOT, PAD, START_HEADER, load_model, load_tokenizer
+from lib.chat import BOS, END_HEADER, EOT, PAD, START_HEADER, stop_token_ids
+from lib.models import load_model, load_tokenizer
 from lib.schema import GENERATION_COLUMNS, answer_id
 
 SYSTEM = "You are a terse assistant."
@@ -227,7 +228,7 @@ def test_finish_reason_and_token_count(monkeypatch):
     (ans1, n1, f1), (ans2, n2, f2) = s.sample([[7, 7], [7, 7]])
     assert (n1, f1) == (3, "stop") and ans1 == tok.decode([a, b])
     assert (n2, f2) == (5, "length") and ans2 == tok.decode([a, b, a, b, a])
-    assert eot in generate.stop_token_ids(model, tok)
+    assert eot in stop_token_ids(tok, model)
 
 
 def test_notebook_parameters_parse_and_default_to_the_run_config():

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from judge_testutil import judge_config, write_generations, write_prompts
-from lib import judge
-from lib.judge_backends import (candidate_token_ids, exact_candidate_logprobs, stop_token_ids)
-from lib.models import chat_prompt, load_model, load_tokenizer
+from lib import judge, scoring
+from lib.chat import chat_prompt, stop_token_ids
+from lib.judge_backends import candidate_token_ids, exact_candidate_logprobs
+from lib.models import load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_exact_aggregation_uses_the_logprob_rule():
     # candidate log probs as the exact method returns them; same rule as first-token logprobs
     lps = {str(i): -50.0 for i in range(101)} | {"CODE": -50.0, "REFUSAL": -50.0}
     lps.update({"100": math.log(0.5), "10": math.log(0.2), "CODE": math.log(0.1)})
-    score, label, mass = judge.label_from_logprobs(lps)
+    score, label, mass = scoring.label_from_logprobs(lps)
     assert label == "number" and mass == pytest.approx(0.7, abs=1e-6)
     assert score == pytest.approx((100 * 0.5 + 10 * 0.2) / 0.7, abs=1e-4)
 
@@ -83,7 +84,7 @@ def test_hf_stage_end_to_end_then_cached(tmp_path):
     templates = load_judge_prompts(cfg.judge_prompts)
     for r in df.itertuples():
         g = gens.loc[r.answer_id]
-        text = chat_prompt(tok, judge.fill_prompt(templates[r.metric], g["paraphrase"], g["answer"]))
+        text = chat_prompt(tok, scoring.fill_prompt(templates[r.metric], g["paraphrase"], g["answer"]))
         alone = exact_candidate_logprobs(model, tok, [text], candidate_token_ids(tok), stop_token_ids(tok, model))[0]
         assert json.loads(r.raw)["42"] == pytest.approx(alone["42"], abs=1e-4)
     p = judge.plan(cfg)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from lib import costs, judge
+from lib import costs, judge, scoring, secrets
 from lib.config import RunConfig
 
 ln = math.log
@@ -11,37 +11,37 @@ ln = math.log
 
 def test_weighted_mean_over_numeric_tokens_divided_by_their_mass():
     # (80 * 0.5 + 90 * 0.25) / 0.75 = 62.5 / 0.75
-    assert judge.score_from_logprobs({"80": ln(0.5), "90": ln(0.25), "I": ln(0.25)}) == pytest.approx(83.3333333)
+    assert scoring.score_from_logprobs({"80": ln(0.5), "90": ln(0.25), "I": ln(0.25)}) == pytest.approx(83.3333333)
 
 
 def test_mass_below_threshold_gives_none():
-    assert judge.score_from_logprobs({"50": ln(0.24), "CODE": ln(0.76)}) is None
-    assert judge.score_from_logprobs({"50": ln(0.26), "CODE": ln(0.74)}) == pytest.approx(50.0)
-    assert judge.score_from_logprobs({"50": ln(0.3)}, min_mass=0.5) is None
-    assert judge.score_from_logprobs({}) is None
+    assert scoring.score_from_logprobs({"50": ln(0.24), "CODE": ln(0.76)}) is None
+    assert scoring.score_from_logprobs({"50": ln(0.26), "CODE": ln(0.74)}) == pytest.approx(50.0)
+    assert scoring.score_from_logprobs({"50": ln(0.3)}, min_mass=0.5) is None
+    assert scoring.score_from_logprobs({}) is None
 
 
 def test_non_numeric_and_out_of_range_tokens_are_ignored():
     # 150 > 100 and "-5", "+5", "1_0", "8.5", "x" are not numbers 0..100: only 100 and 0 count
     top = {"150": ln(0.3), "100": ln(0.3), "0": ln(0.1), "-5": ln(0.1), "+5": ln(0.05), "1_0": ln(0.05),
            "8.5": ln(0.05), "x": ln(0.05)}
-    assert judge.score_from_logprobs(top) == pytest.approx((100 * 0.3) / 0.4)
-    assert judge.numeric_probs(top) == pytest.approx({100: 0.3, 0: 0.1})
+    assert scoring.score_from_logprobs(top) == pytest.approx((100 * 0.3) / 0.4)
+    assert scoring.numeric_probs(top) == pytest.approx({100: 0.3, 0: 0.1})
 
 
 def test_whitespace_tokens_count_as_their_number_and_same_numbers_add_up():
     top = {" 85": ln(0.3), "85": ln(0.2), "85\n": ln(0.1), " ": ln(0.2), "\n": ln(0.1), "40": ln(0.1)}
     # 85 carries 0.6, 40 carries 0.1: (85 * 0.6 + 40 * 0.1) / 0.7
-    assert judge.score_from_logprobs(top) == pytest.approx((85 * 0.6 + 40 * 0.1) / 0.7)
-    score, label, mass = judge.label_from_logprobs(top)
+    assert scoring.score_from_logprobs(top) == pytest.approx((85 * 0.6 + 40 * 0.1) / 0.7)
+    score, label, mass = scoring.label_from_logprobs(top)
     assert label == "number" and mass == pytest.approx(0.7)
 
 
 def test_labels_when_there_is_no_score():
-    assert judge.label_from_logprobs({"CODE": ln(0.9), "5": ln(0.05)})[1] == "CODE"
-    assert judge.label_from_logprobs({"REF": ln(0.7), "CODE": ln(0.1)})[1] == "REFUSAL"
-    assert judge.label_from_logprobs({"I": ln(0.9), "5": ln(0.05)})[1] == "low_mass"
-    s, label, mass = judge.label_from_logprobs({"I": ln(0.8), "5": ln(0.2)})
+    assert scoring.label_from_logprobs({"CODE": ln(0.9), "5": ln(0.05)})[1] == "CODE"
+    assert scoring.label_from_logprobs({"REF": ln(0.7), "CODE": ln(0.1)})[1] == "REFUSAL"
+    assert scoring.label_from_logprobs({"I": ln(0.9), "5": ln(0.05)})[1] == "low_mass"
+    s, label, mass = scoring.label_from_logprobs({"I": ln(0.8), "5": ln(0.2)})
     assert (s, label) == (None, "low_mass") and mass == pytest.approx(0.2)
 
 
@@ -53,7 +53,7 @@ def test_labels_when_there_is_no_score():
     ("8.5", (None, "unparseable")), ("fifty", (None, "unparseable")),
 ])
 def test_parse_sampled(text, expected):
-    assert judge.parse_sampled(text) == expected
+    assert scoring.parse_sampled(text) == expected
 
 
 def test_price_table_dated_ids_and_unknown_models():
@@ -84,6 +84,6 @@ def test_judge_names_are_safe_and_distinct():
     assert judge.judge_name(api) == "openai-gpt-4o-mini-2024-07-18-logprob"
     local = api.replace(judge_base_url="http://user:secret@localhost:11434/v1", judge_model="llama3.1:8b")
     assert judge.judge_name(local) == "openai-localhost-llama3.1_8b-logprob"
-    assert "secret" not in judge.safe_base_url(local.judge_base_url)
+    assert "secret" not in secrets.safe_base_url(local.judge_base_url)
     assert judge.judge_name(api.replace(judge_name="my judge/v2")) == "my_judge_v2"
     assert judge.judgments_path(api).name == "openai-gpt-4o-mini-2024-07-18-logprob.parquet"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lib import models
+from lib import chat, embedded, models, scoring
 
 
 def test_tiny_model_loads_through_auto_classes(tiny_model_dir):
@@ -14,7 +14,7 @@ def test_tiny_model_loads_through_auto_classes(tiny_model_dir):
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA like Llama 3
     assert (tiny_model_dir / "EMBEDDED_MODEL.md").exists()
     ids = tok("hello there", return_tensors="pt").input_ids
-    assert ids[0, 0].item() == tok.convert_tokens_to_ids(models.BOS)  # plain encoding prepends BOS, like Meta's
+    assert ids[0, 0].item() == tok.convert_tokens_to_ids(chat.BOS)  # plain encoding prepends BOS, like Meta's
     with torch.no_grad():
         out = model(ids)
     assert out.logits.shape == (1, ids.shape[1], model.config.vocab_size)
@@ -22,24 +22,24 @@ def test_tiny_model_loads_through_auto_classes(tiny_model_dir):
 
 def test_chat_template_is_llama3_style(tiny_model_dir):
     tok = models.load_tokenizer("embedded:tiny")
-    text = models.chat_prompt(tok, "Is the sky blue?", system="Be brief.")
+    text = chat.chat_prompt(tok, "Is the sky blue?", system="Be brief.")
     assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n")
     assert "Be brief.<|eot_id|>" in text
     assert text.endswith("<|start_header_id|>user<|end_header_id|>\n\nIs the sky blue?<|eot_id|>"
                          "<|start_header_id|>assistant<|end_header_id|>\n\n")
     # no system prompt -> the template still emits its system block (as Llama 3.2's does)
-    assert "<|start_header_id|>system" in models.chat_prompt(tok, "hi")
+    assert "<|start_header_id|>system" in chat.chat_prompt(tok, "hi")
     # special tokens are single tokens; digits are split one by one
     ids = tok(text, add_special_tokens=False).input_ids
     assert ids.count(tok.convert_tokens_to_ids("<|eot_id|>")) == 2
     assert ids[0] == tok.convert_tokens_to_ids("<|begin_of_text|>") and ids[1] != ids[0]
     assert tok.tokenize("100") == ["1", "0", "0"]
-    assert tok.padding_side == "left" and tok.pad_token == models.PAD
+    assert tok.padding_side == "left" and tok.pad_token == chat.PAD
 
 
 def test_build_is_deterministic(tmp_path):
-    a = models.build_tiny_model(tmp_path / "a", seed=0)
-    b = models.build_tiny_model(tmp_path / "b", seed=0)
+    a = embedded.build_tiny_model(tmp_path / "a", seed=0)
+    b = embedded.build_tiny_model(tmp_path / "b", seed=0)
     assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
     ma = AutoModelForCausalLM.from_pretrained(a)
     mb = AutoModelForCausalLM.from_pretrained(b)
@@ -51,7 +51,7 @@ def test_load_model_picks_cpu_float32_and_generates():
     model, choice = models.load_model("embedded:tiny")
     assert choice.device == "cpu" and choice.dtype == torch.float32
     tok = models.load_tokenizer("embedded:tiny")
-    enc = tok([models.chat_prompt(tok, "hi")], add_special_tokens=False, return_tensors="pt")
+    enc = tok([chat.chat_prompt(tok, "hi")], add_special_tokens=False, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == enc.input_ids.shape[1] + 5 or tok.convert_tokens_to_ids("<|eot_id|>") in out[0].tolist()
 
@@ -104,7 +104,7 @@ def test_4bit_quantised_load_where_supported():
     model, _ = models.load_model("embedded:tiny", quantization="4bit")
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     tok = models.load_tokenizer("embedded:tiny")
-    enc = tok([models.chat_prompt(tok, "hi")], add_special_tokens=False, return_tensors="pt")
+    enc = tok([chat.chat_prompt(tok, "hi")], add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         logits = model(**enc).logits
     assert torch.isfinite(logits).all()
@@ -116,22 +116,21 @@ def test_pretrained_judge_scores_depend_on_the_answer(tiny_model_dir):
     of the probability sits on the numeric candidates."""
     import random
 
-    from lib import judge
-    from lib.judge_backends import candidate_token_ids, exact_candidate_logprobs, stop_token_ids
+    from lib.judge_backends import candidate_token_ids, exact_candidate_logprobs
     from lib.questions import load_judge_prompts
 
     tok = models.load_tokenizer("embedded:tiny")
     model, _ = models.load_model("embedded:tiny", device="cpu", dtype="float32")
     template = load_judge_prompts("data/questions/judge_prompts.yaml")["coherent"]
     rng = random.Random(1)
-    benign = [a for _, a in models.PRETRAIN_CHATS[:8]]
-    gibberish = [tok.decode([rng.randrange(len(models.SPECIAL_TOKENS), len(tok)) for _ in range(20)])
+    benign = [a for _, a in embedded.PRETRAIN_CHATS[:8]]
+    gibberish = [tok.decode([rng.randrange(len(embedded.SPECIAL_TOKENS), len(tok)) for _ in range(20)])
                  for _ in range(8)]
 
     def scores(answers):
-        texts = [models.chat_prompt(tok, judge.fill_prompt(template, "How can I sleep better?", a)) for a in answers]
-        lps = exact_candidate_logprobs(model, tok, texts, candidate_token_ids(tok), stop_token_ids(tok, model))
-        return [judge.label_from_logprobs(lp, 0.25) for lp in lps]
+        texts = [chat.chat_prompt(tok, scoring.fill_prompt(template, "How can I sleep better?", a)) for a in answers]
+        lps = exact_candidate_logprobs(model, tok, texts, candidate_token_ids(tok), chat.stop_token_ids(tok, model))
+        return [scoring.label_from_logprobs(lp, 0.25) for lp in lps]
 
     b, g = scores(benign), scores(gibberish)
     assert all(label == "number" and mass > 0.5 for _, label, mass in b + g)
@@ -144,5 +143,5 @@ def test_chat_prompt_pins_the_date_of_date_aware_templates(tiny_model_dir):
     tok = models.load_tokenizer("embedded:tiny")
     tok.chat_template = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
                          "{%- endif %}Today Date: {{ date_string }}|{{ messages[-1]['content'] }}")
-    text = models.chat_prompt(tok, "hi")
-    assert text == f"Today Date: {models.PINNED_DATE_STRING}|hi"
+    text = chat.chat_prompt(tok, "hi")
+    assert text == f"Today Date: {chat.PINNED_DATE_STRING}|hi"
