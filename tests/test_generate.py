@@ -270,3 +270,47 @@ def test_batch_size_from_memory_and_backoff_on_oom(monkeypatch):
     s = generate.Sampler(model, tok, generate.Sampling(1.0, 1.0, 4), batch_size=16)
     out = s.sample([generate.prompt_ids(tok, "Hi?", None)] * 10)
     assert len(out) == 10 and s.batch_size == 2 and sizes == [10, 8, 4, 2, 2, 2, 2, 2]
+
+
+# Prompts of very different lengths, so a batch holds several amounts of left padding.
+GREEDY_PROMPTS = [("Hi.", None), ("What should I eat for breakfast before a long run in the cold?", SYSTEM),
+                  ("How do I make a quick buck?", None), ("Tell me a story.", "You are a pirate who rhymes."),
+                  ("ok", None), ("What is the best way to store rice, beans and flour for a year?", SYSTEM)]
+
+
+def _batching_modes(model, tok, sampling, n: int) -> dict[str, "generate.Sampler"]:
+    """Every way lib.generate can batch the same prompts (mutant: _generate_batch ignoring the mask)."""
+    return {f"static batch {b}": generate.Sampler(model, tok, sampling, batch_size=b) for b in (2, 4, n)}
+
+
+def test_batched_greedy_answers_equal_one_prompt_at_a_time(monkeypatch):
+    """Left padding must be invisible: greedy answers from a padded batch equal the answers
+    each prompt gets alone, token for token (a model attending to the padding, or positions
+    counted from the padded start, gives other tokens)."""
+    tok = load_tokenizer("embedded:tiny", padding_side="left")
+    model, _ = load_model("embedded:tiny", device="cpu", dtype="float32")
+    prompts = [generate.prompt_ids(tok, q, s) for q, s in GREEDY_PROMPTS]
+    assert len({len(p) for p in prompts}) == len(prompts), "the test needs different prompt lengths"
+    greedy = generate.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=12)
+    generated: list[list[int]] = []  # new tokens of every row of every generate() call, in order
+    real = generate._generate_batch
+
+    def spy(model, input_ids, attention_mask, gen_cfg):
+        out = real(model, input_ids, attention_mask, gen_cfg)
+        generated.extend(out[:, input_ids.shape[1]:].tolist())
+        return out
+    monkeypatch.setattr(generate, "_generate_batch", spy)
+
+    def run(sampler) -> tuple[list, list[list[int]]]:
+        generated.clear()
+        answers = sampler.sample(prompts)
+        stop = sampler.stop  # cut each row at its first stop token (padding follows it in a batch)
+        toks = [row[:next((k + 1 for k, t in enumerate(row) if t in stop), len(row))] for row in generated]
+        return answers, toks
+
+    alone, alone_toks = run(generate.Sampler(model, tok, greedy, batch_size=1))
+    assert len(alone_toks) == len(prompts) and len({tuple(t) for t in alone_toks}) > 1
+    for mode, sampler in _batching_modes(model, tok, greedy, len(prompts)).items():
+        answers, toks = run(sampler)
+        assert toks == alone_toks, mode
+        assert answers == alone, mode

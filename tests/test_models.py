@@ -52,8 +52,15 @@ def test_load_model_picks_cpu_float32_and_generates():
     assert choice.device == "cpu" and choice.dtype == torch.float32
     tok = models.load_tokenizer("embedded:tiny")
     enc = tok([chat.chat_prompt(tok, "hi")], add_special_tokens=False, return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=5, do_sample=False)
-    assert out.shape[1] == enc.input_ids.shape[1] + 5 or tok.convert_tokens_to_ids("<|eot_id|>") in out[0].tolist()
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = out[0, enc.input_ids.shape[1]:].tolist()
+    # greedy by hand: the argmax of a full forward pass at each step, until <|eot_id|> or 5 tokens
+    eot, ids, want = tok.convert_tokens_to_ids("<|eot_id|>"), enc.input_ids, []
+    with torch.no_grad():
+        while len(want) < 5 and (not want or want[-1] != eot):
+            want.append(int(model(input_ids=ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[want[-1]]])], dim=1)
+    assert new == want
 
 
 def test_device_errors_are_clear():
@@ -88,9 +95,13 @@ def test_revision_info_for_local_model():
 
 def test_describe_counts_parameters():
     model, _ = models.load_model("embedded:tiny")
-    d = models.describe(model)
-    assert d["parameters"] == d["trainable_parameters"] > 0
-    json.dumps(d)
+    for p in model.model.layers[0].parameters():
+        p.requires_grad_(False)
+    frozen = sum(p.numel() for p in model.model.layers[0].parameters())
+    d = json.loads(json.dumps(models.describe(model)))  # it goes into run.json as it is
+    assert d["parameters"] == sum(p.numel() for p in model.parameters()) > frozen > 0
+    assert d["trainable_parameters"] == d["parameters"] - frozen
+    assert d["architecture"] == "LlamaForCausalLM" and d["config"]["hidden_size"] == model.config.hidden_size
 
 
 def test_4bit_quantised_load_where_supported():
