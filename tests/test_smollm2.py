@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lib import models, smollm2
+from lib.chat import chat_prompt
 from lib.io import sha256_file
 
 NAME = "embedded:smollm2-135m"
@@ -55,7 +56,7 @@ def test_conversion_keeps_the_gguf_weights_and_records_provenance(smol_dir):
 
 def test_chatml_template_and_end_of_turn(smol_dir):
     tok = models.load_tokenizer(NAME)
-    text = models.chat_prompt(tok, "Is the sky blue?", system="Be brief.")
+    text = chat_prompt(tok, "Is the sky blue?", system="Be brief.")
     assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nIs the sky blue?<|im_end|>\n"
                     "<|im_start|>assistant\n")
     assert tok.eos_token == "<|im_end|>" and tok.padding_side == "left"
@@ -69,7 +70,7 @@ def test_chatml_template_and_end_of_turn(smol_dir):
 def test_greedy_answer_is_english_and_stops_at_im_end(smol_dir):
     tok = models.load_tokenizer(NAME)
     model, _ = models.load_model(NAME)
-    enc = tok([models.chat_prompt(tok, "What is the capital of France? Answer in one word.")],
+    enc = tok([chat_prompt(tok, "What is the capital of France? Answer in one word.")],
               add_special_tokens=False, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=20, do_sample=False)[0, enc.input_ids.shape[1]:].tolist()
     end = tok.convert_tokens_to_ids("<|im_end|>")
