@@ -57,3 +57,31 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+PROVENANCE_KEY = "provenance"  # safetensors metadata key holding the JSON provenance
+
+
+def write_safetensors_atomic(tensors: dict, target: str | Path, provenance: dict[str, Any]) -> Path:
+    """Tensors -> a .safetensors file, atomically, with ``provenance`` (JSON) in its metadata.
+
+    safetensors metadata is str -> str, so the provenance dict is stored as one JSON string
+    under :data:`PROVENANCE_KEY`; any safetensors reader sees it (``safe_open(...).metadata()``).
+    """
+    from safetensors.torch import save_file
+
+    plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {PROVENANCE_KEY: json.dumps(provenance, sort_keys=True, default=str)}
+    with atomic_path(target, suffix=".safetensors") as tmp:
+        save_file(plain, str(tmp), metadata=meta)
+    return Path(target)
+
+
+def read_safetensors(path: str | Path) -> tuple[dict, dict[str, Any]]:
+    """(tensors, provenance) of a file written by :func:`write_safetensors_atomic`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, json.loads(meta.get(PROVENANCE_KEY, "{}"))
