@@ -45,8 +45,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import metrics
+from .chat import chat_prompt
 from .config import ConfigError, RunConfig, _check_types, _f, from_mapping
+from .generate import generate_run
 from .io import read_safetensors, sha256_file, sha256_text, write_safetensors_atomic, write_text_atomic
+from .judge import judge_run
+from .models import load_model, load_tokenizer, model_revision_info, resolve_model
+from .questions import load_question_sets
+from .runinfo import git_commit, package_versions, update_run_json
+from .secrets import hf_token
+from .train import list_checkpoints, train_run
 
 PHASE_DIR = "phase"
 TRAJECTORY_FILE = "adapter_trajectory.safetensors"
@@ -182,9 +191,6 @@ def num_layers(model: str, revision: str = "") -> int:
     """Decoder layers of a model, from its config (no weights loaded)."""
     from transformers import AutoConfig
 
-    from .models import resolve_model
-    from .secrets import hf_token
-
     c = AutoConfig.from_pretrained(resolve_model(model), revision=revision or None, token=hf_token())
     c = getattr(c, "text_config", c)
     return int(c.num_hidden_layers)
@@ -196,8 +202,6 @@ def num_layers(model: str, revision: str = "") -> int:
 
 def train_adapter(cfg: PhaseConfig, progress: bool = True):
     """Train (or resume, or skip) the rank-1 adapter; returns lib.train's TrainResult."""
-    from .train import train_run
-
     return train_run(cfg.run_config(), progress=progress)
 
 
@@ -270,8 +274,6 @@ def load_adapter_vectors(run_dir: str | Path, module: str, layer: int) -> Adapte
     """Read A and B of every complete checkpoint of a rank-1, one-module run."""
     from safetensors.torch import load_file
 
-    from .train import list_checkpoints
-
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise PhaseError(f"{Path(run_dir) / 'checkpoints'}: no complete checkpoints; train the adapter first")
@@ -299,8 +301,6 @@ def load_adapter_vectors(run_dir: str | Path, module: str, layer: int) -> Adapte
 
 def probe_prompts(question_sets: list[str], n: int) -> list[tuple[str, str | None]]:
     """The fixed probe batch: the first n (paraphrase, system prompt) pairs of the question sets."""
-    from .questions import load_question_sets
-
     pairs = [(p, q.system) for q in load_question_sets(list(question_sets)) for p in q.paraphrases]
     return pairs[:n]
 
@@ -311,8 +311,6 @@ def probe_activations(run_cfg: RunConfig, module_name: str, prompts: list[tuple[
     Runs the base model (no adapter); a single adapted module does not change its own input.
     """
     import torch
-
-    from .models import chat_prompt, load_model, load_tokenizer
 
     tok = load_tokenizer(run_cfg.model, run_cfg.model_revision, padding_side="right")
     model, _ = load_model(run_cfg.model, run_cfg.model_revision, run_cfg.device, run_cfg.dtype,
@@ -372,8 +370,6 @@ def read_trajectory(path: str | Path) -> tuple[dict, dict[str, Any]]:
 
 def provenance_base(kind: str) -> dict[str, Any]:
     """What every analysis file records about how it was made."""
-    from .runinfo import git_commit, package_versions
-
     return {"kind": kind, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "git": git_commit(), "packages": {k: v for k, v in package_versions().items()
                                               if k in ("torch", "transformers", "peft", "em-lab")}}
@@ -381,9 +377,6 @@ def provenance_base(kind: str) -> dict[str, Any]:
 
 def analyze(cfg: PhaseConfig) -> Trajectory:
     """Read every checkpoint's vectors and compute the trajectory (reused when nothing changed)."""
-    from .models import model_revision_info
-    from .runinfo import update_run_json
-
     layer = cfg.layer()
     run_cfg = cfg.run_config(layer=layer)
     vec = load_adapter_vectors(run_cfg.run_dir, cfg.lora_module, layer)
@@ -442,19 +435,12 @@ def eval_steps(steps: list[int], every: int) -> list[int]:
 def labelled_answers(gens: pd.DataFrame, judgments: pd.DataFrame, aligned_threshold: float,
                      coherent_threshold: float) -> pd.DataFrame:
     """Answers with their scores and EM labels (lib.metrics' rules; unscored answers excluded)."""
-    from . import metrics
-
     wide = metrics.wide_scores(judgments)
     return metrics.label_em(gens.merge(wide, on="answer_id", how="left"), aligned_threshold, coherent_threshold)
 
 
 def em_over_training(cfg: PhaseConfig, progress: bool = True) -> pd.DataFrame:
     """Sample and judge the base model and every eval_every-th checkpoint; EM and coherence per step."""
-    from . import metrics
-    from .generate import generate_run
-    from .judge import judge_run
-    from .train import list_checkpoints
-
     layer = cfg.layer()
     steps = [s for s, _, _ in list_checkpoints(cfg.run_config(layer=layer).run_dir)]
     if not steps:

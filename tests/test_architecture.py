@@ -46,6 +46,8 @@ LAYERS: dict[str, int] = {
     "judge_backends": STAGES,
     "report": STAGES,
     "plots": STAGES,
+    # analyses beyond replication (05, 06): they run the train / evaluate / judge stages' functions
+    "phase": STAGES,
     # orchestration: runs stages, decides what to skip
     "grid": ORCHESTRATION,
     "fingerprint": ORCHESTRATION,
@@ -55,6 +57,7 @@ LAYERS: dict[str, int] = {
 STAGE_PARTS: dict[str, set[str]] = {
     "judge": {"judge_backends"},
     "report": {"plots"},
+    "phase": {"train", "generate", "judge"},
 }
 
 # Violations present when this test was written, each to be removed by restructuring.

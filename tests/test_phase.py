@@ -1,0 +1,205 @@
+"""lib/phase.py: the rank-1 adapter's trajectory, the transition rule, the effect size, and 05 under papermill."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lib import phase
+from lib.config import REPO_ROOT, ConfigError, from_mapping
+
+
+def _planted_turn(n_steps: int = 16, turn_at: int = 7, degrees: float = 90.0, d: int = 32, seed: int = 0):
+    """B moves in a straight line along u until `turn_at`, then along a direction `degrees` away."""
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=d)
+    u /= np.linalg.norm(u)
+    w = rng.normal(size=d)
+    w -= (w @ u) * u
+    w /= np.linalg.norm(w)
+    v = math.cos(math.radians(degrees)) * u + math.sin(math.radians(degrees)) * w
+    B = [np.zeros(d)]
+    for t in range(1, n_steps + 1):
+        B.append(B[-1] + 0.01 * (u if t <= turn_at else v) + rng.normal(scale=1e-4, size=d))
+    return list(range(n_steps + 1)), np.vstack(B), u, v
+
+
+@pytest.mark.parametrize("turn_at,degrees", [(7, 90.0), (4, 60.0), (12, 120.0)])
+def test_turn_angle_peaks_at_the_planted_step(turn_at, degrees):
+    steps, B, _, _ = _planted_turn(turn_at=turn_at, degrees=degrees)
+    t = phase.trajectory_metrics(steps, B)
+    assert phase.transition_step(t) == turn_at
+    at = t.set_index("step").loc[turn_at, "turn_deg"]
+    assert at == pytest.approx(degrees, abs=2.0)
+    others = t[(t["step"] != turn_at) & t["turn_deg"].notna()]["turn_deg"]
+    assert others.max() < 10.0  # straight-line stretches turn only by the noise (~5 degrees)
+    assert np.isnan(t["turn_deg"].iloc[0]) and np.isnan(t["turn_deg"].iloc[-1])  # no neighbour on one side
+
+
+def test_wider_window_still_finds_the_turn_and_min_move_drops_early_jitter():
+    steps, B, _, _ = _planted_turn(turn_at=8, degrees=90.0)
+    assert phase.transition_step(phase.trajectory_metrics(steps, B, window=2)) == 8
+    # early noise: B barely moves and reverses at step 2 (a 180-degree "turn" of a tiny step)
+    B = B.copy()
+    B[1] = B[2] * 0.0 + 1e-5
+    B[2] = B[1] - 2e-5
+    noisy = phase.trajectory_metrics(steps, B)
+    assert phase.transition_step(noisy) in (1, 2)  # the jitter wins without a threshold
+    guarded = phase.trajectory_metrics(steps, B, min_move=1e-3)
+    assert phase.transition_step(guarded) == 8
+    assert not guarded.set_index("step").loc[[1, 2], "candidate"].any()
+
+
+def test_trajectory_columns_are_the_documented_quantities():
+    steps = [0, 5, 10, 15]
+    B = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [2.0, 2.0]])
+    t = phase.trajectory_metrics(steps, B).set_index("step")
+    assert t["b_norm"].tolist() == pytest.approx([0.0, 1.0, 2.0, math.sqrt(8)])
+    assert np.isnan(t.loc[0, "cos_prev"]) and np.isnan(t.loc[5, "cos_prev"])  # B_0 = 0 has no direction
+    assert t.loc[10, "cos_prev"] == pytest.approx(1.0)
+    assert t.loc[15, "cos_prev"] == pytest.approx(1 / math.sqrt(2))
+    assert t.loc[5, "cos_final"] == pytest.approx(1 / math.sqrt(2)) and t.loc[15, "cos_final"] == pytest.approx(1.0)
+    assert t.loc[5, "turn_deg"] == pytest.approx(0.0) and t.loc[10, "turn_deg"] == pytest.approx(90.0)
+    assert t.loc[15, "move"] == pytest.approx(2.0)
+    assert phase.transition_step(t.reset_index()) == 10
+
+
+def test_no_candidate_means_no_transition():
+    t = phase.trajectory_metrics([0, 1], np.array([[0.0, 0.0], [1.0, 1.0]]))
+    assert phase.transition_step(t) is None
+
+
+def test_effect_size_is_the_mean_norm_of_the_adapter_output():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(50, 8))
+    A = np.vstack([np.full(8, np.nan), rng.normal(size=(2, 8))])
+    B = np.vstack([np.zeros(6), rng.normal(size=(2, 6))])
+    got = phase.effect_sizes(X, A, B, scaling=3.0)
+    want = [0.0] + [float(np.mean(np.linalg.norm(3.0 * np.outer(X @ A[i], B[i]), axis=1))) for i in (1, 2)]
+    assert got == pytest.approx(want)
+
+
+def test_eval_steps_keeps_every_nth_and_the_last():
+    assert phase.eval_steps(list(range(1, 11)), 3) == [3, 6, 9, 10]
+    assert phase.eval_steps([2, 4, 6], 1) == [2, 4, 6]
+    assert phase.eval_steps([5], 4) == [5]
+
+
+def test_config_maps_to_a_rank1_one_module_run_and_rejects_bad_keys():
+    cfg = phase.PhaseConfig(lora_layer=1, lora_module="down_proj", lora_alpha=8, checkpoint_every=2)
+    rc = cfg.run_config(eval_checkpoints=[2, 4])
+    assert (rc.lora_r, rc.lora_target_modules, rc.lora_layers, rc.lora_alpha) == (1, ["down_proj"], [1], 8)
+    assert (rc.checkpoint_every, rc.eval_checkpoints, rc.include_base_model) == (2, [2, 4], True)
+    assert phase.PhaseConfig(lora_layer=-1).layer() == 1  # the tiny model has 2 layers: the middle is 1
+    with pytest.raises(ConfigError, match="p.yaml: unknown key 'lora_rank'"):
+        from_mapping({"lora_rank": 1}, source="p.yaml", cls=phase.PhaseConfig)
+    with pytest.raises(ConfigError, match="'lora_layer'"):
+        phase.PhaseConfig(lora_layer=-2)
+    with pytest.raises(ConfigError, match="'rotation_window'"):
+        phase.PhaseConfig(rotation_window=0)
+    with pytest.raises(ConfigError, match="'judge_method'"):  # RunConfig's own rules apply
+        phase.PhaseConfig(judge_backend="openai", judge_method="exact")
+
+
+def test_vectors_and_effect_match_the_trained_peft_model(tmp_path):
+    """On a real rank-1 training run: the saved B and A are what PEFT applies, and the effect size equals
+    the measured difference of the module's output with and without the adapter."""
+    import torch
+    from peft import PeftModel
+
+    from lib.chat import chat_prompt
+    from lib.models import load_model, load_tokenizer
+
+    cfg = phase.PhaseConfig(outputs_dir=str(tmp_path), run_id="p", lora_layer=0, max_train_examples=8, epochs=1,
+                            warmup_steps=0, per_device_batch_size=2, device="cpu", n_probe=3, learning_rate=1e-2)
+    phase.train_adapter(cfg, progress=False)
+    vec = phase.load_adapter_vectors(cfg.run_dir, "down_proj", 0)
+    assert vec.steps == [0, 1, 2, 3, 4] and not vec.B[0].any() and np.isnan(vec.A[0]).all()
+    assert vec.scaling == pytest.approx(16.0)  # rsLoRA, r = 1: alpha / sqrt(1)
+    assert all(np.linalg.norm(b) > 0 for b in vec.B[1:])
+
+    prompts = phase.probe_prompts(cfg.question_sets, cfg.n_probe)
+    X, Y = phase.probe_activations(cfg.run_config(), vec.module, prompts)
+    effect = phase.effect_sizes(X, vec.A, vec.B, vec.scaling)
+
+    tok = load_tokenizer("embedded:tiny", padding_side="right")
+    base, _ = load_model("embedded:tiny", device="cpu")
+    model = PeftModel.from_pretrained(base, str(cfg.run_dir / "checkpoints" / "checkpoint-4"))
+    enc = tok([chat_prompt(tok, p, s) for p, s in prompts], add_special_tokens=False, padding=True, return_tensors="pt")
+    outs = {}
+    mod = dict(model.named_modules())[vec.module]
+    h = mod.register_forward_hook(lambda m, i, o: outs.__setitem__("y", o.detach()))
+    with torch.inference_mode():
+        model(**enc)
+        with_adapter = outs["y"][enc["attention_mask"].bool()]
+        with model.disable_adapter():
+            model(**enc)
+        without = outs["y"][enc["attention_mask"].bool()]
+    h.remove()
+    measured = float((with_adapter - without).norm(dim=-1).mean())
+    assert effect[-1] == pytest.approx(measured, rel=1e-4)
+    assert np.allclose(without.numpy(), Y, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_notebook_runs_writes_its_files_and_a_rerun_reuses_them(tmp_path):
+    import papermill as pm
+    import torch
+
+    from lib.io import read_safetensors
+
+    out = tmp_path / "outputs"
+    params = {"outputs_dir": str(out), "run_id": "nbphase", "max_train_examples": 12, "epochs": 2,
+              "per_device_batch_size": 4, "warmup_steps": 0, "eval_every": 3, "n_samples": 1, "n_probe": 4,
+              "n_bootstrap": 200, "device": "cpu"}
+    for i in range(2):
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "05_phase_transition.ipynb"), str(tmp_path / f"run{i}.ipynb"),
+                            parameters=params, cwd=str(REPO_ROOT / "notebooks"), progress_bar=False,
+                            kernel_name="python3")
+    run = out / "nbphase"
+    assert (run / "figures" / "phase_transition.png").stat().st_size > 10_000
+    assert "figure: phase_transition" in (tmp_path / "run0.ipynb").read_text()
+
+    tensors, prov = read_safetensors(run / "phase" / "adapter_trajectory.safetensors")
+    steps = tensors["step"].tolist()
+    assert steps == list(range(0, 7))  # 12 examples / batch 4 = 3 steps/epoch x 2 epochs, a checkpoint each
+    B = tensors["B"]
+    assert B.shape[0] == 7 and not B[0].any()
+    assert torch.allclose(tensors["b_norm"].float(), B.norm(dim=1), atol=1e-6)
+    assert tensors["cos_final"][-1].item() == pytest.approx(1.0)
+    turns = tensors["turn_deg"][~torch.isnan(tensors["turn_deg"])]
+    assert len(turns) == 5 and bool(((turns >= 0) & (turns <= 180)).all())
+    assert prov["run_id"] == "nbphase" and prov["layer"] == 1 and prov["module"].endswith("layers.1.mlp.down_proj")
+    assert prov["steps"] == steps and len(prov["adapter_sha256"]) == 7 and prov["git"]["commit"]
+    assert prov["transition_step"] in steps[1:-1]
+    assert prov["parameters"]["max_train_examples"] == 12
+
+    em = pd.read_csv(run / "phase" / "em_over_training.csv")
+    assert em["step"].tolist() == [0, 3, 6]
+    assert (em["n_answers"] == 10).all() and (em["n_scored"] > 0).all()  # 9 questions, 10 paraphrases, 1 sample
+    assert em["em_rate"].between(0, 1).all() and em["coherent_rate"].between(0, 1).all()
+    assert (em["em_lo"] <= em["em_rate"]).all() and (em["em_rate"] <= em["em_hi"]).all()
+    info = json.loads((run / "run.json").read_text())
+    assert info["phase"]["transition_step"] == prov["transition_step"]
+
+    second = json.loads((tmp_path / "run1.ipynb").read_text())
+    printed = "".join("".join(o.get("text", "")) for c in second["cells"] if c["cell_type"] == "code"
+                      for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    assert "already trained with these parameters and data: skipped" in printed
+    assert "reused " in printed  # the trajectory file was up to date
+
+
+def test_reference_parameter_files_are_valid_phase_configs():
+    from lib.config import load_yaml
+
+    files = sorted((REPO_ROOT / "parameters" / "analyses").glob("phase_*.yaml"))
+    assert files
+    for f in files:
+        cfg = from_mapping(load_yaml(f), source=str(f), cls=phase.PhaseConfig)
+        assert cfg.run_id == f.stem and cfg.lora_module == "down_proj"
+    ref = from_mapping(load_yaml(REPO_ROOT / "parameters" / "analyses" / "phase_qwen14b_medical.yaml"),
+                       cls=phase.PhaseConfig)
+    assert (ref.lora_layer, ref.checkpoint_every, ref.min_move) == (24, 5, 0.002)  # docs/references.md
