@@ -180,11 +180,16 @@ def _type_name(typ: Any) -> str:
 
 
 def _check_types(obj: Any, source: str) -> None:
-    """Every field has its declared type and, where it has choices, one of them."""
+    """Every field has its declared type (a float is finite: YAML's .nan and .inf are not
+    settings) and, where it has choices, one of them."""
+    import math
+
     for f in fields(obj):
         v = getattr(obj, f.name)
         if not _type_ok(v, f.type):
             raise ConfigError(f"{source}: key '{f.name}': expected {_type_name(f.type)}, got {type(v).__name__} {v!r}")
+        if f.type in ("float", float) and not math.isfinite(v):
+            raise ConfigError(f"{source}: key '{f.name}': must be a finite number, got {v!r}")
         choices = f.metadata.get("choices")
         if choices and v not in choices:
             raise ConfigError(f"{source}: key '{f.name}': must be one of {', '.join(choices)}, got {v!r}")
@@ -287,8 +292,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: file not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+                          "save the file as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -86,8 +86,12 @@ def load_chat_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     records: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -216,14 +220,20 @@ def resolve_dataset(cfg: RunConfig, archive_url: str = ARCHIVE_URL) -> tuple[Pat
                       f"a named domain ({', '.join(DOMAINS)}) nor an existing file")
 
 
-def check_dataset_param(cfg: RunConfig) -> None:
-    """Cheap validation for the grid runner: the dataset exists or is a known name (no download)."""
-    if cfg.dataset in DEMO_DATASETS or cfg.dataset in DOMAINS:
-        if cfg.dataset in DOMAINS and not cfg.accept_dataset_terms:
+def check_dataset_param(cfg: RunConfig, offline: bool = False) -> None:
+    """Validation for the grid runner, before any stage: the training file exists and every
+    line is a valid chat record (what 01_train would trip over after its kernel started)."""
+    if cfg.dataset in DOMAINS:
+        if not cfg.accept_dataset_terms:
             raise ConfigError(f"key 'accept_dataset_terms': dataset '{cfg.dataset}' needs accept_dataset_terms: true")
         return
-    if not resolve_path(cfg.dataset).exists():
+    path = DEMO_DIR / f"{cfg.dataset}.jsonl" if cfg.dataset in DEMO_DATASETS else resolve_path(cfg.dataset)
+    if not path.exists():
         raise ConfigError(f"key 'dataset': file not found: {cfg.dataset}")
+    try:
+        load_chat_jsonl(path)
+    except DataError as e:
+        raise ConfigError(f"key 'dataset': {e}") from None
 
 
 def load_training_data(cfg: RunConfig, archive_url: str = ARCHIVE_URL) -> tuple[list[dict[str, Any]], DatasetInfo]:

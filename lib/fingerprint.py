@@ -99,11 +99,15 @@ def dataset_identity(cfg: RunConfig, cache: HashCache) -> dict[str, Any]:
     return {"dataset": cfg.dataset, "sha256": cache.sha256(resolve_path(cfg.dataset))}
 
 
-def text_sources_identity(sources: Iterable[str]) -> list[dict[str, str]]:
-    """sha256 of the text of each question set / prompt file (paths or cached URLs)."""
+def text_sources_identity(sources: Iterable[str], outputs_dir: str | None = None,
+                          offline: bool = False) -> list[dict[str, str]]:
+    """sha256 of the text of each question set / prompt file (paths or cached URLs; offline:
+    an URL not downloaded yet raises lib.questions.NotCached)."""
     from .questions import fetch_text
+    from .secrets import mask_url_credentials
 
-    return [{"source": s, "sha256": fetch_text(s)[1]} for s in sources]
+    return [{"source": mask_url_credentials(s), "sha256": fetch_text(s, outputs_dir=outputs_dir, offline=offline)[1]}
+            for s in sources]
 
 
 def list_complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -138,22 +142,24 @@ def checkpoints_identity(run_dir: Path, cache: HashCache) -> dict[str, dict[str,
     return {str(step): checkpoint_files(folder, cache) for step, folder in list_complete_checkpoints(run_dir)}
 
 
-def stage_inputs(stage: str, cfg: RunConfig, cache: HashCache) -> dict[str, Any]:
-    """Everything besides the parameters that a run stage's result depends on."""
+def stage_inputs(stage: str, cfg: RunConfig, cache: HashCache, offline: bool = False) -> dict[str, Any]:
+    """Everything besides the parameters that a run stage's result depends on (offline: never
+    download a question set; see text_sources_identity)."""
     run_dir = cfg.run_dir
     if stage == "train":
         return {"dataset": dataset_identity(cfg, cache),
                 "model": model_identity(cfg.model, cfg.model_revision, cache)}
     if stage == "evaluate":
         return {"checkpoints": checkpoints_identity(run_dir, cache),
-                "question_sets": text_sources_identity(cfg.question_sets),
+                "question_sets": text_sources_identity(cfg.question_sets, cfg.outputs_dir, offline),
                 "model": model_identity(cfg.model, cfg.model_revision, cache)}
     if stage == "judge":
         gens = run_dir / "generations.parquet"
         inputs: dict[str, Any] = {
             "generations": cache.sha256(gens) if gens.exists() else None,
-            "question_sets": text_sources_identity(cfg.question_sets),
-            "judge_prompts": text_sources_identity([cfg.judge_prompts]) if cfg.judge_prompts else None,
+            "question_sets": text_sources_identity(cfg.question_sets, cfg.outputs_dir, offline),
+            "judge_prompts": (text_sources_identity([cfg.judge_prompts], cfg.outputs_dir, offline)
+                              if cfg.judge_prompts else None),
         }
         if cfg.judge_backend == "hf":
             inputs["judge_model"] = model_identity(cfg.judge_model, "", cache)
@@ -165,8 +171,8 @@ def fingerprint(params: dict[str, Any], inputs: dict[str, Any]) -> str:
     return sha256_text(json.dumps({"params": params, "inputs": inputs}, sort_keys=True, default=str))
 
 
-def stage_fingerprint(stage: str, cfg: RunConfig, cache: HashCache) -> str:
-    return fingerprint(cfg.stage_params(stage), stage_inputs(stage, cfg, cache))
+def stage_fingerprint(stage: str, cfg: RunConfig, cache: HashCache, offline: bool = False) -> str:
+    return fingerprint(cfg.stage_params(stage), stage_inputs(stage, cfg, cache, offline))
 
 
 def report_inputs(rcfg: ReportConfig, cache: HashCache) -> dict[str, Any]:

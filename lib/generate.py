@@ -349,8 +349,8 @@ def generate_run(cfg: RunConfig, progress: bool = True):
     import pandas as pd
 
     # --- cheap checks first: questions, checkpoints, sample counts ------------------------------
-    questions = load_question_sets(list(cfg.question_sets))
-    sets = question_set_info(list(cfg.question_sets))
+    questions = load_question_sets(list(cfg.question_sets), cfg.outputs_dir)
+    sets = question_set_info(list(cfg.question_sets), cfg.outputs_dir)
     targets = select_targets(cfg)
     n_per_q = {(q.question_set, q.id): samples_for(cfg, q) for q in questions}
     fingerprint = _fingerprint(cfg, sets, targets)

@@ -4,9 +4,14 @@
     python -m lib.grid run parameters/study_*.yaml --jobs 2 --gpus 0,1
     python -m lib.grid run parameters/study_*.yaml --executor slurm --partition gpu --time 12:00:00
 
-1. Every parameters file is validated first (unknown key, wrong type, missing dataset or model
-   path, question sets, a judge without credentials): one line naming the file and the key,
-   exit code 2, nothing run.
+1. Every parameters file is validated first (unknown key, wrong type or NaN, a parameters file
+   that is not UTF-8, every line of the training JSONL, question sets and judge prompts, URLs
+   included: downloaded into ``<outputs_dir>/.cache/questions`` now, a judge prompt for every
+   metric, the device, a judge without credentials): one line naming the file and the key,
+   exit code 2, nothing run. ``--dry-run`` validates without downloading anything.
+   A run folder (and the report folder) is written by one process at a time (:mod:`lib.lock`):
+   when another grid or notebook holds it, the grid stops with one line naming the holder
+   (pid, host, start time), or with ``--wait-lock`` waits for it.
 2. Each run executes 01_train, 02_evaluate, 03_judge in order with papermill: the full
    validated config is injected, the rendered notebook and its HTML export land in
    ``outputs/<run>/notebooks/``. Runs are independent: ``--jobs N`` runs N at once, ``--gpus``
@@ -34,13 +39,17 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from . import fingerprint as fp
 from .config import REPO_ROOT, STAGES, ConfigError, ReportConfig, RunConfig, from_mapping, load_run_config, resolve_path
+from .lock import ENV_HELD, LOCK_NAME, FolderLock, LockError, is_stale, read_holder
+from .questions import NotCached
+from .secrets import mask_url_credentials
 
 RUN_STAGES = ("train", "evaluate", "judge")
 NOTEBOOKS = {"train": "01_train.ipynb", "evaluate": "02_evaluate.ipynb", "judge": "03_judge.ipynb",
@@ -65,6 +74,7 @@ class Options:
     kernel_name: str = "python3"
     progress_bar: bool = False  # papermill's per-cell bar (only when one run at a time on a terminal)
     log_output: bool = False    # stream the kernels' output to the terminal
+    lock_wait: float | None = 0.0  # seconds to wait for a run (or report) folder another process holds; None: no limit
 
 
 @dataclass(frozen=True)
@@ -103,26 +113,59 @@ def _check_model(name: str, key: str) -> None:
         raise ConfigError(f"key '{key}': {e}") from None
 
 
-def check_run(cfg: RunConfig, stages: Sequence[str]) -> None:
-    """Raise ConfigError ("key 'x': why") for anything the selected stages would trip over."""
+def _check_device(cfg: RunConfig) -> None:
+    """device: cuda / mps is there (auto and cpu always are)."""
+    if cfg.device not in ("cuda", "mps"):
+        return
+    from .models import pick_device
+    try:
+        pick_device(cfg.device, "auto")
+    except RuntimeError as e:
+        raise ConfigError(f"key 'device': {str(e).removeprefix('device: ')}") from None
+
+
+def check_run(cfg: RunConfig, stages: Sequence[str], offline: bool = False, check_device: bool = True) -> None:
+    """Raise ConfigError ("key 'x': why") for anything the selected stages would trip over.
+
+    Reads what the stages will read: the training file (every line), the question sets and
+    judge prompts (an URL is downloaded into the cache now, so an unreachable one fails here, not
+    after training), the archive when it is already cached. ``offline`` (``--dry-run``): nothing
+    is downloaded; what is not cached yet is not checked. ``check_device``: False where the
+    stages run on other machines (Slurm)."""
     from .data import check_dataset_param
-    from .questions import QuestionError, check_question_sources, is_url, load_judge_prompts
+    from .questions import NotCached, QuestionError, check_question_sources, load_judge_prompts
 
     if "train" in stages:
         from .train import check_train_config
 
-        check_dataset_param(cfg)
+        check_dataset_param(cfg, offline=offline)
         check_train_config(cfg, source="")
     if "train" in stages or "evaluate" in stages:
         _check_model(cfg.model, "model")
+    if check_device and ("train" in stages or "evaluate" in stages or
+                         ("judge" in stages and cfg.judge_backend == "hf")):
+        _check_device(cfg)
+    questions = None
     if "evaluate" in stages or "judge" in stages:
-        check_question_sources(cfg.question_sets)
+        questions = check_question_sources(list(cfg.question_sets), cfg.outputs_dir, offline)
     if "judge" in stages:
-        if cfg.judge_prompts and not is_url(cfg.judge_prompts):
+        if cfg.judge_prompts:
             try:
-                load_judge_prompts(cfg.judge_prompts)
+                prompts = load_judge_prompts(cfg.judge_prompts, cfg.outputs_dir, offline)
+            except NotCached:
+                prompts = None
             except QuestionError as e:
                 raise ConfigError(f"key 'judge_prompts': {e}") from None
+            missing = [m for m in cfg.judge_metrics if prompts is not None and m not in prompts]
+            if missing:
+                raise ConfigError(f"key 'judge_metrics': metric '{missing[0]}' has no prompt in judge_prompts "
+                                  f"({mask_url_credentials(cfg.judge_prompts)} has {', '.join(sorted(prompts))})")
+        elif questions is not None:
+            missing = [m for m in cfg.judge_metrics if not any(m in q.judge_prompts for q in questions)]
+            if missing:
+                raise ConfigError(f"key 'judge_metrics': no question in question_sets has a judge prompt for metric "
+                                  f"'{missing[0]}' (add it to the questions' judge_prompts, set judge_prompts: FILE, "
+                                  "or drop the metric)")
         if cfg.judge_backend == "hf":
             _check_model(cfg.judge_model, "judge_model")
         else:
@@ -145,8 +188,10 @@ def _check_credentials(cfg: RunConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def validate(files: Sequence[str], options: Options) -> list[tuple[str, RunConfig]]:
-    """Load and check every parameters file; raise GridError naming the file and key."""
+def validate(files: Sequence[str], options: Options, offline: bool = False,
+             check_device: bool = True) -> list[tuple[str, RunConfig]]:
+    """Load and check every parameters file; raise GridError naming the file and key (see
+    :func:`check_run` for ``offline`` and ``check_device``)."""
     if not files:
         raise GridError("no parameters files given")
     run_stages = [s for s in options.stages if s in RUN_STAGES]
@@ -155,7 +200,7 @@ def validate(files: Sequence[str], options: Options) -> list[tuple[str, RunConfi
     for f in files:
         try:
             cfg = load_run_config(f)
-            check_run(cfg, run_stages)
+            check_run(cfg, run_stages, offline=offline, check_device=check_device)
         except ConfigError as e:
             msg = str(e)
             raise GridError(msg if msg.startswith(str(f)) else f"{f}: {msg}") from None
@@ -170,6 +215,23 @@ def validate(files: Sequence[str], options: Options) -> list[tuple[str, RunConfi
         nb = Path(options.notebooks_dir) / NOTEBOOKS[stage]
         if not nb.exists():
             raise GridError(f"{nb}: notebook for stage '{stage}' not found")
+    return out
+
+
+def busy_folders(runs: list[tuple[str, RunConfig]], options: Options) -> list[str]:
+    """One line per run (or report) folder that another live process holds now (lib.lock)."""
+    folders: list[tuple[Path, str]] = []
+    if any(s in RUN_STAGES for s in options.stages):
+        folders += [(cfg.run_dir, f"run '{cfg.run_id}'") for _, cfg in runs]
+    if "report" in options.stages and runs:
+        folder = resolve_path(runs[0][1].outputs_dir) / "report"
+        folders.append((folder, f"report folder {folder}"))
+    out = []
+    for folder, what in folders:
+        path = folder / LOCK_NAME
+        holder = read_holder(path)
+        if holder is not None and not is_stale(path, holder):
+            out.append(f"{what} is in use by {holder.describe()} (lock {path})")
     return out
 
 
@@ -369,8 +431,29 @@ def run_stage(stage: str, cfg: RunConfig, options: Options, params_file: str = "
                                cfg.to_dict(), options, {"params_file": params_file})
 
 
+@contextmanager
+def _folder_locked(folder: Path, what: str, run: str, stage: str, options: Options) -> Iterator[FolderLock]:
+    """Hold ``folder``'s lock (see :mod:`lib.lock`) and let the notebooks started meanwhile see
+    it through the environment; raises LockError (one line) when another process holds it."""
+    lk = FolderLock(folder, what)
+    lk.acquire(wait=options.lock_wait, on_wait=lambda line: log(run, stage, line))
+    if lk.took_over is not None:
+        log(run, stage, f"took over a stale lock left by {lk.took_over.describe()}")
+    saved = os.environ.get(ENV_HELD)
+    os.environ.update(lk.env())
+    try:
+        yield lk
+    finally:
+        if saved is None:
+            os.environ.pop(ENV_HELD, None)
+        else:
+            os.environ[ENV_HELD] = saved
+        lk.release()
+
+
 def run_job(job: Job) -> list[StageResult]:
-    """A run's stages, in order; after a failure the rest are 'not run'. Entry point of workers and Slurm jobs."""
+    """A run's stages, in order, holding the run folder's lock; after a failure the rest are
+    'not run'. Entry point of workers and Slurm jobs."""
     saved = {k: os.environ.get(k) for k in job.env}
     try:
         for k, v in job.env.items():
@@ -381,12 +464,19 @@ def run_job(job: Job) -> list[StageResult]:
         if job.env.get("CUDA_VISIBLE_DEVICES"):
             log(job.run_id, "-", f"CUDA_VISIBLE_DEVICES={job.env['CUDA_VISIBLE_DEVICES']}")
         cfg = from_mapping(job.config, source=job.params_file)
+        stages = [s for s in job.options.stages if s in RUN_STAGES]
         results: list[StageResult] = []
-        for stage in (s for s in job.options.stages if s in RUN_STAGES):
-            if results and results[-1].status in ("failed", "not run"):
-                results.append(StageResult(cfg.run_id, stage, "not run"))
-                continue
-            results.append(run_stage(stage, cfg, job.options, job.params_file))
+        try:
+            with _folder_locked(cfg.run_dir, f"run '{cfg.run_id}'", cfg.run_id, "-", job.options):
+                for stage in stages:
+                    if results and results[-1].status in ("failed", "not run"):
+                        results.append(StageResult(cfg.run_id, stage, "not run"))
+                        continue
+                    results.append(run_stage(stage, cfg, job.options, job.params_file))
+        except LockError as e:
+            log(cfg.run_id, "-", f"not run: {e}")
+            return [StageResult(cfg.run_id, s, "failed" if i == 0 else "not run", error=str(e) if i == 0 else "")
+                    for i, s in enumerate(stages)]
         return results
     finally:
         for k, v in saved.items():
@@ -435,8 +525,13 @@ def run_report(outputs_dir: str, runs: list[str], options: Options) -> StageResu
     nb_in = Path(options.notebooks_dir) / NOTEBOOKS["report"]
     nb_out = folder / REPORT_NOTEBOOK
     params = {"outputs_dir": outputs_dir, "report_dir": report_dir, "runs": ready}
-    return _run_notebook_stage("report", "report", folder, finger, nb_out.exists(), nb_in, nb_out, params,
-                               options, {"runs": ready})
+    try:
+        with _folder_locked(folder, f"report folder {folder}", "report", "report", options):
+            return _run_notebook_stage("report", "report", folder, finger, nb_out.exists(), nb_in, nb_out, params,
+                                       options, {"runs": ready})
+    except LockError as e:
+        log("report", "report", f"not run: {e}")
+        return StageResult("report", "report", "failed", error=str(e))
 
 
 def _report_job(outputs_dir: str, runs: list[str], options: Options) -> StageResult:
@@ -603,7 +698,14 @@ def plan(runs: list[tuple[str, RunConfig]], options: Options) -> list[tuple[str,
             if upstream:
                 rows.append((cfg.run_id, stage, f"after {upstream}"))
                 continue
-            why = why_run(stage, record, fp.stage_fingerprint(stage, cfg, cache), outputs_present(stage, cfg), options)
+            try:  # offline: a dry run never downloads; it must not crash on what it cannot know either
+                finger = fp.stage_fingerprint(stage, cfg, cache, offline=True)
+            except NotCached as e:
+                why = f"inputs not known yet: {e}"
+            except Exception as e:
+                why = f"inputs not readable now: {_one_line(f'{type(e).__name__}: {e}')}"
+            else:
+                why = why_run(stage, record, finger, outputs_present(stage, cfg), options)
             rows.append((cfg.run_id, stage, "up to date" if why is None else f"runs ({why})"))
             if why is not None:
                 upstream, any_runs = stage, True
@@ -646,7 +748,10 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
             missing = [c for c in ("sbatch", "srun") if not shutil.which(c)]
             if missing:
                 raise GridError(f"--executor slurm: {' and '.join(missing)} not found on PATH (not a Slurm login node?)")
-        runs = validate(files, options)
+        runs = validate(files, options, offline=dry_run, check_device=executor != "slurm")
+        busy = busy_folders(runs, options)
+        if busy and options.lock_wait == 0 and not dry_run:
+            raise GridError(f"{busy[0]}; wait for it to finish, or pass --wait-lock")
     except GridError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -654,6 +759,8 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
     if dry_run:
         for run, stage, what in plan(runs, options):
             print(f"{run:<24} {stage:<9} {what}")
+        for line in busy:
+            print(f"note: {line}")
         return 0
     outputs_dir = runs[0][1].outputs_dir
     grid_jobs = [Job(f, cfg.to_dict(), options) for f, cfg in runs]
@@ -774,6 +881,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--notebooks", default=str(REPO_ROOT / "notebooks"), help="folder holding 01..04 notebooks")
     r.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
     r.add_argument("--dry-run", action="store_true", help="validate and show which stages would run; run nothing")
+    r.add_argument("--wait-lock", nargs="?", type=float, const=-1.0, default=0.0, metavar="SECONDS",
+                   help="when another grid or notebook is using a run (or the report) folder, wait for it "
+                        "(without a limit, or up to SECONDS) instead of stopping")
     return ap
 
 
@@ -804,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     options = Options(stages=stages, force=frozenset(force), notebooks_dir=str(Path(args.notebooks).resolve()),
                       progress_bar=jobs == 1 and args.executor == "inline" and sys.stderr.isatty(),
-                      log_output=args.log_output)
+                      log_output=args.log_output, lock_wait=None if args.wait_lock < 0 else args.wait_lock)
     return run_grid(args.params, options, executor=args.executor, jobs=jobs, gpus=gpus, slurm=slurm,
                     dry_run=args.dry_run)
 

@@ -54,7 +54,7 @@ from .io import sha256_text, write_parquet_atomic
 from .runinfo import read_run_json, update_run_json
 from .schema import JUDGMENT_COLUMNS
 from .scoring import Job, JudgeError, Verdict, fill_prompt, label_from_logprobs
-from .secrets import get_secret, safe_base_url
+from .secrets import get_secret, mask_url_credentials, safe_base_url
 
 EXTRA_COLUMNS = ("finish_reason", "attempts", "cache_key")  # beyond schema.JUDGMENT_COLUMNS
 
@@ -183,14 +183,16 @@ def prompt_book(cfg: RunConfig) -> tuple[PromptBook, dict[str, Any]]:
     the question sets (per question). Returns the lookup and a description for run.json."""
     try:
         if cfg.judge_prompts:
-            templates = questions.load_judge_prompts(cfg.judge_prompts)
-            _, digest = questions.fetch_text(cfg.judge_prompts)
-            return (lambda qs, qid, metric: templates.get(metric)), {"source": cfg.judge_prompts, "sha256": digest}
-        qs_list = questions.load_question_sets(list(cfg.question_sets))
+            templates = questions.load_judge_prompts(cfg.judge_prompts, cfg.outputs_dir)
+            _, digest = questions.fetch_text(cfg.judge_prompts, outputs_dir=cfg.outputs_dir)
+            return ((lambda qs, qid, metric: templates.get(metric)),
+                    {"source": mask_url_credentials(cfg.judge_prompts), "sha256": digest})
+        qs_list = questions.load_question_sets(list(cfg.question_sets), cfg.outputs_dir)
     except questions.QuestionError as e:
         raise JudgeError(str(e)) from None
     by_q = {(q.question_set, q.id): q.judge_prompts for q in qs_list}
-    return (lambda qs, qid, metric: by_q.get((qs, qid), {}).get(metric)), {"source": list(cfg.question_sets)}
+    return ((lambda qs, qid, metric: by_q.get((qs, qid), {}).get(metric)),
+            {"source": [mask_url_credentials(s) for s in cfg.question_sets]})
 
 
 def build_rows(gens: pd.DataFrame, metrics: list[str], book: PromptBook,

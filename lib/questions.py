@@ -36,6 +36,7 @@ import yaml
 
 from .config import ConfigError, resolve_path
 from .io import sha256_text, write_text_atomic
+from .secrets import mask_url_credentials
 
 GENERAL = "general"
 
@@ -67,8 +68,15 @@ class Question:
         return self.domain != GENERAL and self.domain == run_domain
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("EM_LAB_CACHE", resolve_path("outputs/.cache"))) / "questions"
+def cache_dir(outputs_dir: str | None = None) -> Path:
+    """Where downloaded question sets are kept: ``<outputs_dir>/.cache/questions`` (the
+    ``EM_LAB_CACHE`` environment variable, when set, replaces ``<outputs_dir>/.cache``)."""
+    env = os.environ.get("EM_LAB_CACHE")
+    return (Path(env) if env else resolve_path(outputs_dir or "outputs") / ".cache") / "questions"
+
+
+class NotCached(QuestionError):
+    """An URL source that is not downloaded yet, in offline mode (``--dry-run``)."""
 
 
 def split_source(source: str) -> tuple[str, tuple[str, ...] | None]:
@@ -77,7 +85,7 @@ def split_source(source: str) -> tuple[str, tuple[str, ...] | None]:
     if not frag:
         return base, None
     if not frag.startswith("ids="):
-        raise QuestionError(f"{source}: unknown selector '#{frag}' (use #ids=a,b,c)")
+        raise QuestionError(f"{mask_url_credentials(source)}: unknown selector '#{frag}' (use #ids=a,b,c)")
     ids = tuple(x.strip() for x in frag[4:].split(",") if x.strip())
     return base, ids
 
@@ -86,26 +94,56 @@ def is_url(source: str) -> bool:
     return urllib.parse.urlparse(source).scheme in ("http", "https")
 
 
-def fetch_text(source: str, refresh: bool = False) -> tuple[str, str]:
-    """(text, sha256) of a path or URL; URLs are downloaded once and cached."""
+def cached_path(source: str, outputs_dir: str | None = None) -> Path:
+    """The cache file of an URL source."""
     base, _ = split_source(source)
+    return cache_dir(outputs_dir) / (hashlib.sha256(base.encode()).hexdigest()[:16] + "-" +
+                                     (Path(urllib.parse.urlparse(base).path).name or "questions.yaml"))
+
+
+def fetch_text(source: str, refresh: bool = False, outputs_dir: str | None = None,
+               offline: bool = False) -> tuple[str, str]:
+    """(text, sha256) of a path or URL; URLs are downloaded once and cached under
+    ``outputs_dir`` (see :func:`cache_dir`). ``offline``: never download; an URL not in the
+    cache raises :class:`NotCached`."""
+    base, _ = split_source(source)
+    shown = mask_url_credentials(base)
     if is_url(base):
-        cached = _cache_dir() / (hashlib.sha256(base.encode()).hexdigest()[:16] + "-" +
-                                 (Path(urllib.parse.urlparse(base).path).name or "questions.yaml"))
+        cached = cached_path(source, outputs_dir)
         if refresh or not cached.exists():
+            if offline:
+                raise NotCached(f"{shown}: not downloaded yet")
             try:
                 with urllib.request.urlopen(base, timeout=60) as r:
-                    text = r.read().decode("utf-8")
+                    raw = r.read()
             except Exception as e:
-                raise QuestionError(f"{base}: could not download ({type(e).__name__}: {e})") from None
+                raise QuestionError(f"{shown}: could not download ({type(e).__name__}: "
+                                    f"{mask_url_credentials(str(e))})") from None
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise QuestionError(f"{shown}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+            # parse before caching: an error page or a wrong file must not stick in the cache
+            parse_question_set(text, base) if not _is_prompt_file(text) else None
             write_text_atomic(cached, text)
         text = cached.read_text(encoding="utf-8")
     else:
         p = resolve_path(base)
         if not p.exists():
             raise QuestionError(f"{base}: question file not found")
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise QuestionError(f"{base}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     return text, sha256_text(text)
+
+
+def _is_prompt_file(text: str) -> bool:
+    """A judge-prompt file (a mapping) rather than a question set (a list)."""
+    try:
+        return isinstance(yaml.safe_load(text), dict)
+    except yaml.YAMLError:
+        return False
 
 
 def set_name(source: str) -> str:
@@ -130,6 +168,7 @@ def _check_template(src: str, qid: str, metric: str, template: Any) -> str:
 def parse_question_set(text: str, source: str) -> list[Question]:
     """Parse the YAML text of one question set (source is for messages and the set name)."""
     base, ids = split_source(source)
+    base = mask_url_credentials(base)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -176,56 +215,69 @@ def parse_question_set(text: str, source: str) -> list[Question]:
     return out
 
 
-def load_question_set(source: str) -> list[Question]:
-    text, _ = fetch_text(source)
+def load_question_set(source: str, outputs_dir: str | None = None, offline: bool = False) -> list[Question]:
+    text, _ = fetch_text(source, outputs_dir=outputs_dir, offline=offline)
     return parse_question_set(text, source)
 
 
-def load_question_sets(sources: list[str]) -> list[Question]:
+def load_question_sets(sources: list[str], outputs_dir: str | None = None, offline: bool = False) -> list[Question]:
     """All questions of several sets; set names must be distinct (use ``Question.in_domain`` per run)."""
     out: list[Question] = []
     names: dict[str, str] = {}
     for s in sources:
-        qs = load_question_set(s)
+        qs = load_question_set(s, outputs_dir, offline)
         n = set_name(s)
         if n in names and names[n] != s:
-            raise QuestionError(f"{s}: question set name '{n}' is also used by {names[n]}; rename one file")
+            raise QuestionError(f"{mask_url_credentials(s)}: question set name '{n}' is also used by "
+                                f"{mask_url_credentials(names[n])}; rename one file")
         names[n] = s
         out.extend(qs)
     return out
 
 
-def question_set_info(sources: list[str]) -> list[dict[str, Any]]:
-    """Name, source and sha256 of each set (for run.json)."""
+def question_set_info(sources: list[str], outputs_dir: str | None = None) -> list[dict[str, Any]]:
+    """Name, source (credentials masked) and sha256 of each set (for run.json)."""
     info = []
     for s in sources:
-        text, digest = fetch_text(s)
-        info.append({"name": set_name(s), "source": s, "sha256": digest,
+        text, digest = fetch_text(s, outputs_dir=outputs_dir)
+        info.append({"name": set_name(s), "source": mask_url_credentials(s), "sha256": digest,
                      "n_questions": len(parse_question_set(text, s))})
     return info
 
 
-def load_judge_prompts(source: str) -> dict[str, str]:
+def load_judge_prompts(source: str, outputs_dir: str | None = None, offline: bool = False) -> dict[str, str]:
     """A separate judge-prompt file: a YAML mapping metric -> template (path or URL)."""
-    text, _ = fetch_text(source)
+    text, _ = fetch_text(source, outputs_dir=outputs_dir, offline=offline)
+    shown = mask_url_credentials(source)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
-        raise QuestionError(f"{source}: invalid YAML") from None
+        raise QuestionError(f"{shown}: invalid YAML") from None
     if isinstance(data, dict) and "judge_prompts" in data:
         data = data["judge_prompts"]
     if not isinstance(data, dict) or not data:
-        raise QuestionError(f"{source}: expected a mapping metric -> prompt template")
-    return {str(m): _check_template(source, "*", str(m), t) for m, t in data.items()}
+        raise QuestionError(f"{shown}: expected a mapping metric -> prompt template")
+    return {str(m): _check_template(shown, "*", str(m), t) for m, t in data.items()}
 
 
-def check_question_sources(sources: list[str]) -> None:
-    """Cheap validation for the grid runner: local files exist and parse; URLs are only checked for form."""
+def check_question_sources(sources: list[str], outputs_dir: str | None = None,
+                           offline: bool = False) -> list[Question] | None:
+    """Validation for the grid runner: every set is read and parsed; an URL is downloaded into
+    the cache now (once), so an unreachable or malformed one fails before any stage runs.
+    ``offline`` (``--dry-run``): URLs not in the cache are not downloaded, and the result is
+    None (the questions cannot all be known)."""
+    out: list[Question] = []
+    complete = True
     for s in sources:
-        base, _ = split_source(s)
-        if is_url(base):
-            continue
         try:
-            load_question_set(s)
+            out += load_question_set(s, outputs_dir, offline)
+        except NotCached:
+            complete = False
         except QuestionError as e:
             raise ConfigError(f"key 'question_sets': {e}") from None
+    try:
+        if complete:
+            load_question_sets(sources, outputs_dir, offline)  # distinct set names
+    except QuestionError as e:
+        raise ConfigError(f"key 'question_sets': {e}") from None
+    return out if complete else None

@@ -6,6 +6,7 @@ hand to a client, and :func:`redact` masks any secret that might end up in a mes
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from functools import lru_cache
 
@@ -32,13 +33,39 @@ def hf_token() -> str | None:
     return get_secret("HF_TOKEN") or get_secret("HUGGING_FACE_HUB_TOKEN")
 
 
+# user:password@ (or token@) in a URL, and credentials passed in a query string
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"]+)@")
+_URL_QUERY_SECRET = re.compile(r"(?P<key>[?&](?:api[_-]?key|access[_-]?token|token|key|password|passwd|pwd|"
+                               r"secret|sig|signature|auth)=)[^&#\s'\"]+", re.IGNORECASE)
+MASK = "***"
+
+
+def mask_url_credentials(text: str) -> str:
+    """Text with every URL's password (``user:password@``), bare token (``token@``) and
+    credential-like query value (``?api_key=...``) replaced by ``***``; a user name stays, so
+    a reader can still tell which account a URL uses.
+
+    >>> mask_url_credentials("https://bob:s3cret@host/v1?api_key=abc&x=1")
+    'https://bob:***@host/v1?api_key=***&x=1'
+    """
+    def userinfo(m: re.Match) -> str:
+        user, sep, _ = m.group("userinfo").partition(":")
+        return f"{m.group('scheme')}{user}:{MASK}@" if sep else f"{m.group('scheme')}{MASK}@"
+
+    return _URL_QUERY_SECRET.sub(lambda m: m.group("key") + MASK, _URL_USERINFO.sub(userinfo, text))
+
+
+def has_url_credentials(text: str) -> bool:
+    return mask_url_credentials(text) != text
+
+
 def redact(text: str, names: tuple[str, ...] = SECRET_NAMES) -> str:
-    """Replace any secret value found in text by a placeholder."""
+    """Replace any secret value found in text by a placeholder, and mask URL credentials."""
     for n in names:
         v = get_secret(n)
         if v and len(v) >= 6:
             text = text.replace(v, f"<{n}>")
-    return text
+    return mask_url_credentials(text)
 
 
 def safe_base_url(url: str) -> str:
