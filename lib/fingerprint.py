@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 
 from .config import ConfigError, ReportConfig, RunConfig, resolve_path
 from .io import sha256_file, sha256_text, write_json_atomic
+from .secrets import mask_url_credentials
 
 STAGES_FILE = "stages.json"
 
@@ -104,7 +105,6 @@ def text_sources_identity(sources: Iterable[str], outputs_dir: str | None = None
     """sha256 of the text of each question set / prompt file (paths or cached URLs; offline:
     an URL not downloaded yet raises lib.questions.NotCached)."""
     from .questions import fetch_text
-    from .secrets import mask_url_credentials
 
     return [{"source": mask_url_credentials(s), "sha256": fetch_text(s, outputs_dir=outputs_dir, offline=offline)[1]}
             for s in sources]

@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "metrics": BASE,
     "chat": BASE,
     "scoring": BASE,
+    "lock": BASE,
     # loaders: models, the embedded models (tiny, SmolLM2), training data, question sets
     "models": LOADERS,
     "embedded": LOADERS,
