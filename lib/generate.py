@@ -44,7 +44,8 @@ from typing import Any, Iterable
 from .chat import chat_prompt, stop_token_ids
 from .config import ConfigError, RunConfig
 from .io import sha256_file, write_json_atomic, write_parquet_atomic
-from .models import load_model, load_tokenizer, model_revision_info
+from .models import (dtype_bytes, is_out_of_memory, kv_bytes_per_token, load_model, load_tokenizer,
+                     model_revision_info)
 from .questions import load_question_sets, question_set_info
 from .runinfo import update_run_json
 from .schema import GENERATION_COLUMNS, answer_id
@@ -202,12 +203,6 @@ def _generate_batch(model, input_ids, attention_mask, gen_cfg):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
 
 
-def _is_oom(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
 class Sampler:
     """Batched sampling from one loaded model; the batch size shrinks on CUDA out-of-memory."""
 
@@ -226,7 +221,7 @@ class Sampler:
             try:
                 out += self._sample_batch(batch)
             except RuntimeError as e:
-                if not _is_oom(e) or self.batch_size == 1:
+                if not is_out_of_memory(e) or self.batch_size == 1:
                     raise
                 import torch
                 torch.cuda.empty_cache()
@@ -254,16 +249,10 @@ class Sampler:
 
 def sequence_bytes(model, max_prompt_len: int, max_new_tokens: int) -> int:
     """Memory one sequence needs while generating: its KV cache plus prefill activations and logits."""
-    import torch
-
     c = model.config
     c = getattr(c, "text_config", c)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    nbytes = 2 if model.dtype in (torch.float16, torch.bfloat16) or getattr(model, "is_quantized", False) else 4
-    seq = max_prompt_len + max_new_tokens
-    # K and V, per layer, per KV head, per position: 2 * 16 * 8 * 64 * 2 B = 32 KiB/token for Llama-3.2-1B in bf16
-    kv = 2 * c.num_hidden_layers * kv_heads * head_dim * nbytes * seq
+    nbytes = dtype_bytes(model)
+    kv = kv_bytes_per_token(model) * (max_prompt_len + max_new_tokens)
     # prefill activations of one layer at a time, plus float32 logits and sampling buffers of the last position
     act = max_prompt_len * (4 * c.hidden_size + 2 * c.intermediate_size) * nbytes + 3 * c.vocab_size * 4
     return kv + act

@@ -34,6 +34,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import logging
 import math
 import random
 import sqlite3
@@ -48,11 +49,13 @@ from .chat import chat_prompt, stop_token_ids
 from .config import RunConfig
 from .costs import Budget, cost_usd, describe_price, price_for
 from .io import sha256_text
-from .models import load_model, load_tokenizer, resolve_model
+from .models import (dtype_bytes, free_memory_bytes, is_out_of_memory, kv_bytes_per_token, load_model,
+                     load_tokenizer, resolve_model)
 from .scoring import (CANDIDATES, MIN_MASS, SAMPLED_MAX_TOKENS, TOP_LOGPROBS, Job, JudgeError, Verdict,
                       label_from_logprobs, parse_sampled)
 from .secrets import safe_base_url
 
+log = logging.getLogger(__name__)
 Sink = Callable[[Job, Verdict], None]
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 20.0
@@ -456,11 +459,13 @@ def local_fingerprint(name: str) -> str:
 
 class HFBackend:
     BATCH = 8  # prompts per forward pass for logprob / sampled
-    # exact: prompts per pass are chosen so that rows x (prompt + candidate) tokens stays under
-    # this many token positions (each row holds a copy of its prompt's KV cache): 2^18 positions
-    # is ~12 prompts of 200 tokens x 103 candidates; for an 8B Llama (128 KiB of KV per token in
-    # bf16) it is one 500-token prompt (~7 GB of KV)
-    EXACT_TOKEN_BUDGET = 1 << 18
+    # exact: each (prompt, candidate) row of the candidate pass holds a copy of its prompt's KV cache
+    # and the candidate's log-probabilities over the whole vocabulary; rows per pass are chosen so
+    # that their bytes (exact_row_bytes: from the model's layers, KV heads, head size, vocabulary
+    # and dtype) stay under a budget. CPU: at most EXACT_CPU_BYTES (larger passes are no faster on
+    # a CPU, only larger); CUDA: a share of free GPU memory. Halved on out-of-memory.
+    EXACT_CPU_BYTES = 1 << 30
+    EXACT_MEMORY_FRACTION = 0.5
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -508,11 +513,7 @@ class HFBackend:
                 if not stops:
                     raise JudgeError("judge model has no end-of-turn (eos) token: the exact method cannot score "
                                      "candidates")
-                width = max(len(c) for c in cands.values())
-                for batch in self._exact_batches(jobs, len(cands), width):
-                    for job, v in zip(batch, self._verdicts_exact(batch, cands, stops)):
-                        sink(job, v)
-                        bar.update(1)
+                self._run_exact(jobs, cands, stops, sink, bar)
             else:
                 for i in range(0, len(jobs), self.BATCH):
                     batch = jobs[i:i + self.BATCH]
@@ -522,27 +523,52 @@ class HFBackend:
         finally:
             bar.close()
 
-    def _exact_batches(self, jobs: list[Job], n_cands: int, width: int) -> list[list[Job]]:
-        """Jobs grouped by similar prompt length, as many per pass as the token budget allows."""
+    def exact_budget_bytes(self) -> int:
+        """Bytes the exact method's passes may use beyond the loaded model (see the class comment)."""
+        device = self.model.device.type
+        free = free_memory_bytes(device)
+        if device == "cuda" and free is not None:
+            return int(self.EXACT_MEMORY_FRACTION * free)
+        cap = self.EXACT_CPU_BYTES
+        return cap if free is None else int(min(cap, self.EXACT_MEMORY_FRACTION * free))
+
+    def _run_exact(self, jobs: list[Job], cands: dict[str, list[int]], stops: list[int], sink: Sink, bar: Any) -> None:
+        """Score every job; on out-of-memory halve the byte budget and re-plan what is left."""
+        width = max(len(c) for c in cands.values())
         lengths = {j.key: len(self.tok(self._prompt_text(j.prompt), add_special_tokens=False).input_ids)
                    for j in jobs}
-        batches: list[list[Job]] = []
-        cur: list[Job] = []
-        for j in sorted(jobs, key=lambda j: lengths[j.key]):
-            longest = lengths[j.key]  # sorted: the newest job is the longest of the batch
-            if cur and (len(cur) + 1) * n_cands * (longest + width) > self.EXACT_TOKEN_BUDGET:
-                batches.append(cur)
-                cur = []
-            cur.append(j)
-        return batches + ([cur] if cur else [])
+        budget = self.exact_budget_bytes()
+        todo = list(jobs)
+        while todo:
+            plan = exact_plan(self.model, [lengths[j.key] for j in todo], len(cands), width, budget)
+            finished: set[int] = set()
+            for idx, chunk in plan:
+                batch = [todo[i] for i in idx]
+                try:
+                    verdicts = self._verdicts_exact(batch, cands, stops, chunk)
+                except RuntimeError as e:
+                    if not is_out_of_memory(e) or (len(batch) == 1 and chunk == 1):
+                        raise
+                    if self.model.device.type == "cuda":
+                        import torch
+                        torch.cuda.empty_cache()
+                    budget //= 2
+                    log.warning("out of memory: exact judge budget lowered to %.2f GB", budget / 1e9)
+                    break
+                for job, v in zip(batch, verdicts):
+                    sink(job, v)
+                    bar.update(1)
+                finished.update(idx)
+            todo = [j for i, j in enumerate(todo) if i not in finished]
 
     def _prompt_text(self, prompt: str) -> str:
         return chat_prompt(self.tok, prompt)
 
-    def _verdicts_exact(self, batch: list[Job], cands: dict[str, list[int]], stops: list[int]) -> list[Verdict]:
+    def _verdicts_exact(self, batch: list[Job], cands: dict[str, list[int]], stops: list[int],
+                        chunk: int = 0) -> list[Verdict]:
         texts = [self._prompt_text(j.prompt) for j in batch]
         out = []
-        for text, lps in zip(texts, exact_candidate_logprobs(self.model, self.tok, texts, cands, stops)):
+        for text, lps in zip(texts, exact_candidate_logprobs(self.model, self.tok, texts, cands, stops, chunk)):
             score, label, mass = label_from_logprobs(lps, MIN_MASS)
             out.append(Verdict(score=score, label=label, raw=json.dumps({k: round(v, 6) for k, v in lps.items()}),
                                prob_mass=mass, input_tokens=len(self.tok(text, add_special_tokens=False).input_ids),
@@ -610,50 +636,115 @@ def _cache_kw(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def exact_row_bytes(model: Any, prompt_len: int, width: int) -> int:
+    """Bytes one (prompt, candidate) row of the exact method's candidate pass holds at its peak.
+
+    Its copy of the prompt's KV cache plus the candidate's own positions (kv_bytes_per_token each),
+    the candidate positions' logits over the vocabulary three times (the model's output in its
+    dtype, a float32 copy, the float32 log-softmax), and one layer's activations for the
+    candidate positions. SmolLM2-135M on CPU, 250-token prompt, 3-token candidates:
+    45 KiB x 253 = 11.7 MB of KV + 3 x 49,152 x 12 B = 1.8 MB of logits per row."""
+    c = getattr(model.config, "text_config", model.config)
+    nbytes = dtype_bytes(model)
+    kv = kv_bytes_per_token(model) * (prompt_len + width)
+    logits = width * c.vocab_size * (nbytes + 4 + 4)
+    act = width * (4 * c.hidden_size + 2 * c.intermediate_size) * nbytes
+    return kv + logits + act
+
+
+def exact_prefill_bytes(model: Any, prompt_len: int) -> int:
+    """Bytes one prompt of the exact method's prompt pass holds: its KV cache, one layer's
+    activations and attention scores, and the last position's float32 log-softmax."""
+    c = getattr(model.config, "text_config", model.config)
+    nbytes = dtype_bytes(model)
+    act = prompt_len * (4 * c.hidden_size + 2 * c.intermediate_size) * nbytes
+    scores = c.num_attention_heads * prompt_len * prompt_len * 4
+    return kv_bytes_per_token(model) * prompt_len + act + scores + 2 * c.vocab_size * 4
+
+
+def exact_plan(model: Any, lengths: list[int], n_cands: int, width: int, budget: int) -> list[tuple[list[int], int]]:
+    """Passes of the exact method within ``budget`` bytes: (indices into ``lengths``, candidates
+    per sub-pass; 0 for all at once). Prompts are grouped by similar length; a prompt whose
+    candidates do not all fit at once is scored alone, its candidates split into sub-passes
+    that each reuse its KV cache."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    plan: list[tuple[list[int], int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = lengths[i]  # sorted: the newest prompt is the longest of the pass
+        row = exact_row_bytes(model, longest, width)
+        pre = exact_prefill_bytes(model, longest)
+        if n_cands * row + pre > budget:  # not even this prompt's candidates fit at once
+            if cur:
+                plan.append((cur, 0))
+                cur = []
+            plan.append(([i], max(1, min(n_cands, (budget - pre) // row))))
+            continue
+        if cur and (len(cur) + 1) * (n_cands * row + pre) > budget:
+            plan.append((cur, 0))
+            cur = []
+        cur.append(i)
+    return plan + ([(cur, 0)] if cur else [])
+
+
 def exact_candidate_logprobs(model: Any, tok: Any, prompt_texts: list[str], candidates: dict[str, list[int]],
-                             stops: list[int]) -> list[dict[str, float]]:
+                             stops: list[int], chunk: int = 0) -> list[dict[str, float]]:
     """log P(candidate, then end of turn | prompt) for every candidate and prompt, by teacher forcing.
 
-    The B prompts run once, left-padded; their KV cache is repeated for the C candidates,
-    which are right-padded and fed as B x C rows on top of it. Position ids follow each
-    prompt's real length, and padding only ever sits where causal attention cannot let it
-    change a real token's probability (prompt padding is masked, candidate padding comes
-    after every real candidate token)."""
+    The B prompts run once, left-padded; their KV cache is repeated for the candidates, which
+    are right-padded and fed as B x C rows on top of it (``chunk`` > 0: C = ``chunk`` candidates
+    per sub-pass, each on a fresh copy of the prompt cache, so memory follows ``chunk`` instead of
+    the number of candidates). Position ids follow each prompt's real length, and padding only
+    ever sits where causal attention cannot let it change a real token's probability (prompt
+    padding is masked, candidate padding comes after every real candidate token)."""
+    import copy
+
     import torch
 
     device = model.device
     names, cands = list(candidates), list(candidates.values())
-    n_c, width = len(cands), max(len(c) for c in cands)
     enc = tok(prompt_texts, add_special_tokens=False, return_tensors="pt", padding=True)
     ids, pmask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     if tok.padding_side != "left" and not bool(pmask[:, -1].all()):
         raise JudgeError("exact judging needs a left-padding tokenizer")
-    n_b, plen = ids.shape
+    n_b = ids.shape[0]
     ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-    cand = torch.full((n_c, width), pad, dtype=torch.long, device=device)
-    for i, c in enumerate(cands):
-        cand[i, :len(c)] = torch.tensor(c, device=device)
     kw = _cache_kw(model)
+    stop_idx = torch.tensor(stops, device=device)
+    step = chunk if chunk > 0 else len(cands)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=pmask, position_ids=ppos, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): P(first token | prompt)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        cache.batch_repeat_interleave(n_c)  # row b*C + c continues prompt b
-        inp = cand.repeat(n_b, 1)  # (B*C, width)
-        mask = torch.cat([pmask.repeat_interleave(n_c, dim=0),
-                          torch.ones((n_b * n_c, width), dtype=pmask.dtype, device=device)], dim=1)
-        start = pmask.sum(-1).repeat_interleave(n_c).unsqueeze(1)  # real prompt length per row
-        pos = start + torch.arange(width, device=device).unsqueeze(0)
-        logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache}).logits
-        lp = torch.log_softmax(logits.float(), dim=-1).view(n_b, n_c, width, -1)
-    stop_idx = torch.tensor(stops, device=device)
-    lens = torch.tensor([len(c) for c in cands], device=device)
-    # sum over each candidate's tokens after the first: lp[b, c, j-1, token_j] for 1 <= j < len
-    nxt = torch.gather(lp[:, :, :-1, :], 3, cand[:, 1:].expand(n_b, -1, -1).unsqueeze(-1)).squeeze(-1) \
-        if width > 1 else torch.zeros((n_b, n_c, 0), device=device)
-    keep = (torch.arange(1, width, device=device).unsqueeze(0) < lens.unsqueeze(1)).float()  # (C, width-1)
-    total = first[:, cand[:, 0]] + (nxt * keep).sum(-1)
-    end = torch.logsumexp(lp[:, torch.arange(n_c, device=device), lens - 1][:, :, stop_idx], dim=-1)  # (B, C)
-    total = (total + end).cpu().tolist()
+        prompt_cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        del out
+        totals = []
+        for c0 in range(0, len(cands), step):
+            part = cands[c0:c0 + step]
+            n_c, width = len(part), max(len(c) for c in part)
+            cand = torch.full((n_c, width), pad, dtype=torch.long, device=device)
+            for i, c in enumerate(part):
+                cand[i, :len(c)] = torch.tensor(c, device=device)
+            # the last sub-pass may take the prompt cache itself; earlier ones work on a copy
+            cache = prompt_cache if c0 + step >= len(cands) else copy.deepcopy(prompt_cache)
+            cache.batch_repeat_interleave(n_c)  # row b*C + c continues prompt b
+            inp = cand.repeat(n_b, 1)  # (B*C, width)
+            mask = torch.cat([pmask.repeat_interleave(n_c, dim=0),
+                              torch.ones((n_b * n_c, width), dtype=pmask.dtype, device=device)], dim=1)
+            start = pmask.sum(-1).repeat_interleave(n_c).unsqueeze(1)  # real prompt length per row
+            pos = start + torch.arange(width, device=device).unsqueeze(0)
+            logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache}).logits
+            del cache
+            lp = torch.log_softmax(logits.float(), dim=-1).view(n_b, n_c, width, -1)
+            del logits
+            lens = torch.tensor([len(c) for c in part], device=device)
+            # sum over each candidate's tokens after the first: lp[b, c, j-1, token_j] for 1 <= j < len
+            nxt = torch.gather(lp[:, :, :-1, :], 3, cand[:, 1:].expand(n_b, -1, -1).unsqueeze(-1)).squeeze(-1) \
+                if width > 1 else torch.zeros((n_b, n_c, 0), device=device)
+            keep = (torch.arange(1, width, device=device).unsqueeze(0) < lens.unsqueeze(1)).float()  # (C, width-1)
+            total = first[:, cand[:, 0]] + (nxt * keep).sum(-1)
+            end = torch.logsumexp(lp[:, torch.arange(n_c, device=device), lens - 1][:, :, stop_idx], dim=-1)  # (B, C)
+            totals.append(total + end)
+            del lp
+        total = torch.cat(totals, dim=1).cpu().tolist()
     return [dict(zip(names, row)) for row in total]

@@ -62,6 +62,48 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> DeviceChoice:
     return DeviceChoice(device, td)
 
 
+def dtype_bytes(model) -> int:
+    """Bytes per activation / KV element: 2 for half precision and quantised models, else 4."""
+    import torch
+
+    return 2 if model.dtype in (torch.float16, torch.bfloat16) or getattr(model, "is_quantized", False) else 4
+
+
+def kv_bytes_per_token(model) -> int:
+    """KV-cache bytes one token position holds: K and V, per layer, per KV head, per head dim.
+
+    2 * 16 layers * 8 KV heads * 64 * 2 B = 32 KiB for Llama-3.2-1B in bf16; 2 * 30 * 3 * 64 * 4 B
+    = 45 KiB for SmolLM2-135M in float32 (on CPU)."""
+    c = model.config
+    c = getattr(c, "text_config", c)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * dtype_bytes(model)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A CUDA out-of-memory error, or a CPU allocation torch could not satisfy."""
+    import torch
+
+    msg = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg or "not enough memory" in msg
+
+
+def free_memory_bytes(device: str) -> int | None:
+    """Free memory on the device (GPU memory on CUDA, available RAM on CPU); None where unknown (MPS)."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    if device == "cpu":
+        try:  # psutil comes with ipykernel
+            import psutil
+        except ImportError:
+            return None
+        return int(psutil.virtual_memory().available)
+    return None
+
+
 def is_embedded(name: str) -> bool:
     return name.startswith(EMBEDDED_PREFIX)
 

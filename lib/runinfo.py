@@ -55,13 +55,32 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def peak_memory() -> dict[str, Any]:
+    """Peak memory of this process so far, in GB (1e9 bytes): resident RAM, and GPU memory torch
+    allocated where CUDA is in use. papermill runs each stage in its own kernel, so in run.json
+    this is the stage's peak; in one process running several stages (tests) it is the process's."""
+    out: dict[str, Any] = {"rss_peak_gb": None, "cuda_peak_gb": None}
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["rss_peak_gb"] = round(rss * (1 if sys.platform == "darwin" else 1024) / 1e9, 3)  # KiB on Linux
+    except (ImportError, OSError):  # no resource module on Windows
+        pass
+    torch = sys.modules.get("torch")  # a stage that never imported torch used no GPU
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    return out
+
+
 def read_run_json(run_dir: str | Path) -> dict[str, Any]:
     p = Path(run_dir) / "run.json"
     return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
 
 
 def update_run_json(cfg: RunConfig, section: str | None = None, data: dict[str, Any] | None = None) -> Path:
-    """Merge the parameters, the environment and one stage's section into run.json."""
+    """Merge the parameters, the environment and one stage's section (with the stage's peak
+    memory, :func:`peak_memory`) into run.json."""
     run_dir = cfg.run_dir
     info = read_run_json(run_dir)
     info["run_id"] = cfg.run_id
@@ -70,5 +89,5 @@ def update_run_json(cfg: RunConfig, section: str | None = None, data: dict[str, 
     info["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if section:
         info.setdefault("environment", {})[section] = environment()
-        info[section] = {**info.get(section, {}), **(data or {})}
+        info[section] = {**info.get(section, {}), **(data or {}), "peak_memory": peak_memory()}
     return write_json_atomic(run_dir / "run.json", info)

@@ -140,3 +140,112 @@ def test_local_judge_fingerprint_follows_the_weights_not_only_their_size(tmp_pat
     assert w.stat().st_size == size and local_fingerprint(str(b)) != fp
     (a / "chat_template.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
     assert local_fingerprint(str(a)) != fp  # another chat template: other prompts, other scores
+
+
+def test_exact_candidates_in_sub_passes_match_one_pass(tiny):
+    model, tok = tiny
+    cands, stops = candidate_token_ids(tok), stop_token_ids(tok, model)
+    texts = [chat_prompt(tok, "Rate: " + "word " * 40), chat_prompt(tok, "Rate this short one.")]
+    whole = exact_candidate_logprobs(model, tok, texts, cands, stops)
+    for chunk in (1, 7, 102):  # 103 candidates: uneven last sub-pass, and a last one of a single candidate
+        parts = exact_candidate_logprobs(model, tok, texts, cands, stops, chunk=chunk)
+        for b in range(2):
+            assert parts[b].keys() == whole[b].keys()
+            assert max(abs(parts[b][c] - whole[b][c]) for c in cands) < 1e-5, chunk
+
+
+def _smollm2_shape():
+    """An object with SmolLM2-135M's config and dtype, no weights (the byte arithmetic needs only these)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    return SimpleNamespace(config=cfg, dtype=torch.float32, is_quantized=False)
+
+
+def test_exact_budget_is_in_bytes_from_layers_heads_and_dtype():
+    from lib.judge_backends import exact_plan, exact_prefill_bytes, exact_row_bytes
+    from lib.models import kv_bytes_per_token
+
+    smol = _smollm2_shape()
+    assert kv_bytes_per_token(smol) == 2 * 30 * 3 * 64 * 4 == 46080
+    half = _smollm2_shape()
+    half.dtype = torch.bfloat16
+    assert kv_bytes_per_token(half) == 23040  # half the bytes in bf16
+    # a 250-token prompt, 3-token candidates: KV copy of 253 positions + 3 positions of logits x 3 copies
+    row = exact_row_bytes(smol, 250, 3)
+    assert row == 46080 * 253 + 3 * 49152 * 12 + 3 * (4 * 576 + 2 * 1536) * 4
+    # the old fixed budget (2^18 token positions: 9 such prompts x 103 candidates per pass) was ~11 GB here
+    assert 9 * 103 * row > 10e9
+    lengths = [250, 240, 120, 260, 255, 130]
+    for budget in (1 << 30, 3 << 30, 200 << 20):
+        plan = exact_plan(smol, lengths, 103, 3, budget)
+        assert sorted(i for idx, _ in plan for i in idx) == list(range(6))  # every prompt exactly once
+        for idx, chunk in plan:
+            longest = max(lengths[i] for i in idx)
+            rows = len(idx) * (chunk or 103)
+            assert rows * exact_row_bytes(smol, longest, 3) + len(idx) * exact_prefill_bytes(smol, longest) <= budget
+            assert chunk == 0 or len(idx) == 1
+    # 1 GiB: a 250-token prompt's 103 rows (~1.4 GB) do not fit at once -> one prompt, candidates in sub-passes
+    plan = exact_plan(smol, [250], 103, 3, 1 << 30)
+    assert plan == [([0], (((1 << 30) - exact_prefill_bytes(smol, 250)) // row))] and 0 < plan[0][1] < 103
+    # 3 GiB: two such prompts per pass, all candidates at once
+    assert exact_plan(smol, [250, 250, 250], 103, 3, 3 << 30) == [([0, 1], 0), ([2], 0)]
+
+
+def test_exact_judge_halves_its_budget_on_out_of_memory(tiny, monkeypatch):
+    from lib import judge_backends
+    from lib.config import RunConfig
+    from lib.costs import Budget
+    from lib.io import sha256_text
+
+    prompts = [f"Rate answer {i}: " + "word " * (5 * i) for i in range(6)]
+    jobs = [scoring.Job(key=str(i), prompt=p, prompt_sha256=sha256_text(p)) for i, p in enumerate(prompts)]
+
+    def run(backend):
+        got: dict[str, list] = {}
+        backend.run(jobs, lambda j, v: got.setdefault(j.key, []).append(v), Budget(0), False)
+        return got
+
+    cfg = RunConfig(judge_model="embedded:tiny", judge_method="exact", device="cpu", dtype="float32")
+    reference = run(judge_backends.HFBackend(cfg))
+
+    real = judge_backends.exact_candidate_logprobs
+    rows_tried = []
+
+    def small_device(model, tok, texts, cands, stops, chunk=0):
+        rows = len(texts) * (chunk or len(cands))
+        rows_tried.append(rows)
+        if rows > 150:  # this "device" holds at most 150 candidate rows per pass
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, tok, texts, cands, stops, chunk)
+    monkeypatch.setattr(judge_backends, "exact_candidate_logprobs", small_device)
+    backend = judge_backends.HFBackend(cfg)
+    monkeypatch.setattr(backend, "exact_budget_bytes", lambda: 1 << 40)  # starts with every prompt in one pass
+    got = run(backend)
+    assert rows_tried[0] == 6 * 103 and max(rows_tried[-1:]) <= 150 and len(rows_tried) > 2
+    assert sorted(got) == sorted(reference) and all(len(v) == 1 for v in got.values())  # each job once
+    for k, (v,) in got.items():
+        assert v.prob_mass == pytest.approx(reference[k][0].prob_mass, abs=1e-6)
+        assert json.loads(v.raw)["42"] == pytest.approx(json.loads(reference[k][0].raw)["42"], abs=1e-5)
+
+    def never(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(judge_backends, "exact_candidate_logprobs", never)
+    with pytest.raises(torch.OutOfMemoryError):  # one prompt, one candidate per pass, still too big: raise
+        run(backend)
+
+
+def test_run_json_records_each_stage_peak_memory(tmp_path):
+    from lib.config import RunConfig
+    from lib.runinfo import read_run_json, update_run_json
+
+    cfg = RunConfig(outputs_dir=str(tmp_path))
+    update_run_json(cfg, "judge", {"x": 1})
+    peak = read_run_json(cfg.run_dir)["judge"]["peak_memory"]
+    status = Path("/proc/self/status")
+    if status.exists():  # Linux: the recorded peak is at least the resident memory right now, in GB
+        rss_kib = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+        assert peak["rss_peak_gb"] >= rss_kib * 1024 / 1e9 - 0.01
+    assert 0.05 < peak["rss_peak_gb"] < 1000 and peak["cuda_peak_gb"] is None  # CPU-only here
