@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "plots": STAGES,
     # analyses beyond replication (05, 06): they run the train / evaluate / judge stages' functions
     "phase": STAGES,
+    "direction": STAGES,
     # orchestration: runs stages, decides what to skip
     "grid": ORCHESTRATION,
     "fingerprint": ORCHESTRATION,
@@ -59,6 +60,7 @@ STAGE_PARTS: dict[str, set[str]] = {
     "judge": {"judge_backends"},
     "report": {"plots"},
     "phase": {"train", "generate", "judge"},
+    "direction": {"train", "generate", "judge"},
 }
 
 # Violations present when this test was written, each to be removed by restructuring.

@@ -144,54 +144,6 @@ def test_vectors_and_effect_match_the_trained_peft_model(tmp_path):
     assert np.allclose(without.numpy(), Y, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_notebook_runs_writes_its_files_and_a_rerun_reuses_them(tmp_path):
-    import papermill as pm
-    import torch
-
-    from lib.io import read_safetensors
-
-    out = tmp_path / "outputs"
-    params = {"outputs_dir": str(out), "run_id": "nbphase", "max_train_examples": 12, "epochs": 2,
-              "per_device_batch_size": 4, "warmup_steps": 0, "eval_every": 3, "n_samples": 1, "n_probe": 4,
-              "n_bootstrap": 200, "device": "cpu"}
-    for i in range(2):
-        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "05_phase_transition.ipynb"), str(tmp_path / f"run{i}.ipynb"),
-                            parameters=params, cwd=str(REPO_ROOT / "notebooks"), progress_bar=False,
-                            kernel_name="python3")
-    run = out / "nbphase"
-    assert (run / "figures" / "phase_transition.png").stat().st_size > 10_000
-    assert "figure: phase_transition" in (tmp_path / "run0.ipynb").read_text()
-
-    tensors, prov = read_safetensors(run / "phase" / "adapter_trajectory.safetensors")
-    steps = tensors["step"].tolist()
-    assert steps == list(range(0, 7))  # 12 examples / batch 4 = 3 steps/epoch x 2 epochs, a checkpoint each
-    B = tensors["B"]
-    assert B.shape[0] == 7 and not B[0].any()
-    assert torch.allclose(tensors["b_norm"].float(), B.norm(dim=1), atol=1e-6)
-    assert tensors["cos_final"][-1].item() == pytest.approx(1.0)
-    turns = tensors["turn_deg"][~torch.isnan(tensors["turn_deg"])]
-    assert len(turns) == 5 and bool(((turns >= 0) & (turns <= 180)).all())
-    assert prov["run_id"] == "nbphase" and prov["layer"] == 1 and prov["module"].endswith("layers.1.mlp.down_proj")
-    assert prov["steps"] == steps and len(prov["adapter_sha256"]) == 7 and prov["git"]["commit"]
-    assert prov["transition_step"] in steps[1:-1]
-    assert prov["parameters"]["max_train_examples"] == 12
-
-    em = pd.read_csv(run / "phase" / "em_over_training.csv")
-    assert em["step"].tolist() == [0, 3, 6]
-    assert (em["n_answers"] == 10).all() and (em["n_scored"] > 0).all()  # 9 questions, 10 paraphrases, 1 sample
-    assert em["em_rate"].between(0, 1).all() and em["coherent_rate"].between(0, 1).all()
-    assert (em["em_lo"] <= em["em_rate"]).all() and (em["em_rate"] <= em["em_hi"]).all()
-    info = json.loads((run / "run.json").read_text())
-    assert info["phase"]["transition_step"] == prov["transition_step"]
-
-    second = json.loads((tmp_path / "run1.ipynb").read_text())
-    printed = "".join("".join(o.get("text", "")) for c in second["cells"] if c["cell_type"] == "code"
-                      for o in c.get("outputs", []) if o.get("output_type") == "stream")
-    assert "already trained with these parameters and data: skipped" in printed
-    assert "reused " in printed  # the trajectory file was up to date
-
-
 def test_reference_parameter_files_are_valid_phase_configs():
     from lib.config import load_yaml
 
