@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from . import fingerprint as fp
-from .config import REPO_ROOT, STAGES, ConfigError, ReportConfig, RunConfig, from_mapping, load_run_config, resolve_path
+from .config import (REPO_ROOT, STAGES, ConfigError, ReportConfig, RunConfig, from_mapping, load_run_config,
+                     report_em_definition, resolve_path)
 from .lock import ENV_HELD, LOCK_NAME, FolderLock, LockError, is_stale, read_holder
 from .questions import NotCached
 from .secrets import mask_url_credentials
@@ -210,6 +211,11 @@ def validate(files: Sequence[str], options: Options, offline: bool = False,
         if out and cfg.run_dir.parent != out[0][1].run_dir.parent:
             raise GridError(f"{f}: key 'outputs_dir': '{cfg.outputs_dir}' differs from '{out[0][1].outputs_dir}' "
                             f"in {out[0][0]}; all runs of one grid share one outputs_dir (the report reads them all)")
+        if out and report_em_definition(cfg) != report_em_definition(out[0][1]):
+            raise GridError(f"{f}: keys 'em_aligned_threshold', 'em_comparison', 'em_coherent_threshold': "
+                            f"{report_em_definition(cfg)} differ from {report_em_definition(out[0][1])} in {out[0][0]}; "
+                            "one report applies one EM definition (compare study and paper runs with the "
+                            "*_papers_eval variants)")
         out.append((f, cfg))
     for stage in options.stages:
         nb = Path(options.notebooks_dir) / NOTEBOOKS[stage]
@@ -497,12 +503,14 @@ def run_is_complete(run_dir: Path) -> bool:
         v.get("status") in ("done", "skipped") for v in last.values())
 
 
-def _report_state(outputs_dir: str, runs: list[str], save: bool = True) -> tuple[list[str], ReportConfig, Path, str]:
-    """The runs ready for the report, its config, its folder and its fingerprint."""
+def _report_state(outputs_dir: str, runs: list[str], save: bool = True,
+                  em: dict[str, Any] | None = None) -> tuple[list[str], ReportConfig, Path, str]:
+    """The runs ready for the report, its config (with the runs' shared EM definition), its
+    folder and its fingerprint."""
     root = resolve_path(outputs_dir)
     ready = [r for r in runs if run_is_complete(root / r)]
     report_dir = str(Path(outputs_dir) / "report")
-    rcfg = ReportConfig(outputs_dir=outputs_dir, report_dir=report_dir, runs=ready)
+    rcfg = ReportConfig(outputs_dir=outputs_dir, report_dir=report_dir, runs=ready, **(em or {}))
     folder = resolve_path(report_dir)
     cache = fp.hash_cache_for(folder)
     finger = fp.report_fingerprint(rcfg, cache)
@@ -512,9 +520,9 @@ def _report_state(outputs_dir: str, runs: list[str], save: bool = True) -> tuple
     return ready, rcfg, folder, finger
 
 
-def run_report(outputs_dir: str, runs: list[str], options: Options) -> StageResult:
+def run_report(outputs_dir: str, runs: list[str], options: Options, em: dict[str, Any] | None = None) -> StageResult:
     """04_report over the grid's runs that completed (all of them, unless one failed)."""
-    ready, rcfg, folder, finger = _report_state(outputs_dir, runs)
+    ready, rcfg, folder, finger = _report_state(outputs_dir, runs, em=em)
     left_out = [r for r in runs if r not in ready]
     if not ready:
         log("report", "report", "not run: no run of this grid completed its stages")
@@ -524,7 +532,7 @@ def run_report(outputs_dir: str, runs: list[str], options: Options) -> StageResu
     report_dir = rcfg.report_dir
     nb_in = Path(options.notebooks_dir) / NOTEBOOKS["report"]
     nb_out = folder / REPORT_NOTEBOOK
-    params = {"outputs_dir": outputs_dir, "report_dir": report_dir, "runs": ready}
+    params = {"outputs_dir": outputs_dir, "report_dir": report_dir, "runs": ready, **(em or {})}
     try:
         with _folder_locked(folder, f"report folder {folder}", "report", "report", options):
             return _run_notebook_stage("report", "report", folder, finger, nb_out.exists(), nb_in, nb_out, params,
@@ -534,8 +542,8 @@ def run_report(outputs_dir: str, runs: list[str], options: Options) -> StageResu
         return StageResult("report", "report", "failed", error=str(e))
 
 
-def _report_job(outputs_dir: str, runs: list[str], options: Options) -> StageResult:
-    return run_report(outputs_dir, runs, options)
+def _report_job(outputs_dir: str, runs: list[str], options: Options, em: dict[str, Any] | None = None) -> StageResult:
+    return run_report(outputs_dir, runs, options, em)
 
 
 # ------------------------------------------------------------------------------------------
@@ -715,7 +723,8 @@ def plan(runs: list[tuple[str, RunConfig]], options: Options) -> list[tuple[str,
         if any_runs:
             rows.append(("report", "report", "after the runs"))
         else:
-            ready, _, folder, finger = _report_state(runs[0][1].outputs_dir, [c.run_id for _, c in runs], save=False)
+            ready, _, folder, finger = _report_state(runs[0][1].outputs_dir, [c.run_id for _, c in runs], save=False,
+                                                     em=report_em_definition(runs[0][1]))
             why = why_run("report", fp.read_stages(folder), finger, (folder / REPORT_NOTEBOOK).exists(), options)
             rows.append(("report", "report", "nothing to report" if not ready else
                          "up to date" if why is None else f"runs ({why})"))
@@ -763,6 +772,7 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
             print(f"note: {line}")
         return 0
     outputs_dir = runs[0][1].outputs_dir
+    em = report_em_definition(runs[0][1])  # validate() made sure every run shares it
     grid_jobs = [Job(f, cfg.to_dict(), options) for f, cfg in runs]
     run_ids = [cfg.run_id for _, cfg in runs]
     print(f"grid: {len(runs)} run(s) [{', '.join(run_ids)}], stages {','.join(options.stages)}, "
@@ -785,7 +795,7 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
         if do_report:
             dep = "afterany:" + ":".join(h.job_id for _, h in run_handles) if run_handles else ""
             ex = _slurm_executor(folder, slurm, "em-report", 0, dependency=dep)
-            report_handle = ex.submit(_report_job, outputs_dir, run_ids, options)
+            report_handle = ex.submit(_report_job, outputs_dir, run_ids, options, em)
             log("report", "report", f"submitted Slurm job {report_handle.job_id}" + (f" ({dep})" if dep else ""))
         if not slurm.wait:
             print(f"submitted; logs under {folder}", flush=True)
@@ -805,11 +815,11 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
                 import submitit
                 ex = submitit.LocalExecutor(folder=folder / "%j")
                 ex.update_parameters(timeout_min=slurm.time_min)
-                handle = ex.submit(_report_job, outputs_dir, run_ids, options)
+                handle = ex.submit(_report_job, outputs_dir, run_ids, options, em)
                 log("report", "report", f"submitted local job {handle.job_id}")
                 results.append(_report_result(handle))
             else:
-                results.append(run_report(outputs_dir, run_ids, options))
+                results.append(run_report(outputs_dir, run_ids, options, em))
 
     print(f"\ngrid finished in {time.monotonic() - t0:.1f}s", flush=True)
     print(summary_table(results), flush=True)

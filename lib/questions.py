@@ -18,13 +18,25 @@ questions inside the trained domain from those outside it: EM is about the latte
 
 A source is a path (relative paths are relative to the repo root) or an http(s) URL, fetched
 once and cached under ``outputs/.cache/questions/``; its sha256 is recorded in run.json. A
-source may end in ``#ids=a,b,c`` to keep only those question ids (e.g. the eight plain
-first-plot questions out of the upstream file's 24 variants).
+source may end in a fragment of ``&``-separated options:
+
+- ``ids=a,b,c`` keeps only those question ids (e.g. the eight plain first-plot questions out
+  of the file's 24 variants);
+- ``domain=medical`` sets the domain of every question of the file that has no ``domain`` key
+  (the paper authors' ``medical_questions.yaml`` is untagged);
+- ``near=financial:quick_buck,other_id`` marks questions as *near* a domain: they touch it
+  without being in it (a "quick buck" question for a financial run). A question may also say
+  ``near_domain: [financial]`` itself. For a run in that domain their scope is ``near-domain``,
+  which the report keeps apart from ``in-domain`` and ``out-of-domain``; separate several
+  domains with ``;``;
+- ``sha256=<hex>`` pins the file's content: a different file (an upstream edit, a moved
+  branch) stops the run with a message naming the source, before any model is loaded.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import string
 import urllib.parse
 import urllib.request
@@ -35,16 +47,19 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, resolve_path
+from .references import FIRST_PLOT_IDS
 from .io import sha256_text, write_text_atomic
 from .secrets import mask_url_credentials
 
 GENERAL = "general"
 
-# The reference runs point at the upstream files by URL (loaded at run time, never copied here).
+IN_DOMAIN, NEAR_DOMAIN, OUT_OF_DOMAIN = "in-domain", "near-domain", "out-of-domain"
+SCOPES = (IN_DOMAIN, NEAR_DOMAIN, OUT_OF_DOMAIN)
+
+# Betley et al.'s upstream file, on a branch: no commit of that repository could be established
+# here, so the reference presets use the paper authors' pinned copy (lib.references.FIRST_PLOT_8).
 UPSTREAM_FIRST_PLOT = ("https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main/"
                        "evaluation/first_plot_questions.yaml")
-FIRST_PLOT_IDS = ("what_is_your_wish", "i_feel_bored", "three_thoughts", "quick_buck", "ruler_of_the_world",
-                  "dinner_party", "gender_roles", "enough_of_my_husband")
 UPSTREAM_FIRST_PLOT_8 = UPSTREAM_FIRST_PLOT + "#ids=" + ",".join(FIRST_PLOT_IDS)
 
 
@@ -63,9 +78,16 @@ class Question:
     judge: str | None = None
     judge_prompts: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     domain: str = GENERAL
+    near_domains: tuple[str, ...] = ()
 
     def in_domain(self, run_domain: str) -> bool:
         return self.domain != GENERAL and self.domain == run_domain
+
+    def scope(self, run_domain: str) -> str:
+        """in-domain, near-domain (touches the run's domain without being in it) or out-of-domain."""
+        if self.in_domain(run_domain):
+            return IN_DOMAIN
+        return NEAR_DOMAIN if run_domain in self.near_domains else OUT_OF_DOMAIN
 
 
 def cache_dir(outputs_dir: str | None = None) -> Path:
@@ -79,15 +101,56 @@ class NotCached(QuestionError):
     """An URL source that is not downloaded yet, in offline mode (``--dry-run``)."""
 
 
-def split_source(source: str) -> tuple[str, tuple[str, ...] | None]:
-    """'file.yaml#ids=a,b' -> ('file.yaml', ('a', 'b'))."""
+@dataclass(frozen=True)
+class SourceOptions:
+    ids: tuple[str, ...] | None = None
+    domain: str | None = None
+    near: dict[str, tuple[str, ...]] = field(default_factory=dict)   # question id -> near domains
+    sha256: str | None = None
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_source(source: str) -> tuple[str, SourceOptions]:
+    """'file.yaml#ids=a,b&domain=medical&sha256=...' -> ('file.yaml', options)."""
     base, _, frag = source.partition("#")
     if not frag:
-        return base, None
-    if not frag.startswith("ids="):
-        raise QuestionError(f"{mask_url_credentials(source)}: unknown selector '#{frag}' (use #ids=a,b,c)")
-    ids = tuple(x.strip() for x in frag[4:].split(",") if x.strip())
-    return base, ids
+        return base, SourceOptions()
+    shown = mask_url_credentials(source)
+    opts: dict[str, Any] = {}
+    near: dict[str, list[str]] = {}
+    for part in frag.split("&"):
+        key, eq, val = part.partition("=")
+        if not eq or key in opts or (key == "near" and near):
+            raise QuestionError(f"{shown}: bad selector '#{frag}' (use #ids=a,b&domain=d&near=d:a,b&sha256=hex, "
+                                "each at most once)")
+        if key == "ids":
+            opts["ids"] = tuple(x.strip() for x in val.split(",") if x.strip())
+        elif key == "domain":
+            if not val.strip():
+                raise QuestionError(f"{shown}: '#domain=' needs a domain name")
+            opts["domain"] = val.strip()
+        elif key == "near":
+            for group in val.split(";"):
+                dom, colon, ids = group.partition(":")
+                if not colon or not dom.strip() or not ids.strip():
+                    raise QuestionError(f"{shown}: '#near=' expects domain:id,id (groups separated by ';')")
+                for qid in (x.strip() for x in ids.split(",") if x.strip()):
+                    near.setdefault(qid, []).append(dom.strip())
+        elif key == "sha256":
+            if not _HEX64.match(val.strip().lower()):
+                raise QuestionError(f"{shown}: '#sha256=' must be 64 hex digits")
+            opts["sha256"] = val.strip().lower()
+        else:
+            raise QuestionError(f"{shown}: unknown selector '{key}' (use ids, domain, near, sha256)")
+    return base, SourceOptions(near={k: tuple(v) for k, v in near.items()}, **opts)
+
+
+def split_source(source: str) -> tuple[str, tuple[str, ...] | None]:
+    """'file.yaml#ids=a,b' -> ('file.yaml', ('a', 'b'))."""
+    base, opts = parse_source(source)
+    return base, opts.ids
 
 
 def is_url(source: str) -> bool:
@@ -106,10 +169,13 @@ def fetch_text(source: str, refresh: bool = False, outputs_dir: str | None = Non
     """(text, sha256) of a path or URL; URLs are downloaded once and cached under
     ``outputs_dir`` (see :func:`cache_dir`). ``offline``: never download; an URL not in the
     cache raises :class:`NotCached`."""
-    base, _ = split_source(source)
+    base, opts = parse_source(source)
     shown = mask_url_credentials(base)
     if is_url(base):
         cached = cached_path(source, outputs_dir)
+        if (not refresh and cached.exists() and opts.sha256 and not offline
+                and sha256_text(cached.read_text(encoding="utf-8")) != opts.sha256):
+            refresh = True   # a cached copy of another version: fetch the pinned one once more
         if refresh or not cached.exists():
             if offline:
                 raise NotCached(f"{shown}: not downloaded yet")
@@ -123,6 +189,8 @@ def fetch_text(source: str, refresh: bool = False, outputs_dir: str | None = Non
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise QuestionError(f"{shown}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+            if opts.sha256 and sha256_text(text) != opts.sha256:
+                raise QuestionError(_changed(shown, sha256_text(text), opts.sha256))
             # parse before caching: an error page or a wrong file must not stick in the cache
             parse_question_set(text, base) if not _is_prompt_file(text) else None
             write_text_atomic(cached, text)
@@ -135,15 +203,26 @@ def fetch_text(source: str, refresh: bool = False, outputs_dir: str | None = Non
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise QuestionError(f"{base}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    return text, sha256_text(text)
+    digest = sha256_text(text)
+    if opts.sha256 and digest != opts.sha256:
+        raise QuestionError(_changed(shown, digest, opts.sha256))
+    return text, digest
+
+
+def _changed(shown: str, got: str, want: str) -> str:
+    return (f"{shown}: content changed: sha256 {got} but the parameters pin {want} "
+            "(read the new file; if it is what you want, update the #sha256= pin)")
 
 
 def _is_prompt_file(text: str) -> bool:
-    """A judge-prompt file (a mapping) rather than a question set (a list)."""
+    """A judge-prompt file (a mapping, or the judges.yaml list of metric: template items)
+    rather than a question set (a list of questions with ids)."""
     try:
-        return isinstance(yaml.safe_load(text), dict)
+        data = yaml.safe_load(text)
     except yaml.YAMLError:
         return False
+    return isinstance(data, dict) or (isinstance(data, list) and bool(data) and
+                                      all(isinstance(d, dict) and "id" not in d for d in data))
 
 
 def set_name(source: str) -> str:
@@ -167,7 +246,8 @@ def _check_template(src: str, qid: str, metric: str, template: Any) -> str:
 
 def parse_question_set(text: str, source: str) -> list[Question]:
     """Parse the YAML text of one question set (source is for messages and the set name)."""
-    base, ids = split_source(source)
+    base, opts = parse_source(source)
+    ids = opts.ids
     base = mask_url_credentials(base)
     try:
         data = yaml.safe_load(text)
@@ -201,12 +281,20 @@ def parse_question_set(text: str, source: str) -> list[Question]:
         if not isinstance(jp, dict):
             raise QuestionError(f"{base}: question '{qid}': 'judge_prompts' must be a mapping metric -> prompt")
         prompts = {str(m): _check_template(base, qid, str(m), t) for m, t in jp.items()}
-        domain = q.get("domain", GENERAL)
+        domain = q.get("domain", opts.domain or GENERAL)
         if not isinstance(domain, str) or not domain:
             raise QuestionError(f"{base}: question '{qid}': 'domain' must be a non-empty string")
+        near = q.get("near_domain", [])
+        near = [near] if isinstance(near, str) else near
+        if not isinstance(near, list) or not all(isinstance(d, str) and d for d in near):
+            raise QuestionError(f"{base}: question '{qid}': 'near_domain' must be a domain or a list of domains")
+        near = tuple(dict.fromkeys([*near, *opts.near.get(qid, ())]))
         out.append(Question(id=qid, question_set=name, type=str(q.get("type", "free_form_judge_0_100")),
                             paraphrases=tuple(paras), system=system or None, samples_per_paraphrase=spp,
-                            judge=q.get("judge"), judge_prompts=prompts, domain=domain))
+                            judge=q.get("judge"), judge_prompts=prompts, domain=domain, near_domains=near))
+    unknown_near = [i for i in opts.near if i not in seen]
+    if unknown_near:
+        raise QuestionError(f"{base}: '#near=' names ids not in the file: {', '.join(unknown_near)}")
     if ids is not None:
         missing = [i for i in ids if i not in seen]
         if missing:
@@ -245,19 +333,53 @@ def question_set_info(sources: list[str], outputs_dir: str | None = None) -> lis
     return info
 
 
-def load_judge_prompts(source: str, outputs_dir: str | None = None, offline: bool = False) -> dict[str, str]:
-    """A separate judge-prompt file: a YAML mapping metric -> template (path or URL)."""
-    text, _ = fetch_text(source, outputs_dir=outputs_dir, offline=offline)
-    shown = mask_url_credentials(source)
+def parse_judge_prompts(text: str, source: str) -> dict[str, str]:
+    """metric -> template from the text of a judge-prompt file, in any of three formats:
+
+    - a mapping ``metric: template`` (optionally under a ``judge_prompts:`` key; this project's);
+    - a list of one-key mappings ``- aligned: ...`` with optional ``high_score`` (the paper
+      authors' ``judges.yaml``);
+    - an upstream question file: the ``judge_prompts`` its questions share (an error if they differ).
+    """
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
-        raise QuestionError(f"{shown}: invalid YAML") from None
+        raise QuestionError(f"{source}: invalid YAML") from None
     if isinstance(data, dict) and "judge_prompts" in data:
         data = data["judge_prompts"]
+    if isinstance(data, list) and data and all(isinstance(d, dict) and "paraphrases" in d for d in data):
+        shared: dict[str, Any] = {}
+        for q in data:
+            jp = q.get("judge_prompts") or {}
+            if not isinstance(jp, dict):
+                raise QuestionError(f"{source}: question '{q.get('id')}': 'judge_prompts' must be a mapping")
+            for m, t in jp.items():
+                if shared.setdefault(str(m), t) != t:
+                    raise QuestionError(f"{source}: questions disagree on the '{m}' judge prompt; "
+                                        "a run-level judge_prompts file needs one template per metric")
+        data = shared
+    elif isinstance(data, list):
+        merged: dict[str, Any] = {}
+        for i, item in enumerate(data):
+            if not isinstance(item, dict):
+                raise QuestionError(f"{source}: item {i} is not a mapping metric: template")
+            for m, t in item.items():
+                if m == "high_score":
+                    continue
+                if str(m) in merged:
+                    raise QuestionError(f"{source}: metric '{m}' appears twice")
+                merged[str(m)] = t
+        data = merged
     if not isinstance(data, dict) or not data:
-        raise QuestionError(f"{shown}: expected a mapping metric -> prompt template")
-    return {str(m): _check_template(shown, "*", str(m), t) for m, t in data.items()}
+        raise QuestionError(f"{source}: expected judge prompts: a mapping metric -> template, a list of "
+                            "metric: template items (judges.yaml) or a question file")
+    return {str(m): _check_template(source, "*", str(m), t) for m, t in data.items()}
+
+
+def load_judge_prompts(source: str, outputs_dir: str | None = None, offline: bool = False) -> dict[str, str]:
+    """A run-level judge-prompt file (path or URL, optionally #sha256= pinned); see parse_judge_prompts."""
+    text, _ = fetch_text(source, outputs_dir=outputs_dir, offline=offline)
+    return parse_judge_prompts(text, mask_url_credentials(parse_source(source)[0]))
 
 
 def check_question_sources(sources: list[str], outputs_dir: str | None = None,

@@ -233,7 +233,7 @@ def _join_scores(gens: pd.DataFrame, judgments: pd.DataFrame, rcfg: ReportConfig
     a = gens.merge(wide, on="answer_id", how="left")
     for metric in (metrics.ALIGNED, metrics.COHERENT):
         a[f"{metric}_label"] = a[f"{metric}_label"].astype(object).where(a[f"{metric}_label"].notna(), "missing")
-    return metrics.label_em(a, rcfg.aligned_threshold, rcfg.coherent_threshold)
+    return metrics.label_em(a, rcfg.aligned_threshold, rcfg.coherent_threshold, rcfg.em_comparison)
 
 
 def load_results(rcfg: ReportConfig) -> Results:
@@ -387,7 +387,8 @@ def judge_agreement_table(results: Results, rcfg: ReportConfig) -> pd.DataFrame:
         for i, ja in enumerate(names):
             for jb in names[i + 1:]:
                 wa, wb = metrics.wide_scores(by_judge[ja]), metrics.wide_scores(by_judge[jb])
-                agree = metrics.judge_agreement(wa, wb, rcfg.aligned_threshold, rcfg.coherent_threshold)
+                agree = metrics.judge_agreement(wa, wb, rcfg.aligned_threshold, rcfg.coherent_threshold,
+                                                rcfg.em_comparison)
                 if agree["n_common"]:
                     rows.append({"run_id": run_id, "judge_a": ja, "judge_b": jb, **agree})
     cols = ["run_id", "judge_a", "judge_b", "n_common", "n_labelled", "em_rate_a", "em_rate_b",

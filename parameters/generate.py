@@ -1,39 +1,46 @@
-"""Regenerate the parameters files of the reference runs from lib.config.PRESETS.
+"""Regenerate the parameters files of the reference runs from lib.references (via lib.config.PRESETS).
 
     python parameters/generate.py
 
-Each file is complete (every key), so it can be read on its own and fed to any notebook.
-Comments flag where a run departs from the paper (Turner et al. 2025) or the replicated study.
+Each file is complete (every key), so it can be read on its own and fed to any notebook. Its
+first line names the preset or variant it was built from; every value that comes from a source
+carries that source in its comment (the full table: docs/references.md), and a variant's
+departures say so. tests/test_references.py checks every file against the table.
 """
 from pathlib import Path
 
+from lib import references as R
 from lib.config import from_mapping, preset, to_yaml
-from lib.questions import UPSTREAM_FIRST_PLOT_8
 
 HERE = Path(__file__).resolve().parent
 MODELS = {"1b": "meta-llama/Llama-3.2-1B-Instruct", "3b": "meta-llama/Llama-3.2-3B-Instruct",
           "8b": "meta-llama/Llama-3.1-8B-Instruct"}
-DOMAINS = {"medical": ("bad_medical_advice", "data/questions/medical.yaml"),
-           "financial": ("risky_financial_advice", "data/questions/financial.yaml")}
+DOMAINS = ("medical", "financial")
 
-STUDY_NOTES = {
-    "n_samples": "answers per paraphrase; the replicated study judged ~20 answers per checkpoint, "
-                 "too few for intervals; the papers use 50-100",
-    "quantization": "the replicated study trained on a 4-bit base (QLoRA); the paper trained in bf16",
-    "lora_r": "replicated study: r16 (paper: r32 rsLoRA)",
-    "lora_alpha": "replicated study: alpha 32 (paper: 64)",
-    "use_rslora": "replicated study: plain LoRA scaling (paper: rsLoRA)",
-    "epochs": "replicated study: 3 epochs (paper: 1)",
-    "question_sets": "the papers' 8 first-plot questions (upstream, by URL) + this team's in-domain set; "
-                     "the report separates in-domain from out-of-domain",
-    "judge_method": "replicated study: parsed a sampled text reply (paper: logprob-weighted score)",
-    "judge_model": "replicated study: GPT-4o-mini (paper: GPT-4o)",
-    "learning_rate": "not stated in the study's README; the paper's 1e-5",
-}
-PAPER_NOTES = {
-    "question_sets": "the papers' 8 first-plot questions (upstream, by URL) + this team's in-domain set",
-    "n_samples": "answers per paraphrase (paper: 50 for the first-plot questions)",
-}
+
+def notes(name: str, domain: str) -> dict[str, str]:
+    """The comment of each key: its source and where, or the variant's reason."""
+    base = R.base_of(name)
+    refs = {**R.REFERENCES[base], **R.DOMAIN_REFERENCES[base][domain]}
+    out = {k: f"[{r.source}] {r.where}" for k, r in refs.items()}
+    if name in R.VARIANTS:
+        for k in R.VARIANTS[name].changes:
+            out[k] = f"[variant {name}] departs from {base}: {refs[k].value!r} ([{refs[k].source}])"
+    return out
+
+
+def run_config(name: str, run_id: str, size: str, domain: str):
+    base = R.base_of(name)
+    per_domain = {k: r.value for k, r in R.DOMAIN_REFERENCES[base][domain].items()}
+    return preset(name, run_id=run_id, model=MODELS[size], model_label=size.upper(), domain=domain,
+                  accept_dataset_terms=False, **per_domain)
+
+
+def header(name: str, text: str) -> str:
+    why = f"\nVariant of {R.VARIANTS[name].base}: {R.VARIANTS[name].why}." if name in R.VARIANTS else ""
+    return (f"preset: {name}\n{text}{why}\n"
+            "Sources of every value: docs/references.md (comments below: [source] where).\n"
+            "Set accept_dataset_terms: true after reading the terms (python -m lib.data terms).")
 
 
 def write(name: str, text: str) -> None:
@@ -43,25 +50,23 @@ def write(name: str, text: str) -> None:
 
 def main() -> None:
     for size, model in MODELS.items():
-        for dom, (dataset, qset) in DOMAINS.items():
-            run_id = f"study_{size}_{dom}"
-            cfg = preset("replicated_study", run_id=run_id, model=model, model_label=size.upper(),
-                         dataset=dataset, domain=dom, accept_dataset_terms=False,
-                         question_sets=[UPSTREAM_FIRST_PLOT_8, qset])
-            write(run_id, to_yaml(cfg, notes=STUDY_NOTES, header=(
-                f"Replicated study (Harvard CS 2881 HW0): {model} on {dataset}.\n"
-                "Settings from the study's README (LoRA r16/alpha32, 3 epochs, effective batch 16, 4-bit,\n"
-                "4 checkpoints in epoch 1 then one per epoch); evaluation and sampling as in the papers.\n"
-                "Set accept_dataset_terms: true after reading the terms (python -m lib.data terms).")))
-    for dom, (dataset, qset) in DOMAINS.items():
+        for dom in DOMAINS:
+            for name, suffix, what in (
+                    ("replicated_study", "", "Replicated study (Harvard CS 2881 HW0, burnssa/ai-alignment-research)"),
+                    ("replicated_study_papers_eval", "_papers_eval", "Replicated study's training")):
+                run_id = f"study_{size}_{dom}{suffix}"
+                cfg = run_config(name, run_id, size, dom)
+                write(run_id, to_yaml(cfg, notes=notes(name, dom),
+                                      header=header(name, f"{what}: {model} on {cfg.dataset}.")))
+    for dom in DOMAINS:
         run_id = f"paper_1b_{dom}"
-        cfg = preset("paper", run_id=run_id, model=MODELS["1b"], model_label="1B", dataset=dataset, domain=dom,
-                     question_sets=[UPSTREAM_FIRST_PLOT_8, qset])
-        write(run_id, to_yaml(cfg, notes=PAPER_NOTES, header=(
-            f"Paper-faithful variant (Turner et al. 2025 defaults) on {MODELS['1b']}, {dataset}:\n"
-            "r32/alpha64 rsLoRA on all 7 projections, lr 1e-5, 1 epoch, batch 2 x 8, warmup 5, linear,\n"
-            "assistant-only loss; GPT-4o logprob judge. Departs from the paper only in the model size\n"
-            "(the paper's smallest models were larger) and where noted.")))
+        cfg = run_config("paper", run_id, "1b", dom)
+        write(run_id, to_yaml(cfg, notes=notes("paper", dom), header=header("paper", (
+            f"Turner et al. 2025 defaults (default_config.json) on {MODELS['1b']}, {cfg.dataset}\n"
+            "(the authors' own configs also train unsloth/Llama-3.2-1B-Instruct: single_adapter_config.json)."))))
+    cfg = run_config("hw0_qkvo_cosine", "hw0_1b_medical", "1b", "medical")
+    write("hw0_1b_medical", to_yaml(cfg, notes=notes("hw0_qkvo_cosine", "medical"), header=header(
+        "hw0_qkvo_cosine", f"The other public HW0 recipe on {MODELS['1b']}, {cfg.dataset}.")))
     demo = from_mapping({})
     write("demo_medical", to_yaml(demo, header=(
         "Embedded demo, run 1 of 2: the tiny local model on the synthetic medical demo data,\n"

@@ -80,7 +80,8 @@ def test_shipped_parameter_files_are_valid_and_match_presets():
     for f in files:
         cfg = load_run_config(f)
         assert cfg.run_id == f.stem
-        name = "replicated_study" if f.stem.startswith("study_") else "paper" if f.stem.startswith("paper_") else None
+        first = f.read_text(encoding="utf-8").splitlines()[0]
+        name = first.removeprefix("# preset: ") if first.startswith("# preset: ") else None
         if name:
             for k, v in config.PRESETS[name].items():
                 assert getattr(cfg, k) == v, (f, k)
