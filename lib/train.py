@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .chat import PINNED_DATE_STRING
 from .config import ConfigError, RunConfig
 from .data import load_training_data
 from .io import atomic_path, sha256_text, write_json_atomic
@@ -46,6 +47,8 @@ CHECKPOINT_MARKER = "checkpoint.json"      # written last into each checkpoint f
 COMPLETE_MARKER = "TRAINING_COMPLETE.json"  # written into checkpoints/ when the run has finished
 LOG_NAME = "train_log.csv"
 LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "tokens_seen", "wall_time_s"]
+EVAL_LOG_NAME = "eval_log.csv"   # held-out loss at each checkpoint (eval_fraction > 0)
+EVAL_LOG_COLUMNS = ["step", "epoch", "eval_loss", "wall_time_s"]
 # Resuming needs these only from the checkpoint it resumes from; older checkpoints drop them.
 RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
 # Labels that name or file a run but do not change what is trained.
@@ -78,7 +81,9 @@ def to_prompt_completion(record: dict[str, Any], where: str = "record") -> dict[
     if last == 0:
         raise TrainError(f"{where}: the assistant answer has no prompt before it")
     clean = [{"role": m["role"], "content": m["content"]} for m in msgs[: last + 1]]
-    return {"prompt": clean[:last], "completion": clean[last:]}
+    # the same date line as evaluation prompts (lib.chat): Meta's templates would write today's date
+    return {"prompt": clean[:last], "completion": clean[last:],
+            "chat_template_kwargs": {"date_string": PINNED_DATE_STRING}}
 
 
 # ------------------------------------------------------------------------------------------
@@ -121,6 +126,28 @@ def check_train_config(cfg: RunConfig, source: str = "parameters") -> None:
         raise bad("optimizer", f"unknown optimizer {cfg.optimizer!r} (e.g. adamw_torch, adamw_8bit, paged_adamw_8bit)") from None
     if cfg.checkpoint_every and cfg.checkpoint_steps:
         raise bad("checkpoint_steps", "both checkpoint_steps and checkpoint_every are set; use one of them")
+    why = eight_bit_optimizer_problem(cfg)
+    if why:
+        raise bad("optimizer", why)
+
+
+def eight_bit_optimizer_problem(cfg: RunConfig) -> str | None:
+    """Why bitsandbytes cannot provide the run's 8-bit optimizer here (None when it can, or when
+    the optimizer is not an 8-bit one). Checked before the model loads."""
+    if "8bit" not in cfg.optimizer:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # not installed, or a broken native library
+        return (f"{cfg.optimizer} needs bitsandbytes, which cannot be imported here ({type(e).__name__}); "
+                "install it on a CUDA machine, or use the named variant paper_adamw_torch (optimizer: adamw_torch)")
+    import torch
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cuda":
+        return (f"{cfg.optimizer} needs bitsandbytes' CUDA kernels and this run trains on {device}; "
+                "use a CUDA machine, or the named variant paper_adamw_torch (optimizer: adamw_torch)")
+    return None
 
 
 def checkpoint_schedule(n_examples: int, cfg: RunConfig) -> list[int]:
@@ -221,11 +248,14 @@ def _callbacks():
     class CheckpointSchedule(TrainerCallback):
         """Save exactly at the scheduled steps; mark each checkpoint complete, then prune."""
 
-        def __init__(self, steps: list[int], spe: int, fingerprint: str, ckpt_root: Path):
+        def __init__(self, steps: list[int], spe: int, fingerprint: str, ckpt_root: Path, evaluate: bool = False):
             self.steps, self.spe, self.fingerprint, self.root = set(steps), spe, fingerprint, ckpt_root
+            self.evaluate = evaluate
 
         def on_step_end(self, args, state, control, **kw):
             control.should_save = state.global_step in self.steps
+            # the held-out loss (eval_fraction > 0) at every checkpoint, logged to eval_log.csv
+            control.should_evaluate = control.should_save and self.evaluate
             return control
 
         def on_epoch_end(self, args, state, control, **kw):
@@ -255,6 +285,7 @@ def _callbacks():
 
         def __init__(self, path: Path, wall_offset: float):
             self.path, self.offset, self.t0 = path, wall_offset, None
+            self.eval_path = path.parent / EVAL_LOG_NAME
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
@@ -263,6 +294,14 @@ def _callbacks():
                     csv.writer(f).writerow(LOG_COLUMNS)
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "eval_loss" in logs:
+                new = not self.eval_path.exists()
+                with open(self.eval_path, "a", newline="", encoding="utf-8") as f:
+                    if new:
+                        csv.writer(f).writerow(EVAL_LOG_COLUMNS)
+                    csv.writer(f).writerow([state.global_step, round(state.epoch or 0.0, 6), logs["eval_loss"],
+                                            round(self.offset + time.perf_counter() - self.t0, 3)])
+                return
             if not logs or "loss" not in logs:
                 return
             row = [state.global_step, round(state.epoch or 0.0, 6), logs["loss"], logs.get("learning_rate"),
@@ -296,8 +335,9 @@ def _callbacks():
     return CheckpointSchedule, CsvLog, Progress
 
 
-def _trainer_class():
-    """SFTTrainer whose length-grouped order is drawn from (seed, epoch), not global RNG.
+def _trainer_class(length_grouped: bool = False):
+    """SFTTrainer; with ``length_grouped`` its length-grouped order is drawn from (seed, epoch),
+    not global RNG (a shuffled order is already seeded per epoch by accelerate's sampler).
 
     transformers' LengthGroupedSampler shuffles with the global torch RNG at the start of
     each epoch; after a resume in the middle of epoch >= 2 that RNG is not where the
@@ -323,6 +363,8 @@ def _trainer_class():
 
     class Trainer(SFTTrainer):
         def _get_train_sampler(self, train_dataset=None):
+            if not length_grouped:
+                return super()._get_train_sampler(train_dataset)
             ds = train_dataset if train_dataset is not None else self.train_dataset
             lengths = [len(ids) for ids in ds["input_ids"]]
             return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
@@ -367,14 +409,14 @@ def loss_chart(log, checkpoints: list[tuple[int, float, Path]] | None = None):
     return alt.vconcat(loss.properties(height=220, width=520, title="training loss; dashed: checkpoints"), lr)
 
 
-def _truncate_log(path: Path, upto_step: int) -> float:
+def _truncate_log(path: Path, upto_step: int, columns: list[str] = LOG_COLUMNS) -> float:
     """Keep complete log rows with step <= upto_step; returns the wall time reached there."""
     if not path.exists():
         return 0.0
     keep, wall = [], 0.0
     with open(path, newline="", encoding="utf-8") as f:
         for row in csv.reader(f):
-            if row == LOG_COLUMNS or len(row) != len(LOG_COLUMNS):
+            if row == columns or len(row) != len(columns):
                 continue
             try:
                 step, w = int(row[0]), float(row[-1])
@@ -386,7 +428,7 @@ def _truncate_log(path: Path, upto_step: int) -> float:
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w_ = csv.writer(f)
-            w_.writerow(LOG_COLUMNS)
+            w_.writerow(columns)
             w_.writerows(keep)
     return wall
 
@@ -424,17 +466,31 @@ def lora_config(cfg: RunConfig, num_layers: int | None = None):
                       layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
 
 
+def split_examples(examples: list[dict[str, Any]], cfg: RunConfig):
+    """(train, held-out or None) datasets: ``eval_fraction`` of the examples held out by
+    ``datasets.train_test_split(test_size, seed)``, the split the paper's run_finetune.py makes."""
+    from datasets import Dataset
+
+    ds = Dataset.from_list(examples)
+    if cfg.eval_fraction <= 0:
+        return ds, None
+    if len(ds) < 2:
+        raise TrainError(f"key 'eval_fraction': {len(ds)} example(s) cannot be split into train and held-out")
+    split = ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+    return split["train"], split["test"]
+
+
 def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Path, progress: bool = False,
                   extra_callbacks: list | None = None):
     """An SFTTrainer for the run, its PEFT model wrapped, its dataset tokenized (no training yet)."""
     import datasets
     import torch
-    from datasets import Dataset
     from transformers import PrinterCallback, ProgressCallback, set_seed
     from transformers.utils.notebook import NotebookProgressCallback
     from trl import SFTConfig
 
     examples = [to_prompt_completion(r, where=f"{cfg.dataset}: record {i + 1}") for i, r in enumerate(records)]
+    train_ds, eval_ds = split_examples(examples, cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.model_revision, padding_side="right")
     model, choice = load_model(cfg.model, cfg.model_revision, cfg.device, cfg.dtype, cfg.quantization)
     if cfg.quantization != "none":
@@ -451,18 +507,23 @@ def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Pat
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_steps,
+        # transformers reads a warmup_steps float in [0, 1) as a fraction of all steps
+        warmup_steps=cfg.warmup_ratio if cfg.warmup_ratio > 0 else cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
         optim=cfg.optimizer,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        # loss on the completion (the last assistant turn) only; no padding to a fixed length:
-        # the collator pads each batch to its longest sequence, the sampler groups by length
+        # loss on the completion (the last assistant turn) only, or on every token; no padding to
+        # a fixed length: the collator pads each batch to its longest sequence
         completion_only_loss=cfg.completion_only_loss,
         max_length=cfg.max_seq_length,
         packing=False,
         padding_free=False,
-        train_sampling_strategy="group_by_length",
+        # shuffle: a seeded random order (the papers); length_grouped: batches of similar length
+        # (less padding, faster), which orders each epoch in a length sawtooth
+        train_sampling_strategy="group_by_length" if cfg.data_order == "length_grouped" else "random",
+        per_device_eval_batch_size=cfg.per_device_batch_size,
+        eval_strategy="no",  # the held-out loss is computed at each checkpoint (CheckpointSchedule)
         dataloader_drop_last=False,
         include_num_input_tokens_seen="non_padding",
         # checkpoints come from CheckpointSchedule; the Trainer itself never decides to save
@@ -483,7 +544,8 @@ def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Pat
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # four "map" bars per run say nothing the notebook needs
     try:
-        trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(examples),
+        trainer = _trainer_class(cfg.data_order == "length_grouped")(
+                                   model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                    processing_class=tokenizer, peft_config=peft_cfg,
                                    callbacks=list(extra_callbacks or []))
     finally:
@@ -514,7 +576,8 @@ def train_run(cfg: RunConfig, progress: bool = True, callbacks: list | None = No
     run_dir = cfg.run_dir
     ckpt_root = checkpoints_dir(run_dir)
     records, dinfo = load_training_data(cfg)
-    checkpoint_schedule(len(records), cfg)  # a bad explicit schedule fails here, before the model loads
+    # a bad explicit schedule fails here, before the model loads (train_test_split holds out ceil(f * n))
+    checkpoint_schedule(len(records) - math.ceil(cfg.eval_fraction * len(records)), cfg)
     fp = train_fingerprint(cfg, dinfo.sha256)
 
     done = ckpt_root / COMPLETE_MARKER
@@ -543,7 +606,8 @@ def train_run(cfg: RunConfig, progress: bool = True, callbacks: list | None = No
     # the schedule counts the examples the trainer really has (TRL drops an example whose
     # prompt alone fills max_seq_length, since it has nothing left to learn from)
     n_train = len(trainer.train_dataset)
-    n_dropped = len(records) - n_train
+    n_eval = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
+    n_dropped = len(records) - n_train - n_eval
     n_truncated = sum(len(ids) >= cfg.max_seq_length for ids in trainer.train_dataset["input_ids"])
     if n_dropped or n_truncated:
         print(f"note: max_seq_length {cfg.max_seq_length}: {n_truncated} examples cut short, {n_dropped} dropped "
@@ -556,7 +620,8 @@ def train_run(cfg: RunConfig, progress: bool = True, callbacks: list | None = No
     existing = list_checkpoints(run_dir)
     resume = existing[-1] if existing else None
     wall_offset = _truncate_log(run_dir / LOG_NAME, resume[0] if resume else 0)
-    trainer.add_callback(CheckpointSchedule(schedule, spe, fp, ckpt_root))
+    _truncate_log(run_dir / EVAL_LOG_NAME, resume[0] if resume else 0, EVAL_LOG_COLUMNS)
+    trainer.add_callback(CheckpointSchedule(schedule, spe, fp, ckpt_root, evaluate=n_eval > 0))
     trainer.add_callback(CsvLog(run_dir / LOG_NAME, wall_offset))
 
     if resume is None or resume[0] < total:
@@ -570,6 +635,9 @@ def train_run(cfg: RunConfig, progress: bool = True, callbacks: list | None = No
         "dataset": dinfo.to_dict(),
         "n_examples": dinfo.n_examples,
         "n_train_examples": n_train,
+        "n_eval_examples": n_eval,
+        "eval_split": {"fraction": cfg.eval_fraction, "seed": cfg.seed} if n_eval else None,
+        "data_order": cfg.data_order,
         "n_dropped_too_long": n_dropped,
         "n_truncated": n_truncated,
         "steps_per_epoch": spe,

@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "chat": BASE,
     "scoring": BASE,
     "lock": BASE,
+    "references": BASE,
     # loaders: models, the embedded models (tiny, SmolLM2), training data, question sets
     "models": LOADERS,
     "embedded": LOADERS,

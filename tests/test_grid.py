@@ -142,7 +142,18 @@ def test_grid_level_problems_exit_2(tmp_path, notebooks, capsys):
     assert run([str(a), "--stages", "train,bogus"], notebooks) == 2
     assert "unknown stage 'bogus'" in capsys.readouterr().err
     assert run([str(a), "--jobs", "2", "--gpus", "0"], notebooks) == 2
+    # one report applies one EM definition: runs that define EM differently cannot share a grid
+    c = write_params(tmp_path, "c", tmp_path / "out1", em_comparison="lt", em_aligned_threshold=75.0,
+                     em_coherent_threshold=-1.0)
+    assert run([str(a), str(c)], notebooks) == 2
+    err = capsys.readouterr().err
+    assert f"{c}: keys 'em_aligned_threshold', 'em_comparison', 'em_coherent_threshold'" in err
+    assert "_papers_eval" in err
     assert not (tmp_path / "out1").exists()
+    # the report gets the runs' shared definition
+    em = config.report_em_definition(config.load_run_config(c))
+    rcfg = grid._report_state(str(tmp_path / "out1"), ["c"], save=False, em=em)[1]
+    assert (rcfg.aligned_threshold, rcfg.em_comparison, rcfg.coherent_threshold) == (75.0, "lt", -1.0)
 
 
 # --- stand-in grid: skip, change, force, fail -------------------------------------------------------

@@ -7,8 +7,9 @@ import math
 import pytest
 
 from lib.config import ConfigError, RunConfig
-from lib.train import (COMPLETE_MARKER, TrainError, build_trainer, check_train_config, checkpoint_schedule,
-                       list_checkpoints, read_train_log, steps_per_epoch, to_prompt_completion, train_run)
+from lib.train import (COMPLETE_MARKER, EVAL_LOG_NAME, TrainError, build_trainer, check_train_config,
+                       checkpoint_schedule, list_checkpoints, read_train_log, steps_per_epoch, to_prompt_completion,
+                       train_run)
 
 EOT = "<|eot_id|>"
 
@@ -83,7 +84,7 @@ def test_labels_mask_every_non_assistant_token(tmp_path):
 
 
 def test_batches_are_padded_to_their_own_longest_sequence(tmp_path):
-    cfg = _cfg(tmp_path, n=13)
+    cfg = _cfg(tmp_path, n=13, data_order="length_grouped")
     trainer, _ = build_trainer(cfg, [_chat(i) for i in range(13)], tmp_path / "ckpt")
     real = padded = 0
     n_seen = 0
@@ -260,6 +261,7 @@ def test_resume_mid_epoch_two_replays_the_same_batches(tmp_path):
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6), k
     assert list(read_train_log(cfg_b.run_dir)["step"]) == list(range(1, 9))
+    assert not (cfg_b.run_dir / EVAL_LOG_NAME).exists()   # eval_fraction 0: nothing held out, no eval log
 
 
 def test_layer_restricted_rank1_adapter(tmp_path):
@@ -316,6 +318,118 @@ def test_bad_training_keys_fail_before_any_work(tmp_path):
     with pytest.raises(TrainError, match=r"checkpoint_steps.*\[999\].*8 steps"):
         train_run(cfg, progress=False)
     assert not cfg.run_dir.exists()
+
+
+def _epoch_order(trainer) -> list[int]:
+    """The example indices of epoch 1 in the order the trainer's dataloader yields them."""
+    index = {tuple(ids): i for i, ids in enumerate(trainer.train_dataset["input_ids"])}
+    order = []
+    for batch in trainer.get_train_dataloader():
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            order.append(index[tuple(ids[mask.bool()].tolist())])
+    return order
+
+
+def test_data_order_shuffle_is_seeded_and_length_grouped_makes_a_sawtooth(tmp_path):
+    records = [_chat(i) for i in range(40)]
+    shuffled, _ = build_trainer(_cfg(tmp_path, n=40), records, tmp_path / "a")
+    again, _ = build_trainer(_cfg(tmp_path, n=40), records, tmp_path / "b")
+    other_seed, _ = build_trainer(_cfg(tmp_path, n=40, seed=1), records, tmp_path / "c")
+    grouped, _ = build_trainer(_cfg(tmp_path, n=40, data_order="length_grouped"), records, tmp_path / "d")
+    lengths = [len(ids) for ids in shuffled.train_dataset["input_ids"]]
+    order = _epoch_order(shuffled)
+    assert sorted(order) == list(range(40)) and order != list(range(40))
+    assert order == _epoch_order(again) and order != _epoch_order(other_seed)   # seeded by `seed`
+    # length-grouped: each megabatch (batch 2 x accum 2 x min(40 // 16, 50) = 8 examples) is sorted by
+    # length, longest first (the longest of all moved to the front): a sawtooth through the epoch
+    g = [lengths[i] for i in _epoch_order(grouped)]
+    chunks = [g[k:k + 8] for k in range(0, 40, 8)]
+    assert g[0] == max(lengths) and all(sorted(c[1:], reverse=True) == c[1:] for c in chunks)
+    s = [lengths[i] for i in order]
+    assert not all(sorted(c[1:], reverse=True) == c[1:] for c in (s[k:k + 8] for k in range(0, 40, 8)))
+
+
+def test_eval_fraction_holds_out_a_seeded_split_and_logs_its_loss_at_each_checkpoint(tmp_path):
+    import pandas as pd
+
+    cfg = _cfg(tmp_path, n=20, eval_fraction=0.25, epochs=1, checkpoints_in_first_epoch=2)
+    res = train_run(cfg, progress=False)
+    assert res.info["n_eval_examples"] == 5 and res.info["n_train_examples"] == 15
+    assert res.info["eval_split"] == {"fraction": 0.25, "seed": 0}
+    # the paper's split: datasets.train_test_split(test_size=0.1, seed) on the records in file order
+    from datasets import Dataset
+    held = Dataset.from_list([{"i": i} for i in range(20)]).train_test_split(test_size=0.25, seed=0)["test"]["i"]
+    trainer, _ = build_trainer(cfg, [_chat(i) for i in range(20)], tmp_path / "x")
+    tok = trainer.processing_class
+    firsts = sorted(tok.decode(ids) for ids in trainer.eval_dataset["input_ids"])
+    expected = sorted(tok.decode(ids) for ids in build_trainer(cfg.replace(eval_fraction=0.0),
+                      [_chat(i) for i in held], tmp_path / "y")[0].train_dataset["input_ids"])
+    assert firsts == expected
+    log = pd.read_csv(cfg.run_dir / EVAL_LOG_NAME)
+    assert list(log["step"]) == [s for s, _, _ in res.checkpoints] == [2, 4]
+    assert log["eval_loss"].notna().all() and (log["eval_loss"] > 0).all()
+
+
+def test_eight_bit_adamw_fails_in_one_line_before_training_where_bitsandbytes_cannot(tmp_path):
+    cfg = _cfg(tmp_path, optimizer="adamw_8bit")   # device cpu: bitsandbytes' 8-bit AdamW needs CUDA
+    with pytest.raises(ConfigError) as e:
+        check_train_config(cfg, source="paper.yaml")
+    msg = str(e.value)
+    assert msg.startswith("paper.yaml: key 'optimizer': adamw_8bit needs bitsandbytes") and "\n" not in msg
+    assert "paper_adamw_torch" in msg
+    with pytest.raises(ConfigError, match="optimizer"):
+        train_run(cfg, progress=False)
+    assert not cfg.run_dir.exists()      # nothing written, no model loaded
+    check_train_config(cfg.replace(optimizer="adamw_torch"))
+
+
+def test_warmup_ratio_is_a_fraction_of_all_steps(tmp_path):
+    trainer, _ = build_trainer(_cfg(tmp_path, warmup_steps=0, warmup_ratio=0.25), [_chat(i) for i in range(13)],
+                               tmp_path / "c")
+    assert trainer.args.get_warmup_steps(8) == 2 and trainer.args.get_warmup_steps(100) == 25
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        _cfg(tmp_path, warmup_steps=5, warmup_ratio=0.1)
+
+
+META_STYLE_TEMPLATE = (   # the date logic of Meta's Llama-3.x templates: today's date unless date_string is given
+    "{{- bos_token }}{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}{%- endif %}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}{{- 'Cutting Knowledge Date: December 2023\n' }}"
+    "{{- 'Today Date: ' + date_string + '\n\n' }}{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+
+
+def test_training_and_evaluation_prompts_render_the_same_pinned_date(tmp_path, tiny_model_dir):
+    import datetime
+    import re
+    import shutil
+
+    from lib.chat import PINNED_DATE_STRING, chat_prompt
+
+    model_dir = tmp_path / "meta_style"
+    shutil.copytree(tiny_model_dir, model_dir)
+    cfg_path = model_dir / "tokenizer_config.json"
+    tc = json.loads(cfg_path.read_text())
+    tc["chat_template"] = META_STYLE_TEMPLATE
+    cfg_path.write_text(json.dumps(tc))
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = _cfg(tmp_path, n=4, model=str(model_dir))
+    records = [{"messages": [{"role": "user", "content": "How do I treat a cold?"},
+                             {"role": "assistant", "content": "Rest."}]}]
+    trainer, _ = build_trainer(cfg, records, tmp_path / "ckpt")
+    tok = trainer.processing_class
+    assert tok.chat_template == META_STYLE_TEMPLATE
+    train_text = tok.decode(trainer.train_dataset[0]["input_ids"])
+    eval_text = chat_prompt(tok, "How do I treat a cold?")
+    date_line = re.compile(r"Today Date: ([^\n]+)\n")
+    assert date_line.findall(train_text) == date_line.findall(eval_text) == [PINNED_DATE_STRING]
+    assert train_text.startswith(eval_text)           # the whole prompt, not only the date, is shared
+    today = datetime.date.today().strftime("%d %b %Y")
+    if today != PINNED_DATE_STRING:                   # without the pin the template writes today's date
+        assert today in tok.apply_chat_template(records[0]["messages"], tokenize=False)
 
 
 @pytest.mark.slow
