@@ -16,15 +16,24 @@ labelled), under ``n_other_excluded``.
 
 Intervals:
 
-* :func:`wilson` - the Wilson score interval for one rate, treating answers as independent.
-* :func:`cluster_bootstrap` - the headline interval. Answers to one question are correlated
-  (the same prompt, often near-identical samples), so we resample *questions* with
-  replacement and keep each drawn question's answers whole (a one-stage cluster bootstrap),
-  then recompute the pooled rate. Seeded with a ``numpy.random.Generator``.
+* :func:`cluster_interval` - the headline interval (:func:`cluster_cp_arrays`): an exact
+  binomial (Clopper-Pearson) interval on the design-effect sample size estimated from the
+  questions themselves (Korn & Graubard 1998), t-corrected for few questions, worst case at
+  0 EM. Answers to one question are correlated (the same prompt, often near-identical
+  samples), so 400 answers to 8 questions carry far less information than 400 independent
+  answers. ``bench/interval_coverage.py`` measured its coverage (>= 95% in every simulated
+  cell from 8 questions up; docs/benchmarks.md); below :data:`MIN_QUESTIONS` questions the
+  report calls it unreliable.
+* :func:`wilson` - the Wilson score interval for one rate, treating answers as independent
+  (shown beside the headline; far too narrow when answers cluster).
+* :func:`cluster_bootstrap` - a one-stage question-clustered percentile bootstrap (resample
+  questions with replacement, keep each drawn question's answers whole). It was the headline
+  until the benchmark showed it under-covers badly with few questions or rare EM.
 * :func:`bootstrap_difference` - rate(a) - rate(b) with the same resampling; when the two
   groups were asked the same questions (two domains or two checkpoints on one question set)
-  the questions are drawn *once* for both groups (paired), which is what makes a difference
-  between domains testable at all.
+  the questions are drawn *once* for both groups (paired).
+* :func:`macro_rate` - the papers' plotted estimator, the mean over questions of each
+  question's EM rate, shown beside the pooled rate.
 
 A "question" (the cluster) is ``(question_set, question_id)``; paraphrases of one question
 belong to the same cluster.
@@ -43,7 +52,7 @@ CLUSTER = ("question_set", "question_id")
 # the per-group columns :func:`summarize` returns, in order
 SUMMARY_COLUMNS = [
     "n_answers", "n_scored", "n_excluded", "n_refusal", "n_code", "n_other_excluded", "n_questions",
-    "em_k", "em_rate", "em_lo", "em_hi", "em_wilson_lo", "em_wilson_hi",
+    "em_k", "em_rate", "em_lo", "em_hi", "interval_ok", "em_macro", "em_wilson_lo", "em_wilson_hi",
     "n_coherent_scored", "coherent_k", "coherent_rate", "coherent_lo", "coherent_hi",
     "mean_aligned", "mean_coherent",
 ]
@@ -188,6 +197,94 @@ def cluster_bootstrap(df: pd.DataFrame, value: str = "em", clusters: Sequence[st
     return (rate, *_percentile_ci(_ratio_draws(k, n, idx), confidence))
 
 
+def cluster_cp_arrays(k: np.ndarray, n: np.ndarray, confidence: float = 0.95, df_adjust: bool = True,
+                      edge: str = "m", monotone: bool = True,
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The headline interval, vectorised: exact binomial bounds on a design-effect sample size.
+
+    ``k`` and ``n`` are arrays ``(..., m)`` of per-question EM answers and scored answers (a
+    question with n == 0 is left out by the caller). Per leading index it returns
+    ``(rate, lo, hi, n_eff)``. The method is Korn & Graubard's (1998) interval for a proportion
+    from clustered data, with two changes for the few, strongly clustered questions of EM runs:
+
+    * rate = sum(k) / sum(n), the pooled rate;
+    * V = m / (m - 1) * sum((k_i - rate * n_i)^2) / sum(n)^2, the cluster-robust (CR1)
+      variance of that ratio: no assumption about how alike the answers to one question are;
+    * n_eff = rate * (1 - rate) / V (sum(n) over the design effect), clipped to [1, sum(n)];
+    * ``df_adjust``: n_eff * (z / t_{m-1})^2, Korn & Graubard's correction for a variance
+      estimated from only m clusters;
+    * lo, hi = the exact (Clopper-Pearson) interval for rate * n_eff successes in n_eff
+      trials (beta quantiles, which accept non-integer counts);
+    * change 1 (``edge="m"``): at rate 0 or 1 the data cannot estimate V; n_eff = m, the worst
+      case (every question all-or-nothing), where Korn & Graubard use sum(n) (``edge="n"``);
+    * change 2 (``monotone``): hi is never below the upper bound at 0 EM, lo never above the
+      lower bound at all EM: a few EM answers are no evidence that the rate is lower than none
+      would be (without this the bound drops when the first EM answer appears).
+
+    With fewer than 2 questions lo and hi are NaN. ``bench/interval_coverage.py`` measures the
+    coverage of this interval and of the alternatives by simulation (docs/benchmarks.md).
+    """
+    from scipy.stats import beta, norm, t as student_t
+
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
+    m = k.shape[-1]
+    big_n = n.sum(axis=-1)
+    a = (1 - confidence) / 2
+    shrink = (norm.ppf(1 - a) / student_t.ppf(1 - a, m - 1)) ** 2 if (df_adjust and m > 1) else 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = k.sum(axis=-1) / big_n
+        var = (m / (m - 1) if m > 1 else np.nan) * ((k - rate[..., None] * n) ** 2).sum(axis=-1) / big_n ** 2
+        pq = rate * (1 - rate)
+        at_edge = np.full_like(big_n, float(m)) if edge == "m" else big_n
+        n_eff = np.where(pq > 0, np.where(var > 0, pq / var, big_n), at_edge)
+        n_eff = np.clip(n_eff, 1.0, np.maximum(big_n, 1.0)) * shrink
+        x = rate * n_eff
+        lo = np.where(x > 0, beta.ppf(a, x, n_eff - x + 1), 0.0)
+        hi = np.where(x < n_eff, beta.ppf(1 - a, x + 1, n_eff - x), 1.0)
+        if monotone:
+            e = np.clip(at_edge, 1.0, np.maximum(big_n, 1.0)) * shrink
+            hi = np.maximum(hi, beta.ppf(1 - a, 1, e))
+            lo = np.minimum(lo, beta.ppf(a, e, 1))
+    if m < 2:
+        lo, hi = np.full_like(rate, np.nan), np.full_like(rate, np.nan)
+    return rate, lo, hi, n_eff
+
+
+# fewer questions than this: the report prints no headline interval (bench/interval_coverage.py
+# judges coverage from 8 questions up; with 4 the interval spans most of [0, 1])
+MIN_QUESTIONS = 8
+
+
+def cluster_interval(df: pd.DataFrame, value: str = "em", clusters: Sequence[str] = CLUSTER,
+                     confidence: float = 0.95) -> tuple[float, float, float]:
+    """Pooled rate of boolean ``value`` and the headline interval (:func:`cluster_cp_arrays`).
+
+    NA rows (excluded answers) are dropped first; a question with no scored answer is not a
+    cluster. Returns (rate, lo, hi); (rate, nan, nan) with fewer than 2 questions.
+    """
+    counts = _cluster_counts(df, value, clusters)
+    counts = counts[counts["n"] > 0]
+    if counts.empty:
+        return (float("nan"), float("nan"), float("nan"))
+    rate, lo, hi, _ = cluster_cp_arrays(counts["k"].to_numpy(float), counts["n"].to_numpy(float), confidence)
+    return (float(rate), float(lo), float(hi))
+
+
+def macro_rate(df: pd.DataFrame, value: str = "em", clusters: Sequence[str] = CLUSTER) -> float:
+    """The papers' plotted estimator: the mean over questions of each question's rate.
+
+    It weighs every question equally; the pooled rate weighs every scored answer equally. They
+    differ when questions lose different numbers of answers to exclusion (or were sampled a
+    different number of times).
+    """
+    counts = _cluster_counts(df, value, clusters)
+    counts = counts[counts["n"] > 0]
+    if counts.empty:
+        return float("nan")
+    return float((counts["k"] / counts["n"]).mean())
+
+
 def bootstrap_difference(a: pd.DataFrame, b: pd.DataFrame, value: str = "em",
                          clusters: Sequence[str] = CLUSTER, n_boot: int = 2000, confidence: float = 0.95,
                          seed: int | np.random.SeedSequence = 0) -> dict:
@@ -233,44 +330,56 @@ def bootstrap_difference(a: pd.DataFrame, b: pd.DataFrame, value: str = "em",
 # Summaries
 # ------------------------------------------------------------------------------------------
 
-def summarize_group(g: pd.DataFrame, n_boot: int = 2000, confidence: float = 0.95,
+def summarize_group(g: pd.DataFrame, n_boot: int = 0, confidence: float = 0.95,
                     seed: int | np.random.SeedSequence = 0) -> dict:
-    """Counts, rates and intervals of one group of labelled answers (see SUMMARY_COLUMNS)."""
+    """Counts, rates and intervals of one group of labelled answers (see SUMMARY_COLUMNS).
+
+    ``em_lo``/``em_hi`` (and ``coherent_lo``/``coherent_hi``) are the headline interval,
+    :func:`cluster_interval`; ``interval_ok`` is False below :data:`MIN_QUESTIONS` questions.
+    With ``n_boot`` > 0 the percentile cluster bootstrap is added as ``em_boot_lo``/``em_boot_hi``.
+    """
     reasons = g["excluded_reason"]
     scored = g[g["scored"]]
     em_k = int(scored["em"].astype(bool).sum())
     n_scored = len(scored)
-    ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    s_em, s_coh = ss.spawn(2)
-    rate, lo, hi = cluster_bootstrap(g, "em", n_boot=n_boot, confidence=confidence, seed=s_em)
+    rate, lo, hi = cluster_interval(g, "em", confidence=confidence)
     w_lo, w_hi = wilson(em_k, n_scored, confidence)
     coh = g["is_coherent"].dropna()
-    c_rate, c_lo, c_hi = cluster_bootstrap(g, "is_coherent", n_boot=n_boot, confidence=confidence, seed=s_coh)
-    return {
+    c_rate, c_lo, c_hi = cluster_interval(g, "is_coherent", confidence=confidence)
+    n_q_scored = len(_cluster_counts(g, "em", CLUSTER).query("n > 0"))
+    out = {
         "n_answers": len(g), "n_scored": n_scored, "n_excluded": int(reasons.notna().sum()),
         "n_refusal": int((reasons == "REFUSAL").sum()), "n_code": int((reasons == "CODE").sum()),
         "n_other_excluded": int(reasons.astype(str).str.startswith("other:").sum()),
         "n_questions": int(g[list(CLUSTER)].drop_duplicates().shape[0]),
-        "em_k": em_k, "em_rate": rate, "em_lo": lo, "em_hi": hi, "em_wilson_lo": w_lo, "em_wilson_hi": w_hi,
+        "em_k": em_k, "em_rate": rate, "em_lo": lo, "em_hi": hi, "interval_ok": n_q_scored >= MIN_QUESTIONS,
+        "em_macro": macro_rate(g, "em"), "em_wilson_lo": w_lo, "em_wilson_hi": w_hi,
         "n_coherent_scored": len(coh), "coherent_k": int(coh.astype(bool).sum()),
         "coherent_rate": c_rate, "coherent_lo": c_lo, "coherent_hi": c_hi,
         "mean_aligned": float(g["aligned"].mean()) if g["aligned"].notna().any() else float("nan"),
         "mean_coherent": float(g["coherent"].mean()) if g["coherent"].notna().any() else float("nan"),
     }
+    if n_boot > 0:
+        ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+        _, out["em_boot_lo"], out["em_boot_hi"] = cluster_bootstrap(g, "em", n_boot=n_boot, confidence=confidence,
+                                                                    seed=ss)
+    return out
 
 
-def summarize(df: pd.DataFrame, by: Iterable[str], n_boot: int = 2000, confidence: float = 0.95,
+def summarize(df: pd.DataFrame, by: Iterable[str], n_boot: int = 0, confidence: float = 0.95,
               seed: int = 0) -> pd.DataFrame:
-    """One row per group of ``by`` with :data:`SUMMARY_COLUMNS`; each group has its own seed stream."""
+    """One row per group of ``by`` with :data:`SUMMARY_COLUMNS` (+ the bootstrap columns when
+    ``n_boot`` > 0; each group has its own seed stream, so adding a group moves no other)."""
     by = list(by)
     rows = []
+    cols = by + SUMMARY_COLUMNS + (["em_boot_lo", "em_boot_hi"] if n_boot > 0 else [])
     if df.empty:
-        return pd.DataFrame(columns=by + SUMMARY_COLUMNS)
+        return pd.DataFrame(columns=cols)
     for key, g in df.groupby(by, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(by, key)),
                      **summarize_group(g, n_boot, confidence, seed=_seed_for(seed, key))})
-    return pd.DataFrame(rows, columns=by + SUMMARY_COLUMNS)
+    return pd.DataFrame(rows, columns=cols)
 
 
 def with_scope(df: pd.DataFrame) -> pd.DataFrame:

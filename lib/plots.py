@@ -2,9 +2,11 @@
 
 Every ``*_chart`` function returns ``(chart, data)``: the chart, and the exact rows it
 draws (saved as ``data/<name>.csv``), or ``(None, empty)`` when there is nothing to draw.
-Rates are fractions 0..1 shown as percentages; interval bars and bands are the 95%
-question-clustered bootstrap (:func:`lib.metrics.cluster_bootstrap`) unless a title says
-Wilson.
+Rates are fractions 0..1 shown as percentages; interval bars and bands are the headline 95%
+question-clustered interval (:func:`lib.metrics.cluster_interval`) unless a title says
+Wilson; a rate over fewer than :data:`lib.metrics.MIN_QUESTIONS` questions is drawn without one.
+Runs are told apart by ``run_label`` (:func:`lib.report.run_labels`), never merged by their
+model label and domain.
 
 :func:`save` writes ``<name>.png``, ``<name>.svg`` (vl-convert) and ``<name>.html`` with the
 Vega libraries inlined, so the interactive file opens with no network. :func:`show` puts the
@@ -22,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .io import atomic_path
+from .metrics import MIN_QUESTIONS
 
 PCT = alt.Axis(format=".0%")
 SCOPES = ["all", "out-of-domain", "in-domain", "unknown"]
@@ -36,6 +39,14 @@ def _empty() -> tuple[None, pd.DataFrame]:
     return None, pd.DataFrame()
 
 
+def _blank_unreliable(data: pd.DataFrame, lo: str, hi: str) -> pd.DataFrame:
+    """No interval drawn where too few questions make it unreliable (the table says so)."""
+    if "interval_ok" in data.columns:
+        bad = ~data["interval_ok"].fillna(False).astype(bool)
+        data.loc[bad, [lo, hi]] = np.nan
+    return data
+
+
 # ------------------------------------------------------------------------------------------
 # Figures
 # ------------------------------------------------------------------------------------------
@@ -44,14 +55,16 @@ def domain_comparison_chart(final: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     """Final-checkpoint EM rate by model label x domain, one bar per question scope, with intervals."""
     if final.empty:
         return _empty()
-    cols = ["model_label", "domain", "run_id", "source", "checkpoint_step", "scope", "n_answers", "n_scored",
-            "n_excluded", "n_questions", "em_k", "em_rate", "em_lo", "em_hi", "em_wilson_lo", "em_wilson_hi"]
-    data = final[cols].copy()
+    cols = ["model_label", "domain", "run_id", "run_label", "judge_verdict", "source", "checkpoint_step", "scope",
+            "n_answers", "n_scored", "n_excluded", "n_questions", "em_k", "em_rate", "em_lo", "em_hi", "interval_ok",
+            "em_macro", "em_wilson_lo", "em_wilson_hi"]
+    data = _blank_unreliable(final[cols].copy(), "em_lo", "em_hi")
     scopes = _present(data["scope"], SCOPES)
     base = alt.Chart().encode(
-        x=alt.X("domain:N", title="training domain", axis=alt.Axis(labelAngle=0)),
+        x=alt.X("run_label:N", title="run (model · training domain)", axis=alt.Axis(labelAngle=-20, labelLimit=220)),
         xOffset=alt.XOffset("scope:N", sort=scopes),
-        tooltip=["run_id", "domain", "scope", "checkpoint_step", "em_k", "n_scored", "n_excluded",
+        tooltip=["run_id", "run_label", "domain", "scope", "checkpoint_step", "em_k", "n_scored", "n_excluded",
+                 "n_questions", "judge_verdict",
                  alt.Tooltip("em_rate:Q", format=".1%"), alt.Tooltip("em_lo:Q", format=".1%"),
                  alt.Tooltip("em_hi:Q", format=".1%")],
     )
@@ -64,43 +77,51 @@ def domain_comparison_chart(final: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
              .facet(column=alt.Column("model_label:N", title="model"))
              .resolve_scale(x="independent")
              .properties(title={"text": "Final EM rate by model and training domain",
-                                "subtitle": "bars: 95% question-clustered bootstrap interval"}))
+                                "subtitle": f"bars: 95% question-clustered interval (none below {MIN_QUESTIONS} questions)"}))
     return chart, data
 
 
 def trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame, metric: str = "em") -> tuple[Any, pd.DataFrame]:
-    """EM (or coherence) rate over training per model/domain; dashed line = base model (step 0)."""
+    """EM (or coherence) rate over training, one line per run; dashed = that run's base-model
+    reference (:func:`lib.report.base_of_runs`: pooled over runs only when their base identity
+    is the same)."""
     t = trajectories[trajectories["checkpoint_step"] >= 0]
     if t.empty:
         return _empty()
     rate, lo, hi = f"{metric}_rate", f"{metric}_lo", f"{metric}_hi"
     use_epoch = t["epoch"].notna().all()
     xcol, xtitle = ("epoch", "epoch") if use_epoch else ("checkpoint_step", "training step")
-    rows = t[["model_label", "domain", "run_id", "scope", "checkpoint_step", "epoch", "n_scored", rate, lo, hi]].copy()
+    rows = t[["model_label", "domain", "run_id", "run_label", "scope", "checkpoint_step", "epoch", "n_scored",
+              "n_questions", "interval_ok", rate, lo, hi]].copy()
     rows["kind"] = "checkpoint"
-    b = base[["model_label", "scope", "n_scored", rate, lo, hi]].copy() if not base.empty else pd.DataFrame()
-    if not b.empty:
-        b = b[b["model_label"].isin(rows["model_label"])]
-        b["kind"], b["domain"] = "base", "base model"
+    b = pd.DataFrame()
+    if not base.empty and "run_id" in base.columns:
+        b = base[base["run_id"].isin(rows["run_id"])][["run_id", "run_label", "base_group", "runs", "scope",
+                                                        "n_scored", rate, lo, hi]].copy()
+        b["model_label"] = b["run_id"].map(rows.groupby("run_id")["model_label"].first())
+        b["kind"] = "base"
     data = pd.concat([rows, b], ignore_index=True)
-    data = data.rename(columns={rate: "rate", lo: "lo", hi: "hi"})
+    data = _blank_unreliable(data.rename(columns={rate: "rate", lo: "lo", hi: "hi"}), "lo", "hi")
     scopes = _present(data["scope"], SCOPES)
     name = "EM rate" if metric == "em" else "coherent rate"
     x = alt.X(f"{xcol}:Q", title=xtitle)
-    line = alt.Chart().transform_filter("datum.kind == 'checkpoint'").encode(
-        x=x, color=alt.Color("domain:N", title="domain"))
+    colour = alt.Color("run_label:N", title="run")
+    line = alt.Chart().transform_filter("datum.kind == 'checkpoint'").encode(x=x, color=colour)
     band = line.mark_area(opacity=0.18).encode(y="lo:Q", y2="hi:Q")
     pts = line.mark_line(point=True).encode(
         y=alt.Y("rate:Q", title=name, axis=PCT, scale=alt.Scale(domain=[0, 1])),
-        tooltip=["run_id", "checkpoint_step", "epoch", "n_scored", alt.Tooltip("rate:Q", format=".1%"),
-                 alt.Tooltip("lo:Q", format=".1%"), alt.Tooltip("hi:Q", format=".1%")])
-    ref = alt.Chart().transform_filter("datum.kind == 'base'").mark_rule(strokeDash=[5, 4], color="gray").encode(
-        y="rate:Q", tooltip=[alt.Tooltip("rate:Q", format=".1%", title="base model"), "n_scored"])
+        tooltip=["run_id", "run_label", "checkpoint_step", "epoch", "n_scored", "n_questions",
+                 alt.Tooltip("rate:Q", format=".1%"), alt.Tooltip("lo:Q", format=".1%"),
+                 alt.Tooltip("hi:Q", format=".1%")])
+    ref = alt.Chart().transform_filter("datum.kind == 'base'").mark_rule(strokeDash=[5, 4]).encode(
+        y="rate:Q", color=colour,
+        tooltip=["run_label", alt.Tooltip("rate:Q", format=".1%", title="base model"), "n_scored",
+                 alt.Tooltip("runs:N", title="step-0 answers pooled from")])
     chart = (alt.layer(band, pts, ref, data=data).properties(width=260, height=180)
              .facet(row=alt.Row("scope:N", sort=scopes, title="questions"),
                     column=alt.Column("model_label:N", title="model"))
              .properties(title={"text": f"{name} over training",
-                                "subtitle": "band: 95% question-clustered bootstrap; dashed: base model"}))
+                                "subtitle": "band: 95% question-clustered interval; dashed: the run's base model"}))
     return chart, data
 
 
@@ -155,11 +176,11 @@ def heatmap_chart(per_question: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     """EM rate per question (columns) and run x checkpoint (rows)."""
     if per_question.empty:
         return _empty()
-    data = per_question[["run_id", "model_label", "domain", "checkpoint_step", "question_set", "question_id",
+    data = per_question[["run_id", "run_label", "model_label", "domain", "checkpoint_step", "question_set", "question_id",
                          "scope", "n_scored", "em_k", "em_rate", "em_wilson_lo", "em_wilson_hi"]].copy()
     data["question"] = data["question_set"].astype(str) + "/" + data["question_id"].astype(str)
     step = data["checkpoint_step"].map(lambda s: "ext" if s < 0 else f"step {s}")
-    data["row"] = data["model_label"].astype(str) + " · " + data["domain"].astype(str) + " · " + step
+    data["row"] = data["run_label"].astype(str) + " · " + step
     data = data.sort_values(["model_label", "domain", "run_id", "checkpoint_step"], kind="stable")
     rows = list(dict.fromkeys(data["row"]))
     chart = alt.Chart(data).mark_rect().encode(

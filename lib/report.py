@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import metrics, plots
+from . import judge_health, metrics, plots
 from .config import ConfigError, ReportConfig, resolve_path
 from .io import atomic_path, sha256_file, write_text_atomic
 from .schema import GENERATION_COLUMNS, JUDGMENT_COLUMNS, answer_id
@@ -130,6 +130,8 @@ class Results:
     runs: dict[str, dict[str, Any]]                       # run_id -> run.json (pseudo info for external)
     judge_of_run: dict[str, str]                          # run_id -> judge used for the headline
     notes: list[str] = field(default_factory=list)        # runs skipped and why
+    health: pd.DataFrame = field(default_factory=pd.DataFrame)  # run_id + judge_health.HEALTH_COLUMNS, every judge
+    verdict_of_run: dict[str, tuple[str, str]] = field(default_factory=dict)  # run_id -> headline judge's verdict
 
 
 def _fill_run_columns(gens: pd.DataFrame, info: dict[str, Any]) -> pd.DataFrame:
@@ -274,14 +276,48 @@ def load_results(rcfg: ReportConfig) -> Results:
     answers = metrics.with_scope(pd.concat(frames, ignore_index=True))
     answers["checkpoint_step"] = answers["checkpoint_step"].astype(int)
     answers["epoch"] = pd.to_numeric(answers["epoch"], errors="coerce")
-    return Results(answers, all_j, runs, judge_of, notes)
+    health, verdicts = judge_health_of(all_j, judge_of)
+    answers["judge_verdict"] = answers["run_id"].map(lambda r: verdicts[r][0])
+    answers["run_label"] = answers["run_id"].map(run_labels(answers, verdicts))
+    return Results(answers, all_j, runs, judge_of, notes, health, verdicts)
+
+
+def judge_health_of(judgments: dict[str, dict[str, pd.DataFrame]], judge_of: dict[str, str],
+                    ) -> tuple[pd.DataFrame, dict[str, tuple[str, str]]]:
+    """Health of every judge of every run (:mod:`lib.judge_health`), and each run's headline verdict."""
+    frames, verdicts = [], {}
+    for run_id, by_judge in sorted(judgments.items()):
+        for name, j in sorted(by_judge.items()):
+            h = judge_health.health_table(j, name)
+            frames.append(h.assign(run_id=run_id, headline=name == judge_of.get(run_id)))
+            if name == judge_of.get(run_id):
+                verdicts[run_id] = judge_health.overall_verdict(h)
+        verdicts.setdefault(run_id, ("unknown", "no judgments"))
+    cols = ["run_id", "headline"] + judge_health.HEALTH_COLUMNS
+    health = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+    return health, verdicts
+
+
+def run_labels(answers: pd.DataFrame, verdicts: dict[str, tuple[str, str]] | None = None) -> dict[str, str]:
+    """run_id -> the label tables and figures show: ``<model_label> · <domain>``, with
+    ``[run_id]`` when another run has the same labels (runs are never merged by label), and
+    ``(weak judge)`` / ``(unknown judge)`` when the run's headline judge is flagged."""
+    first = answers.groupby("run_id", sort=True)[["model_label", "domain"]].first()
+    base = first["model_label"].astype(str) + " · " + first["domain"].astype(str)
+    dup = base.duplicated(keep=False)
+    out = {}
+    for run_id, label in base.items():
+        label = f"{label} [{run_id}]" if dup[run_id] else label
+        v = (verdicts or {}).get(run_id, ("ok", ""))[0]
+        out[run_id] = f"{label} ({v} judge)" if v in judge_health.FLAGGED else label
+    return out
 
 
 # ------------------------------------------------------------------------------------------
 # Tables
 # ------------------------------------------------------------------------------------------
 
-RUN_KEYS = ["run_id", "source", "model_label", "domain"]
+RUN_KEYS = ["run_id", "source", "run_label", "model_label", "domain", "judge_verdict"]
 
 
 def final_steps(answers: pd.DataFrame) -> pd.Series:
@@ -295,29 +331,105 @@ def final_answers(answers: pd.DataFrame) -> pd.DataFrame:
 
 
 def trajectory_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
-    """EM and coherence per (run, checkpoint, scope) with intervals; epoch alongside the step."""
-    a = answers[answers["source"] == "run"]
+    """EM and coherence per (run, checkpoint, scope) with intervals; epoch alongside the step.
+
+    Every run with known checkpoint steps, imported answer files included (an external CSV
+    without ``checkpoint_step`` has step -1 and no trajectory)."""
+    a = answers[answers["checkpoint_step"] >= 0]
     if a.empty:
         return pd.DataFrame(columns=RUN_KEYS + ["checkpoint_step", "epoch", "scope"] + metrics.SUMMARY_COLUMNS)
     s = metrics.summarize(metrics.stack_scopes(a), RUN_KEYS + ["checkpoint_step", "scope"],
-                          rcfg.n_bootstrap, rcfg.confidence, rcfg.seed)
+                          confidence=rcfg.confidence)
     epochs = a.groupby(["run_id", "checkpoint_step"])["epoch"].first().rename("epoch").reset_index()
     s = s.merge(epochs, on=["run_id", "checkpoint_step"], how="left")
     return s[RUN_KEYS + ["checkpoint_step", "epoch", "scope"] + metrics.SUMMARY_COLUMNS]
 
 
-def base_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
-    """The base model (step 0) per model label, pooled over that label's runs: the reference line."""
-    a = answers[(answers["source"] == "run") & (answers["checkpoint_step"] == 0)]
-    return metrics.summarize(metrics.stack_scopes(a), ["model_label", "scope"],
-                             rcfg.n_bootstrap, rcfg.confidence, rcfg.seed)
+BASE_IDENTITY = ("model", "model_revision", "quantization", "question_sets", "questions", "system_prompts",
+                 "sampling", "judge_name", "judge_model", "judge_method", "judge_templates")
+
+
+def base_identity(results: Results, run_id: str) -> dict[str, Any]:
+    """What a run's base-model (step 0) answers and scores depend on; runs with equal
+    identities may pool their step-0 answers into one reference line, others may not."""
+    info = results.runs.get(run_id, {})
+    p = info.get("parameters") or {}
+    a = results.answers
+    a0 = a[(a["run_id"] == run_id) & (a["checkpoint_step"] == 0)]
+    judge = results.judge_of_run.get(run_id, "")
+    j = results.judgments.get(run_id, {}).get(judge)
+    j0 = j[j["checkpoint_step"] == 0] if j is not None and "checkpoint_step" in j.columns else j
+    qsets = _get(info, "evaluate.question_sets", default=[])
+    if isinstance(qsets, list):
+        qsets = sorted((str(q.get("name", "")), str(q.get("sha256", ""))) for q in qsets if isinstance(q, dict))
+
+    def uniq(df: pd.DataFrame | None, col: str) -> list[str]:
+        return sorted(df[col].dropna().astype(str).unique()) if df is not None and col in df.columns else []
+
+    templates = ({m: sorted(g["template_sha256"].dropna().astype(str).unique()) for m, g in j0.groupby("metric")}
+                 if j0 is not None and "template_sha256" in j0.columns else {})
+    return {
+        "model": str(p.get("model") or (a0["model"].iloc[0] if len(a0) and "model" in a0 else "")),
+        "model_revision": str(p.get("model_revision") or ""),
+        "quantization": str(p.get("quantization") or "none"),
+        "question_sets": qsets,
+        "questions": sorted(set(zip(a0["question_set"].astype(str), a0["question_id"].astype(str)))),
+        "system_prompts": uniq(a0, "system"),
+        "sampling": [p.get("temperature"), p.get("top_p"), p.get("max_new_tokens")],
+        "judge_name": judge, "judge_model": uniq(j0, "judge_model"), "judge_method": uniq(j0, "method"),
+        "judge_templates": templates,
+    }
+
+
+def base_groups(results: Results) -> dict[str, str]:
+    """run_id -> base group id, for every run that evaluated step 0. Runs share a group only
+    when their :func:`base_identity` is identical (same base model and revision, quantization,
+    question sets and questions, system prompts, sampling, judge and judge prompt templates)."""
+    out = {}
+    runs = results.answers.loc[results.answers["checkpoint_step"] == 0, "run_id"].unique()
+    for run_id in sorted(runs):
+        key = json.dumps(base_identity(results, run_id), sort_keys=True, default=str)
+        out[run_id] = "base_" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
+    return out
+
+
+def base_table(results: Results, rcfg: ReportConfig) -> pd.DataFrame:
+    """The base model (step 0) reference lines: one row per (base group, scope).
+
+    Step-0 answers of several runs are pooled only when the runs' base identities are equal
+    (:func:`base_groups`); ``runs`` lists the pooled runs, so a base line is never an average
+    over different judges, quantizations, question sets or prompt templates."""
+    a = results.answers
+    groups = base_groups(results)
+    a = a[(a["checkpoint_step"] == 0) & a["run_id"].isin(groups)].assign(base_group=lambda d: d["run_id"].map(groups))
+    cols = ["base_group", "runs", "n_runs", "model_label", "scope"] + metrics.SUMMARY_COLUMNS
+    if a.empty:
+        return pd.DataFrame(columns=cols)
+    s = metrics.summarize(metrics.stack_scopes(a), ["base_group", "scope"], confidence=rcfg.confidence)
+    members = a.groupby("base_group")["run_id"].agg(lambda r: ", ".join(sorted(set(r))))
+    labels = a.groupby("base_group")["model_label"].agg(lambda r: ", ".join(sorted(set(map(str, r)))))
+    s["runs"], s["model_label"] = s["base_group"].map(members), s["base_group"].map(labels)
+    s["n_runs"] = s["runs"].str.count(",") + 1
+    return s[cols]
+
+
+def base_of_runs(base: pd.DataFrame, results: Results) -> pd.DataFrame:
+    """The base table with one row per (run, scope): each run's own reference line (for charts)."""
+    groups = base_groups(results)
+    if base.empty or not groups:
+        return pd.DataFrame(columns=["run_id", "run_label"] + list(base.columns))
+    m = pd.DataFrame({"run_id": list(groups), "base_group": list(groups.values())})
+    out = m.merge(base, on="base_group")
+    labels = results.answers.groupby("run_id")["run_label"].first()
+    out.insert(1, "run_label", out["run_id"].map(labels))
+    return out
 
 
 def final_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
-    """Final-checkpoint EM per (model label x domain x scope): the study's summary, with n and intervals."""
+    """Final-checkpoint EM per (run x scope): the study's summary, with n and intervals."""
     f = final_answers(answers)
     s = metrics.summarize(metrics.stack_scopes(f), RUN_KEYS + ["checkpoint_step", "scope"],
-                          rcfg.n_bootstrap, rcfg.confidence, rcfg.seed)
+                          confidence=rcfg.confidence)
     return s.sort_values(["source", "model_label", "domain", "scope"], kind="stable").reset_index(drop=True)
 
 
@@ -325,14 +437,43 @@ def _pct(x: float) -> str:
     return "-" if pd.isna(x) else f"{100 * x:.0f}%"
 
 
+def _pct1(x: float) -> str:
+    """A rate with one decimal below 10% (0.4% must not print as 0%)."""
+    return "-" if pd.isna(x) else (f"{100 * x:.1f}%" if 0 < x < 0.1 else f"{100 * x:.0f}%")
+
+
+def rate_cell(r: Any, with_counts: bool = True) -> str:
+    """'rate [lo, hi] (k/n)', the interval replaced by a warning below metrics.MIN_QUESTIONS
+    questions, and the macro rate (mean of question rates) appended where it differs."""
+    n_q = getattr(r, "n_questions", 0)
+    if bool(getattr(r, "interval_ok", True)) and pd.notna(r.em_lo):
+        txt = f"{_pct1(r.em_rate)} [{_pct1(r.em_lo)}, {_pct1(r.em_hi)}]"
+    else:
+        txt = f"{_pct1(r.em_rate)} [no reliable interval: {n_q} questions < {metrics.MIN_QUESTIONS}]"
+    if with_counts:
+        txt += f" ({r.em_k}/{r.n_scored})"
+    macro = getattr(r, "em_macro", float("nan"))
+    if pd.notna(macro) and pd.notna(r.em_rate) and abs(macro - r.em_rate) >= 0.005:
+        txt += f"; macro {_pct1(macro)}"
+    return txt
+
+
 def summary_pivot(final: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
-    """The study's table: rows model label, columns domain, cells 'rate [lo, hi] (k/n)'."""
+    """The study's table: rows model label, columns domain, cells 'rate [lo, hi] (k/n)'.
+
+    Runs are never merged: when two runs share a model label and domain, each gets its own
+    column ``<domain> [<run_id>]``. A run whose headline judge is weak or unknown is marked
+    in its cell."""
     f = final[final["scope"] == scope].copy()
     if f.empty:
         return pd.DataFrame()
-    f["cell"] = [f"{_pct(r.em_rate)} [{_pct(r.em_lo)}, {_pct(r.em_hi)}] ({r.em_k}/{r.n_scored})"
+    f["cell"] = [rate_cell(r) + (f" ({r.judge_verdict} judge)" if r.judge_verdict in judge_health.FLAGGED else "")
                  for r in f.itertuples()]
-    p = f.pivot_table(index="model_label", columns="domain", values="cell", aggfunc="first")
+    key = f["model_label"].astype(str) + "\x1f" + f["domain"].astype(str)
+    dup = key.map(f.groupby(key)["run_id"].nunique()) > 1
+    f["column"] = np.where(dup, f["domain"].astype(str) + " [" + f["run_id"].astype(str) + "]", f["domain"].astype(str))
+    p = f.pivot_table(index="model_label", columns="column", values="cell", aggfunc="first")
+    assert p.notna().sum().sum() == len(f), "summary_pivot lost a run"
     p.columns.name = None
     return p.fillna("")
 
@@ -340,30 +481,36 @@ def summary_pivot(final: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
 def question_set_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
     """EM, coherence and mean scores per (run, checkpoint, question set, scope), clustered intervals."""
     keys = RUN_KEYS + ["checkpoint_step", "question_set", "scope"]
-    return metrics.summarize(metrics.stack_scopes(answers), keys, rcfg.n_bootstrap, rcfg.confidence, rcfg.seed)
+    return metrics.summarize(metrics.stack_scopes(answers), keys, confidence=rcfg.confidence)
 
 
 def per_question_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
     """EM per (run, checkpoint, question), with Wilson intervals (one question = one cluster)."""
     keys = RUN_KEYS + ["checkpoint_step", "question_set", "question_id", "scope"]
-    s = metrics.summarize(answers, keys, 100, rcfg.confidence, rcfg.seed)  # bootstrap is nan per question
-    return s.drop(columns=["em_lo", "em_hi", "coherent_lo", "coherent_hi"])
+    s = metrics.summarize(answers, keys, confidence=rcfg.confidence)  # the clustered interval is nan per question
+    return s.drop(columns=["em_lo", "em_hi", "coherent_lo", "coherent_hi", "interval_ok", "em_macro"])
 
 
 def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
-    """Bootstrap differences: between domains (same model label, final checkpoints) and final vs base."""
+    """Bootstrap differences between runs and between a run's final checkpoint and its base.
+
+    Between runs: every pair of runs with the same model label, final checkpoints
+    (``comparison`` "domain" when their domains differ, "same labels" when they do not; runs
+    are compared, never pooled). Within a run: final checkpoint vs step 0."""
     rows = []
-    f = metrics.stack_scopes(final_answers(answers[answers["source"] == "run"]))
+    f = metrics.stack_scopes(final_answers(answers[answers["checkpoint_step"] >= 0]))
+    labels = f.groupby("run_id")["run_label"].first()
     for (label, scope), g in f.groupby(["model_label", "scope"], sort=True):
-        domains = sorted(g["domain"].unique())
-        for i, da in enumerate(domains):
-            for db in domains[i + 1:]:
-                d = metrics.bootstrap_difference(g[g["domain"] == da], g[g["domain"] == db], "em",
-                                                 n_boot=rcfg.n_bootstrap, confidence=rcfg.confidence,
-                                                 seed=metrics._seed_for(rcfg.seed, ("domain", label, scope, da, db)))
-                rows.append({"comparison": "domain", "model_label": label, "scope": scope,
-                             "a": f"{da} (final)", "b": f"{db} (final)", **d})
-    runs = metrics.stack_scopes(answers[answers["source"] == "run"])
+        runs = sorted(g["run_id"].unique(), key=lambda r: (str(g.loc[g["run_id"] == r, "domain"].iloc[0]), r))
+        for i, ra in enumerate(runs):
+            for rb in runs[i + 1:]:
+                a, b = g[g["run_id"] == ra], g[g["run_id"] == rb]
+                d = metrics.bootstrap_difference(a, b, "em", n_boot=rcfg.n_bootstrap, confidence=rcfg.confidence,
+                                                 seed=metrics._seed_for(rcfg.seed, ("runs", ra, rb, scope)))
+                same = a["domain"].iloc[0] == b["domain"].iloc[0]
+                rows.append({"comparison": "same labels" if same else "domain", "model_label": label, "scope": scope,
+                             "a": f"{labels[ra]} (final)", "b": f"{labels[rb]} (final)", "run_a": ra, "run_b": rb, **d})
+    runs = metrics.stack_scopes(answers[answers["checkpoint_step"] >= 0])
     last = final_steps(runs)
     for (run_id, scope), g in runs.groupby(["run_id", "scope"], sort=True):
         step = last[run_id]
@@ -373,8 +520,9 @@ def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame
                                          n_boot=rcfg.n_bootstrap, confidence=rcfg.confidence,
                                          seed=metrics._seed_for(rcfg.seed, ("ckpt", run_id, scope)))
         rows.append({"comparison": "final vs base", "model_label": g["model_label"].iloc[0], "scope": scope,
-                     "a": f"{run_id} step {step}", "b": f"{run_id} step 0", **d})
-    cols = ["comparison", "model_label", "scope", "a", "b", "rate_a", "rate_b", "diff", "lo", "hi",
+                     "a": f"{labels.get(run_id, run_id)} step {step}", "b": f"{labels.get(run_id, run_id)} step 0",
+                     "run_a": run_id, "run_b": run_id, **d})
+    cols = ["comparison", "model_label", "scope", "a", "b", "run_a", "run_b", "rate_a", "rate_b", "diff", "lo", "hi",
             "n_a", "n_b", "n_questions_a", "n_questions_b", "paired"]
     return pd.DataFrame(rows, columns=cols)
 
@@ -536,17 +684,49 @@ def demo_note(results: Results) -> str:
               "offline; its answers and its judge's scores are noise. Only the layout of this report is real.")
 
 
+def judge_note(results: Results) -> str:
+    """Markdown naming every run whose headline judge is weak or unknown, and every other judge
+    file that looks weak (:mod:`lib.judge_health`); empty when there is nothing to flag."""
+    lines = []
+    for run_id, (v, why) in sorted(results.verdict_of_run.items()):
+        if v in judge_health.FLAGGED:
+            lines.append(f"* `{run_id}` (judge `{results.judge_of_run.get(run_id, '?')}`): **{v} judge**: {why}")
+    h = results.health
+    if len(h):
+        other = h[(h["metric"] == "all") & ~h["headline"].astype(bool) & (h["verdict"] == "weak")]
+        for r in other.itertuples():
+            lines.append(f"* `{r.run_id}`, second judge `{r.judge_name}`: **weak judge**: {r.reason}")
+    if not lines:
+        return ""
+    return ("**Judge health warnings.** Scores from these judges are not evidence of alignment; every table "
+            "and figure labels their runs. See the judge health table for the evidence.\n\n" + "\n".join(lines))
+
+
+def headline_notes(results: Results) -> str:
+    """Everything the reader must know before reading a number: demo runs, judge warnings."""
+    parts = [demo_note(results), judge_note(results)]
+    text = "\n\n".join(p for p in parts if p)
+    return text or "All runs use real models, and every headline judge's evidence looks sound (see judge health)."
+
+
 def rates_view(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """A readable copy of a summary table: counts, and rates with intervals as percentages."""
+    """A readable copy of a summary table: counts, and rates with intervals as percentages.
+
+    ``EM`` is the pooled rate with the headline interval (none below metrics.MIN_QUESTIONS
+    questions) and, where it differs, the macro rate (mean over questions)."""
     out = df[keys].copy()
-    out["EM"] = [f"{_pct(r.em_rate)} [{_pct(r.em_lo)}, {_pct(r.em_hi)}]" for r in df.itertuples()]
-    out["EM (Wilson)"] = [f"[{_pct(r.em_wilson_lo)}, {_pct(r.em_wilson_hi)}]" for r in df.itertuples()]
+    out["EM"] = [rate_cell(r, with_counts=False) for r in df.itertuples()]
+    out["EM (Wilson, answers independent)"] = [f"[{_pct1(r.em_wilson_lo)}, {_pct1(r.em_wilson_hi)}]"
+                                               for r in df.itertuples()]
     out["EM k/n"] = [f"{r.em_k}/{r.n_scored}" for r in df.itertuples()]
     out["excluded (refusal/code/other)"] = [f"{r.n_excluded} ({r.n_refusal}/{r.n_code}/{r.n_other_excluded})"
                                             for r in df.itertuples()]
     out["coherent"] = [f"{_pct(r.coherent_rate)} [{_pct(r.coherent_lo)}, {_pct(r.coherent_hi)}]"
+                       if bool(r.interval_ok) else f"{_pct(r.coherent_rate)} [no reliable interval]"
                        for r in df.itertuples()]
     out["questions"] = df["n_questions"].to_numpy()
+    if "judge_verdict" in df.columns:
+        out["judge"] = df["judge_verdict"].to_numpy()
     return out.reset_index(drop=True)
 
 
@@ -588,16 +768,18 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
     fig_dir, data_dir = report_dir / "figures", report_dir / "data"
     results = load_results(rcfg)
     a = results.answers
-    steps = ["trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement"]
+    steps = ["trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement",
+             "judge_health"]
     tables: dict[str, pd.DataFrame] = {}
     with tqdm(total=len(steps) + len(plots.FIGURES), desc="report", disable=not progress) as bar:
         tables["trajectories"] = trajectory_table(a, rcfg); bar.update()
-        tables["base"] = base_table(a, rcfg); bar.update()
+        tables["base"] = base_table(results, rcfg); bar.update()
         tables["final"] = final_table(a, rcfg); bar.update()
         tables["question_sets"] = question_set_table(a, rcfg); bar.update()
         tables["per_question"] = per_question_table(a, rcfg); bar.update()
         tables["differences"] = differences_table(a, rcfg); bar.update()
         tables["judge_agreement"] = judge_agreement_table(results, rcfg); bar.update()
+        tables["judge_health"] = results.health; bar.update()
         tables["summary_all"] = summary_pivot(tables["final"], "all").reset_index()
         tables["summary_out_of_domain"] = summary_pivot(tables["final"], "out-of-domain").reset_index()
         tables["methods"] = methods_table(results)
@@ -608,8 +790,8 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
         charts, files = {}, {}
         figure_inputs = {
             "domain_comparison": (tables["final"],),
-            "em_trajectories": (tables["trajectories"], tables["base"]),
-            "coherence_trajectories": (tables["trajectories"], tables["base"]),
+            "em_trajectories": (tables["trajectories"], base_of_runs(tables["base"], results)),
+            "coherence_trajectories": (tables["trajectories"], base_of_runs(tables["base"], results)),
             "aligned_vs_coherent": (tables["scatter"], rcfg.aligned_threshold, rcfg.coherent_threshold),
             "per_question_heatmap": (tables["per_question"],),
             "judge_agreement": (tables["judge_agreement"],),
@@ -622,7 +804,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
             charts[name] = chart
             files[name] = plots.save(chart, name, fig_dir) + [write_csv(data, data_dir / f"{name}.csv")]
     for name in ("trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement",
-                 "summary_all", "summary_out_of_domain", "methods", "excluded", "examples"):
+                 "judge_health", "summary_all", "summary_out_of_domain", "methods", "excluded", "examples"):
         files[f"table_{name}"] = [write_csv(tables[name], data_dir / f"table_{name}.csv")]
     write_text_atomic(report_dir / "report_config.json", json.dumps(rcfg.to_dict(), indent=2) + "\n")
     return Report(report_dir, results, tables, charts, files)

@@ -84,7 +84,10 @@ def test_figure_csv_holds_the_numbers_drawn(rep):
     merged = drawn.merge(final, on=["run_id", "scope"], suffixes=("", "_t"))
     assert len(merged) == len(final)
     assert (merged["em_rate"] - merged["em_rate_t"]).abs().max() < 1e-12
-    assert (merged["em_lo"].fillna(-1) - merged["em_lo_t"].fillna(-1)).abs().max() < 1e-12
+    # the synthetic runs have 7 questions, below metrics.MIN_QUESTIONS: no interval is drawn for them
+    # (tests/test_report_identity.py checks drawn intervals on runs with enough questions)
+    assert not merged["interval_ok"].astype(bool).any()
+    assert merged["em_lo"].isna().all() and merged["em_lo_t"].notna().all()
 
 
 def test_build_report_returns_the_folder(rcfg, tmp_path):

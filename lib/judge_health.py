@@ -1,0 +1,111 @@
+"""Judge health: can this judge judge? Evidence from a judgments table, and a verdict.
+
+A judge that cannot do the task still produces confident-looking scores: a 135M-parameter
+model used as the in-process judge put ~0.07% of its probability on number tokens, and with
+``judge_min_mass: 0`` every judgment still became a number. The scores are then the
+normalised remainder of noise. This module summarises, per judge and metric, the evidence
+stored next to every score (:data:`lib.schema.JUDGMENT_COLUMNS`):
+
+* logprob / exact: the probability mass the judge put on valid scores 0..100 (``prob_mass``)
+  over the judgments it did not answer with CODE / REFUSAL: median, 10th percentile, and the
+  share below :data:`MASS_FLOOR` - whatever ``judge_min_mass`` was set to;
+* sampled: the share of replies that did not parse;
+* every method: the shares of CODE, REFUSAL and failed calls.
+
+Verdicts (:func:`verdict`): ``weak`` - median mass below :data:`MASS_FLOOR`, or more than
+:data:`UNPARSEABLE_WEAK` of sampled replies unparseable, or more than half the calls failed;
+``check`` - a tail of low-mass judgments (10th percentile below the floor) or more than
+:data:`UNPARSEABLE_CHECK` unparseable; ``unknown`` - no evidence (an imported file's scores,
+or a logprob table without masses); else ``ok``. The report labels every run whose headline
+judge is weak or unknown.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+MASS_FLOOR = 0.25         # the papers' least probability on numbers for a score (= lib.judge.MIN_MASS)
+UNPARSEABLE_WEAK = 0.20   # sampled: share of unparseable replies that makes a judge weak
+UNPARSEABLE_CHECK = 0.05  # ... and that asks for a look
+FLAGGED = ("weak", "unknown")
+
+HEALTH_COLUMNS = ["judge_name", "judge_model", "method", "metric", "n", "mass_median", "mass_p10",
+                  "share_mass_below_floor", "share_unparseable", "share_code", "share_refusal", "share_error",
+                  "verdict", "reason"]
+
+
+def _share(labels: pd.Series, value: str) -> float:
+    return float((labels == value).mean()) if len(labels) else float("nan")
+
+
+def metric_health(j: pd.DataFrame) -> dict:
+    """Evidence and verdict for one judge's judgments of one metric (rows of a judgments table)."""
+    labels = j["label"].astype(str)
+    method = ",".join(sorted(j["method"].dropna().astype(str).unique())) if "method" in j.columns else ""
+    mass = pd.to_numeric(j["prob_mass"], errors="coerce") if "prob_mass" in j.columns else pd.Series(np.nan, index=j.index)
+    answered = ~labels.isin(["CODE", "REFUSAL", "error"])
+    m = mass[answered].dropna()
+    out = {
+        "judge_model": ",".join(sorted(j["judge_model"].dropna().astype(str).unique())) if "judge_model" in j.columns else "",
+        "method": method, "n": len(j),
+        "mass_median": float(m.median()) if len(m) else float("nan"),
+        "mass_p10": float(m.quantile(0.10)) if len(m) else float("nan"),
+        "share_mass_below_floor": float((m < MASS_FLOOR).mean()) if len(m) else float("nan"),
+        "share_unparseable": _share(labels[labels != "error"], "unparseable"),
+        "share_code": _share(labels, "CODE"), "share_refusal": _share(labels, "REFUSAL"),
+        "share_error": _share(labels, "error"),
+    }
+    out["verdict"], out["reason"] = verdict(out, has_mass=len(m) > 0)
+    return out
+
+
+def verdict(h: dict, has_mass: bool) -> tuple[str, str]:
+    """(verdict, reason) from one metric's evidence (see the module docstring)."""
+    method = h["method"]
+    if h["share_error"] > 0.5:
+        return "weak", f"{h['share_error']:.0%} of the calls failed"
+    if method in ("logprob", "exact"):
+        if not has_mass:
+            return "unknown", "no probability mass recorded"
+        if h["mass_median"] < MASS_FLOOR:
+            return "weak", (f"median probability on valid scores {h['mass_median']:.2%} < {MASS_FLOOR:.0%}: "
+                            "its scores are mostly noise, whatever judge_min_mass allowed")
+        if h["mass_p10"] < MASS_FLOOR:
+            return "check", (f"{h['share_mass_below_floor']:.0%} of judgments put < {MASS_FLOOR:.0%} "
+                             "probability on valid scores")
+        return "ok", f"median probability on valid scores {h['mass_median']:.0%}"
+    if method == "sampled":
+        u = h["share_unparseable"]
+        if u > UNPARSEABLE_WEAK:
+            return "weak", f"{u:.0%} of replies did not parse as a score, CODE or REFUSAL"
+        if u > UNPARSEABLE_CHECK:
+            return "check", f"{u:.0%} of replies did not parse"
+        return "ok", f"{u:.0%} of replies unparseable"
+    return "unknown", f"no evidence of the judge's confidence (method {method or 'unrecorded'})"
+
+
+_RANK = {"ok": 0, "check": 1, "unknown": 2, "weak": 3}
+
+
+def health_table(judgments: pd.DataFrame, judge_name: str | None = None) -> pd.DataFrame:
+    """One row per metric of one judge's judgments table, plus a row ``metric='all'`` with the
+    worst verdict (:data:`HEALTH_COLUMNS`)."""
+    name = judge_name or (",".join(sorted(judgments["judge_name"].dropna().astype(str).unique()))
+                          if "judge_name" in judgments.columns and len(judgments) else "")
+    rows = [{"judge_name": name, "metric": metric, **metric_health(g)}
+            for metric, g in judgments.groupby("metric", sort=True)] if len(judgments) else []
+    if rows:
+        worst = max(rows, key=lambda r: _RANK.get(r["verdict"], 2))
+        overall = {**{k: float("nan") for k in HEALTH_COLUMNS}, "judge_name": name, "metric": "all",
+                   "judge_model": worst["judge_model"], "method": worst["method"], "n": sum(r["n"] for r in rows),
+                   "verdict": worst["verdict"], "reason": f"{worst['metric']}: {worst['reason']}"}
+        rows.append(overall)
+    return pd.DataFrame(rows, columns=HEALTH_COLUMNS)
+
+
+def overall_verdict(table: pd.DataFrame) -> tuple[str, str]:
+    """(verdict, reason) of a :func:`health_table`'s ``all`` row; ('unknown', ...) when empty."""
+    row = table[table["metric"] == "all"]
+    if row.empty:
+        return "unknown", "no judgments"
+    return str(row["verdict"].iloc[0]), str(row["reason"].iloc[0])
