@@ -24,7 +24,7 @@ Methods (all at 95%):
 Before the table, the vectorised simulation code is checked against the library functions
 on a few simulated runs (same numbers to 1e-9; the bootstrap with the same random draws).
 
-    python bench/interval_coverage.py             # 2,000 runs per cell (a few minutes on 2 cores)
+    python bench/interval_coverage.py             # 4,000 runs per cell (~1-2 minutes on 2 cores)
     python bench/interval_coverage.py --reps 200  # quick check
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def check_against_library(seed: int, n_boot: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=2000, help="simulated runs per cell")
+    ap.add_argument("--reps", type=int, default=4000, help="simulated runs per cell")
     ap.add_argument("--n-boot", type=int, default=400, help="bootstrap resamples per simulated run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--goal", type=float, default=0.93, help="least headline coverage in any cell with >= 8 questions")

@@ -375,9 +375,9 @@ class ReportConfig:
     em_comparison: str = _f("le", "report", "le: at or below (papers' plotting code) | lt: strictly below",
                             meta={"choices": ("le", "lt")})
     coherent_threshold: float = _f(50.0, "report", "EM needs coherent > this; -1: no coherence condition")
-    n_bootstrap: int = _f(2000, "report", "question-clustered bootstrap resamples")
+    n_bootstrap: int = _f(2000, "report", "bootstrap resamples for differences between runs / checkpoints")
     confidence: float = _f(0.95, "report", "interval coverage")
-    seed: int = _f(0, "report", "bootstrap seed")
+    seed: int = _f(0, "report", "seed of those bootstrap resamples")
     external_csv: list = _f([], "report", "judged CSVs (question,response,aligned_score,coherent_score) to compare")
 
     def __post_init__(self) -> None:
