@@ -24,7 +24,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-MASS_FLOOR = 0.25         # the papers' least probability on numbers for a score (= lib.judge.MIN_MASS)
+from .scoring import MIN_MASS
+
+MASS_FLOOR = MIN_MASS     # the papers' least probability on numbers for a score
 UNPARSEABLE_WEAK = 0.20   # sampled: share of unparseable replies that makes a judge weak
 UNPARSEABLE_CHECK = 0.05  # ... and that asks for a look
 FLAGGED = ("weak", "unknown")

@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "runinfo": BASE,
     "costs": BASE,
     "metrics": BASE,
+    "judge_health": BASE,
     "chat": BASE,
     "scoring": BASE,
     "lock": BASE,

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import config, judge, judge_health, metrics, report
+from lib import config, judge_health, metrics, report, scoring
 from lib.schema import GENERATION_COLUMNS, JUDGMENT_COLUMNS, answer_id
 
 N_Q, N_S = 10, 6  # questions x samples per checkpoint
@@ -222,7 +222,7 @@ def test_judge_health_verdicts():
         return pd.DataFrame({"metric": "aligned", "label": labels, "method": method, "prob_mass": mass,
                              "judge_model": "m", "judge_name": "j"})
 
-    assert judge_health.MASS_FLOOR == judge.MIN_MASS
+    assert judge_health.MASS_FLOOR == scoring.MIN_MASS == 0.25
     v = judge_health.overall_verdict
     assert v(judge_health.health_table(table("logprob", [0.9] * 10, ["number"] * 10)))[0] == "ok"
     # a tail of low-mass judgments: look, but not weak
