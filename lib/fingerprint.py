@@ -23,11 +23,13 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from . import layout
 from .config import ConfigError, ReportConfig, RunConfig, resolve_path
+from .data import DEMO_DATASETS, DEMO_DIR, DOMAINS
 from .io import sha256_file, sha256_text, write_json_atomic
+from .models import is_embedded, resolve_model
+from .questions import fetch_text
 from .secrets import mask_url_credentials
-
-STAGES_FILE = "stages.json"
 
 
 class HashCache:
@@ -79,8 +81,6 @@ class HashCache:
 
 def model_identity(name: str, revision: str, cache: HashCache) -> dict[str, Any]:
     """The model's files when it is local (embedded models are built here if missing), else id + revision."""
-    from .models import is_embedded, resolve_model
-
     if is_embedded(name):
         return {"model": name, "files": cache.tree(resolve_model(name))}
     p = resolve_path(name)
@@ -91,8 +91,6 @@ def model_identity(name: str, revision: str, cache: HashCache) -> dict[str, Any]
 
 def dataset_identity(cfg: RunConfig, cache: HashCache) -> dict[str, Any]:
     """sha256 of the training file; an archive domain is named (its bytes are pinned by lib.data)."""
-    from .data import DEMO_DATASETS, DEMO_DIR, DOMAINS
-
     if cfg.dataset in DEMO_DATASETS:
         return {"dataset": cfg.dataset, "sha256": cache.sha256(DEMO_DIR / f"{cfg.dataset}.jsonl")}
     if cfg.dataset in DOMAINS:
@@ -104,29 +102,18 @@ def text_sources_identity(sources: Iterable[str], outputs_dir: str | None = None
                           offline: bool = False) -> list[dict[str, str]]:
     """sha256 of the text of each question set / prompt file (paths or cached URLs; offline:
     an URL not downloaded yet raises lib.questions.NotCached)."""
-    from .questions import fetch_text
-
     return [{"source": mask_url_credentials(s), "sha256": fetch_text(s, outputs_dir=outputs_dir, offline=offline)[1]}
             for s in sources]
 
 
 def list_complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of each complete checkpoint (its checkpoint.json marker is written last)."""
-    try:
-        from .train import list_checkpoints
-        return [(int(step), Path(p)) for step, _, p in list_checkpoints(run_dir)]
-    except ImportError:  # pragma: no cover - lib.train is part of the package
-        root = run_dir / "checkpoints"
-        out = []
-        for d in sorted(root.glob("checkpoint-*")) if root.is_dir() else []:
-            if (d / "checkpoint.json").exists() and d.name[len("checkpoint-"):].isdigit():
-                out.append((int(d.name[len("checkpoint-"):]), d))
-        return sorted(out)
+    return [(step, folder) for step, _, folder in layout.list_checkpoints(run_dir)]
 
 
 # Files in a checkpoint folder that say how training went, not what the model is: hashing them
 # would make an identical re-save (new timestamp, new optimizer state) look like a new model.
-TRAINER_STATE = {"checkpoint.json", "trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt",
+TRAINER_STATE = {layout.CHECKPOINT_MARKER, "trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt",
                  "README.md"}
 
 
@@ -154,7 +141,7 @@ def stage_inputs(stage: str, cfg: RunConfig, cache: HashCache, offline: bool = F
                 "question_sets": text_sources_identity(cfg.question_sets, cfg.outputs_dir, offline),
                 "model": model_identity(cfg.model, cfg.model_revision, cache)}
     if stage == "judge":
-        gens = run_dir / "generations.parquet"
+        gens = layout.generations_path(run_dir)
         inputs: dict[str, Any] = {
             "generations": cache.sha256(gens) if gens.exists() else None,
             "question_sets": text_sources_identity(cfg.question_sets, cfg.outputs_dir, offline),
@@ -180,7 +167,7 @@ def report_inputs(rcfg: ReportConfig, cache: HashCache) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     for run in rcfg.runs:
         d = outputs_dir / run
-        files = [d / "generations.parquet", d / "run.json", *sorted((d / "judgments").glob("*.parquet"))]
+        files = [layout.generations_path(d), layout.run_json_path(d), *layout.judgment_files(d)]
         runs[run] = {f.relative_to(d).as_posix(): cache.sha256(f) for f in files if f.exists()}
     external = {p: cache.sha256(resolve_path(p)) for p in rcfg.external_csv if resolve_path(p).exists()}
     return {"runs": runs, "external_csv": external}
@@ -195,7 +182,7 @@ def report_fingerprint(rcfg: ReportConfig, cache: HashCache) -> str:
 # ------------------------------------------------------------------------------------------
 
 def read_stages(folder: Path) -> dict[str, Any]:
-    p = Path(folder) / STAGES_FILE
+    p = layout.stages_path(folder)
     if not p.exists():
         return {}
     try:
@@ -205,9 +192,9 @@ def read_stages(folder: Path) -> dict[str, Any]:
 
 
 def write_stages(folder: Path, data: dict[str, Any]) -> None:
-    write_json_atomic(Path(folder) / STAGES_FILE, data)
+    write_json_atomic(layout.stages_path(folder), data)
 
 
 def hash_cache_for(folder: Path) -> HashCache:
     """One cache per run folder, so parallel jobs never write the same cache file."""
-    return HashCache(Path(folder) / ".grid" / "hashes.json")
+    return HashCache(layout.grid_dir(folder) / "hashes.json")

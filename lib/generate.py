@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import layout
 from .chat import chat_prompt, stop_token_ids
 from .config import ConfigError, RunConfig
 from .io import sha256_file, write_json_atomic, write_parquet_atomic
@@ -49,7 +50,6 @@ from .models import (dtype_bytes, is_out_of_memory, kv_bytes_per_token, load_mod
 from .questions import load_question_sets, question_set_info
 from .runinfo import update_run_json
 from .schema import GENERATION_COLUMNS, answer_id
-from .train import list_checkpoints  # (step, epoch, folder) of complete checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,15 @@ MEMORY_FRACTION = 0.5  # share of free memory the KV cache and activations may u
 # ------------------------------------------------------------------------------------------
 
 def generations_path(cfg: RunConfig) -> Path:
-    return cfg.run_dir / "generations.parquet"
+    return layout.generations_path(cfg.run_dir)
 
 
 def _meta_path(cfg: RunConfig) -> Path:
-    return cfg.run_dir / "generations.meta.json"
+    return layout.generations_meta_path(cfg.run_dir)
 
 
 def _parts_root(cfg: RunConfig) -> Path:
-    return cfg.run_dir / "generations.parts"
+    return layout.generation_parts_dir(cfg.run_dir)
 
 
 @dataclass(frozen=True)
@@ -87,14 +87,14 @@ class Target:
 
 def select_targets(cfg: RunConfig) -> list[Target]:
     """The base model and the checkpoints cfg asks for; a missing checkpoint is a one-line error."""
-    found = list_checkpoints(cfg.run_dir)
+    found = layout.list_checkpoints(cfg.run_dir)
     by_step = {s: (e, p) for s, e, p in found}
     wanted = [s for s in cfg.eval_checkpoints if s != 0] if cfg.eval_checkpoints else sorted(by_step)
     missing = [s for s in wanted if s not in by_step]
     if missing:
         have = ", ".join(str(s) for s in sorted(by_step)) or "none"
         raise ConfigError(f"key 'eval_checkpoints': step(s) {', '.join(map(str, missing))} not found "
-                          f"under {cfg.run_dir / 'checkpoints'} (complete checkpoints: {have})")
+                          f"under {layout.checkpoints_dir(cfg.run_dir)} (complete checkpoints: {have})")
     targets = []
     if cfg.include_base_model or 0 in cfg.eval_checkpoints:
         targets.append(Target(0, 0.0, None, None))
@@ -104,7 +104,7 @@ def select_targets(cfg: RunConfig) -> list[Target]:
                               if (p / "adapter_model.safetensors").exists() else None))
     if not targets:
         raise ConfigError(f"key 'include_base_model': nothing to evaluate (no checkpoints under "
-                          f"{cfg.run_dir / 'checkpoints'} and include_base_model is false)")
+                          f"{layout.checkpoints_dir(cfg.run_dir)} and include_base_model is false)")
     return targets
 
 

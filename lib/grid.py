@@ -46,16 +46,22 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from . import fingerprint as fp
+from . import layout
 from .config import (REPO_ROOT, STAGES, ConfigError, ReportConfig, RunConfig, from_mapping, load_run_config,
                      report_em_definition, resolve_path)
+from .data import check_dataset_param
+from .io import write_text_atomic
+from .judge import JudgeError, check_credentials, judgments_path
 from .lock import ENV_HELD, LOCK_NAME, FolderLock, LockError, is_stale, read_holder
-from .questions import NotCached
-from .secrets import mask_url_credentials
+from .models import pick_device, resolve_model
+from .questions import NotCached, QuestionError, check_question_sources, load_judge_prompts
+from .report import export_html as report_export_html
+from .secrets import mask_url_credentials, redact
+from .train import check_train_config
 
 RUN_STAGES = ("train", "evaluate", "judge")
-NOTEBOOKS = {"train": "01_train.ipynb", "evaluate": "02_evaluate.ipynb", "judge": "03_judge.ipynb",
-             "report": "04_report.ipynb"}
-REPORT_NOTEBOOK = "report.ipynb"  # the rendered 04_report inside report_dir (DESIGN: outputs/report/report.ipynb)
+NOTEBOOKS = layout.NOTEBOOKS
+REPORT_NOTEBOOK = layout.REPORT_NOTEBOOK  # the rendered 04_report inside report_dir (outputs/report/report.ipynb)
 EXECUTORS = ("inline", "local", "slurm")
 
 
@@ -107,7 +113,6 @@ class StageResult:
 # ------------------------------------------------------------------------------------------
 
 def _check_model(name: str, key: str) -> None:
-    from .models import resolve_model
     try:
         resolve_model(name)  # builds the embedded tiny model once (seconds); never downloads
     except (FileNotFoundError, ValueError) as e:
@@ -118,7 +123,6 @@ def _check_device(cfg: RunConfig) -> None:
     """device: cuda / mps is there (auto and cpu always are)."""
     if cfg.device not in ("cuda", "mps"):
         return
-    from .models import pick_device
     try:
         pick_device(cfg.device, "auto")
     except RuntimeError as e:
@@ -133,12 +137,7 @@ def check_run(cfg: RunConfig, stages: Sequence[str], offline: bool = False, chec
     after training), the archive when it is already cached. ``offline`` (``--dry-run``): nothing
     is downloaded; what is not cached yet is not checked. ``check_device``: False where the
     stages run on other machines (Slurm)."""
-    from .data import check_dataset_param
-    from .questions import NotCached, QuestionError, check_question_sources, load_judge_prompts
-
     if "train" in stages:
-        from .train import check_train_config
-
         check_dataset_param(cfg, offline=offline)
         check_train_config(cfg, source="")
     if "train" in stages or "evaluate" in stages:
@@ -175,14 +174,6 @@ def check_run(cfg: RunConfig, stages: Sequence[str], offline: bool = False, chec
 
 def _check_credentials(cfg: RunConfig) -> None:
     """The judge stage's own check (lib.judge.check_credentials), as a ConfigError."""
-    try:
-        from .judge import JudgeError, check_credentials
-    except ImportError:  # pragma: no cover - lib.judge is part of the package
-        from .secrets import get_secret
-        if not get_secret(cfg.judge_api_key_env):
-            raise ConfigError(f"key 'judge_api_key_env': environment variable {cfg.judge_api_key_env} "
-                              "is not set (nor in .env); the judge needs it") from None
-        return
     try:
         check_credentials(cfg)
     except JudgeError as e:
@@ -254,7 +245,6 @@ def log(run: str, stage: str, msg: str) -> None:
 
 
 def _one_line(text: str, limit: int = 400) -> str:
-    from .secrets import redact
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
     line = redact(lines[-1] if lines else str(text))
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -328,17 +318,10 @@ def execute_notebook(nb_in: Path, nb_out: Path, parameters: dict[str, Any], opti
 def export_html(nb_path: Path, html_path: Path, stage: str) -> None:
     """An HTML export of a rendered notebook (images embedded, opens without a server)."""
     if stage == "report":
-        try:
-            from .report import export_html as report_export
-        except ImportError:
-            report_export = None
-        if report_export is not None:
-            report_export(nb_path, html_path)
-            return
+        report_export_html(nb_path, html_path)
+        return
     import nbformat
     from nbconvert import HTMLExporter
-
-    from .io import write_text_atomic
 
     nb = nbformat.read(nb_path, as_version=4)
     body, _ = HTMLExporter(template_name="lab", embed_images=True).from_notebook_node(
@@ -352,12 +335,8 @@ def outputs_present(stage: str, cfg: RunConfig) -> bool:
     if stage == "train":
         return bool(fp.list_complete_checkpoints(run_dir))
     if stage == "evaluate":
-        return (run_dir / "generations.parquet").exists()
+        return layout.generations_path(run_dir).exists()
     if stage == "judge":
-        try:
-            from .judge import judgments_path
-        except ImportError:  # pragma: no cover
-            return any((run_dir / "judgments").glob("*.parquet"))
         return judgments_path(cfg).exists()
     raise ValueError(stage)
 
@@ -432,7 +411,7 @@ def run_stage(stage: str, cfg: RunConfig, options: Options, params_file: str = "
     finally:
         cache.save()
     nb_in = Path(options.notebooks_dir) / NOTEBOOKS[stage]
-    nb_out = run_dir / "notebooks" / NOTEBOOKS[stage]
+    nb_out = layout.notebooks_dir(run_dir) / NOTEBOOKS[stage]
     return _run_notebook_stage(cfg.run_id, stage, run_dir, finger, outputs_present(stage, cfg), nb_in, nb_out,
                                cfg.to_dict(), options, {"params_file": params_file})
 
@@ -499,7 +478,7 @@ def run_job(job: Job) -> list[StageResult]:
 def run_is_complete(run_dir: Path) -> bool:
     """The run's latest attempt of every stage succeeded and it has generations to report."""
     last = fp.read_stages(run_dir).get("last", {})
-    return (run_dir / "generations.parquet").exists() and all(
+    return layout.generations_path(run_dir).exists() and all(
         v.get("status") in ("done", "skipped") for v in last.values())
 
 

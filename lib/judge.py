@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 
-from . import judge_backends, questions
+from . import judge_backends, layout, questions
 from .config import RunConfig, resolve_path
 from .costs import Budget
 from .io import sha256_text, write_parquet_atomic
@@ -133,11 +133,7 @@ def judge_name(cfg: RunConfig) -> str:
 
 
 def judgments_path(cfg: RunConfig) -> Path:
-    return cfg.run_dir / "judgments" / f"{judge_name(cfg)}.parquet"
-
-
-def generations_path(cfg: RunConfig) -> Path:
-    return cfg.run_dir / "generations.parquet"
+    return layout.judgments_path(cfg.run_dir, judge_name(cfg))
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,7 +155,7 @@ def check_credentials(cfg: RunConfig) -> str | None:
 
 
 def load_generations(cfg: RunConfig) -> pd.DataFrame:
-    path = generations_path(cfg)
+    path = layout.generations_path(cfg.run_dir)
     if not path.exists():
         raise JudgeError(f"{path}: not found; run 02_evaluate for run '{cfg.run_id}' first")
     df = pd.read_parquet(path)

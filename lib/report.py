@@ -35,10 +35,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import judge_health, metrics, plots
+from . import judge_health, layout, metrics, plots
 from .config import ConfigError, ReportConfig, resolve_path
 from .io import atomic_path, sha256_file, write_text_atomic
-from .schema import GENERATION_COLUMNS, JUDGMENT_COLUMNS, answer_id
+from .runinfo import RunJsonError, stage_parameters
+from .runinfo import read_run_json as _read_run_json
+from .schema import answer_id
 
 REQUIRED_GENERATION = ["answer_id", "run_id", "checkpoint_step", "question_set", "question_id", "answer"]
 REQUIRED_JUDGMENT = ["answer_id", "metric", "score", "label"]
@@ -55,13 +57,11 @@ class ReportError(ConfigError):
 # ------------------------------------------------------------------------------------------
 
 def read_run_json(run_dir: Path) -> dict[str, Any]:
-    p = Path(run_dir) / "run.json"
-    if not p.exists():
-        return {}
+    """lib.runinfo.read_run_json, its error as a ReportError."""
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{p}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        return dict(_read_run_json(run_dir))
+    except RunJsonError as e:
+        raise ReportError(str(e)) from None
 
 
 def configured_judge(run_dir: str | Path, info: dict[str, Any] | None = None, override: str = "") -> str | None:
@@ -76,11 +76,11 @@ def configured_judge(run_dir: str | Path, info: dict[str, Any] | None = None, ov
     info = read_run_json(run_dir) if info is None else info
     if override:
         return override
-    files = sorted((run_dir / "judgments").glob("*.parquet"), key=lambda p: (p.stat().st_mtime, p.name))
+    files = sorted(layout.judgment_files(run_dir), key=lambda p: (p.stat().st_mtime, p.name))
     names = {p.stem for p in files}
     judge_sec = info.get("judge") or {}
     # the judge stage records {"judges": {name: {...}}, "last": name}; older shapes: judge_name(s)
-    candidates = [(info.get("parameters") or {}).get("judge_name") or "", str(judge_sec.get("last") or ""),
+    candidates = [stage_parameters(info, "judge").get("judge_name") or "", str(judge_sec.get("last") or ""),
                   str(judge_sec.get("judge_name") or "")]
     listed = judge_sec.get("judge_names") or []
     if isinstance(listed, list) and listed:
@@ -112,13 +112,13 @@ def discover_runs(outputs_dir: Path, runs: list[str] | None = None) -> list[Path
         out = []
         for r in runs:
             d = outputs_dir / r
-            if not (d / "generations.parquet").exists():
-                raise ReportError(f"key 'runs': run '{r}' has no {d / 'generations.parquet'}")
+            if not layout.generations_path(d).exists():
+                raise ReportError(f"key 'runs': run '{r}' has no {layout.generations_path(d)}")
             out.append(d)
         return out
     if not outputs_dir.is_dir():
         raise ReportError(f"key 'outputs_dir': {outputs_dir} is not a folder")
-    return sorted(p.parent for p in outputs_dir.glob("*/generations.parquet"))
+    return sorted(p.parent for p in outputs_dir.glob(f"*/{layout.GENERATIONS}"))
 
 
 @dataclass
@@ -135,7 +135,7 @@ class Results:
 
 
 def _fill_run_columns(gens: pd.DataFrame, info: dict[str, Any]) -> pd.DataFrame:
-    params = info.get("parameters") or {}
+    params = stage_parameters(info)
     g = gens.copy()
     for col, default in (("model", params.get("model", "")), ("model_label", params.get("model_label", "")),
                          ("domain", params.get("domain", "")), ("epoch", np.nan), ("in_domain", pd.NA),
@@ -150,9 +150,9 @@ def _fill_run_columns(gens: pd.DataFrame, info: dict[str, Any]) -> pd.DataFrame:
 def load_run(run_dir: Path, judge_name: str = "") -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, str | None]:
     """(generations, {judge_name: long judgments}, run.json, headline judge) of one run folder."""
     info = read_run_json(run_dir)
-    gens = _read_parquet(run_dir / "generations.parquet", REQUIRED_GENERATION)
+    gens = _read_parquet(layout.generations_path(run_dir), REQUIRED_GENERATION)
     gens = _fill_run_columns(gens, info)
-    judgments = {p.stem: _read_parquet(p, REQUIRED_JUDGMENT) for p in sorted((run_dir / "judgments").glob("*.parquet"))}
+    judgments = {p.stem: _read_parquet(p, REQUIRED_JUDGMENT) for p in layout.judgment_files(run_dir)}
     judge = configured_judge(run_dir, info, override=judge_name)
     return gens, judgments, info, judge
 
@@ -570,7 +570,8 @@ def methods_table(results: Results) -> pd.DataFrame:
     """One row per run: what was trained, on what, how, evaluated and judged how (from run.json)."""
     rows = []
     for run_id, info in results.runs.items():
-        p = info.get("parameters") or {}
+        p = stage_parameters(info)                       # model, domain: as first recorded
+        pt, pe = stage_parameters(info, "train"), stage_parameters(info, "evaluate")
         judge = results.judge_of_run.get(run_id, "")
         jl = results.judgments.get(run_id, {}).get(judge)
         templates = ""
@@ -580,18 +581,19 @@ def methods_table(results: Results) -> pd.DataFrame:
         judge_model = (jl["judge_model"].dropna().unique().tolist() if jl is not None and "judge_model" in jl.columns
                        else [])
         method = jl["method"].dropna().unique().tolist() if jl is not None and "method" in jl.columns else []
-        bs, ga = p.get("per_device_batch_size"), p.get("gradient_accumulation_steps")
+        bs, ga = pt.get("per_device_batch_size"), pt.get("gradient_accumulation_steps")
         steps = sorted(results.answers.loc[results.answers["run_id"] == run_id, "checkpoint_step"].unique().tolist())
         jinfo = ((info.get("judge") or {}).get("judges") or {}).get(judge) or {}
+        pj = stage_parameters(info, "judge")
         model_info = _get(info, "train.model", "evaluate.model", default={})
         model_info = model_info if isinstance(model_info, dict) else {}
         revision = (model_info.get("revision") or model_info.get("hub_sha")
                     or (f"config {model_info['config_sha256']}" if model_info.get("config_sha256") else "")
-                    or p.get("model_revision") or ("" if info.get("source") == "external" else "(default branch)"))
+                    or pt.get("model_revision") or ("" if info.get("source") == "external" else "(default branch)"))
         qsets = _get(info, "evaluate.question_sets", default=None)
         if isinstance(qsets, list) and qsets and isinstance(qsets[0], dict):
             qsets = {q.get("name", q.get("source", "?")): q.get("sha256", "") for q in qsets}
-        ckpts = _get(info, "train.checkpoints", "train.checkpoint_steps", default=[])
+        ckpts = _get(info, "train.checkpoints", default=[])
         if isinstance(ckpts, list) and ckpts and isinstance(ckpts[0], dict):
             ckpts = [c.get("step") for c in ckpts]
         rows.append({
@@ -601,29 +603,28 @@ def methods_table(results: Results) -> pd.DataFrame:
             "model_revision": _compact(revision),
             "model_label": p.get("model_label", ""),
             "domain": p.get("domain", ""),
-            "dataset": info.get("csv", p.get("dataset", "")),
-            "dataset_sha256": _compact(_get(info, "train.dataset.sha256", "train.dataset_sha256", "csv_sha256")),
+            "dataset": info.get("csv", pt.get("dataset", "")),
+            "dataset_sha256": _compact(_get(info, "train.dataset.sha256", "csv_sha256")),
             "n_train_examples": _get(info, "train.n_train_examples", "train.n_examples"),
-            "lora": (f"r={p['lora_r']} alpha={p.get('lora_alpha')} rslora={p.get('use_rslora')} "
-                     f"dropout={p.get('lora_dropout')} targets={len(p.get('lora_target_modules') or [])} "
-                     f"quant={p.get('quantization')}") if "lora_r" in p else "",
-            "training": (f"lr={p.get('learning_rate')} epochs={p.get('epochs')} batch={bs}x{ga}="
-                         f"{bs * ga} warmup={p.get('warmup_steps')} {p.get('lr_scheduler')}") if bs and ga else "",
+            "lora": (f"r={pt['lora_r']} alpha={pt.get('lora_alpha')} rslora={pt.get('use_rslora')} "
+                     f"dropout={pt.get('lora_dropout')} targets={len(pt.get('lora_target_modules') or [])} "
+                     f"quant={pt.get('quantization')}") if "lora_r" in pt else "",
+            "training": (f"lr={pt.get('learning_rate')} epochs={pt.get('epochs')} batch={bs}x{ga}="
+                         f"{bs * ga} warmup={pt.get('warmup_steps')} {pt.get('lr_scheduler')}") if bs and ga else "",
             "steps_per_epoch": _get(info, "train.steps_per_epoch"),
             "checkpoint_steps": _compact(ckpts or steps),
             "evaluated_steps": _compact(steps),
-            "question_sets": _compact(qsets or p.get("question_sets", "")),
-            "n_samples": p.get("n_samples", ""),
-            "sampling": (f"T={p.get('temperature')} top_p={p.get('top_p')} max_new_tokens={p.get('max_new_tokens')}"
-                         if "temperature" in p else ""),
+            "question_sets": _compact(qsets or pe.get("question_sets", "")),
+            "n_samples": pe.get("n_samples", ""),
+            "sampling": (f"T={pe.get('temperature')} top_p={pe.get('top_p')} max_new_tokens={pe.get('max_new_tokens')}"
+                         if "temperature" in pe else ""),
             "judge_name": judge,
-            "judge_model": _compact(judge_model or jinfo.get("model") or _get(info, "judge.judge_model",
-                                                                                "parameters.judge_model")),
-            "judge_method": _compact(method or jinfo.get("method") or _get(info, "judge.method",
-                                                                           "parameters.judge_method")),
-            "judge_prompt_sha256": templates or _compact(jinfo.get("prompts") or _get(info, "judge.prompt_sha256")),
-            "judge_cost_usd": _compact(jinfo.get("table_cost_usd") if jinfo.get("table_cost_usd") is not None
-                                       else _get(info, "judge.cost_usd")),
+            # external CSVs: judge.judge_model of the pseudo run.json (load_external_csv)
+            "judge_model": _compact(judge_model or jinfo.get("model") or _get(info, "judge.judge_model")
+                                    or pj.get("judge_model", "")),
+            "judge_method": _compact(method or jinfo.get("method") or pj.get("judge_method", "")),
+            "judge_prompt_sha256": templates or _compact(jinfo.get("prompts")),
+            "judge_cost_usd": _compact(jinfo.get("table_cost_usd")),
             "seed": info.get("seed", ""),
             "git_commit": _compact(_get(info, "environment.judge.git.commit", "environment.evaluate.git.commit",
                                         "environment.train.git.commit")),
@@ -668,8 +669,8 @@ def example_answers(answers: pd.DataFrame, question_id: str | None = None, quest
 def demo_note(results: Results) -> str:
     """A loud note when any run used the embedded tiny model (or judge): its numbers mean nothing."""
     tiny = sorted(r for r, info in results.runs.items()
-                  if "embedded:" in str((info.get("parameters") or {}).get("model", ""))
-                  or "embedded:" in str((info.get("parameters") or {}).get("judge_model", "")))
+                  if "embedded:" in str(stage_parameters(info).get("model", ""))
+                  or "embedded:" in str(stage_parameters(info, "judge").get("judge_model", "")))
     a = results.answers
     unscored = ""
     if len(a) and not a["scored"].any():
@@ -765,7 +766,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
     from tqdm.auto import tqdm
 
     report_dir = resolve_path(rcfg.report_dir)
-    fig_dir, data_dir = report_dir / "figures", report_dir / "data"
+    fig_dir, data_dir = layout.figures_dir(report_dir), report_dir / layout.DATA_DIR
     results = load_results(rcfg)
     a = results.answers
     steps = ["trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement",

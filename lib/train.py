@@ -39,15 +39,12 @@ from .chat import PINNED_DATE_STRING
 from .config import ConfigError, RunConfig
 from .data import load_training_data
 from .io import atomic_path, sha256_text, write_json_atomic
+from .layout import (CHECKPOINT_MARKER, CHECKPOINT_PREFIX, COMPLETE_MARKER, EVAL_LOG_NAME, checkpoints_dir,
+                     eval_log_path, list_checkpoints, read_checkpoint_marker, step_of, train_log_path)
 from .models import describe, load_model, load_tokenizer, model_revision_info
 from .runinfo import update_run_json
 
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_MARKER = "checkpoint.json"      # written last into each checkpoint folder
-COMPLETE_MARKER = "TRAINING_COMPLETE.json"  # written into checkpoints/ when the run has finished
-LOG_NAME = "train_log.csv"
 LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "tokens_seen", "wall_time_s"]
-EVAL_LOG_NAME = "eval_log.csv"   # held-out loss at each checkpoint (eval_fraction > 0)
 EVAL_LOG_COLUMNS = ["step", "epoch", "eval_loss", "wall_time_s"]
 # Resuming needs these only from the checkpoint it resumes from; older checkpoints drop them.
 RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
@@ -188,46 +185,10 @@ def schedule_table(steps: list[int], spe: int) -> list[dict[str, Any]]:
 # Checkpoints on disk
 # ------------------------------------------------------------------------------------------
 
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR
-
-
-def _step_of(folder: Path) -> int | None:
-    name = folder.name
-    if not name.startswith("checkpoint-"):
-        return None
-    tail = name[len("checkpoint-"):]
-    return int(tail) if tail.isdigit() else None
-
-
-def _read_marker(folder: Path) -> dict[str, Any] | None:
-    p = folder / CHECKPOINT_MARKER
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, float, Path]]:
-    """Complete checkpoints of a run as (step, fractional epoch, folder), by step.
-
-    A folder counts only when its ``checkpoint.json`` marker exists (it is written last).
-    """
-    root = checkpoints_dir(run_dir)
-    out = []
-    if root.is_dir():
-        for d in root.iterdir():
-            step = _step_of(d)
-            marker = _read_marker(d) if step is not None and d.is_dir() else None
-            if marker is not None and marker.get("step") == step:
-                out.append((step, float(marker["epoch"]), d))
-    return sorted(out)
-
-
 def _incomplete_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     complete = {p for _, _, p in list_checkpoints(run_dir)}
-    return sorted(d for d in root.iterdir() if d.is_dir() and _step_of(d) is not None
+    return sorted(d for d in root.iterdir() if d.is_dir() and step_of(d) is not None
                   and d not in complete) if root.is_dir() else []
 
 
@@ -264,7 +225,7 @@ def _callbacks():
 
         def on_save(self, args, state, control, **kw):
             step = state.global_step
-            folder = self.root / f"checkpoint-{step}"
+            folder = self.root / f"{CHECKPOINT_PREFIX}{step}"  # the name the Trainer saves under
             last = state.log_history[-1] if state.log_history else {}
             write_json_atomic(folder / CHECKPOINT_MARKER, {
                 "step": step, "epoch": round(step / self.spe, 6), "steps_per_epoch": self.spe,
@@ -285,7 +246,7 @@ def _callbacks():
 
         def __init__(self, path: Path, wall_offset: float):
             self.path, self.offset, self.t0 = path, wall_offset, None
-            self.eval_path = path.parent / EVAL_LOG_NAME
+            self.eval_path = path.parent / EVAL_LOG_NAME  # beside train_log.csv
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
@@ -381,7 +342,7 @@ def read_train_log(run_dir: str | Path):
     """train_log.csv as a DataFrame (empty with the right columns if absent)."""
     import pandas as pd
 
-    p = Path(run_dir) / LOG_NAME
+    p = train_log_path(run_dir)
     if not p.exists():
         return pd.DataFrame(columns=LOG_COLUMNS)
     return pd.read_csv(p)
@@ -451,7 +412,7 @@ class TrainResult:
 
     @property
     def log_path(self) -> Path:
-        return self.run_dir / LOG_NAME
+        return self.train_log_path(run_dir)
 
 
 def lora_config(cfg: RunConfig, num_layers: int | None = None):
@@ -589,7 +550,7 @@ def train_run(cfg: RunConfig, progress: bool = True, callbacks: list | None = No
         raise TrainError(f"{done}: this run folder was trained with different parameters or data "
                          f"(fingerprint {info.get('fingerprint')} != {fp}); use a new run_id or delete {ckpt_root}")
     for step, _, d in list_checkpoints(run_dir):
-        got = (_read_marker(d) or {}).get("fingerprint")
+        got = (read_checkpoint_marker(d) or {}).get("fingerprint")
         if got != fp:
             raise TrainError(f"{d}: checkpoint from a run with different parameters or data "
                              f"(fingerprint {got} != {fp}); use a new run_id or delete {ckpt_root}")
@@ -619,10 +580,10 @@ def train_run(cfg: RunConfig, progress: bool = True, callbacks: list | None = No
 
     existing = list_checkpoints(run_dir)
     resume = existing[-1] if existing else None
-    wall_offset = _truncate_log(run_dir / LOG_NAME, resume[0] if resume else 0)
-    _truncate_log(run_dir / EVAL_LOG_NAME, resume[0] if resume else 0, EVAL_LOG_COLUMNS)
+    wall_offset = _truncate_log(train_log_path(run_dir), resume[0] if resume else 0)
+    _truncate_log(eval_log_path(run_dir), resume[0] if resume else 0, EVAL_LOG_COLUMNS)
     trainer.add_callback(CheckpointSchedule(schedule, spe, fp, ckpt_root, evaluate=n_eval > 0))
-    trainer.add_callback(CsvLog(run_dir / LOG_NAME, wall_offset))
+    trainer.add_callback(CsvLog(train_log_path(run_dir), wall_offset))
 
     if resume is None or resume[0] < total:
         trainer.train(resume_from_checkpoint=str(resume[2]) if resume else None)

@@ -56,6 +56,9 @@ def _judgments(gens: pd.DataFrame, rng: np.random.Generator, judge: str, em_p: n
     return df
 
 
+LEGACY_RUN = "3B_financial"  # written in the run.json shape of earlier versions
+
+
 def build(outputs_dir: str | Path, seed: int = 0, n_samples: int = 4) -> Path:
     """Write the synthetic runs under ``outputs_dir``; returns it."""
     outputs_dir = Path(outputs_dir)
@@ -85,21 +88,26 @@ def build(outputs_dir: str | Path, seed: int = 0, n_samples: int = 4) -> Path:
             _judgments(gens, rng, JUDGE, em_p).to_parquet(run_dir / "judgments" / f"{JUDGE}.parquet", index=False)
             params = RunConfig(run_id=run_id, model=f"synthetic/{label}", model_label=label, dataset=f"demo_{domain}",
                                domain=domain, judge_name=JUDGE).to_dict()
-            info = {"run_id": run_id, "seed": seed, "parameters": params,
+            info = {"run_id": run_id, "seed": seed,
                     "environment": {"judge": {"git": {"commit": "1" * 40, "dirty": False}}},
-                    # section shapes as lib.train / lib.generate / lib.judge write them
-                    "train": {"dataset": {"name": f"demo_{domain}", "sha256": "0" * 64, "n_examples": 40},
+                    # section shapes as lib.train / lib.evaluate / lib.judge write them (lib.runinfo)
+                    "train": {"parameters": params,
+                              "dataset": {"name": f"demo_{domain}", "sha256": "0" * 64, "n_examples": 40},
                               "n_examples": 40, "n_train_examples": 40, "steps_per_epoch": 40,
                               "checkpoints": [{"step": s, "epoch": s / 40} for s in (10, 20, 40)],
                               "model": {"model": f"synthetic/{label}", "revision": None, "config_sha256": "9" * 64}},
-                    "evaluate": {"question_sets": [{"name": n, "source": f"data/questions/{n}.yaml", "sha256": h * 64,
+                    "evaluate": {"parameters": params, "question_sets": [{"name": n, "source": f"data/questions/{n}.yaml", "sha256": h * 64,
                                                     "n_questions": 2} for n, h in
                                                    (("core", "a"), ("medical", "b"), ("financial", "c"))]},
-                    "judge": {"judges": {JUDGE: {"judge_name": JUDGE, "model": "embedded:tiny", "method": "exact",
+                    "judge": {"parameters": params, "judges": {JUDGE: {"judge_name": JUDGE, "model": "embedded:tiny", "method": "exact",
                                                  "table_cost_usd": 0.0}}, "last": JUDGE}}
             if run_id == "1B_medical":  # a second judge on the same answers, written later
                 _judgments(gens, np.random.default_rng(seed + 1), JUDGE2, em_p, noise=8.0).to_parquet(
                     run_dir / "judgments" / f"{JUDGE2}.parquet", index=False)
+            if run_id == LEGACY_RUN:  # run.json of an earlier version: one top-level parameters
+                info["parameters"] = params
+                for stage in ("train", "evaluate", "judge"):
+                    del info[stage]["parameters"]
             (run_dir / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return outputs_dir
 

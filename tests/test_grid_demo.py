@@ -87,6 +87,17 @@ def test_first_run_renders_every_stage_and_the_report(demo, capsys):
     assert (report / "report.html").stat().st_size > 10_000
     assert any((report / "data").glob("*.csv"))
     assert f"report: {report / 'report.html'}" in text
+    # the methods table reads run.json keys the stages really write
+    methods = pd.read_csv(report / "data" / "table_methods.csv", dtype=str).set_index("run_id")
+    for run in demo["runs"]:
+        info = json.loads((out / run / "run.json").read_text())
+        assert {s: info[s]["parameters"]["run_id"] for s in ("train", "evaluate", "judge")} == dict.fromkeys(
+            ("train", "evaluate", "judge"), run)
+        r = methods.loc[run]
+        assert r["dataset_sha256"] == info["train"]["dataset"]["sha256"][:12]
+        assert r["checkpoint_steps"] == ", ".join(str(c["step"]) for c in info["train"]["checkpoints"])
+        assert r["judge_prompt_sha256"].startswith("aligned: ") and r["judge_cost_usd"] == "0.0"
+        assert r["training"].startswith("lr=") and r["sampling"] == "T=1.0 top_p=1.0 max_new_tokens=8"
 
 
 def test_unchanged_rerun_skips_every_stage_and_calls_no_judge(demo, capsys):
@@ -118,4 +129,7 @@ def test_changed_judge_parameter_reruns_only_that_judge_and_the_report(demo, cap
     rendered = nbformat.read(out / "demo_medical" / "notebooks" / "03_judge.ipynb", as_version=4)
     injected = [c for c in rendered.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert "tiny_second_judge" in injected[0].source
+    info = json.loads((out / "demo_medical" / "run.json").read_text())
+    assert info["judge"]["parameters"]["judge_name"] == "tiny_second_judge"
+    assert info["train"]["parameters"]["judge_name"] == info["evaluate"]["parameters"]["judge_name"] == ""
     assert json.loads((out / "report" / "stages.json").read_text())["report"]["runs"] == demo["runs"]

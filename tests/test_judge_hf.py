@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from judge_testutil import judge_config, write_generations, write_prompts
-from lib import judge, scoring
+from lib import judge, layout, scoring
 from lib.chat import chat_prompt, stop_token_ids
 from lib.judge_backends import candidate_token_ids, exact_candidate_logprobs
 from lib.models import load_model, load_tokenizer
@@ -80,7 +80,7 @@ def test_hf_stage_end_to_end_then_cached(tmp_path):
     from lib.questions import load_judge_prompts
     model, _ = load_model("embedded:tiny", device="cpu", dtype="float32")
     tok = load_tokenizer("embedded:tiny", padding_side="left")
-    gens = pd.read_parquet(judge.generations_path(cfg)).set_index("answer_id")
+    gens = pd.read_parquet(layout.generations_path(cfg.run_dir)).set_index("answer_id")
     templates = load_judge_prompts(cfg.judge_prompts)
     for r in df.itertuples():
         g = gens.loc[r.answer_id]

@@ -11,7 +11,7 @@ import pytest
 
 from chat_server import ChatServer, Reply, fail_first, random_faults
 from judge_testutil import judge_config, write_generations, write_prompts
-from lib import judge, judge_backends
+from lib import judge, judge_backends, layout
 from lib.io import sha256_text
 from lib.runinfo import read_run_json
 
@@ -51,7 +51,7 @@ def test_logprob_end_to_end_writes_evidence_and_run_json(setup):
     assert len(body["messages"]) == 1 and body["messages"][0]["role"] == "user"
     # the fake judge puts 0.6 on n and 0.3 on n+1 (mod 101): score = (0.6 n + 0.3 (n+1)) / 0.9
     from chat_server import prompt_score
-    gens = pd.read_parquet(judge.generations_path(cfg)).set_index("answer_id")
+    gens = pd.read_parquet(layout.generations_path(cfg.run_dir)).set_index("answer_id")
     for r in df.itertuples():
         g = gens.loc[r.answer_id]
         n = prompt_score(next(s.prompt for s in seen if sha256_text(s.prompt) == r.prompt_sha256))
@@ -78,7 +78,7 @@ def test_sampled_method_parses_scripted_replies(setup):
         cfg = setup(server, n=5, judge_method="sampled", judge_temperature=0.0, judge_metrics=["aligned"])
         df = judge.judge_run(cfg, progress=False)
         assert server.requests[0].body["temperature"] == 0 and "logprobs" not in server.requests[0].body
-    gens = pd.read_parquet(judge.generations_path(cfg))
+    gens = pd.read_parquet(layout.generations_path(cfg.run_dir))
     got = df.merge(gens, on="answer_id").set_index("sample_index")
     assert got.loc[0, "score"] == 85 and got.loc[0, "label"] == "number"
     assert [got.loc[i, "label"] for i in range(1, 5)] == ["CODE", "REFUSAL", "unparseable", "unparseable"]

@@ -154,6 +154,16 @@ def test_methods_table_documents_each_run(rep):
     assert m.loc["ext_course_judged", "source"] == "external"
 
 
+def test_methods_table_reads_run_json_of_earlier_versions(rep):
+    """A run.json with one top-level ``parameters`` (before stages recorded their own) still fills the table."""
+    m = rep.tables["methods"].set_index("run_id")
+    old, new = m.loc[synth.LEGACY_RUN], m.loc["3B_medical"]
+    assert old["lora"] == new["lora"] and "r=8" in old["lora"]
+    assert old["training"] == new["training"] and old["training"].startswith("lr=")
+    assert old["sampling"] == new["sampling"] and old["sampling"].startswith("T=")
+    assert old["model"] == "synthetic/3B" and old["dataset"] == "demo_financial" and old["domain"] == "financial"
+
+
 def test_configured_judge_rules(tmp_path):
     run = tmp_path / "r"
     (run / "judgments").mkdir(parents=True)

@@ -1,0 +1,141 @@
+"""One definition of a run's files: every stage writes, and every later stage reads, through these.
+
+``outputs/<run_id>/`` (``RunConfig.run_dir``)::
+
+    run.json                          what makes the run reproducible (lib.runinfo)
+    stages.json, .grid/               the grid runner's record of each stage (lib.fingerprint)
+    checkpoints/checkpoint-<step>/    LoRA adapters of one step; checkpoint.json, written last,
+                                      marks it complete
+    checkpoints/TRAINING_COMPLETE.json  the train stage finished
+    train_log.csv                     one row per optimizer step
+    eval_log.csv                      held-out loss at each checkpoint (eval_fraction > 0)
+    generations.parquet               the evaluate stage's answers (lib.schema.GENERATION_COLUMNS);
+                                      generations.meta.json beside it, generations.parts/ while running
+    judgments/<judge_name>.parquet    one judge's scores (lib.schema.JUDGMENT_COLUMNS)
+    notebooks/<NN_stage>.ipynb|.html  the rendered notebooks
+    figures/<name>.png|.svg|.html     the stages' charts
+
+The report folder (``ReportConfig.report_dir``) holds ``report.ipynb|.html``, ``figures/`` and
+``data/``. The evaluate stage's file keeps its first name, ``generations.parquet``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RUN_JSON = "run.json"
+STAGES_JSON = "stages.json"
+GRID_DIR = ".grid"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_MARKER = "checkpoint.json"       # written last into each checkpoint folder
+COMPLETE_MARKER = "TRAINING_COMPLETE.json"  # written into checkpoints/ when training has finished
+TRAIN_LOG = "train_log.csv"
+EVAL_LOG_NAME = "eval_log.csv"              # held-out loss at each checkpoint (eval_fraction > 0)
+GENERATIONS = "generations.parquet"
+GENERATIONS_META = "generations.meta.json"
+GENERATION_PARTS = "generations.parts"
+JUDGMENTS_DIR = "judgments"
+NOTEBOOKS_DIR = "notebooks"
+FIGURES_DIR = "figures"
+DATA_DIR = "data"
+
+# each stage's notebook (its rendered copy keeps the name)
+NOTEBOOKS = {"train": "01_train.ipynb", "evaluate": "02_evaluate.ipynb", "judge": "03_judge.ipynb",
+             "report": "04_report.ipynb"}
+REPORT_NOTEBOOK = "report.ipynb"  # the report's rendered name in its own folder
+
+
+def run_json_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / RUN_JSON
+
+
+def stages_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / STAGES_JSON
+
+
+def grid_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / GRID_DIR
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def train_log_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / TRAIN_LOG
+
+
+def eval_log_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / EVAL_LOG_NAME
+
+
+def generations_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / GENERATIONS
+
+
+def generations_meta_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / GENERATIONS_META
+
+
+def generation_parts_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / GENERATION_PARTS
+
+
+def judgments_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / JUDGMENTS_DIR
+
+
+def judgments_path(run_dir: str | Path, judge_name: str) -> Path:
+    return judgments_dir(run_dir) / f"{judge_name}.parquet"
+
+
+def judgment_files(run_dir: str | Path) -> list[Path]:
+    """Every judge's table of a run, by name."""
+    d = judgments_dir(run_dir)
+    return sorted(d.glob("*.parquet")) if d.is_dir() else []
+
+
+def notebooks_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / NOTEBOOKS_DIR
+
+
+def figures_dir(folder: str | Path) -> Path:
+    """A run's (or the report's) figures folder."""
+    return Path(folder) / FIGURES_DIR
+
+
+def step_of(folder: Path) -> int | None:
+    """The step of a ``checkpoint-<step>`` folder name, else None."""
+    name = folder.name
+    tail = name[len(CHECKPOINT_PREFIX):] if name.startswith(CHECKPOINT_PREFIX) else ""
+    return int(tail) if tail.isdigit() else None
+
+
+def read_checkpoint_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, float, Path]]:
+    """Complete checkpoints of a run as (step, fractional epoch, folder), by step.
+
+    A folder counts only when its ``checkpoint.json`` marker exists (it is written last) and
+    names the folder's step.
+    """
+    root = checkpoints_dir(run_dir)
+    out = []
+    if root.is_dir():
+        for d in root.iterdir():
+            step = step_of(d)
+            marker = read_checkpoint_marker(d) if step is not None and d.is_dir() else None
+            if marker is not None and marker.get("step") == step:
+                out.append((step, float(marker["epoch"]), d))
+    return sorted(out)
