@@ -114,6 +114,7 @@ class RunJson(TypedDict, total=False):
     train: TrainSection
     evaluate: EvaluateSection
     judge: JudgeSection
+    phase: dict[str, Any]                   # lib.phase (05_phase_transition), with its parameters
     parameters: dict[str, Any]              # files of earlier versions only (the last stage's)
 
 

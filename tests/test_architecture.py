@@ -66,6 +66,7 @@ STAGE_PARTS: dict[str, set[str]] = {
     "direction": {"train", "generate", "judge"},
 }
 
+
 def _lib_modules() -> list[str]:
     return sorted(p.stem for p in LIB.glob("*.py"))
 
