@@ -45,6 +45,7 @@ from .generate import Sampler, Sampling, auto_batch_size
 from .io import (read_safetensors, sha256_file, sha256_text, write_json_atomic, write_parquet_atomic,
                  write_safetensors_atomic, write_text_atomic)
 from .judge import judge_run, judgments_path
+from .lock import FolderLock
 from .models import load_model, load_tokenizer, model_revision_info
 from .questions import load_question_sets
 from .runinfo import git_commit, package_versions, read_run_json
@@ -147,6 +148,11 @@ class DirectionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), (list, tuple)) else v) for f in fields(self)}
+
+
+def run_folder(cfg: DirectionConfig, run_id: str | None = None) -> Path:
+    """outputs/<run_id>/ of the source run (or of another run)."""
+    return resolve_path(cfg.outputs_dir) / (run_id or cfg.run_id)
 
 
 def _parse_spec(spec: str, key: str) -> tuple[str, int]:
@@ -338,7 +344,7 @@ def source_run(outputs_dir: str, run_id: str, step: int = -1) -> Source:
         raise DirectionError(f"{run_dir / 'run.json'}: not found; run 05_phase_transition (its defaults write "
                              f"'demo_phase') or the pipeline (01-03) for run '{run_id}' first")
     cfg = from_mapping(info["parameters"], source=str(run_dir / "run.json"))
-    cfg = cfg.replace(outputs_dir=str(resolve_path(outputs_dir)))
+    cfg = cfg.replace(outputs_dir=str(resolve_path(outputs_dir)), run_id=run_id)  # the folder is the run
     ckpts = {s: p for s, _, p in list_checkpoints(run_dir)}
     if not ckpts:
         raise DirectionError(f"{run_dir / 'checkpoints'}: no complete checkpoints")
@@ -465,11 +471,17 @@ def layer_cosines(d: Direction) -> pd.DataFrame:
 
 
 def compare_runs(cfg: DirectionConfig, d: Direction, progress: bool = True) -> pd.DataFrame:
-    """Per layer, the cosine of this run's direction with each run in ``compare_runs`` (same settings)."""
+    """Per layer, the cosine of this run's direction with each run in ``compare_runs`` (same settings).
+
+    Another run's direction is written into that run's folder, under its lock (one writer per run
+    folder; the notebook already holds this run's own)."""
     rows = []
     for spec in cfg.compare_runs:
         run, step = _parse_spec(spec, "compare_runs")
-        other = collect(cfg, run_id=run, step=step, progress=progress)
+        source_run(cfg.outputs_dir, run, step)  # a missing run: one clear line, before any lock or folder
+        guard = _nothing() if run == d.run_id else FolderLock(run_folder(cfg, run), f"run '{run}'")
+        with guard:
+            other = collect(cfg, run_id=run, step=step, progress=progress)
         for layer in d.layers:
             if layer in other.layers:
                 rows.append({"other": f"{run}@{other.step}", "layer": layer,

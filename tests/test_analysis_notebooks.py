@@ -125,3 +125,26 @@ def test_direction_notebook_writes_activations_directions_and_interventions_and_
     first, second = runs[("06", 0)], runs[("06", 1)]
     assert "wrote " in first[1] and "reused " in second[1]
     assert not pd.read_csv(folder / "interventions.csv")["generated_now"].any()
+
+
+def test_compare_runs_on_a_copied_run_gives_cosine_one_and_respects_its_lock(outputs):
+    """A copy of the run (same answers, judgments and adapter) must give the same direction at every layer;
+    the copy's folder is written under its lock, and a live holder stops the comparison with one line."""
+    import shutil
+
+    from lib.lock import FolderLock, LockError
+
+    out, _ = outputs
+    shutil.copytree(out / "nbphase", out / "nbcopy", ignore=shutil.ignore_patterns(".lock", "direction"))
+    cfg = direction.DirectionConfig(**{k: v for k, v in DIRECTION.items() if k != "compare_runs"},
+                                    outputs_dir=str(out), compare_runs=["nbcopy"])
+    d = direction.collect(cfg, progress=False)
+    assert d.reused
+    with FolderLock(out / "nbcopy", "another writer"):
+        with pytest.raises(LockError, match="run 'nbcopy' is in use by pid"):
+            direction.compare_runs(cfg, d, progress=False)
+    cross = direction.compare_runs(cfg, d, progress=False)
+    assert cross["other"].tolist() == ["nbcopy@6", "nbcopy@6"]
+    assert cross["cosine"].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert list((out / "nbcopy" / "direction").glob("step6-*/direction.safetensors"))
+    assert not (out / "nbcopy" / ".lock").exists()  # released
