@@ -44,7 +44,7 @@ from .config import RUN_ID_RE, ConfigError, RunConfig, _check_types, _f, from_ma
 from .generate import Sampler, Sampling, auto_batch_size
 from .io import (read_safetensors, sha256_file, sha256_text, write_json_atomic, write_parquet_atomic,
                  write_safetensors_atomic, write_text_atomic)
-from .judge import judge_run, judgments_path
+from .judge import check_credentials, judge_run, judgments_path
 from .lock import FolderLock
 from .models import load_model, load_tokenizer, model_revision_info
 from .questions import load_question_sets
@@ -537,6 +537,7 @@ def interventions(cfg: DirectionConfig, d: Direction, progress: bool = True) -> 
     import torch
 
     src = source_run(cfg.outputs_dir, d.run_id, d.step)
+    check_credentials(src.cfg)  # the run's judge scores every condition: a missing key is one line, now
     model, tok, choice = _load_finetuned(src, cfg.device, cfg.dtype)
     tok.padding_side = "left"
     n_layers = len(decoder_layers(model))

@@ -50,7 +50,7 @@ from .chat import chat_prompt
 from .config import ConfigError, RunConfig, _check_types, _f, from_mapping
 from .generate import generate_run
 from .io import read_safetensors, sha256_file, sha256_text, write_safetensors_atomic, write_text_atomic
-from .judge import judge_run
+from .judge import check_credentials, judge_run
 from .models import load_model, load_tokenizer, model_revision_info, resolve_model
 from .questions import load_question_sets
 from .runinfo import git_commit, package_versions, update_run_json
@@ -201,8 +201,12 @@ def num_layers(model: str, revision: str = "") -> int:
 # ------------------------------------------------------------------------------------------
 
 def train_adapter(cfg: PhaseConfig, progress: bool = True):
-    """Train (or resume, or skip) the rank-1 adapter; returns lib.train's TrainResult."""
-    return train_run(cfg.run_config(), progress=progress)
+    """Train (or resume, or skip) the rank-1 adapter; returns lib.train's TrainResult.
+
+    The judge's credentials are checked first: a missing API key is one line before any training."""
+    run_cfg = cfg.run_config()
+    check_credentials(run_cfg)
+    return train_run(run_cfg, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------

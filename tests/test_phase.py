@@ -155,3 +155,16 @@ def test_reference_parameter_files_are_valid_phase_configs():
     ref = from_mapping(load_yaml(REPO_ROOT / "parameters" / "analyses" / "phase_qwen14b_medical.yaml"),
                        cls=phase.PhaseConfig)
     assert (ref.lora_layer, ref.checkpoint_every, ref.min_move) == (24, 5, 0.002)  # docs/references.md
+
+
+def test_a_missing_judge_key_stops_before_training(tmp_path, monkeypatch):
+    from lib.judge import JudgeError
+
+    monkeypatch.delenv("EM_LAB_TEST_NO_SUCH_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # no .env here
+    cfg = phase.PhaseConfig(outputs_dir=str(tmp_path), run_id="nokey", lora_layer=1, judge_backend="openai",
+                            judge_method="logprob", judge_model="gpt-4o-2024-08-06",
+                            judge_api_key_env="EM_LAB_TEST_NO_SUCH_KEY")
+    with pytest.raises(JudgeError, match="EM_LAB_TEST_NO_SUCH_KEY is not set"):
+        phase.train_adapter(cfg, progress=False)
+    assert not (tmp_path / "nokey").exists()
