@@ -12,7 +12,7 @@ LOCK ?= requirements/cpu.lock
 PARAMS ?= parameters/demo_medical.yaml parameters/demo_financial.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lab grid lock clean-outputs
+.PHONY: setup demo test lab grid lock clean-outputs mutation
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Mutation testing of the core modules (not part of `make test`): mutmut on 2 processes, then the
+# score; see bench/mutation_score.py and docs/mutation.md. Tens of minutes on 2 cores.
+mutation: setup
+	$(PY) bench/mutation_score.py --jobs 2
 
 lab: setup
 	$(PY) -m jupyter lab notebooks/

@@ -1,15 +1,29 @@
-"""Wall time of an unchanged rerun of the demo grid, as a fraction of the first run.
+"""Wall time of an unchanged rerun of the demo grid, as a fraction of the first run; and a
+rerun after one input changed, which must execute exactly the stages that read that input.
 
-Runs ``python -m lib.grid run`` twice on the two demo parameters files (as shipped, with
-``outputs_dir`` pointed at a temporary folder): the first run executes every stage of both runs
-and the report; the second finds every fingerprint unchanged and skips them all. The figure is
-rerun seconds / first-run seconds (goal: under 10%).
+Runs ``python -m lib.grid run`` three times on the two demo parameters files (as shipped, with
+``outputs_dir`` in a temporary folder and each run reading its own copy of the question sets):
 
-    .venv/bin/python bench/grid_rerun.py [--keep]
+1. the first run executes every stage of both runs and the report;
+2. the unchanged rerun must execute nothing (every fingerprint unchanged); the figure is its
+   wall time / the first run's (goal: under 10%);
+3. then one paraphrase of the medical run's copy of a question set is edited, and the grid
+   must execute exactly demo_medical's evaluate and judge stages and the report: not its
+   training, and nothing of demo_financial. A fingerprint that ignored its inputs would pass
+   step 2 and fail here; one that followed a non-input would fail step 2.
+
+    .venv/bin/python bench/grid_rerun.py [--keep] [--small] [--goal 0.1]
+
+``--small`` shrinks the runs (16 training examples, 1 epoch, one question set, 1 sample, 8 new
+tokens) for the
+test that checks this script's exit code. Last line:
+``grid unchanged rerun / first run: <ratio> (goal <<goal>)``; exit 1 when the goal is missed
+or a rerun executed other stages than it should.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -21,9 +35,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL = 0.10
+RUNS = ("demo_medical", "demo_financial")
+SMALL = {"max_train_examples": 16, "epochs": 1, "checkpoints_in_first_epoch": 1, "n_samples": 1,
+         "max_new_tokens": 8}
+STARTED = re.compile(r"^\d\d:\d\d:\d\d\s+(\S+)\s+(\S+)\s+started \(")
 
 
-def run_grid(files: list[str]) -> tuple[float, str]:
+def run_grid(files: list[str]) -> tuple[float, str, set[tuple[str, str]]]:
+    """(seconds, output, the (run, stage) pairs it executed)."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "lib.grid", "run", *files], cwd=REPO,
                           capture_output=True, text=True)
@@ -31,33 +50,66 @@ def run_grid(files: list[str]) -> tuple[float, str]:
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"grid run failed with exit code {proc.returncode}")
-    return seconds, proc.stdout
+    executed = {(m.group(1), m.group(2)) for m in map(STARTED.match, proc.stdout.splitlines()) if m}
+    return seconds, proc.stdout, executed
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def tail(out: str) -> str:
+    return out[out.index("grid finished"):].rstrip() if "grid finished" in out else out[-2000:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", action="store_true", help="keep the temporary outputs folder")
-    args = ap.parse_args()
+    ap.add_argument("--small", action="store_true", help="tiny runs (for the test of this script)")
+    ap.add_argument("--goal", type=float, default=GOAL, help="largest rerun / first-run ratio that passes")
+    args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="grid_rerun_"))
+    problems = []
     try:
-        files = []
-        for name in ("demo_medical", "demo_financial"):
+        files, qcopies = [], {}
+        for name in RUNS:
             data = yaml.safe_load((REPO / "parameters" / f"{name}.yaml").read_text())
             data["outputs_dir"] = str(tmp / "outputs")
+            if args.small:
+                data.update(SMALL, question_sets=data["question_sets"][:1])
+            qdir = tmp / "questions" / name
+            qdir.mkdir(parents=True)
+            copies = []
+            for q in data["question_sets"]:
+                shutil.copy(REPO / q, qdir / Path(q).name)
+                copies.append(str(qdir / Path(q).name))
+            data["question_sets"], qcopies[name] = copies, copies
             p = tmp / f"{name}.yaml"
             p.write_text(yaml.safe_dump(data))
             files.append(str(p))
-        first, out1 = run_grid(files)
-        print(out1[out1.index("grid finished"):].rstrip())
-        rerun, out2 = run_grid(files)
-        print(out2[out2.index("grid finished"):].rstrip())
-        executed = [ln for ln in out2.splitlines() if "started (" in ln]
-        if executed:  # then the rerun was not "unchanged": an input moved under us (e.g. an edit to data/)
-            raise SystemExit("the rerun executed stages:\n" + "\n".join(executed))
+        first, out1, ex1 = run_grid(files)
+        print(tail(out1))
+        want1 = {(r, s) for r in RUNS for s in ("train", "evaluate", "judge")} | {("report", "report")}
+        if ex1 != want1:
+            problems.append(f"first run executed {sorted(ex1)}, expected {sorted(want1)}")
+        rerun, out2, ex2 = run_grid(files)
+        print(tail(out2))
+        if ex2:
+            problems.append(f"the unchanged rerun executed {sorted(ex2)}, expected nothing")
+
+        # one input changes: a paraphrase in demo_medical's copy of its first question set
+        q = Path(qcopies["demo_medical"][0])
+        questions = yaml.safe_load(q.read_text(encoding="utf-8"))
+        questions[0]["paraphrases"][0] = "Honestly, " + questions[0]["paraphrases"][0]
+        q.write_text(yaml.safe_dump(questions, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        _, out3, ex3 = run_grid(files)
+        print(tail(out3))
+        want3 = {("demo_medical", "evaluate"), ("demo_medical", "judge"), ("report", "report")}
+        print(f"after editing one paraphrase of {q.name} (demo_medical's copy): executed {sorted(ex3)}")
+        if ex3 != want3:
+            problems.append(f"after one input changed the grid executed {sorted(ex3)}, expected {sorted(want3)}")
         print(f"first run (2 runs x 3 stages + report): {first:.1f}s")
         print(f"unchanged rerun (every stage skipped): {rerun:.2f}s")
-        print(f"rerun / first run: {rerun / first:.2%} (goal < {GOAL:.0%})")
-        print(f"grid unchanged rerun / first run: {rerun / first:.3f} (goal <{GOAL})")
+        for p in problems:
+            print(f"WRONG: {p}", file=sys.stderr)
+        print(f"grid unchanged rerun / first run: {rerun / first:.3f} (goal <{args.goal:g})")
+        return 0 if rerun / first < args.goal and not problems else 1
     finally:
         if args.keep:
             print(f"outputs kept in {tmp}", file=sys.stderr)
@@ -66,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

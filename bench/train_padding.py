@@ -9,12 +9,19 @@ clipped to 50..600), then, on the embedded tiny model and in one run:
    same data padded to 512 (both truncated at 512, so both see the same real tokens);
 2. trains one epoch each way and compares real (non-padding) tokens per second.
 
-Run: .venv/bin/python bench/train_padding.py [--n 512] [--batch 8] [--accum 2]
-Last line: `padding fraction (ours): <value> (goal < 0.05)`.
+What was timed is checked: both collations feed the same real tokens, and the timed epochs
+end at the same training loss (padding is masked out of attention and loss, so padding to 512
+must not change what is learned; float32 on CPU, same seed and batch order).
+
+Run: .venv/bin/python bench/train_padding.py [--n 512] [--batch 8] [--accum 2] [--goal 0.05]
+Last line: `padding fraction (ours): <value> (goal < <goal>)`; exit 1 when the goal is missed
+or a check fails.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -65,21 +72,23 @@ def padding_fraction(trainer) -> tuple[float, int, int]:
     return 1 - real / slots, real, slots
 
 
-def tokens_per_second(trainer) -> float:
+def tokens_per_second(trainer) -> tuple[float, int, float]:
+    """(real tokens/s, real tokens seen, mean training loss) of one epoch."""
     t0 = time.perf_counter()
-    trainer.train()
+    out = trainer.train()
     dt = time.perf_counter() - t0
-    return trainer.state.num_input_tokens_seen / dt
+    return trainer.state.num_input_tokens_seen / dt, int(trainer.state.num_input_tokens_seen), float(out.training_loss)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=6000, help="examples for the padding count (the study's sets: 6,000-7,049)")
     ap.add_argument("--n-speed", type=int, default=128, help="examples per timed training epoch")
     ap.add_argument("--batch", type=int, default=2, help="per-device batch size (the study: 2)")
     ap.add_argument("--accum", type=int, default=8, help="gradient accumulation steps (the study: 8)")
     ap.add_argument("--repeats", type=int, default=2, help="timed epochs per variant, interleaved (best kept)")
-    args = ap.parse_args()
+    ap.add_argument("--goal", type=float, default=0.05, help="padding fraction (ours) must be below this")
+    args = ap.parse_args(argv)
 
     tok = load_tokenizer("embedded:tiny", padding_side="right")
     chats = synth_chats(args.n, tok)
@@ -109,16 +118,29 @@ def main() -> None:
         print(f"  (harder case, batch 8 x accum 2: ours {f8:.4f})")
 
         small = chats[: args.n_speed]
-        tps = {"fixed": [], "ours": []}
+        tps: dict[str, list[float]] = {"fixed": [], "ours": []}
+        seen: dict[str, set[int]] = {"fixed": set(), "ours": set()}
+        loss: dict[str, list[float]] = {"fixed": [], "ours": []}
         for _ in range(args.repeats):  # interleaved, best of n: machine noise hits both alike
-            tps["fixed"].append(tokens_per_second(make(small, True, args.batch, args.accum)))
-            tps["ours"].append(tokens_per_second(make(small, False, args.batch, args.accum)))
+            for side, fixed in (("fixed", True), ("ours", False)):
+                t, n_seen, lo = tokens_per_second(make(small, fixed, args.batch, args.accum))
+                tps[side].append(t)
+                seen[side].add(n_seen)
+                loss[side].append(lo)
         best = {k: max(v) for k, v in tps.items()}
+        same_tokens = len(seen["fixed"] | seen["ours"]) == 1
+        same_loss = all(math.isfinite(a) and math.isclose(a, b, rel_tol=1e-3)
+                        for a, b in zip(loss["fixed"], loss["ours"]))
+        print(f"check: real tokens per timed epoch, padded / ours: {sorted(seen['fixed'])} / {sorted(seen['ours'])}"
+              f" ({'same' if same_tokens else 'DIFFERENT'}); training loss padded / ours: "
+              + ", ".join(f"{a:.5f} / {b:.5f}" for a, b in zip(loss["fixed"], loss["ours"]))
+              + f" ({'same' if same_loss else 'DIFFERENT'})")
         print(f"real tokens/s, one epoch of {len(small)} chats (tiny model, CPU): "
               f"padded to {FIXED} {best['fixed']:.0f}, ours {best['ours']:.0f}")
         print(f"tokens/s ratio ours / padded-to-{FIXED}: {best['ours'] / best['fixed']:.2f}")
-    print(f"padding fraction (ours): {f_ours:.4f} (goal < 0.05)")
+    print(f"padding fraction (ours): {f_ours:.4f} (goal < {args.goal:g})")
+    return 0 if f_ours < args.goal and same_tokens and same_loss else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Every benchmark exits 1 when its goal is missed: each runs here at a small size with a goal
+raised out of reach (its ``--goal`` flag) and must exit 1 *because of the goal*: its
+correctness checks pass (they are printed) and its last line is the ``(goal ...)`` line.
+No timing is asserted; only the exit code and the checks.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GOAL_LINE = re.compile(r"^[^:]+: [-+0-9.e]+x? \(goal [<>=]+ ?[-+0-9.e]+x?\)$")
+
+
+def run_bench(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def load_bench(name: str):
+    """A bench script as a module (registered first: its dataclasses look themselves up)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def last_line(p: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    assert lines, p.stderr[-3000:]
+    return lines[-1]
+
+
+def test_generate_benchmark_fails_an_impossible_goal_and_passes_a_trivial_one():
+    small = ["--answers", "6", "--tokens", "3", "--rounds", "1", "--check-prompts", "6"]
+    p = run_bench("generate_throughput.py", *small, "--goal", "1e9")
+    assert p.returncode == 1, p.stdout + p.stderr[-3000:]
+    assert GOAL_LINE.match(last_line(p)) and "(goal >= 1e+09x)" in last_line(p)
+    assert "every timed answer has 3 new tokens: yes" in p.stdout and "6 identical, 0 differ" in p.stdout
+    p = run_bench("generate_throughput.py", *small, "--goal", "0")
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+
+
+def test_judge_benchmark_fails_an_impossible_goal_and_passes_a_trivial_one():
+    small = ["--n", "60", "--latency", "0.01", "--serial-calls", "3", "--serial-sleep", "0.01",
+             "--speedup-goal", "0", "--no-sleep-goal", "0"]
+    p = run_bench("judge_throughput.py", *small, "--goal", "0")
+    assert p.returncode == 1, p.stdout + p.stderr[-3000:]
+    assert last_line(p).startswith("judge calling phase / floor: ") and last_line(p).endswith("(goal <= 0)")
+    assert "scores checked against the server's: all 60 right" in p.stdout
+    assert p.stderr.strip().splitlines()[-1] == "MISSED: calling phase / floor"
+    p = run_bench("judge_throughput.py", *small, "--goal", "1e9")
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+
+
+def test_judge_benchmark_score_check_catches_wrong_scores():
+    """The check the benchmark runs on what it timed: scores forced to 0, or off by one, are wrong."""
+    bench = load_bench("judge_throughput")
+    from lib.io import sha256_text
+
+    prompts = [f"judge prompt {i}" for i in range(300)]
+    right = pd.DataFrame({"answer_id": [f"a{i}" for i in range(300)], "metric": "aligned", "label": "number",
+                          "prompt_sha256": [sha256_text(p) for p in prompts],
+                          "score": [bench.expected_score(p) for p in prompts]})
+    by_sha = {sha256_text(p): p for p in prompts}
+    assert bench.check_scores(right, by_sha) == []
+    assert bench.check_scores(right.assign(score=0.0), by_sha)
+    assert bench.check_scores(right.assign(score=right.score + 1), by_sha)
+    assert bench.check_scores(right.assign(label="low_mass"), by_sha)
+
+
+@pytest.mark.slow
+def test_train_padding_benchmark_fails_an_impossible_goal():
+    p = run_bench("train_padding.py", "--n", "48", "--n-speed", "8", "--repeats", "1", "--goal", "0")
+    assert p.returncode == 1, p.stdout + p.stderr[-3000:]
+    assert last_line(p).startswith("padding fraction (ours): ") and last_line(p).endswith("(goal < 0)")
+    check = next(ln for ln in p.stdout.splitlines() if ln.startswith("check:"))
+    assert check.count("(same)") == 2, check  # same real tokens and the same training loss both ways
+
+
+@pytest.mark.slow
+def test_grid_rerun_benchmark_fails_an_impossible_goal():
+    """Also runs the benchmark's own check: after one paraphrase of one run's question set
+    changes, exactly that run's evaluate and judge stages and the report execute."""
+    p = run_bench("grid_rerun.py", "--small", "--goal", "0")
+    assert p.returncode == 1, p.stdout + p.stderr[-3000:]
+    assert last_line(p).startswith("grid unchanged rerun / first run: ") and last_line(p).endswith("(goal <0)")
+    assert "WRONG" not in p.stderr, p.stderr[-3000:]
+    assert ("executed [('demo_medical', 'evaluate'), ('demo_medical', 'judge'), ('report', 'report')]"
+            in p.stdout)
+
+
+def test_planted_mutants_script_names_a_test_for_each_of_the_seven():
+    """bench/planted_mutants.py plants each once-surviving bug; here only its table is checked
+    (anchors present exactly once, named tests exist); running it takes ~1 minute."""
+    bench = load_bench("planted_mutants")
+    assert len(bench.MUTANTS) == 7
+    for m in bench.MUTANTS:
+        assert (REPO / m.file).read_text(encoding="utf-8").count(m.old) == 1, m.name
+        for t in m.tests:
+            path, _, name = t.partition("::")
+            assert f"def {name}(" in (REPO / path).read_text(encoding="utf-8"), t
