@@ -3,7 +3,7 @@
 Same model, same prompts (the demo question sets' paraphrases, with their system prompts),
 same sampling (temperature 1, top_p 1), and the same number of new tokens for every answer
 (min_new_tokens = max_new_tokens, so an early stop cannot flatter either side). Both sides go
-through lib.generate.Sampler; only the batch size differs. One run, one process.
+through lib.evaluate.Sampler; only the batch size differs. One run, one process.
 
     python bench/generate_throughput.py [--model embedded:tiny] [--answers 256] [--rounds 3] [--tokens 32] [--threads 1]
 
@@ -32,7 +32,7 @@ import time
 import torch
 
 from lib.config import DEMO_QUESTIONS
-from lib.generate import Sampler, Sampling, auto_batch_size, prompt_ids
+from lib.evaluate import Sampler, Sampling, auto_batch_size, prompt_ids
 from lib.models import load_model, load_tokenizer
 from lib.questions import load_question_sets
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--answers", type=int, default=256, help="answers per side and round")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per answer (forced)")
-    ap.add_argument("--batch-size", type=int, default=0, help="0 = what generate_run would pick")
+    ap.add_argument("--batch-size", type=int, default=0, help="0 = what evaluate_run would pick")
     ap.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per side")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads for both sides (0 = torch's default). 1 by default: on a shared "

@@ -268,9 +268,6 @@ def _check_values(cfg: RunConfig, source: str) -> None:
         raise bad("judge_use_batch_api", "the Batch API needs judge_backend: openai")
 
 
-FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
-
-
 def from_mapping(data: Mapping[str, Any], source: str = "<parameters>", cls: type = None):
     """Build a RunConfig (or ``cls``) from a mapping; unknown keys and wrong types raise ConfigError."""
     cls = cls or RunConfig

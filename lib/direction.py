@@ -41,7 +41,7 @@ import pandas as pd
 from . import metrics
 from .chat import chat_prompt
 from .config import RUN_ID_RE, ConfigError, RunConfig, _check_types, _f, from_mapping, resolve_path
-from .generate import Sampler, Sampling, auto_batch_size
+from .evaluate import Sampler, Sampling, auto_batch_size
 from .io import (read_safetensors, sha256_file, sha256_text, write_json_atomic, write_parquet_atomic,
                  write_safetensors_atomic, write_text_atomic)
 from .judge import check_credentials, judge_run, judgments_path

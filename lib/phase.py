@@ -48,7 +48,7 @@ import pandas as pd
 from . import metrics
 from .chat import chat_prompt
 from .config import ConfigError, RunConfig, _check_types, _f, from_mapping
-from .generate import generate_run
+from .evaluate import evaluate_run
 from .io import read_safetensors, sha256_file, sha256_text, write_safetensors_atomic, write_text_atomic
 from .judge import check_credentials, judge_run
 from .models import load_model, load_tokenizer, model_revision_info, resolve_model
@@ -450,7 +450,7 @@ def em_over_training(cfg: PhaseConfig, progress: bool = True) -> pd.DataFrame:
     if not steps:
         raise PhaseError(f"{cfg.run_dir / 'checkpoints'}: no complete checkpoints; train the adapter first")
     run_cfg = cfg.run_config(eval_checkpoints=eval_steps(steps, cfg.eval_every), layer=layer)
-    gens = generate_run(run_cfg, progress=progress)
+    gens = evaluate_run(run_cfg, progress=progress)
     table = judge_run(run_cfg, progress=progress)
     answers = labelled_answers(gens, table, cfg.aligned_threshold, cfg.coherent_threshold)
     out = metrics.summarize(answers, ["checkpoint_step"], cfg.n_bootstrap, cfg.confidence, cfg.seed)

@@ -831,11 +831,6 @@ def build_report(rcfg: ReportConfig) -> Path:
 # Answer browser (ipywidgets) and its static stand-in
 # ------------------------------------------------------------------------------------------
 
-BROWSER_COLUMNS = ["run_id", "checkpoint_step", "question_set", "question_id", "scope", "paraphrase",
-                   "sample_index", "answer", "aligned", "coherent", "em", "aligned_label", "coherent_label",
-                   "excluded_reason", "aligned_raw", "coherent_raw"]
-
-
 def filter_answers(answers: pd.DataFrame, run_id: str | None = None, checkpoint_step: int | None = None,
                    question: str | None = None, em_only: bool = False) -> pd.DataFrame:
     """The rows the browser shows; ``question`` is 'question_set/question_id'."""
@@ -949,9 +944,6 @@ def answers_table_html(answers: pd.DataFrame, n: int = 12, em_first: bool = True
 # ------------------------------------------------------------------------------------------
 # HTML export
 # ------------------------------------------------------------------------------------------
-
-CDN_SCRIPT_RE = re.compile(r"<script[^>]+src=[\"'](https?:)?//[^\"']+[\"']", re.I)
-
 
 def export_html(ipynb_path: str | Path, html_path: str | Path) -> Path:
     """Export a rendered notebook to one self-contained HTML file.

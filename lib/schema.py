@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 
-# outputs/<run>/generations.parquet (written by 02_evaluate / lib.generate)
+# outputs/<run>/generations.parquet (written by 02_evaluate / lib.evaluate)
 GENERATION_COLUMNS = {
     "answer_id": "str: stable id, see answer_id()",
     "run_id": "str",
@@ -51,8 +51,6 @@ JUDGMENT_COLUMNS = {
     "cost_usd": "float",
     "error": "str | None",
 }
-
-LABELS = ("number", "CODE", "REFUSAL", "unparseable", "low_mass", "error")
 
 
 def answer_id(run_id: str, checkpoint_step: int, question_set: str, question_id: str,

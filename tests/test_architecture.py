@@ -45,7 +45,7 @@ LAYERS: dict[str, int] = {
     "questions": LOADERS,
     # stages: one module per stage (plus the parts in STAGE_PARTS)
     "train": STAGES,
-    "generate": STAGES,
+    "evaluate": STAGES,
     "judge": STAGES,
     "judge_backends": STAGES,
     "report": STAGES,
@@ -62,8 +62,8 @@ LAYERS: dict[str, int] = {
 STAGE_PARTS: dict[str, set[str]] = {
     "judge": {"judge_backends"},
     "report": {"plots"},
-    "phase": {"train", "generate", "judge"},
-    "direction": {"train", "generate", "judge"},
+    "phase": {"train", "evaluate", "judge"},
+    "direction": {"train", "evaluate", "judge"},
 }
 
 

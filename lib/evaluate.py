@@ -1,4 +1,4 @@
-"""Stage 02: sample answers from the base model and every checkpoint.
+"""Stage 02, evaluate (notebooks/02_evaluate.ipynb): sample answers from the base model and every checkpoint.
 
 For the base model (step 0) and each LoRA checkpoint the training stage wrote, for each
 question (every paraphrase, with the question's system prompt if any), draw ``n`` samples
@@ -333,7 +333,7 @@ def _finished(cfg: RunConfig, fingerprint: str) -> bool:
     return m.get("fingerprint") == fingerprint and m.get("sha256") == sha256_file(out)
 
 
-def generate_run(cfg: RunConfig, progress: bool = True):
+def evaluate_run(cfg: RunConfig, progress: bool = True):
     """Sample every answer the run needs; returns the generations DataFrame (see module docstring)."""
     import pandas as pd
 

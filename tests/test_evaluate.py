@@ -1,4 +1,4 @@
-"""lib.generate on the embedded tiny model (float32, CPU): counts, prompts, adapters, resume."""
+"""lib.evaluate on the embedded tiny model (float32, CPU): counts, prompts, adapters, resume."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import generate
-from lib.config import ConfigError, RunConfig
+from lib import evaluate
 from lib.chat import BOS, END_HEADER, EOT, PAD, START_HEADER, stop_token_ids
+from lib.config import ConfigError, RunConfig
 from lib.models import load_model, load_tokenizer
 from lib.schema import GENERATION_COLUMNS, answer_id
 
@@ -79,18 +79,18 @@ def _records(df: pd.DataFrame) -> list[dict]:
 def _spy_generate(monkeypatch):
     """Record the input_ids/attention_mask of every generate() call."""
     calls = []
-    real = generate._generate_batch
+    real = evaluate._generate_batch
 
     def spy(model, input_ids, attention_mask, gen_cfg):
         calls.append((input_ids.clone(), attention_mask.clone()))
         return real(model, input_ids, attention_mask, gen_cfg)
-    monkeypatch.setattr(generate, "_generate_batch", spy)
+    monkeypatch.setattr(evaluate, "_generate_batch", spy)
     return calls
 
 
 def test_rows_columns_and_run_json(make_cfg):
     cfg = make_cfg()
-    df = generate.generate_run(cfg, progress=False)
+    df = evaluate.evaluate_run(cfg, progress=False)
     assert list(df.columns) == list(GENERATION_COLUMNS)
     assert len(df) == (len(STEPS) + 1) * ROWS_PER_MODEL
     assert df.groupby("checkpoint_step").size().to_dict() == {0: ROWS_PER_MODEL, 5: ROWS_PER_MODEL,
@@ -109,7 +109,7 @@ def test_rows_columns_and_run_json(make_cfg):
     assert set(df.finish_reason) <= {"stop", "length"}
     assert (df[df.finish_reason == "length"].n_new_tokens == 8).all()
     assert (df.n_new_tokens.between(1, 8)).all()
-    assert generate.generations_path(cfg).exists() and not (cfg.run_dir / "generations.parts").exists()
+    assert evaluate.generations_path(cfg).exists() and not (cfg.run_dir / "generations.parts").exists()
     ev = json.loads((cfg.run_dir / "run.json").read_text())["evaluate"]
     assert ev["n_rows"] == len(df) and [c["step"] for c in ev["checkpoints"]] == [0, 5, 10]
     assert ev["question_sets"][0]["name"] == "qs" and len(ev["question_sets"][0]["sha256"]) == 64
@@ -118,7 +118,7 @@ def test_rows_columns_and_run_json(make_cfg):
 
 def test_selected_checkpoints_and_file_sample_counts(make_cfg):
     cfg = make_cfg(eval_checkpoints=[10], include_base_model=False, n_samples=0)
-    df = generate.generate_run(cfg, progress=False)
+    df = evaluate.evaluate_run(cfg, progress=False)
     assert set(df.checkpoint_step) == {10}
     assert len(df) == 2 * 2 + 1 * 1  # samples_per_paraphrase from the file: 2 and 1
 
@@ -126,7 +126,7 @@ def test_selected_checkpoints_and_file_sample_counts(make_cfg):
 def test_prompt_tokens_are_the_chat_template_with_system(make_cfg, monkeypatch):
     calls = _spy_generate(monkeypatch)
     cfg = make_cfg(steps=(), include_base_model=True)
-    generate.generate_run(cfg, progress=False)
+    evaluate.evaluate_run(cfg, progress=False)
     tok = load_tokenizer("embedded:tiny")
     sp = lambda t: [tok.convert_tokens_to_ids(t)]  # noqa: E731
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
@@ -155,8 +155,8 @@ def test_prompt_tokens_are_the_chat_template_with_system(make_cfg, monkeypatch):
 
 
 def test_adapter_switching_equals_loading_the_checkpoint_alone(make_cfg):
-    switched = generate.generate_run(make_cfg("a"), progress=False)
-    alone = generate.generate_run(make_cfg("b", eval_checkpoints=[10], include_base_model=False), progress=False)
+    switched = evaluate.evaluate_run(make_cfg("a"), progress=False)
+    alone = evaluate.evaluate_run(make_cfg("b", eval_checkpoints=[10], include_base_model=False), progress=False)
     key = ["question_id", "paraphrase_index", "sample_index"]
     a = switched[switched.checkpoint_step == 10].sort_values(key).reset_index(drop=True)
     b = alone.sort_values(key).reset_index(drop=True)
@@ -168,26 +168,26 @@ def test_adapter_switching_equals_loading_the_checkpoint_alone(make_cfg):
 
 
 def test_resume_after_kill_neither_loses_nor_duplicates(make_cfg, monkeypatch):
-    reference = generate.generate_run(make_cfg("ref"), progress=False)
+    reference = evaluate.evaluate_run(make_cfg("ref"), progress=False)
     cfg = make_cfg("killed")
-    real_write, writes = generate._write_part, []
+    real_write, writes = evaluate._write_part, []
 
     def dying_write(path, rows):
         if len(writes) == 3:
             raise KeyboardInterrupt("killed")
         writes.append(len(rows))
         real_write(path, rows)
-    monkeypatch.setattr(generate, "_write_part", dying_write)
+    monkeypatch.setattr(evaluate, "_write_part", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        generate.generate_run(cfg, progress=False)
-    assert not generate.generations_path(cfg).exists()
+        evaluate.evaluate_run(cfg, progress=False)
+    assert not evaluate.generations_path(cfg).exists()
     parts = sorted((cfg.run_dir / "generations.parts").rglob("step*.parquet"))
     assert len(parts) == 3
     before = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
 
-    monkeypatch.setattr(generate, "_write_part", real_write)
+    monkeypatch.setattr(evaluate, "_write_part", real_write)
     calls = _spy_generate(monkeypatch)
-    df = generate.generate_run(cfg, progress=False)
+    df = evaluate.evaluate_run(cfg, progress=False)
     assert sum(ids.shape[0] for ids, _ in calls) == len(reference) - len(before)  # only the missing answers
     assert len(df) == len(reference) and df.answer_id.is_unique
     kept = df.set_index("answer_id").loc[before.answer_id].reset_index()
@@ -197,24 +197,24 @@ def test_resume_after_kill_neither_loses_nor_duplicates(make_cfg, monkeypatch):
 
 def test_finished_stage_is_skipped_until_inputs_change(make_cfg, monkeypatch):
     cfg = make_cfg()
-    first = generate.generate_run(cfg, progress=False)
+    first = evaluate.evaluate_run(cfg, progress=False)
 
     def no_model(*a, **k):
         raise AssertionError("a finished stage must not sample again")
-    monkeypatch.setattr(generate, "_sample_units", no_model)
-    pd.testing.assert_frame_equal(generate.generate_run(cfg, progress=False), first)
+    monkeypatch.setattr(evaluate, "_sample_units", no_model)
+    pd.testing.assert_frame_equal(evaluate.evaluate_run(cfg, progress=False), first)
     with pytest.raises(AssertionError, match="must not sample"):
-        generate.generate_run(cfg.replace(temperature=0.7), progress=False)
+        evaluate.evaluate_run(cfg.replace(temperature=0.7), progress=False)
 
 
 def test_bad_input_is_one_line_before_loading_a_model(make_cfg, monkeypatch, tmp_path):
-    monkeypatch.setattr(generate, "_sample_units", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(evaluate, "_sample_units", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ConfigError, match=r"eval_checkpoints.*99.*complete checkpoints: 5, 10"):
-        generate.generate_run(make_cfg(eval_checkpoints=[99]), progress=False)
+        evaluate.evaluate_run(make_cfg(eval_checkpoints=[99]), progress=False)
     q = tmp_path / "nocount.yaml"
     q.write_text("- id: q1\n  paraphrases: [\"Hello there?\"]\n")
     with pytest.raises(ConfigError, match=r"n_samples.*'q1'"):
-        generate.generate_run(make_cfg(question_sets=[str(q)], n_samples=0), progress=False)
+        evaluate.evaluate_run(make_cfg(question_sets=[str(q)], n_samples=0), progress=False)
 
 
 def test_finish_reason_and_token_count(monkeypatch):
@@ -223,8 +223,8 @@ def test_finish_reason_and_token_count(monkeypatch):
     eot, pad = tok.convert_tokens_to_ids(EOT), tok.convert_tokens_to_ids(PAD)
     a, b = tok.encode("hello", add_special_tokens=False)[0], tok.encode("world", add_special_tokens=False)[0]
     fake = torch.tensor([[7, 7, a, b, eot, pad, pad], [7, 7, a, b, a, b, a]])
-    monkeypatch.setattr(generate, "_generate_batch", lambda m, ids, mask, cfg: fake)
-    s = generate.Sampler(model, tok, generate.Sampling(1.0, 1.0, 5), batch_size=8)
+    monkeypatch.setattr(evaluate, "_generate_batch", lambda m, ids, mask, cfg: fake)
+    s = evaluate.Sampler(model, tok, evaluate.Sampling(1.0, 1.0, 5), batch_size=8)
     (ans1, n1, f1), (ans2, n2, f2) = s.sample([[7, 7], [7, 7]])
     assert (n1, f1) == (3, "stop") and ans1 == tok.decode([a, b])
     assert (n2, f2) == (5, "length") and ans2 == tok.decode([a, b, a, b, a])
@@ -255,10 +255,10 @@ def test_batch_size_from_memory_and_backoff_on_oom(monkeypatch):
     # tiny model: K and V x 2 layers x 2 KV heads x 16 dims x 4 bytes per position, 100 + 20 positions
     kv = 2 * 2 * 2 * 16 * 4 * 120
     act = 100 * (4 * 64 + 2 * 128) * 4 + 3 * len(tok) * 4
-    assert generate.sequence_bytes(model, 100, 20) == kv + act
-    assert 1 <= generate.auto_batch_size(model, "cpu", 100, 20) <= generate.CPU_MAX_BATCH
+    assert evaluate.sequence_bytes(model, 100, 20) == kv + act
+    assert 1 <= evaluate.auto_batch_size(model, "cpu", 100, 20) <= evaluate.CPU_MAX_BATCH
 
-    real = generate._generate_batch
+    real = evaluate._generate_batch
     sizes = []
 
     def small_gpu(m, ids, mask, cfg):
@@ -266,9 +266,9 @@ def test_batch_size_from_memory_and_backoff_on_oom(monkeypatch):
         if ids.shape[0] > 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(m, ids, mask, cfg)
-    monkeypatch.setattr(generate, "_generate_batch", small_gpu)
-    s = generate.Sampler(model, tok, generate.Sampling(1.0, 1.0, 4), batch_size=16)
-    out = s.sample([generate.prompt_ids(tok, "Hi?", None)] * 10)
+    monkeypatch.setattr(evaluate, "_generate_batch", small_gpu)
+    s = evaluate.Sampler(model, tok, evaluate.Sampling(1.0, 1.0, 4), batch_size=16)
+    out = s.sample([evaluate.prompt_ids(tok, "Hi?", None)] * 10)
     assert len(out) == 10 and s.batch_size == 2 and sizes == [10, 8, 4, 2, 2, 2, 2, 2]
 
 
@@ -278,9 +278,9 @@ GREEDY_PROMPTS = [("Hi.", None), ("What should I eat for breakfast before a long
                   ("ok", None), ("What is the best way to store rice, beans and flour for a year?", SYSTEM)]
 
 
-def _batching_modes(model, tok, sampling, n: int) -> dict[str, "generate.Sampler"]:
-    """Every way lib.generate can batch the same prompts (mutant: _generate_batch ignoring the mask)."""
-    return {f"static batch {b}": generate.Sampler(model, tok, sampling, batch_size=b) for b in (2, 4, n)}
+def _batching_modes(model, tok, sampling, n: int) -> dict[str, "evaluate.Sampler"]:
+    """Every way lib.evaluate can batch the same prompts (mutant: _generate_batch ignoring the mask)."""
+    return {f"static batch {b}": evaluate.Sampler(model, tok, sampling, batch_size=b) for b in (2, 4, n)}
 
 
 def test_batched_greedy_answers_equal_one_prompt_at_a_time(monkeypatch):
@@ -289,17 +289,17 @@ def test_batched_greedy_answers_equal_one_prompt_at_a_time(monkeypatch):
     counted from the padded start, gives other tokens)."""
     tok = load_tokenizer("embedded:tiny", padding_side="left")
     model, _ = load_model("embedded:tiny", device="cpu", dtype="float32")
-    prompts = [generate.prompt_ids(tok, q, s) for q, s in GREEDY_PROMPTS]
+    prompts = [evaluate.prompt_ids(tok, q, s) for q, s in GREEDY_PROMPTS]
     assert len({len(p) for p in prompts}) == len(prompts), "the test needs different prompt lengths"
-    greedy = generate.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=12)
+    greedy = evaluate.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=12)
     generated: list[list[int]] = []  # new tokens of every row of every generate() call, in order
-    real = generate._generate_batch
+    real = evaluate._generate_batch
 
     def spy(model, input_ids, attention_mask, gen_cfg):
         out = real(model, input_ids, attention_mask, gen_cfg)
         generated.extend(out[:, input_ids.shape[1]:].tolist())
         return out
-    monkeypatch.setattr(generate, "_generate_batch", spy)
+    monkeypatch.setattr(evaluate, "_generate_batch", spy)
 
     def run(sampler) -> tuple[list, list[list[int]]]:
         generated.clear()
@@ -308,7 +308,7 @@ def test_batched_greedy_answers_equal_one_prompt_at_a_time(monkeypatch):
         toks = [row[:next((k + 1 for k, t in enumerate(row) if t in stop), len(row))] for row in generated]
         return answers, toks
 
-    alone, alone_toks = run(generate.Sampler(model, tok, greedy, batch_size=1))
+    alone, alone_toks = run(evaluate.Sampler(model, tok, greedy, batch_size=1))
     assert len(alone_toks) == len(prompts) and len({tuple(t) for t in alone_toks}) > 1
     for mode, sampler in _batching_modes(model, tok, greedy, len(prompts)).items():
         answers, toks = run(sampler)
