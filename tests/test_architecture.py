@@ -215,8 +215,8 @@ def test_checker_sees_a_circle_an_upward_import_and_a_lazy_one():
     found = _imports_in(src, known)
     assert found == [("config", False, False), ("judge", True, False), ("train", False, True),
                      ("plots", False, True), ("train", False, True)]
-    bad, lazy, fallbacks = _violations({"models": found[:2], "generate": found[2:]})
+    bad, lazy, fallbacks = _violations({"models": found[:2], "evaluate": found[2:]})
     assert _imports_in("import lib.judge\n", known) == [("judge", False, True)]
-    assert bad == {("models", "judge"), ("generate", "train"), ("generate", "plots")}
+    assert bad == {("models", "judge"), ("evaluate", "train"), ("evaluate", "plots")}
     assert lazy == {("models", "judge")}
-    assert fallbacks == {"generate"}
+    assert fallbacks == {"evaluate"}
