@@ -39,10 +39,10 @@ class Mutant:
 MUTANTS = [
     Mutant("generate_ignores_attention_mask",
            "_generate_batch attends to the left padding (all-ones attention mask)",
-           "lib/generate.py",
+           "lib/evaluate.py",
            "model.generate(input_ids=input_ids, attention_mask=attention_mask,",
            "model.generate(input_ids=input_ids, attention_mask=torch.ones_like(attention_mask),",
-           ("tests/test_generate.py::test_batched_greedy_answers_equal_one_prompt_at_a_time",)),
+           ("tests/test_evaluate.py::test_batched_greedy_answers_equal_one_prompt_at_a_time",)),
     Mutant("evaluate_fingerprint_drops_question_contents",
            "the evaluate stage's fingerprint names the question-set files but not their contents",
            "lib/fingerprint.py",
