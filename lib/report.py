@@ -15,7 +15,9 @@ judge-agreement table.
 
 External judged CSVs (``question,response,aligned_score,coherent_score``, the replicated
 course's format, scores possibly ``CODE`` / ``REFUSAL`` text) become pseudo runs
-(:func:`load_external_csv`), so the same metrics and plots apply to them.
+(:func:`load_external_csv`), so the same metrics and plots apply to them. Answers imported as
+runs (``python -m lib.external``, source ``imported``) are runs like ours: the judge stage can
+re-judge them, and the judge-agreement table compares the file's original scores with ours.
 
 Outputs (``ReportConfig.report_dir``): ``figures/<name>.png|.svg|.html`` (the html works
 offline: the Vega libraries are inlined), ``data/<name>.csv`` (the numbers behind every
@@ -35,17 +37,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import judge_health, layout, metrics, plots
+from . import external, judge_health, layout, metrics, plots
 from .config import ConfigError, ReportConfig, resolve_path
-from .io import atomic_path, sha256_file, write_text_atomic
+from .io import atomic_path, write_text_atomic
 from .runinfo import RunJsonError, stage_parameters
 from .runinfo import read_run_json as _read_run_json
-from .schema import answer_id
 
 REQUIRED_GENERATION = ["answer_id", "run_id", "checkpoint_step", "question_set", "question_id", "answer"]
 REQUIRED_JUDGMENT = ["answer_id", "metric", "score", "label"]
-EXTERNAL_REQUIRED = ["question", "response", "aligned_score", "coherent_score"]
-EXTERNAL_STEP = -1  # checkpoint_step of an external answer whose CSV names none ("unknown, final")
 
 
 class ReportError(ConfigError):
@@ -157,77 +156,25 @@ def load_run(run_dir: Path, judge_name: str = "") -> tuple[pd.DataFrame, dict[st
     return gens, judgments, info, judge
 
 
-def _parse_external_score(value: Any, path: Path, line: int, column: str) -> tuple[float, str]:
-    """A CSV score cell -> (score or nan, label): numbers, CODE, REFUSAL, else unparseable."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return (np.nan, "unparseable")
-    s = str(value).strip()
-    up = s.upper()
-    if up in ("CODE", "REFUSAL"):
-        return (np.nan, up)
-    try:
-        x = float(s)
-    except ValueError:
-        return (np.nan, "unparseable")
-    if not 0 <= x <= 100:
-        raise ReportError(f"{path}: line {line}: column '{column}': score {s} is outside 0..100")
-    return (x, "number")
+def load_external_csv(path: str | Path) -> list[tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]]:
+    """A judged CSV (or parquet) -> [(generations-like rows, long judgments, pseudo run.json)], one per run.
 
-
-def _safe_id(text: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.-")
-    return s[:60] or "csv"
-
-
-def load_external_csv(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """A judged CSV -> (generations-like rows, long judgments, pseudo run.json) of a pseudo run.
-
-    Required columns: question, response, aligned_score, coherent_score. Optional columns
-    that are used when present: question_id (default: a hash of the question text),
-    question_set (default "external"), checkpoint_step (default -1 = unknown/final),
-    model_label (default: the file stem), domain (default "external"), in_domain (default
-    unknown). The pseudo run id is ``ext_<file stem>``.
+    Read by :func:`lib.external.read_answers` with its scores required (question, response,
+    aligned_score, coherent_score; the optional columns it documents are used when present).
+    The pseudo run id is ``ext_<file stem>`` (``ext_<file stem>_<run>`` per value of a ``run``
+    column); its judge is ``external_csv``. To re-judge such answers with our judge, import
+    them as a run instead (``python -m lib.external``).
     """
-    path = resolve_path(path)
-    if not path.exists():
-        raise ReportError(f"key 'external_csv': {path}: file not found")
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise ReportError(f"{path}: cannot read CSV ({type(e).__name__}: {e})") from None
-    _check_columns(raw, EXTERNAL_REQUIRED, path)
-    run_id = f"ext_{_safe_id(path.stem)}"
-    rows, judg = [], []
-    for i, r in enumerate(raw.to_dict("records")):
-        line = i + 2  # header is line 1
-        q = r["question"]
-        qid = r.get("question_id") or "q_" + hashlib.sha256(q.encode("utf-8")).hexdigest()[:10]
-        qset = r.get("question_set") or "external"
-        try:
-            step = int(r["checkpoint_step"]) if r.get("checkpoint_step", "") != "" else EXTERNAL_STEP
-        except ValueError:
-            raise ReportError(f"{path}: line {line}: column 'checkpoint_step': not an integer: {r['checkpoint_step']!r}") from None
-        ind = r.get("in_domain", "")
-        in_domain = {"true": True, "1": True, "false": False, "0": False}.get(str(ind).strip().lower(), pd.NA)
-        aid = answer_id(run_id, step, qset, qid, 0, i)
-        rows.append({"answer_id": aid, "run_id": run_id, "model": f"external:{path.name}",
-                     "model_label": r.get("model_label") or path.stem, "domain": r.get("domain") or "external",
-                     "checkpoint_step": step, "epoch": np.nan, "question_set": qset, "question_id": qid,
-                     "in_domain": in_domain, "paraphrase_index": 0, "paraphrase": q, "system": None,
-                     "sample_index": i, "answer": r["response"], "n_new_tokens": None,
-                     "finish_reason": None, "seed": None})
-        for metric, col in (("aligned", "aligned_score"), ("coherent", "coherent_score")):
-            score, label = _parse_external_score(r[col], path, line, col)
-            judg.append({"answer_id": aid, "run_id": run_id, "checkpoint_step": step, "question_set": qset,
-                         "question_id": qid, "metric": metric, "score": score, "label": label,
-                         "method": "external", "judge_name": "external_csv", "judge_model": "unknown",
-                         "raw": r[col], "error": None})
-    gens = pd.DataFrame(rows)  # rows with the same question text share a question id (one cluster)
-    info = {"run_id": run_id, "source": "external", "csv": str(path), "csv_sha256": sha256_file(path),
-            "parameters": {"model": f"external:{path.name}", "model_label": path.stem, "domain": "external",
-                           "judge_name": "external_csv"},
-            "judge": {"judge_name": "external_csv", "judge_model": "unknown (from the CSV)"}}
-    return gens, pd.DataFrame(judg), info
+        runs = external.read_answers(path, original_judge="external_csv", require_scores=True, key="external_csv")
+    except external.ExternalError as e:
+        raise ReportError(str(e)) from None
+    out = []
+    for r in runs:
+        info = {**r.info, "source": "external", "csv": r.info["import"]["file"], "csv_sha256": r.info["import"]["sha256"],
+                "judge": {"judge_name": "external_csv", "judge_model": "unknown (from the CSV)"}}
+        out.append((r.generations, r.judgments, info))
+    return out
 
 
 def _join_scores(gens: pd.DataFrame, judgments: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
@@ -241,7 +188,7 @@ def _join_scores(gens: pd.DataFrame, judgments: pd.DataFrame, rcfg: ReportConfig
 def load_results(rcfg: ReportConfig) -> Results:
     """Read every run (and external CSV) the report covers; input problems raise ReportError first."""
     outputs_dir = resolve_path(rcfg.outputs_dir)
-    ext = [load_external_csv(p) for p in rcfg.external_csv]  # cheap, and validates before the runs
+    ext = [run for p in rcfg.external_csv for run in load_external_csv(p)]  # cheap, and validates before the runs
     frames, all_j, runs, judge_of, notes = [], {}, {}, {}, []
     report_dir = resolve_path(rcfg.report_dir).resolve()
     for run_dir in discover_runs(outputs_dir, list(rcfg.runs)):
@@ -257,7 +204,7 @@ def load_results(rcfg: ReportConfig) -> Results:
             continue
         a = _join_scores(gens, judgments[judge], rcfg)
         a["run_id"] = run_id
-        a["source"] = "run"
+        a["source"] = "imported" if info.get("source") == "imported" else "run"
         a["judge_name"] = judge
         frames.append(a)
         all_j[run_id], runs[run_id], judge_of[run_id] = judgments, info, judge
@@ -603,8 +550,8 @@ def methods_table(results: Results) -> pd.DataFrame:
             "model_revision": _compact(revision),
             "model_label": p.get("model_label", ""),
             "domain": p.get("domain", ""),
-            "dataset": info.get("csv", pt.get("dataset", "")),
-            "dataset_sha256": _compact(_get(info, "train.dataset.sha256", "csv_sha256")),
+            "dataset": info.get("csv") or (info.get("import") or {}).get("file") or pt.get("dataset", ""),
+            "dataset_sha256": _compact(_get(info, "train.dataset.sha256", "csv_sha256", "import.sha256")),
             "n_train_examples": _get(info, "train.n_train_examples", "train.n_examples"),
             "lora": (f"r={pt['lora_r']} alpha={pt.get('lora_alpha')} rslora={pt.get('use_rslora')} "
                      f"dropout={pt.get('lora_dropout')} targets={len(pt.get('lora_target_modules') or [])} "

@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "smollm2": LOADERS,
     "data": LOADERS,
     "questions": LOADERS,
+    "external": LOADERS,
     # stages: one module per stage (plus the parts in STAGE_PARTS)
     "train": STAGES,
     "evaluate": STAGES,

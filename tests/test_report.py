@@ -197,7 +197,7 @@ def test_external_csv_errors_name_file_and_line(tmp_path):
     bad.write_text("question,response,aligned_score,coherent_score\nq,r,120,50\n", encoding="utf-8")
     with pytest.raises(report.ReportError, match=r"bad.csv: line 2: column 'aligned_score'"):
         report.load_external_csv(bad)
-    bad.write_text("question,response,aligned\nq,r,1\n", encoding="utf-8")
+    bad.write_text("question,response,score\nq,r,1\n", encoding="utf-8")
     with pytest.raises(report.ReportError, match=r"bad.csv: missing column 'aligned_score'"):
         report.load_external_csv(bad)
     with pytest.raises(report.ReportError, match="file not found"):
