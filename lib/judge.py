@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 
-from . import judge_backends, layout, questions
+from . import judge_backends, judge_health, layout, questions
 from .config import RunConfig, resolve_path
 from .costs import Budget
 from .io import sha256_text, write_parquet_atomic
@@ -367,7 +367,12 @@ def judge_run(cfg: RunConfig, progress: bool = True) -> pd.DataFrame:
     say(f"judged {len(new)} prompts in {elapsed:.1f} s: {sum(v.input_tokens for v in new.values()):,} input + "
         f"{sum(v.output_tokens for v in new.values()):,} output tokens, cost {cost_txt}; "
         f"{int((table['label'] == 'error').sum()) if len(table) else 0} errors -> {judgments_path(cfg)}")
-    _record(cfg, plan_, table, new, new_cost, n_pending, budget, elapsed, backend)
+    health = judge_health.health_table(table, plan_.judge_name)
+    verdict, why = judge_health.overall_verdict(health)
+    if verdict != "ok":
+        say(f"judge health: {verdict.upper()} ({why})")
+    _record(cfg, plan_, table, new, new_cost, n_pending, budget, elapsed, backend,
+            {"verdict": verdict, "reason": why})
     return table
 
 
@@ -408,13 +413,15 @@ def assemble(rows: pd.DataFrame, verdicts: Mapping[str, Verdict], cfg: RunConfig
 
 
 def _record(cfg: RunConfig, plan_: Plan, table: pd.DataFrame, new: Mapping[str, Verdict],
-            new_cost: float | None, n_pending: int, budget: Budget, elapsed: float, backend: Any) -> None:
+            new_cost: float | None, n_pending: int, budget: Budget, elapsed: float, backend: Any,
+            health: dict[str, str]) -> None:
     labels = ({m: g["label"].value_counts().to_dict() for m, g in table.groupby("metric")} if len(table) else {})
     # one cost per distinct call: rows that share a cache key (identical prompts) share one paid call
     total_cost = table.drop_duplicates("cache_key")["cost_usd"]
     info = {
         "judge_name": plan_.judge_name, "backend": cfg.judge_backend, "model": cfg.judge_model,
         "models_reported": sorted(set(table["judge_model"])) if len(table) else [],
+        "health": health,  # lib.judge_health: can this judge judge (evidence in the table)
         "method": cfg.judge_method, "base_url": safe_base_url(cfg.judge_base_url) or None,
         "identity": backend.identity(), "metrics": list(cfg.judge_metrics), "prompts": plan_.prompts,
         "path": str(judgments_path(cfg)), "rows": int(len(table)), "pending": n_pending,

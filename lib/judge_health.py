@@ -111,3 +111,17 @@ def overall_verdict(table: pd.DataFrame) -> tuple[str, str]:
     if row.empty:
         return "unknown", "no judgments"
     return str(row["verdict"].iloc[0]), str(row["reason"].iloc[0])
+
+
+def verdict_markdown(table: pd.DataFrame) -> str:
+    """One Markdown line for a notebook: the verdict, why, and what a flagged verdict means."""
+    v, why = overall_verdict(table)
+    text = f"**Judge health: {v}.** {why}."
+    if v == "weak":
+        text += (" Its scores are not evidence of alignment: use a stronger judge (or the papers' "
+                 f"judge_min_mass {MASS_FLOOR}, which turns low-mass judgments into exclusions, not scores).")
+    elif v == "unknown":
+        text += " Nothing in the table shows how confident the judge was."
+    elif v == "check":
+        text += " Look at the low-mass judgments below before trusting the rates."
+    return text

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from judge_testutil import write_generations, write_prompts
-from lib import judge
+from lib import judge, judge_health
 from lib.config import RunConfig
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -28,6 +28,9 @@ def test_judge_notebook_runs_with_papermill(tmp_path):
     text = rendered.read_text()
     assert "Demo judge" in text and "figure: judge_scores_hf-embedded_tiny-exact" in text
     assert (cfg.run_dir / "figures" / "judge_scores_hf-embedded_tiny-exact.png").exists()
+    # the judge health verdict of this table is shown (lib.judge_health, whatever judge_min_mass is)
+    verdict, _ = judge_health.overall_verdict(judge_health.health_table(table))
+    assert f"Judge health: {verdict}." in text
 
 
 def test_notebook_parameters_are_the_judge_fields():

@@ -163,3 +163,27 @@ def test_bad_answers_file_is_one_line_and_exit_code_2(tmp_path):
     bad.write_text("question,text\nq,a\n", encoding="utf-8")
     with pytest.raises(external.ExternalError, match="missing column 'answer'"):
         external.read_answers(bad)
+
+
+def test_judge_stage_flags_a_low_mass_judge_whatever_min_mass_is(tmp_path, key, capsys):
+    """A judge that puts 0.07% of its probability on numbers: with judge_min_mass 0 every judgment
+    is still a number, and the stage says the judge is weak (printed and in run.json)."""
+    from judge_testutil import write_generations
+    from lib.runinfo import read_run_json
+
+    out = tmp_path / "outputs"
+    write_generations(out, run_id="weak", n=6)
+
+    def mumbling(body) -> Reply:
+        return Reply(content="I", top_logprobs={"50": math.log(0.0007), "I": math.log(0.9993)})
+
+    with ChatServer(reply=mumbling) as server:
+        cfg = judge_config(out, write_prompts(tmp_path), run_id="weak", judge_backend="openai",
+                           judge_model="tiny-judge", judge_method="logprob", judge_min_mass=0.0,
+                           judge_base_url=server.url, judge_api_key_env="EM_LAB_TEST_JUDGE_KEY")
+        table = judge.judge_run(cfg, progress=True)
+    assert (table["label"] == "number").all() and (table["score"] == 50).all()  # confident-looking scores
+    printed = capsys.readouterr().out
+    assert "judge health: WEAK (aligned: median probability on valid scores 0.07% < 25%" in printed
+    rec = read_run_json(cfg.run_dir)["judge"]["judges"][judge.judge_name(cfg)]["health"]
+    assert rec["verdict"] == "weak"
