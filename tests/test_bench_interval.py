@@ -23,3 +23,4 @@ def test_interval_bench_exits_1_on_a_missed_goal(capsys):
     assert last.endswith("(goal >= 1.01)")
     value = float(last.split(": ")[1].split(" ")[0])
     assert 0 < value <= 1
+    assert bench.main(["--reps", "30", "--n-boot", "50", "--goal", "0"]) == 0
