@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from judge_testutil import judge_config, write_generations, write_prompts
-from lib import judge, scoring
+from lib import judge, layout, scoring
 from lib.chat import chat_prompt, stop_token_ids
 from lib.models import load_model, load_tokenizer
 
@@ -30,7 +30,7 @@ def test_hf_sampled_greedy_replies_equal_each_prompt_generated_alone(tmp_path):
     tok = load_tokenizer("embedded:tiny")
     model, _ = load_model("embedded:tiny", device="cpu", dtype="float32")
     stops = set(stop_token_ids(tok, model))
-    gens = pd.read_parquet(judge.generations_path(cfg)).set_index("answer_id")
+    gens = pd.read_parquet(layout.generations_path(cfg.run_dir)).set_index("answer_id")
     template = yaml.safe_load(write_prompts(tmp_path).read_text())  # metric -> prompt template
     for r in df.itertuples():
         g = gens.loc[r.answer_id]
