@@ -51,11 +51,12 @@ from .config import ConfigError, RunConfig, _check_types, _f, from_mapping
 from .evaluate import evaluate_run
 from .io import read_safetensors, sha256_file, sha256_text, write_safetensors_atomic, write_text_atomic
 from .judge import check_credentials, judge_run
+from .layout import list_checkpoints
 from .models import load_model, load_tokenizer, model_revision_info, resolve_model
 from .questions import load_question_sets
 from .runinfo import git_commit, package_versions, update_run_json
 from .secrets import hf_token
-from .train import list_checkpoints, train_run
+from .train import train_run
 
 PHASE_DIR = "phase"
 TRAJECTORY_FILE = "adapter_trajectory.safetensors"
@@ -96,7 +97,7 @@ class PhaseConfig:
     lora_module: str = _f("down_proj", "phase", "the one module that gets a rank-1 adapter")
     lora_layer: int = _f(-1, "phase", "its layer index; -1: the middle layer (num_layers // 2)")
     lora_alpha: int = _f(16, "phase", "LoRA alpha; the adapter's output is scaled by alpha (rank 1)")
-    use_rslora: bool = _f(True, "phase", "rank-stabilised scaling (alpha / sqrt(r); the same for r = 1)")
+    use_rslora: bool = _f(True, "phase", "rank-stabilised scaling: alpha / sqrt(r), the same as alpha / r at rank 1")
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = _f(2e-3, "phase", "peak learning rate")
     epochs: int = _f(2, "phase", "training epochs")
@@ -109,7 +110,7 @@ class PhaseConfig:
     checkpoint_every: int = _f(1, "phase", "save the adapter every n optimizer steps (and at the end)")
     # --- the adapter's trajectory ------------------------------------------------------------
     rotation_window: int = _f(1, "phase", "k: the turn angle compares B_i - B_(i-k) with B_(i+k) - B_i (checkpoints)")
-    min_move: float = _f(0.0, "phase", "a checkpoint is a transition candidate only if both displacements' norms are >= this")
+    min_move: float = _f(0.0, "phase", "a transition candidate needs both displacements at least this long")
     n_probe: int = _f(16, "phase", "question prompts in the fixed probe batch for the adapter's effect size")
     # --- EM over training --------------------------------------------------------------------
     question_sets: list = _f(["data/questions/core_misalignment.yaml"], "phase", "question YAML paths or https URLs")

@@ -158,7 +158,7 @@ def test_conditions_and_config_checks():
 
 
 def test_a_missing_source_run_is_one_clear_line(tmp_path):
-    with pytest.raises(direction.DirectionError, match="run.json: not found; run 05_phase_transition"):
+    with pytest.raises(direction.DirectionError, match="run.json: no run parameters; run 05_phase_transition"):
         direction.collect(direction.DirectionConfig(outputs_dir=str(tmp_path)))
 
 

@@ -168,3 +168,23 @@ def test_a_missing_judge_key_stops_before_training(tmp_path, monkeypatch):
     with pytest.raises(JudgeError, match="EM_LAB_TEST_NO_SUCH_KEY is not set"):
         phase.train_adapter(cfg, progress=False)
     assert not (tmp_path / "nokey").exists()
+
+
+@pytest.mark.parametrize("name,cls", [("05_phase_transition", "phase.PhaseConfig"),
+                                      ("06_misalignment_direction", "direction.DirectionConfig")])
+def test_parameters_cell_is_the_config_and_papermill_reads_every_line(name, cls):
+    import dataclasses
+
+    import nbformat
+    from papermill.translators import PythonTranslator
+
+    from lib import direction  # noqa: F401  (named in the parametrisation)
+
+    config_cls = eval(cls)
+    nb = nbformat.read(str(REPO_ROOT / "notebooks" / f"{name}.ipynb"), as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    found = PythonTranslator.inspect(cell)  # what `papermill --help-notebook` shows
+    assert [p.name for p in found] == [f.name for f in dataclasses.fields(config_cls)]
+    defaults = {p.name: eval(p.default) for p in found}
+    assert config_cls(**defaults) == config_cls()  # the cell's defaults are the config's
+    assert all(p.help for p in found)
