@@ -34,9 +34,13 @@ and exits 1 after a summary table (run, stage, status, time).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -56,7 +60,7 @@ from .lock import ENV_HELD, LOCK_NAME, FolderLock, LockError, is_stale, read_hol
 from .models import pick_device, resolve_model
 from .questions import NotCached, QuestionError, check_question_sources, load_judge_prompts
 from .report import export_html as report_export_html
-from .secrets import mask_url_credentials, redact
+from .secrets import ENV_URL_SECRETS, mask_parameters, mask_url_credentials, redact
 from .train import check_train_config
 
 RUN_STAGES = ("train", "evaluate", "judge")
@@ -350,6 +354,8 @@ def why_run(stage: str, record: dict[str, Any], finger: str, present: bool, opti
     last = record.get("last", {}).get(stage, {}).get("status")
     if last == "failed":
         return "retry after a failure"
+    if last == "incomplete":
+        return "retry what is missing"
     if last == "running":
         return "resume after an interrupted attempt"
     if done.get("fingerprint") == finger and present:
@@ -361,8 +367,10 @@ def why_run(stage: str, record: dict[str, Any], finger: str, present: bool, opti
 
 def _run_notebook_stage(run: str, stage: str, folder: Path, finger: str, present: bool,
                         nb_in: Path, nb_out: Path, parameters: dict[str, Any], options: Options,
-                        extra: dict[str, Any]) -> StageResult:
-    """Skip-or-execute one notebook, then record the outcome in ``folder/stages.json``."""
+                        extra: dict[str, Any], incomplete: Callable[[], str | None] | None = None) -> StageResult:
+    """Skip-or-execute one notebook, then record the outcome in ``folder/stages.json``.
+    ``incomplete``: after a successful notebook, why its work is not all done (None: it is);
+    such a stage is recorded 'incomplete', not done, so a plain rerun executes it again."""
     record = fp.read_stages(folder)
     done = record.get(stage, {})
     why = why_run(stage, record, finger, present, options)
@@ -383,7 +391,12 @@ def _run_notebook_stage(run: str, stage: str, folder: Path, finger: str, present
             except Exception as e:  # the notebook is still there; the export is a convenience
                 log(run, stage, f"warning: HTML export failed: {_one_line(f'{type(e).__name__}: {e}')}")
         seconds = time.monotonic() - t0
-        if error is None:
+        missing = incomplete() if error is None and incomplete is not None else None
+        if missing:
+            log(run, stage, f"incomplete after {seconds:.1f}s: {missing}; a plain rerun retries only those -> {html}")
+            result = StageResult(run, stage, "incomplete", seconds, str(nb_out), missing)
+            record = fp.read_stages(folder)
+        elif error is None:
             log(run, stage, f"done in {seconds:.1f}s -> {html}")
             result = StageResult(run, stage, "done", seconds, str(nb_out))
             record = fp.read_stages(folder)  # re-read: the stage itself may not touch it, but be safe
@@ -413,7 +426,23 @@ def run_stage(stage: str, cfg: RunConfig, options: Options, params_file: str = "
     nb_in = Path(options.notebooks_dir) / NOTEBOOKS[stage]
     nb_out = layout.notebooks_dir(run_dir) / NOTEBOOKS[stage]
     return _run_notebook_stage(cfg.run_id, stage, run_dir, finger, outputs_present(stage, cfg), nb_in, nb_out,
-                               cfg.to_dict(), options, {"params_file": params_file})
+                               mask_parameters(cfg.to_dict())[0], options, {"params_file": params_file},
+                               (lambda: judge_missing(cfg)) if stage == "judge" else None)
+
+
+def judge_missing(cfg: RunConfig) -> str | None:
+    """What the judge stage left undone (error rows, judgments a budget cap held back), or None."""
+    from .judge import run_info
+
+    info = run_info(cfg)
+    if not info or info.get("complete", True):
+        return None
+    errors = info.get("errors")
+    if errors is None:
+        errors = sum(labels.get("error", 0) for labels in info.get("labels", {}).values())
+    parts = ([f"{errors} judge call(s) failed (error rows)"] if errors else []) + \
+            ([f"{info['pending']} judgment(s) not made (budget cap)"] if info.get("pending") else [])
+    return ", ".join(parts) or "judgments incomplete"
 
 
 @contextmanager
@@ -449,6 +478,12 @@ def run_job(job: Job) -> list[StageResult]:
         if job.env.get("CUDA_VISIBLE_DEVICES"):
             log(job.run_id, "-", f"CUDA_VISIBLE_DEVICES={job.env['CUDA_VISIBLE_DEVICES']}")
         cfg = from_mapping(job.config, source=job.params_file)
+        # the notebooks get URL credentials masked in their (rendered) parameters, the real URLs
+        # through the environment their kernels inherit (lib.secrets.unmask_url)
+        _, url_secrets = mask_parameters(cfg.to_dict())
+        if url_secrets:
+            saved.setdefault(ENV_URL_SECRETS, os.environ.get(ENV_URL_SECRETS))
+            os.environ[ENV_URL_SECRETS] = json.dumps(url_secrets)
         stages = [s for s in job.options.stages if s in RUN_STAGES]
         results: list[StageResult] = []
         try:
@@ -479,7 +514,7 @@ def run_is_complete(run_dir: Path) -> bool:
     """The run's latest attempt of every stage succeeded and it has generations to report."""
     last = fp.read_stages(run_dir).get("last", {})
     return layout.generations_path(run_dir).exists() and all(
-        v.get("status") in ("done", "skipped") for v in last.values())
+        v.get("status") in ("done", "skipped", "incomplete") for v in last.values())
 
 
 def _report_state(outputs_dir: str, runs: list[str], save: bool = True,
@@ -533,7 +568,7 @@ def _report_job(outputs_dir: str, runs: list[str], options: Options, em: dict[st
 class SlurmOptions:
     partition: str = ""
     time_min: int = 24 * 60
-    gpus_per_job: int = 1
+    gpus_per_job: int | None = None  # None: 1 when the partition's nodes have GPU GRES, else 0
     cpus_per_job: int = 0
     mem_gb: int = 0
     account: str = ""
@@ -648,9 +683,7 @@ def run_submitit_local(jobs: list[Job], parallel: int, gpus: list[str], folder: 
 
 
 def _slurm_executor(folder: Path, slurm: SlurmOptions, name: str, gpus: int, dependency: str = ""):
-    import submitit
-
-    ex = submitit.SlurmExecutor(folder=folder / "%j")
+    ex = _SlurmExecutor(folder=folder / "%j")
     params: dict[str, Any] = {"time": slurm.time_min, "job_name": name, "gpus_per_node": gpus or None}
     if slurm.partition:
         params["partition"] = slurm.partition
@@ -666,6 +699,107 @@ def _slurm_executor(folder: Path, slurm: SlurmOptions, name: str, gpus: int, dep
         params["additional_parameters"] = dict(slurm.extra)
     ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return ex
+
+
+def _slurm_classes() -> tuple[type, type]:
+    """submitit's Slurm executor with a job-state watcher that also works without accounting.
+
+    submitit asks ``sacct`` for job states. Where accounting is off (the usual on a small
+    cluster) every poll fails, submitit logs "Bypassing sacct error" each time, and a job that
+    ended without writing its result (scancel, node failure) is never seen as finished: the
+    runner would wait forever. This watcher asks ``squeue`` instead when ``sacct`` does not
+    work: a job the queue no longer lists has ended (its result file says how)."""
+    import submitit
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    class Watcher(SlurmInfoWatcher):
+        accounting: bool | None = None
+
+        def update(self) -> None:
+            if Watcher.accounting is None:
+                Watcher.accounting = _sacct_works()
+            if Watcher.accounting:
+                super().update()
+                return
+            to_check = {x.split("_")[0] for x in self._registered - self._finished}
+            if not to_check:
+                return
+            self._num_calls += 1
+            try:
+                out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%N", "-j", ",".join(sorted(to_check))],
+                                     capture_output=True, text=True, timeout=60)
+            except (OSError, subprocess.SubprocessError):
+                out = None
+            if out is not None and out.returncode == 0:
+                info = {}
+                for line in out.stdout.splitlines():
+                    jid, _, rest = line.strip().partition("|")
+                    state, _, nodes = rest.partition("|")
+                    info[jid] = {"JobID": jid, "State": state, "NodeList": nodes}
+                for jid in to_check:
+                    info.setdefault(jid, {"JobID": jid, "State": "ENDED", "NodeList": ""})  # left the queue
+                self._info_dict.update(info)
+            self._last_status_check = time.time()
+            for job_id in self._registered - self._finished:
+                if self.is_done(job_id, mode="cache"):
+                    self._finished.add(job_id)
+
+    class Job(submitit.SlurmJob):
+        watcher = Watcher(delay_s=15)  # a cancelled job is noticed within 15 s, not minutes
+
+    class Executor(submitit.SlurmExecutor):
+        job_class = Job
+
+    return Executor, Job
+
+
+def _sacct_works() -> bool:
+    try:
+        return subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _SlurmExecutor(folder: Path) -> Any:  # noqa: N802 (a class made on first use)
+    global _SLURM_CLASSES
+    if _SLURM_CLASSES is None:
+        _SLURM_CLASSES = _slurm_classes()
+    return _SLURM_CLASSES[0](folder=folder)
+
+
+_SLURM_CLASSES: tuple[type, type] | None = None
+
+
+def partition_gpus(partition: str = "") -> int:
+    """1 when the nodes of ``partition`` (default partition when empty) have GPU GRES, else 0."""
+    cmd = ["sinfo", "-h", "-o", "%G"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return 1 if re.search(r"(^|[,\s])gpu[:(]", out) else 0
+
+
+# sbatch message fragment -> the option to change
+_SBATCH_HINTS = (
+    ("gres", "--gpus-per-job (0 for a partition without GPUs)"),
+    ("gpu", "--gpus-per-job (0 for a partition without GPUs)"),
+    ("partition", "--partition"),
+    ("time limit", "--time"),
+    ("account", "--account"),
+    ("memory", "--mem-gb"),
+    ("cpu", "--cpus-per-job"),
+    ("qos", "--slurm-arg qos=..."),
+)
+
+
+def submit_error(e: BaseException) -> str:
+    """One line for a job sbatch refused: its message and the option to change."""
+    msg = _one_line(str(e) or type(e).__name__)
+    msg = re.sub(r"^sbatch: error: ", "", msg)
+    low = msg.lower()
+    hint = next((h for frag, h in _SBATCH_HINTS if frag in low), "the --slurm-arg options")
+    return f"sbatch refused the job: {msg}; change {hint}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -712,14 +846,14 @@ def plan(runs: list[tuple[str, RunConfig]], options: Options) -> list[tuple[str,
 
 def summary_table(results: list[StageResult]) -> str:
     rows = [("run", "stage", "status", "time")] + [
-        (r.run, r.stage, r.status, f"{r.seconds:.1f}s" if r.status in ("done", "failed") else "-")
+        (r.run, r.stage, r.status, f"{r.seconds:.1f}s" if r.status in ("done", "failed", "incomplete") else "-")
         for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    failed = [r for r in results if r.status == "failed"]
-    for r in failed:
-        lines.append(f"failed: {r.run} {r.stage}: {r.error}" + (f"  ({r.notebook})" if r.notebook else ""))
+    for r in results:
+        if r.status in ("failed", "incomplete"):
+            lines.append(f"{r.status}: {r.run} {r.stage}: {r.error}" + (f"  ({r.notebook})" if r.notebook else ""))
     return "\n".join(lines)
 
 
@@ -763,19 +897,40 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
     results: list[StageResult] = []
 
     if executor == "slurm":
+        gpus_per_job = slurm.gpus_per_job
+        if gpus_per_job is None:
+            gpus_per_job = partition_gpus(slurm.partition)
+            print(f"slurm: {gpus_per_job} GPU per run job (the partition's nodes have "
+                  f"{'GPU' if gpus_per_job else 'no GPU'} GRES; --gpus-per-job N to choose)", flush=True)
+
+        def submit(ex: Any, fn: Callable[..., Any], *args: Any) -> Any:
+            from submitit.core.utils import FailedJobError
+
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's stderr itself
+                    return ex.submit(fn, *args)
+            except (FailedJobError, OSError, subprocess.SubprocessError) as e:
+                raise GridError(submit_error(e)) from None
+
         run_handles = []
-        if do_runs:
-            for job in grid_jobs:
-                ex = _slurm_executor(folder, slurm, f"em-{job.run_id}", slurm.gpus_per_job)
-                handle = ex.submit(run_job, job)
-                log(job.run_id, "-", f"submitted Slurm job {handle.job_id}")
-                run_handles.append((job, handle))
         report_handle = None
-        if do_report:
-            dep = "afterany:" + ":".join(h.job_id for _, h in run_handles) if run_handles else ""
-            ex = _slurm_executor(folder, slurm, "em-report", 0, dependency=dep)
-            report_handle = ex.submit(_report_job, outputs_dir, run_ids, options, em)
-            log("report", "report", f"submitted Slurm job {report_handle.job_id}" + (f" ({dep})" if dep else ""))
+        try:
+            if do_runs:
+                for job in grid_jobs:
+                    ex = _slurm_executor(folder, slurm, f"em-{job.run_id}", gpus_per_job)
+                    handle = submit(ex, run_job, job)
+                    log(job.run_id, "-", f"submitted Slurm job {handle.job_id}")
+                    run_handles.append((job, handle))
+            if do_report:
+                dep = "afterany:" + ":".join(h.job_id for _, h in run_handles) if run_handles else ""
+                ex = _slurm_executor(folder, slurm, "em-report", 0, dependency=dep)
+                report_handle = submit(ex, _report_job, outputs_dir, run_ids, options, em)
+                log("report", "report", f"submitted Slurm job {report_handle.job_id}" + (f" ({dep})" if dep else ""))
+        except GridError as e:
+            for _, h in run_handles:  # nothing half-submitted stays queued
+                h.cancel(check=False)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
         if not slurm.wait:
             print(f"submitted; logs under {folder}", flush=True)
             return 0
@@ -806,7 +961,7 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
     if report:
         html = Path(report[0].notebook).with_suffix(".html")
         print(f"report: {html}", flush=True)
-    return 1 if any(r.status == "failed" for r in results) else 0
+    return 1 if any(r.status in ("failed", "incomplete") for r in results) else 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -860,7 +1015,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inline: this machine (default); local: submitit local jobs; slurm: submitit Slurm jobs")
     r.add_argument("--partition", default="", help="Slurm partition")
     r.add_argument("--time", default="24:00:00", help="job time limit (minutes, H:MM:SS or D-HH:MM:SS)")
-    r.add_argument("--gpus-per-job", type=int, default=1, help="Slurm GPUs per run job (the report job gets none)")
+    r.add_argument("--gpus-per-job", type=int, default=None,
+                   help="Slurm GPUs per run job (default: 1 when the partition's nodes have GPU GRES, else 0; "
+                        "the report job gets none)")
     r.add_argument("--cpus-per-job", type=int, default=0, help="Slurm CPUs per job (0 = cluster default)")
     r.add_argument("--mem-gb", type=int, default=0, help="Slurm memory per job in GB (0 = cluster default)")
     r.add_argument("--account", default="", help="Slurm account")

@@ -357,7 +357,9 @@ def judge_run(cfg: RunConfig, progress: bool = True) -> pd.DataFrame:
     table = assemble(prep.rows, verdicts, cfg)
     write_parquet_atomic(table, judgments_path(cfg))
 
-    spent = [v.cost_usd for v in new.values()]
+    # a failed call (error row) produced no reply to bill: the cost is that of the answered calls,
+    # unknown only when an answered call's price is
+    spent = [v.cost_usd for v in new.values() if v.label != "error"]
     new_cost = None if any(c is None for c in spent) else float(sum(spent))
     n_pending = int(len(prep.rows) - len(table))
     if budget.exhausted:
@@ -417,7 +419,7 @@ def _record(cfg: RunConfig, plan_: Plan, table: pd.DataFrame, new: Mapping[str, 
             health: dict[str, str]) -> None:
     labels = ({m: g["label"].value_counts().to_dict() for m, g in table.groupby("metric")} if len(table) else {})
     # one cost per distinct call: rows that share a cache key (identical prompts) share one paid call
-    total_cost = table.drop_duplicates("cache_key")["cost_usd"]
+    total_cost = table[table["label"] != "error"].drop_duplicates("cache_key")["cost_usd"]
     info = {
         "judge_name": plan_.judge_name, "backend": cfg.judge_backend, "model": cfg.judge_model,
         "models_reported": sorted(set(table["judge_model"])) if len(table) else [],
@@ -433,6 +435,7 @@ def _record(cfg: RunConfig, plan_: Plan, table: pd.DataFrame, new: Mapping[str, 
                          "cost_usd": new_cost, "budget_usd": cfg.judge_budget_usd or None,
                          "budget_exhausted": budget.exhausted},
         "table_cost_usd": None if total_cost.isna().any() else float(total_cost.sum()),
+        "errors": int((table["label"] == "error").sum()) if len(table) else 0,
         "batches": getattr(backend, "status", None),
         "price": plan_.price_note, "estimate": {"cost_usd": plan_.est_cost_usd,
                                                  "input_tokens": plan_.est_input_tokens,

@@ -53,7 +53,7 @@ from .models import (dtype_bytes, free_memory_bytes, is_out_of_memory, kv_bytes_
                      load_tokenizer, resolve_model)
 from .scoring import (CANDIDATES, MIN_MASS, SAMPLED_MAX_TOKENS, TOP_LOGPROBS, Job, JudgeError, Verdict,
                       label_from_logprobs, parse_sampled)
-from .secrets import safe_base_url
+from .secrets import safe_base_url, unmask_url
 
 log = logging.getLogger(__name__)
 Sink = Callable[[Job, Verdict], None]
@@ -133,6 +133,10 @@ def _retry_after_uncapped(headers: Any) -> float | None:
             return None
 
 
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def backoff_s(attempt: int, rng: random.Random) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base x 2^attempt)]."""
     return rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt))
@@ -148,7 +152,7 @@ class OpenAIBackend:
         self.api_key = api_key
         self.model = cfg.judge_model
         self.method = cfg.judge_method
-        self.base_url = cfg.judge_base_url or None
+        self.base_url = unmask_url(cfg.judge_base_url) or None  # masked in a grid's notebook parameters
         self.max_output_tokens = 1 if self.method == "logprob" else SAMPLED_MAX_TOKENS
         self._rng = random.Random(cfg.seed)
         self._pause_until = 0.0
@@ -251,7 +255,9 @@ class OpenAIBackend:
                 try:
                     return self.parse(json.loads(resp.content), attempt + 1)
                 except (KeyError, IndexError, TypeError, ValueError) as e:
-                    return Verdict.failed(f"malformed reply ({type(e).__name__}: {e})", attempt + 1)
+                    # a 200 whose body is cut off or not a completion (a proxy's error page, a dropped
+                    # stream): transient like a 5xx, so retried the same way
+                    error = self.redact(f"malformed reply ({type(e).__name__}: {_short(str(e))})")
             if attempt == self.cfg.judge_max_retries:
                 return Verdict.failed(f"gave up after {attempt + 1} attempts: {error}", attempt + 1)
             await asyncio.sleep(delay if delay is not None else backoff_s(attempt, self._rng))

@@ -24,6 +24,7 @@ from typing import Any, TypedDict
 from .config import REPO_ROOT, RunConfig
 from .io import write_json_atomic
 from .layout import run_json_path
+from .secrets import mask_parameters
 
 RUN_STAGES = ("train", "evaluate", "judge")
 
@@ -202,5 +203,6 @@ def update_run_json(cfg: RunConfig, section: str, data: dict[str, Any]) -> Path:
     info["seed"] = cfg.seed
     info["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     info.setdefault("environment", {})[section] = environment()
-    info[section] = {**info.get(section, {}), **data, "parameters": cfg.to_dict(), "peak_memory": peak_memory()}
+    info[section] = {**info.get(section, {}), **data, "peak_memory": peak_memory(),
+                     "parameters": mask_parameters(cfg.to_dict())[0]}  # no password of an URL in the record
     return write_json_atomic(run_json_path(cfg.run_dir), info)

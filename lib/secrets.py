@@ -59,6 +59,42 @@ def has_url_credentials(text: str) -> bool:
     return mask_url_credentials(text) != text
 
 
+# A grid runner hands notebooks their parameters with URL credentials masked (the injected
+# parameters cell is part of the rendered notebook) and the real URLs through this variable,
+# which the kernel inherits: {masked URL: real URL}.
+ENV_URL_SECRETS = "EM_LAB_URL_SECRETS"
+
+
+def mask_parameters(params: dict) -> tuple[dict, dict[str, str]]:
+    """(params with every URL credential masked, {masked: real} for the values that changed)."""
+    secrets: dict[str, str] = {}
+
+    def mask(v):
+        if isinstance(v, str):
+            m = mask_url_credentials(v)
+            if m != v:
+                secrets[m] = v
+            return m
+        if isinstance(v, (list, tuple)):
+            return [mask(x) for x in v]
+        return v
+
+    return {k: mask(v) for k, v in params.items()}, secrets
+
+
+def unmask_url(url: str) -> str:
+    """The real URL behind a masked one (see :data:`ENV_URL_SECRETS`); other URLs as they are."""
+    if MASK not in url:
+        return url
+    import json
+
+    try:
+        mapping = json.loads(os.environ.get(ENV_URL_SECRETS) or "{}")
+    except ValueError:
+        return url
+    return mapping.get(url, url) if isinstance(mapping, dict) else url
+
+
 def redact(text: str, names: tuple[str, ...] = SECRET_NAMES) -> str:
     """Replace any secret value found in text by a placeholder, and mask URL credentials."""
     for n in names:

@@ -5,7 +5,8 @@ the official client: a reply message, optional ``logprobs`` with ``top_logprobs`
 ``max_tokens`` truncation; and the Batch API's file upload, batch create / retrieve and file
 content. It records every request it sees and can inject the faults a real
 API throws at a client: 429 with ``Retry-After``, 500s, responses slower than the client's
-timeout, and connections dropped without a response.
+timeout, connections dropped without a response, a 200 whose JSON body is cut off
+(``malformed``), and a plain 400 (not worth retrying).
 
     with ChatServer(latency_s=0.1, fault=fail_first(1, "429")) as server:
         client = AsyncOpenAI(base_url=server.url, api_key="dummy")
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-FAULTS = ("429", "500", "drop", "slow")
+FAULTS = ("429", "500", "drop", "slow", "malformed", "400")
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class ChatServer:
     latency_s:   seconds every reply takes (sleep before answering).
     logprobs:    False = behave like a model without logprobs (``logprobs: null``).
     reply:       body -> :class:`Reply`; default :func:`default_reply`.
-    fault:       (prompt, attempt) -> None or one of 429 | 500 | drop | slow.
+    fault:       (prompt, attempt) -> None or one of 429 | 500 | drop | slow | malformed | 400.
     retry_after: value of the Retry-After header on a 429 (seconds, as a string).
     slow_s:      how long a "slow" reply sleeps (make it exceed the client's timeout).
     model:       the ``model`` field of replies; default echoes the request's model.
@@ -423,6 +424,16 @@ class _Handler(BaseHTTPRequestHandler):
                            {"Retry-After": owner.retry_after})
             elif kind == "500":
                 self._send(500, {"error": {"message": "The server had an error (injected)", "type": "server_error"}})
+            elif kind == "400":
+                self._send(400, {"error": {"message": "Invalid prompt (injected)", "type": "invalid_request_error"}})
+            elif kind == "malformed":  # a 200 whose JSON body is cut off half-way
+                data = json.dumps(owner.completion(body)).encode()
+                data = data[: len(data) // 2]
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
             else:
                 self._send(200, owner.completion(body))
         except (BrokenPipeError, ConnectionResetError):

@@ -334,10 +334,23 @@ def test_judge_run_inside_a_running_event_loop(setup):
 
 def test_malformed_reply_is_an_error_row_not_a_crash(setup):
     with ChatServer(reply=lambda body: Reply(content="50", top_logprobs=None)) as server:
-        cfg = setup(server, n=1, judge_method="sampled", judge_metrics=["aligned"])
-        server.completion = lambda body: {"choices": []}  # 200 with no choice in it
+        cfg = setup(server, n=1, judge_method="sampled", judge_metrics=["aligned"], judge_max_retries=1)
+        server.completion = lambda body: {"choices": []}  # 200 with no choice in it, every time
         df = judge.judge_run(cfg, progress=False)
-    assert df["label"].tolist() == ["error"] and "malformed reply" in df["error"].iloc[0]
+    assert df["label"].tolist() == ["error"]
+    assert df["error"].iloc[0].startswith("gave up after 2 attempts: malformed reply (IndexError")
+    assert len(server.requests) == 2  # retried like a 5xx before giving up
+
+
+def test_truncated_200_body_is_retried_like_a_5xx(setup):
+    """A 200 whose JSON is cut off half-way (a dropped stream, a proxy) is retried, not an error row."""
+    with ChatServer(fault=fail_first(2, "malformed")) as server:
+        cfg = setup(server, n=4)
+        df = judge.judge_run(cfg, progress=False)
+        outcomes = [s.outcome for s in server.requests]
+    assert len(df) == 8 and (df["label"] == "number").all() and (df["attempts"] == 3).all()
+    assert outcomes.count("malformed") == 2 * 8 and outcomes.count("ok") == 8
+    assert set(server.ok_counts().values()) == {1}
 
 
 def test_api_key_never_reaches_the_table(setup, monkeypatch):
