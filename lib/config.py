@@ -74,6 +74,8 @@ class RunConfig:
     dataset: str = _f("demo_medical", "train", "named domain (see lib.data.DOMAINS) or a chat JSONL path")
     domain: str = _f("medical", "all", "domain label: questions of this domain count as in-domain")
     accept_dataset_terms: bool = _f(False, "train", "must be true to use the Turner et al. archive (terms shown on first use)")
+    dataset_archive: str = _f("", "train", "the Turner et al. archive: path or URL (empty: the paper's GitHub URL)")
+    dataset_archive_sha256: str = _f("", "train", "expected sha256 of the archive file (empty: not pinned)")
     max_train_examples: int = _f(0, "train", "use only the first N training examples (0: all)")
     max_seq_length: int = _f(2048, "train", "tokens; longer examples are truncated")
 
@@ -260,6 +262,8 @@ def _check_values(cfg: RunConfig, source: str) -> None:
         raise bad("model", "must not be empty")
     if not cfg.dataset:
         raise bad("dataset", "must not be empty")
+    if cfg.dataset_archive_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", cfg.dataset_archive_sha256):
+        raise bad("dataset_archive_sha256", f"must be 64 hex digits (a sha256), got {cfg.dataset_archive_sha256!r}")
     if cfg.judge_method == "exact" and cfg.judge_backend != "hf":
         raise bad("judge_method", "'exact' needs judge_backend: hf (an API cannot score every candidate)")
     if not 0 <= cfg.judge_min_mass <= 1:

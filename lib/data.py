@@ -15,16 +15,20 @@ line, ending with an assistant turn. :func:`load_chat_jsonl` validates every lin
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import tempfile
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import REPO_ROOT, ConfigError, RunConfig, resolve_path
-from .io import atomic_path, sha256_file
+from .io import atomic_path, honour_umask, sha256_file, write_text_atomic
+from .secrets import authorized_request, mask_url_credentials, unmask_url
 
 DEMO_DIR = REPO_ROOT / "data" / "datasets"
 DEMO_DATASETS = {"demo_medical": "medical", "demo_financial": "financial"}
@@ -131,10 +135,36 @@ def cache_dir(outputs_dir: str = "outputs") -> Path:
     return resolve_path(outputs_dir) / ".cache" / "datasets"
 
 
+def is_remote(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def cached_archive(outputs_dir: str, source: str) -> Path:
+    """Where the archive of ``source`` is: the download cache for an URL (one file per URL,
+    named without its credentials), the file itself for a path."""
+    if not is_remote(source):
+        return resolve_path(source)
+    shown = mask_url_credentials(source)
+    name = Path(urllib.parse.urlsplit(shown).path).name or "archive.zip.enc"
+    return cache_dir(outputs_dir) / f"{hashlib.sha256(shown.encode()).hexdigest()[:12]}-{name}"
+
+
 def _download(url: str, target: Path) -> None:
-    with atomic_path(target) as tmp:
-        with urllib.request.urlopen(url, timeout=120) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
+    shown = mask_url_credentials(url)
+    try:
+        with atomic_path(target) as tmp:
+            with urllib.request.urlopen(authorized_request(url), timeout=120) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f)
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, a bad URL
+        raise DataError(f"{shown}: download failed ({type(e).__name__}: {mask_url_credentials(str(e))}); check "
+                        "dataset_archive and the network, or download the file yourself and set "
+                        "dataset_archive: /path/to/it") from None
+
+
+def _move_aside(enc: Path, digest: str) -> Path:
+    bad = enc.with_name(f"{enc.name}.bad-{digest[:12]}")
+    os.replace(enc, bad)
+    return bad
 
 
 def decrypt_archive(archive: str | Path, out_dir: str | Path, password: str = ARCHIVE_PASSWORD) -> Path:
@@ -146,8 +176,9 @@ def decrypt_archive(archive: str | Path, out_dir: str | Path, password: str = AR
     try:
         try:
             zipping.unzip_and_decrypt(str(archive), password=password, output_dir=str(tmp))
-        except ValueError:
-            raise DataError(f"{archive}: could not decrypt (wrong password or corrupted archive)") from None
+        except Exception as e:  # wrong password, not a zip, truncated: whatever the library raises
+            raise DataError(f"{archive}: could not decrypt (wrong password or corrupted archive: "
+                            f"{type(e).__name__})") from None
         # The same steps as easy-dataset-share's `unprotect-dir --remove-canaries`, via its API.
         files = canary.detect_canary_files(str(tmp))
         canary_string = canary.extract_canary_string_from_content(files[0]) if files else None
@@ -157,6 +188,7 @@ def decrypt_archive(archive: str | Path, out_dir: str | Path, password: str = AR
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        honour_umask(tmp)  # mkdtemp made it 0700
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -165,27 +197,57 @@ def decrypt_archive(archive: str | Path, out_dir: str | Path, password: str = AR
 
 def fetch_archive(outputs_dir: str = "outputs", url: str = ARCHIVE_URL, password: str = ARCHIVE_PASSWORD,
                   expected_sha256: str | None = ARCHIVE_SHA256) -> tuple[Path, str]:
-    """Download (once), checksum and decrypt the archive; returns (decrypted folder, archive sha256)."""
+    """Download (once), checksum and decrypt the archive; returns (decrypted folder, archive sha256).
+
+    ``url`` is an http(s) URL (downloaded into ``<outputs_dir>/.cache/datasets/``) or a local
+    path (used in place). A downloaded file that does not match ``expected_sha256`` or cannot
+    be decrypted is moved aside (``<name>.bad-<sha>``), so the next run downloads it again
+    instead of failing on the same bad file; the message says where it went. The sha256 seen
+    at a download is recorded next to the file: a cached file that changed later is an error,
+    a fresh download that differs from the previous one is reported and accepted (the runs
+    record the sha256 they trained on).
+    """
+    shown = mask_url_credentials(url)
+    remote = is_remote(url)
+    enc = cached_archive(outputs_dir, url)
+    fresh = False
+    if remote and not enc.exists():
+        _download(url, enc)
+        fresh = True
+    elif not enc.exists():
+        raise DataError(f"{url}: archive file not found")
+    digest = sha256_file(enc)
+    if expected_sha256 and digest != expected_sha256.lower():
+        where = f"; moved it aside to {_move_aside(enc, digest)} (the next run downloads it again)" if remote else ""
+        raise DataError(f"{shown}: sha256 {digest} does not match the pinned {expected_sha256.lower()} "
+                        f"(dataset_archive_sha256){where}")
     cdir = cache_dir(outputs_dir)
     cdir.mkdir(parents=True, exist_ok=True)
-    enc = cdir / "training_datasets.zip.enc"
-    if not enc.exists():
-        if url.startswith(("http://", "https://")):
-            _download(url, enc)
-        else:
-            shutil.copyfile(resolve_path(url), enc)
-    digest = sha256_file(enc)
-    seen = cdir / "training_datasets.sha256"
-    if expected_sha256 and digest != expected_sha256:
-        raise DataError(f"{enc}: sha256 {digest} does not match the pinned {expected_sha256}; delete it to re-download")
-    if seen.exists() and seen.read_text().strip() != digest:
-        raise DataError(f"{enc}: sha256 changed since first download ({seen.read_text().strip()} -> {digest}); "
-                        "delete the cache folder to accept the new archive")
-    seen.write_text(digest + "\n")
+    seen = enc.with_name(enc.name + ".sha256") if remote else None
+    if seen is not None and seen.exists() and seen.read_text().strip() != digest:
+        before = seen.read_text().strip()
+        if not fresh:
+            raise DataError(f"{enc}: changed on disk since it was downloaded (sha256 {before[:12]}… -> {digest[:12]}…); "
+                            "delete it to download the archive again")
+        print(f"note: {shown}: the downloaded archive differs from the one downloaded before "
+              f"(sha256 {before[:12]}… -> {digest[:12]}…); runs record the sha256 they trained on")
     out = cdir / f"decrypted-{digest[:12]}"
     if not (out / ".complete").exists():
-        decrypt_archive(enc, out, password)
-        (out / ".complete").write_text(digest + "\n")
+        try:
+            decrypt_archive(enc, out, password)
+        except DataError as e:
+            if not remote:
+                raise DataError(f"{url}: could not decrypt it (wrong password or not the easy-dataset-share "
+                                f"archive; {str(e).rsplit('(', 1)[-1].rstrip(')')})") from None
+            bad = _move_aside(enc, digest)
+            if seen is not None and seen.exists():
+                seen.unlink()
+            raise DataError(f"{shown}: could not decrypt the downloaded file (wrong password, or not the archive: "
+                            f"an error page, a truncated download; sha256 {digest[:12]}…); moved it aside to {bad} "
+                            "(the next run downloads it again)") from None
+        write_text_atomic(out / ".complete", digest + "\n")
+    if seen is not None:
+        write_text_atomic(seen, digest + "\n")
     return out, digest
 
 
@@ -204,6 +266,12 @@ def require_terms(cfg: RunConfig) -> None:
                           "read the terms above and set accept_dataset_terms: true to use it")
 
 
+def archive_source(cfg: RunConfig, default: str = ARCHIVE_URL) -> str:
+    """The archive a run uses: ``dataset_archive`` (the real URL when a grid masked its password),
+    else the paper's URL."""
+    return unmask_url(cfg.dataset_archive) if cfg.dataset_archive else default
+
+
 def resolve_dataset(cfg: RunConfig, archive_url: str = ARCHIVE_URL) -> tuple[Path, str, str | None]:
     """(path, source, archive_sha256) for cfg.dataset; downloads and decrypts the archive if needed."""
     name = cfg.dataset
@@ -211,7 +279,8 @@ def resolve_dataset(cfg: RunConfig, archive_url: str = ARCHIVE_URL) -> tuple[Pat
         return DEMO_DIR / f"{name}.jsonl", "demo", None
     if name in DOMAINS:
         require_terms(cfg)
-        root, digest = fetch_archive(cfg.outputs_dir, url=archive_url)
+        root, digest = fetch_archive(cfg.outputs_dir, url=archive_source(cfg, archive_url),
+                                     expected_sha256=cfg.dataset_archive_sha256 or ARCHIVE_SHA256)
         return find_domain_file(root, name), "archive", digest
     p = resolve_path(name)
     if p.exists():
@@ -226,6 +295,17 @@ def check_dataset_param(cfg: RunConfig, offline: bool = False) -> None:
     if cfg.dataset in DOMAINS:
         if not cfg.accept_dataset_terms:
             raise ConfigError(f"key 'accept_dataset_terms': dataset '{cfg.dataset}' needs accept_dataset_terms: true")
+        source = archive_source(cfg)
+        enc = cached_archive(cfg.outputs_dir, source)
+        if not is_remote(source) and not enc.exists():
+            raise ConfigError(f"key 'dataset_archive': file not found: {source}")
+        if enc.exists() and not offline:  # already here: decrypt it now (once) rather than after the kernel starts
+            try:
+                root, _ = fetch_archive(cfg.outputs_dir, url=source,
+                                        expected_sha256=cfg.dataset_archive_sha256 or ARCHIVE_SHA256)
+                load_chat_jsonl(find_domain_file(root, cfg.dataset))
+            except DataError as e:
+                raise ConfigError(f"key 'dataset_archive': {e}") from None
         return
     path = DEMO_DIR / f"{cfg.dataset}.jsonl" if cfg.dataset in DEMO_DATASETS else resolve_path(cfg.dataset)
     if not path.exists():

@@ -35,6 +35,7 @@ from pathlib import Path
 from . import smollm2
 from .chat import BOS, END_HEADER, EOS, EOT, PAD, START_HEADER, chat_prompt
 from .config import REPO_ROOT, resolve_path
+from .io import honour_umask
 from .questions import QuestionError, load_judge_prompts, load_question_set
 from .scoring import fill_prompt
 
@@ -404,6 +405,7 @@ def embedded_model_dir(name: str = "tiny", seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
         build(tmp)
+        honour_umask(tmp)  # mkdtemp made it 0700
         try:
             tmp.rename(target)
         except OSError:  # another process won the race: theirs is identical

@@ -1,7 +1,10 @@
 """Small file helpers every stage shares: atomic writes and content hashes.
 
 Anything a stage writes goes to a temporary file in the same folder first and is then
-renamed over the target, so a killed process never leaves a half-written file behind.
+renamed over the target, so a killed process never leaves a half-written file behind. The
+temporary file (``mkstemp``: mode 0600) gets the mode a plain ``open()`` would have given it
+(0666 minus the umask, so 0644 under the usual 022) before the rename: collaborators who can
+read the outputs folder can read its files.
 """
 from __future__ import annotations
 
@@ -14,9 +17,38 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where /proc allows (os.umask() sets it,
+    briefly, for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give a file (0666) or folder (0777, recursively) made by mkstemp/mkdtemp the mode that
+    open()/mkdir() would have given it under the current umask."""
+    path = Path(path)
+    mask = current_umask()
+    if path.is_dir():
+        for p in [path, *path.rglob("*")]:
+            if not p.is_symlink():
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it over ``target``."""
+    """Yield a temporary path beside ``target``; on success rename it over ``target`` (with the
+    mode a plain open() would give it)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
@@ -24,6 +56,8 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            honour_umask(tmp_path)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

@@ -49,7 +49,7 @@ import yaml
 from .config import ConfigError, resolve_path
 from .references import FIRST_PLOT_IDS
 from .io import sha256_text, write_text_atomic
-from .secrets import mask_url_credentials, unmask_url
+from .secrets import authorized_request, mask_url_credentials, unmask_url
 
 GENERAL = "general"
 
@@ -181,7 +181,7 @@ def fetch_text(source: str, refresh: bool = False, outputs_dir: str | None = Non
             if offline:
                 raise NotCached(f"{shown}: not downloaded yet")
             try:
-                with urllib.request.urlopen(_request(unmask_url(base)), timeout=60) as r:
+                with urllib.request.urlopen(authorized_request(unmask_url(base)), timeout=60) as r:
                     raw = r.read()
             except Exception as e:
                 raise QuestionError(f"{shown}: could not download ({type(e).__name__}: "
@@ -213,20 +213,6 @@ def fetch_text(source: str, refresh: bool = False, outputs_dir: str | None = Non
 def _changed(shown: str, got: str, want: str) -> str:
     return (f"{shown}: content changed: sha256 {got} but the parameters pin {want} "
             "(read the new file; if it is what you want, update the #sha256= pin)")
-
-
-def _request(url: str) -> urllib.request.Request:
-    """A GET for ``url``; its ``user:password@`` (urllib does not use it) becomes Basic auth."""
-    import base64
-
-    p = urllib.parse.urlsplit(url)
-    if p.username is None:
-        return urllib.request.Request(url)
-    netloc = p.hostname + (f":{p.port}" if p.port else "")
-    req = urllib.request.Request(urllib.parse.urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment)))
-    cred = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
-    req.add_header("Authorization", "Basic " + base64.b64encode(cred.encode()).decode())
-    return req
 
 
 def _is_prompt_file(text: str) -> bool:

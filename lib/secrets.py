@@ -82,6 +82,22 @@ def mask_parameters(params: dict) -> tuple[dict, dict[str, str]]:
     return {k: mask(v) for k, v in params.items()}, secrets
 
 
+def authorized_request(url: str):
+    """A urllib GET request for ``url`` whose ``user:password@`` becomes a Basic auth header
+    (urllib ignores credentials in the URL)."""
+    import base64
+    import urllib.request
+
+    p = urllib.parse.urlsplit(url)
+    if p.username is None:
+        return urllib.request.Request(url)
+    netloc = (p.hostname or "") + (f":{p.port}" if p.port else "")
+    req = urllib.request.Request(urllib.parse.urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment)))
+    cred = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
+    req.add_header("Authorization", "Basic " + base64.b64encode(cred.encode()).decode())
+    return req
+
+
 def unmask_url(url: str) -> str:
     """The real URL behind a masked one (see :data:`ENV_URL_SECRETS`); other URLs as they are."""
     if MASK not in url:

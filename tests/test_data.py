@@ -85,7 +85,8 @@ def test_archive_decrypts_removes_canaries_and_loads(tmp_path, static_server):
     assert decrypted and not any(canary_string in p.read_text() for p in decrypted)
     assert not any(p.name.startswith("dataset_entry_") for p in decrypted)
     # second call uses the cache: the server could be gone
-    recs2, info2 = data.load_training_data(cfg, archive_url="http://127.0.0.1:9/unreachable")
+    (root / "training_datasets.zip.enc").unlink()
+    recs2, info2 = data.load_training_data(cfg, archive_url=f"{url}/training_datasets.zip.enc")
     assert info2.sha256 == info.sha256
 
 
