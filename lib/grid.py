@@ -813,7 +813,11 @@ def plan(runs: list[tuple[str, RunConfig]], options: Options) -> list[tuple[str,
     any_runs = False
     for _, cfg in runs:
         cache = fp.hash_cache_for(cfg.run_dir)
-        record = fp.read_stages(cfg.run_dir)
+        try:
+            record = fp.read_stages(cfg.run_dir)
+        except ConfigError as e:  # a damaged stages.json: every stage would run
+            rows.append((cfg.run_id, "-", _one_line(str(e))))
+            record = {}
         upstream = ""
         for stage in (s for s in options.stages if s in RUN_STAGES):
             if upstream:
@@ -836,11 +840,14 @@ def plan(runs: list[tuple[str, RunConfig]], options: Options) -> list[tuple[str,
         if any_runs:
             rows.append(("report", "report", "after the runs"))
         else:
-            ready, _, folder, finger = _report_state(runs[0][1].outputs_dir, [c.run_id for _, c in runs], save=False,
-                                                     em=report_em_definition(runs[0][1]))
-            why = why_run("report", fp.read_stages(folder), finger, (folder / REPORT_NOTEBOOK).exists(), options)
-            rows.append(("report", "report", "nothing to report" if not ready else
-                         "up to date" if why is None else f"runs ({why})"))
+            try:
+                ready, _, folder, finger = _report_state(runs[0][1].outputs_dir, [c.run_id for _, c in runs],
+                                                         save=False, em=report_em_definition(runs[0][1]))
+                why = why_run("report", fp.read_stages(folder), finger, (folder / REPORT_NOTEBOOK).exists(), options)
+                rows.append(("report", "report", "nothing to report" if not ready else
+                             "up to date" if why is None else f"runs ({why})"))
+            except Exception as e:
+                rows.append(("report", "report", f"runs (inputs not readable now: {_one_line(f'{type(e).__name__}: {e}')})"))
     return rows
 
 

@@ -7,6 +7,7 @@ JSONL line, an unavailable device). A dry run never downloads and never crashes.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -152,3 +153,14 @@ def test_unavailable_device_fails_in_validation(tmp_path, capsys):
     code, err, _ = grid_run(capsys, params(tmp_path, device="cuda"))
     assert code == 2 and len(err) == 1 and "key 'device': cuda was asked for, but torch sees no CUDA GPU" in err[0]
     assert_nothing_ran(tmp_path)
+
+
+def test_dry_run_with_a_damaged_stages_file_does_not_crash(tmp_path, capsys):
+    f = params(tmp_path)
+    run_dir = tmp_path / "outputs" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "stages.json").write_text("{not json")
+    code, err, out = grid_run(capsys, f, "--dry-run")
+    assert code == 0 and not err
+    assert "stages.json: not valid JSON" in out
+    assert re.search(r"^run\s+train\s+runs \(first run\)$", out, re.M), out
