@@ -7,9 +7,10 @@ tests are skipped with the script's reason.
 The demo grid (two runs, tiny settings, an API judge served on 127.0.0.1 and slowed down so a
 job can be caught mid-stage) goes through ``--executor slurm``; one run's job is cancelled with
 ``scancel`` while it judges; the grid notices (no ``sacct`` here: the job-state watcher falls
-back to ``squeue``), reports the failure and still renders the report for the other run. A
-plain rerun resumes the cancelled run (train and evaluate skipped, the judge from its cache),
-finishes, and nothing is duplicated: no answer, no judgment row, no paid call.
+back to ``squeue``) and reports the failure while the other run finishes. A plain rerun resumes
+the cancelled run (train and evaluate skipped, the judge from its cache), finishes, renders the
+report over both runs, and nothing is duplicated: no answer, no judgment row, no paid call
+except the one in flight at the cancel.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def test_demo_grid_on_slurm_cancel_and_resume(slurm, tmp_path):
             files.append(str(f))
         medical = out / "demo_medical"
 
-        g1 = Grid(*files, "--executor", "slurm", "--time", "30")
+        g1 = Grid(*files, "--executor", "slurm", "--time", "30", "--stages", "train,evaluate,judge")
         job_id = None
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and g1.proc.poll() is None:
@@ -128,10 +129,8 @@ def test_demo_grid_on_slurm_cancel_and_resume(slurm, tmp_path):
                       if "demo_medical" in ln and "submitted Slurm job" in ln), None)
             job_id = job_id or (m.group(1) if m else None)
             judged = read_stages(medical).get("last", {}).get("judge", {}).get("status") == "running"
-            if job_id and judged and (medical / "judge_started").exists() is False and server.ok_counts():
-                calls_before = sum(server.ok_counts().values())
-                if calls_before >= 3:
-                    break
+            if job_id and judged and sum(server.ok_counts().values()) >= 3:  # mid-judge
+                break
             time.sleep(0.2)
         assert job_id, g1.text
         assert read_stages(medical)["last"]["judge"]["status"] == "running", g1.text
@@ -143,8 +142,6 @@ def test_demo_grid_on_slurm_cancel_and_resume(slurm, tmp_path):
         assert re.search(r"demo_financial\s+judge\s+done", text1), text1
         assert "Traceback" not in text1 and text1.count("sacct") == 0, text1  # no log flood without accounting
         assert "slurm: 0 GPU per run job" in text1
-        # the report ran over the run that finished
-        assert read_stages(out / "report")["report"]["runs"] == ["demo_financial"]
 
         paid_before = server.ok_counts()
         g2 = Grid(*files, "--executor", "slurm", "--time", "30")
