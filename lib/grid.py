@@ -56,6 +56,7 @@ from .config import (REPO_ROOT, STAGES, ConfigError, ReportConfig, RunConfig, fr
 from .data import check_dataset_param
 from .io import write_text_atomic
 from .judge import JudgeError, check_credentials, judgments_path
+from .judge import run_info as judge_run_info
 from .lock import ENV_HELD, LOCK_NAME, FolderLock, LockError, is_stale, read_holder
 from .models import pick_device, resolve_model
 from .questions import NotCached, QuestionError, check_question_sources, load_judge_prompts
@@ -432,9 +433,7 @@ def run_stage(stage: str, cfg: RunConfig, options: Options, params_file: str = "
 
 def judge_missing(cfg: RunConfig) -> str | None:
     """What the judge stage left undone (error rows, judgments a budget cap held back), or None."""
-    from .judge import run_info
-
-    info = run_info(cfg)
+    info = judge_run_info(cfg)
     if not info or info.get("complete", True):
         return None
     errors = info.get("errors")

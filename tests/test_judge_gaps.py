@@ -19,6 +19,7 @@ from judge_testutil import write_generations, write_prompts
 from lib import grid
 from lib.costs import cost_usd
 from lib.fingerprint import read_stages
+from lib.runinfo import stage_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -79,5 +80,5 @@ def test_error_rows_leave_the_judge_not_done_and_a_plain_rerun_retries_only_them
     assert any(p.name == "03_judge.ipynb" for p in files) and any(p.name == "03_judge.html" for p in files)
     leaks = [str(p) for p in files if PASSWORD.encode() in p.read_bytes()]
     assert not leaks, f"password written to {leaks}"
-    params_json = json.loads((out / "gap_run" / "run.json").read_text())["parameters"]
+    params_json = stage_parameters(json.loads((out / "gap_run" / "run.json").read_text()), "judge")
     assert params_json["judge_base_url"] == url.replace(PASSWORD, "***")
