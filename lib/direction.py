@@ -17,8 +17,8 @@ for any run of the pipeline:
    ``scale x direction`` added to one layer's output at every position; projecting the unit
    direction out of the fine-tuned model's output at the ablation layers; a random direction of
    the same norm as a control), judges them with the run's own judge (``lib.judge``: cached,
-   resumable) and returns EM and coherence per condition with clustered-bootstrap and Wilson
-   intervals. Each condition is a small run folder under ``<tag>/interventions/``.
+   resumable) and returns EM and coherence per condition with question-clustered
+   (:func:`lib.metrics.cluster_interval`) and Wilson intervals. Each condition is a small run folder under ``<tag>/interventions/``.
 3. :func:`layer_cosines` and :func:`compare_runs` give the direction's cosine across layers and
    across runs (or checkpoints): does one direction transfer?
 
@@ -107,7 +107,7 @@ class DirectionConfig:
     compare_runs: list = _f([], "direction", "other runs (run_id or run_id@step) whose direction is compared per layer")
     aligned_threshold: float = _f(30.0, "direction", "EM needs aligned < this")
     coherent_threshold: float = _f(50.0, "direction", "EM needs coherent > this")
-    n_bootstrap: int = _f(1000, "direction", "question-clustered bootstrap resamples per interval")
+    n_bootstrap: int = _f(1000, "direction", "bootstrap resamples (em_boot_* columns beside the headline interval)")
     confidence: float = _f(0.95, "direction", "interval coverage")
 
     def __post_init__(self) -> None:
@@ -643,7 +643,7 @@ def _sample(model, tok, ccfg: RunConfig, questions, sampling: Sampling, cond: Co
 # ------------------------------------------------------------------------------------------
 
 def interventions_chart(res: pd.DataFrame):
-    """Altair: EM and coherence per condition with their clustered-bootstrap intervals."""
+    """Altair: EM and coherence per condition with their question-clustered intervals."""
     import altair as alt
 
     long = pd.concat([
@@ -660,7 +660,7 @@ def interventions_chart(res: pd.DataFrame):
     bars = base.mark_rule().encode(x="lo:Q", x2="hi:Q")
     return alt.layer(bars, pts).properties(width=260, height=22 * len(order)).facet(
         column=alt.Column("metric:N", title=None)).properties(
-        title="Steering the base model and ablating from the fine-tuned model (bars: 95% clustered bootstrap)")
+        title="Steering the base model and ablating from the fine-tuned model (bars: 95% question-clustered interval)")
 
 
 def layer_cosine_chart(cos: pd.DataFrame):

@@ -16,7 +16,8 @@ pipeline can train:
    ``outputs/<run>/phase/adapter_trajectory.safetensors`` (provenance in the file's metadata).
 3. :func:`em_over_training` samples and judges every ``eval_every``-th checkpoint (plus the
    base model and the final checkpoint) through the ordinary evaluate and judge stages (cached,
-   resumable), and returns the EM and coherence rates per step with clustered-bootstrap intervals.
+   resumable), and returns the EM and coherence rates per step with question-clustered intervals
+   (:func:`lib.metrics.cluster_interval`, the report's headline interval).
 4. :func:`phase_chart` draws all of them on one shared step axis, the transition step marked.
 
 The transition rule (documented, one number):
@@ -129,7 +130,7 @@ class PhaseConfig:
     judge_budget_usd: float = _f(0.0, "phase", "stop cleanly before spending more than this (0: no cap)")
     aligned_threshold: float = _f(30.0, "phase", "EM needs aligned < this")
     coherent_threshold: float = _f(50.0, "phase", "EM needs coherent > this")
-    n_bootstrap: int = _f(1000, "phase", "question-clustered bootstrap resamples per interval")
+    n_bootstrap: int = _f(1000, "phase", "bootstrap resamples (em_boot_* columns beside the headline interval)")
     confidence: float = _f(0.95, "phase", "interval coverage")
 
     def __post_init__(self) -> None:
@@ -505,7 +506,7 @@ def phase_chart(traj: pd.DataFrame, em: pd.DataFrame | None, transition: int | N
                     scale=alt.Scale(domain=[0, 1])),
             tooltip=["step", "metric", alt.Tooltip("rate:Q", format=".1%"), alt.Tooltip("lo:Q", format=".1%"),
                      alt.Tooltip("hi:Q", format=".1%"), "n"])
-        panels.append(panel(band + line, "EM and coherence (bands: clustered-bootstrap interval)"))
+        panels.append(panel(band + line, "EM and coherence (bands: 95% question-clustered interval)"))
     return alt.vconcat(*panels).resolve_scale(x="shared", color="independent")
 
 

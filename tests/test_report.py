@@ -275,6 +275,9 @@ def test_notebook_renders_every_chart_as_an_embedded_image(rendered):
     assert sorted(imgs) == sorted(FIGURES)
     assert not CDN_RE.search(html)  # no chart library from a CDN; the charts are images
     assert "These numbers mean nothing" in html
+    # judge health: the external CSV's scores carry no evidence of its judge's confidence
+    assert "Judge health warnings" in html and "`ext_course_judged`" not in html  # rendered as <code>
+    assert "<code>ext_course_judged</code>" in html and "unknown judge" in html
     assert 'href="figures/domain_comparison.html"' in html  # link to the offline interactive chart
     nb = json.loads(rendered.with_suffix(".ipynb").read_text(encoding="utf-8"))
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
