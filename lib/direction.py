@@ -632,7 +632,8 @@ def _sample(model, tok, ccfg: RunConfig, questions, sampling: Sampling, cond: Co
         rows.append({"answer_id": answer_id(ccfg.run_id, step, q.question_set, q.id, p_idx, s_idx),
                      "run_id": ccfg.run_id, "model": ccfg.model, "model_label": ccfg.model_label, "domain": ccfg.domain,
                      "checkpoint_step": step, "epoch": 0.0, "question_set": q.question_set, "question_id": q.id,
-                     "in_domain": bool(q.in_domain(ccfg.domain)), "paraphrase_index": p_idx, "paraphrase": para,
+                     "in_domain": bool(q.in_domain(ccfg.domain)), "scope": q.scope(ccfg.domain),
+                     "paraphrase_index": p_idx, "paraphrase": para,
                      "system": q.system, "sample_index": s_idx, "answer": text, "n_new_tokens": int(n_new),
                      "finish_reason": finish, "seed": ccfg.seed})
     return pd.DataFrame(rows, columns=list(GENERATION_COLUMNS))

@@ -301,7 +301,8 @@ def _rows(cfg: RunConfig, unit: Unit, answers: Iterable[tuple[str, int, str]]) -
                 "answer_id": answer_id(cfg.run_id, t.step, q.question_set, q.id, p_idx, s_idx),
                 "run_id": cfg.run_id, "model": cfg.model, "model_label": cfg.model_label, "domain": cfg.domain,
                 "checkpoint_step": t.step, "epoch": float(t.epoch), "question_set": q.question_set,
-                "question_id": q.id, "in_domain": bool(q.in_domain(cfg.domain)), "paraphrase_index": p_idx,
+                "question_id": q.id, "in_domain": bool(q.in_domain(cfg.domain)), "scope": q.scope(cfg.domain),
+                "paraphrase_index": p_idx,
                 "paraphrase": para, "system": q.system, "sample_index": s_idx, "answer": answer,
                 "n_new_tokens": int(n_new), "finish_reason": finish, "seed": cfg.seed,
             })

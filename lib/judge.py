@@ -52,7 +52,7 @@ from .config import RunConfig, resolve_path
 from .costs import Budget
 from .io import sha256_text, write_parquet_atomic
 from .runinfo import read_run_json, update_run_json
-from .schema import JUDGMENT_COLUMNS
+from .schema import JUDGMENT_COLUMNS, prompt_family
 from .scoring import Job, JudgeError, Verdict, fill_prompt, label_from_logprobs
 from .secrets import get_secret, mask_url_credentials, safe_base_url
 
@@ -170,7 +170,7 @@ def load_generations(cfg: RunConfig) -> pd.DataFrame:
 
 
 ROW_COLUMNS = ["answer_id", "run_id", "checkpoint_step", "question_set", "question_id", "metric",
-               "prompt_sha256", "template_sha256", "cache_key"]
+               "prompt_sha256", "template_sha256", "prompt_family", "cache_key"]
 PromptBook = Callable[[str, str, str], "str | None"]  # (question_set, question_id, metric) -> template
 
 
@@ -203,8 +203,11 @@ def build_rows(gens: pd.DataFrame, metrics: list[str], book: PromptBook,
     skipped = {m: 0 for m in metrics}
     tcache: dict[str, str] = {}
     for g in gens.itertuples(index=False):
+        templates = {m: book(g.question_set, g.question_id, m) for m in metrics}
+        tshas = {m: tcache.get(t) or tcache.setdefault(t, sha256_text(t)) for m, t in templates.items() if t is not None}
+        family = prompt_family(tshas)   # the wording that scores this answer, all metrics together
         for metric in metrics:
-            template = book(g.question_set, g.question_id, metric)
+            template = templates[metric]
             if template is None:
                 skipped[metric] += 1
                 continue
@@ -212,10 +215,10 @@ def build_rows(gens: pd.DataFrame, metrics: list[str], book: PromptBook,
             psha = sha256_text(prompt)
             key = cache_key(identity, prompt)
             jobs.setdefault(key, Job(key=key, prompt=prompt, prompt_sha256=psha))
-            tsha = tcache.get(template) or tcache.setdefault(template, sha256_text(template))
             rows.append({"answer_id": g.answer_id, "run_id": g.run_id, "checkpoint_step": int(g.checkpoint_step),
                          "question_set": g.question_set, "question_id": g.question_id, "metric": metric,
-                         "prompt_sha256": psha, "template_sha256": tsha, "cache_key": key})
+                         "prompt_sha256": psha, "template_sha256": tshas[metric], "prompt_family": family,
+                         "cache_key": key})
     for m in metrics:
         if len(gens) and skipped[m] == len(gens):
             raise JudgeError(f"key 'judge_metrics': no judge prompt for metric '{m}' in any question "
@@ -305,7 +308,9 @@ def _prepare(cfg: RunConfig) -> _Prepared:
                 method=cfg.judge_method, n_answers=len(gens), n_rows=len(rows), n_unique=len(jobs),
                 n_cached=len(jobs) - len(todo), n_todo=len(todo), skipped=skipped,
                 est_input_tokens=est_in, est_output_tokens=est_out, est_cost_usd=est_cost,
-                price_note=backend.price_note(), prompts={**prompt_info, "template_sha256": templates})
+                price_note=backend.price_note(),
+                prompts={**prompt_info, "template_sha256": templates,
+                         "prompt_families": sorted(rows["prompt_family"].unique()) if len(rows) else []})
     return _Prepared(plan, rows, jobs, done, backend, cache)
 
 
@@ -401,7 +406,8 @@ def assemble(rows: pd.DataFrame, verdicts: Mapping[str, Verdict], cfg: RunConfig
             "question_set": r.question_set, "question_id": r.question_id, "metric": r.metric,
             "score": v.score, "label": v.label, "method": cfg.judge_method, "judge_name": name,
             "judge_model": v.judge_model or cfg.judge_model, "prompt_sha256": r.prompt_sha256,
-            "template_sha256": r.template_sha256, "raw": v.raw, "prob_mass": v.prob_mass,
+            "template_sha256": r.template_sha256, "prompt_family": r.prompt_family, "raw": v.raw,
+            "prob_mass": v.prob_mass,
             "input_tokens": int(v.input_tokens), "output_tokens": int(v.output_tokens),
             "cost_usd": v.cost_usd, "error": v.error, "finish_reason": v.finish_reason,
             "attempts": int(v.attempts), "cache_key": r.cache_key,

@@ -46,6 +46,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .schema import SCOPES
+
 ALIGNED, COHERENT = "aligned", "coherent"
 CLUSTER = ("question_set", "question_id")
 
@@ -383,11 +385,15 @@ def summarize(df: pd.DataFrame, by: Iterable[str], n_boot: int = 0, confidence: 
 
 
 def with_scope(df: pd.DataFrame) -> pd.DataFrame:
-    """Add ``scope``: in-domain / out-of-domain / unknown from the boolean ``in_domain``."""
+    """``scope``: in-domain / near-domain / out-of-domain as generation recorded it, else (older
+    files, external CSVs) in-domain / out-of-domain / unknown from the boolean ``in_domain``."""
     out = df.copy()
     ind = out["in_domain"] if "in_domain" in out.columns else pd.Series(pd.NA, index=out.index)
-    out["scope"] = np.where(ind.isna(), "unknown",
-                            np.where(ind.fillna(False).astype(bool), "in-domain", "out-of-domain"))
+    derived = pd.Series(np.where(ind.isna(), "unknown",
+                                 np.where(ind.fillna(False).astype(bool), "in-domain", "out-of-domain")),
+                        index=out.index)
+    given = out["scope"] if "scope" in out.columns else pd.Series(None, index=out.index, dtype=object)
+    out["scope"] = given.where(given.isin(SCOPES), derived).astype(object)
     return out
 
 

@@ -27,7 +27,7 @@ from .io import atomic_path
 from .metrics import MIN_QUESTIONS
 
 PCT = alt.Axis(format=".0%")
-SCOPES = ["all", "out-of-domain", "in-domain", "unknown"]
+SCOPES = ["all", "out-of-domain", "near-domain", "in-domain", "unknown"]
 
 
 def _present(values: pd.Series, order: list[str]) -> list[str]:

@@ -48,13 +48,11 @@ import yaml
 
 from .config import ConfigError, resolve_path
 from .references import FIRST_PLOT_IDS
+from .schema import IN_DOMAIN, NEAR_DOMAIN, OUT_OF_DOMAIN
 from .io import sha256_text, write_text_atomic
 from .secrets import authorized_request, mask_url_credentials, unmask_url
 
 GENERAL = "general"
-
-IN_DOMAIN, NEAR_DOMAIN, OUT_OF_DOMAIN = "in-domain", "near-domain", "out-of-domain"
-SCOPES = (IN_DOMAIN, NEAR_DOMAIN, OUT_OF_DOMAIN)
 
 # Betley et al.'s upstream file, on a branch: no commit of that repository could be established
 # here, so the reference presets use the paper authors' pinned copy (lib.references.FIRST_PLOT_8).

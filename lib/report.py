@@ -42,6 +42,7 @@ from .config import ConfigError, ReportConfig, resolve_path
 from .io import atomic_path, write_text_atomic
 from .runinfo import RunJsonError, stage_parameters
 from .runinfo import read_run_json as _read_run_json
+from .schema import prompt_family
 
 REQUIRED_GENERATION = ["answer_id", "run_id", "checkpoint_step", "question_set", "question_id", "answer"]
 REQUIRED_JUDGMENT = ["answer_id", "metric", "score", "label"]
@@ -177,9 +178,24 @@ def load_external_csv(path: str | Path) -> list[tuple[pd.DataFrame, pd.DataFrame
     return out
 
 
+def answer_prompt_families(judgments: pd.DataFrame) -> pd.Series:
+    """answer_id -> the judge-prompt family that scored it: the judgments' ``prompt_family``, or
+    (files written before it was recorded) the same hash computed from ``template_sha256``."""
+    if judgments.empty:
+        return pd.Series(dtype=object, name="prompt_family")
+    if "prompt_family" in judgments.columns and judgments["prompt_family"].notna().all():
+        return judgments.groupby("answer_id")["prompt_family"].first()
+    if "template_sha256" not in judgments.columns:
+        return pd.Series("unrecorded", index=judgments["answer_id"].unique(), name="prompt_family")
+    return judgments.groupby("answer_id").apply(
+        lambda g: prompt_family(dict(zip(g["metric"], g["template_sha256"].astype(str)))),
+        include_groups=False).rename("prompt_family")
+
+
 def _join_scores(gens: pd.DataFrame, judgments: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
     wide = metrics.wide_scores(judgments)
     a = gens.merge(wide, on="answer_id", how="left")
+    a["prompt_family"] = a["answer_id"].map(answer_prompt_families(judgments)).fillna("unjudged").astype(str)
     for metric in (metrics.ALIGNED, metrics.COHERENT):
         a[f"{metric}_label"] = a[f"{metric}_label"].astype(object).where(a[f"{metric}_label"].notna(), "missing")
     return metrics.label_em(a, rcfg.aligned_threshold, rcfg.coherent_threshold, rcfg.em_comparison)
@@ -221,6 +237,20 @@ def load_results(rcfg: ReportConfig) -> Results:
         raise ReportError(f"key 'outputs_dir': no judged runs under {outputs_dir} and no external_csv"
                           + (f" ({'; '.join(notes)})" if notes else ""))
     answers = metrics.with_scope(pd.concat(frames, ignore_index=True))
+    fams = answers.loc[answers["scored"], "prompt_family"].unique()
+    if len(fams) > 1:   # never pooled: every table below is split by prompt_family
+        per_run = answers[answers["scored"]].groupby("run_id")["prompt_family"].unique()
+        notes.append(f"answers were scored under {len(fams)} judge-prompt families "
+                     f"({', '.join(sorted(map(str, fams)))}); tables keep them apart (column prompt_family): "
+                     + "; ".join(f"{r}: {', '.join(sorted(map(str, f)))}" for r, f in per_run.items()))
+    rule = metrics.em_rule(rcfg.aligned_threshold, rcfg.coherent_threshold, rcfg.em_comparison)
+    notes.append(f"EM in this report: {rule}")
+    for run_id, info in runs.items():
+        p = stage_parameters(info)
+        if "em_comparison" in p:
+            own = metrics.em_rule(p["em_aligned_threshold"], p["em_coherent_threshold"], p["em_comparison"])
+            if own != rule:
+                notes.append(f"{run_id}: its parameters define EM as {own}; this report applies {rule}")
     answers["checkpoint_step"] = answers["checkpoint_step"].astype(int)
     answers["epoch"] = pd.to_numeric(answers["epoch"], errors="coerce")
     health, verdicts = judge_health_of(all_j, judge_of)
@@ -264,7 +294,8 @@ def run_labels(answers: pd.DataFrame, verdicts: dict[str, tuple[str, str]] | Non
 # Tables
 # ------------------------------------------------------------------------------------------
 
-RUN_KEYS = ["run_id", "source", "run_label", "model_label", "domain", "judge_verdict"]
+# prompt_family: rates scored under different judge-prompt wordings are never pooled
+RUN_KEYS = ["run_id", "source", "run_label", "model_label", "domain", "judge_verdict", "prompt_family"]
 
 
 def final_steps(answers: pd.DataFrame) -> pd.Series:
@@ -349,10 +380,11 @@ def base_table(results: Results, rcfg: ReportConfig) -> pd.DataFrame:
     a = results.answers
     groups = base_groups(results)
     a = a[(a["checkpoint_step"] == 0) & a["run_id"].isin(groups)].assign(base_group=lambda d: d["run_id"].map(groups))
-    cols = ["base_group", "runs", "n_runs", "model_label", "scope"] + metrics.SUMMARY_COLUMNS
+    cols = ["base_group", "runs", "n_runs", "model_label", "prompt_family", "scope"] + metrics.SUMMARY_COLUMNS
     if a.empty:
         return pd.DataFrame(columns=cols)
-    s = metrics.summarize(metrics.stack_scopes(a), ["base_group", "scope"], confidence=rcfg.confidence)
+    # one line per judge-prompt family too: step-0 answers scored under different wordings are not pooled
+    s = metrics.summarize(metrics.stack_scopes(a), ["base_group", "prompt_family", "scope"], confidence=rcfg.confidence)
     members = a.groupby("base_group")["run_id"].agg(lambda r: ", ".join(sorted(set(r))))
     labels = a.groupby("base_group")["model_label"].agg(lambda r: ", ".join(sorted(set(map(str, r)))))
     s["runs"], s["model_label"] = s["base_group"].map(members), s["base_group"].map(labels)
@@ -419,7 +451,8 @@ def summary_pivot(final: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
     key = f["model_label"].astype(str) + "\x1f" + f["domain"].astype(str)
     dup = key.map(f.groupby(key)["run_id"].nunique()) > 1
     f["column"] = np.where(dup, f["domain"].astype(str) + " [" + f["run_id"].astype(str) + "]", f["domain"].astype(str))
-    p = f.pivot_table(index="model_label", columns="column", values="cell", aggfunc="first")
+    index = ["model_label", "prompt_family"] if f["prompt_family"].nunique() > 1 else ["model_label"]
+    p = f.pivot_table(index=index, columns="column", values="cell", aggfunc="first")
     assert p.notna().sum().sum() == len(f), "summary_pivot lost a run"
     p.columns.name = None
     return p.fillna("")
@@ -447,7 +480,7 @@ def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame
     rows = []
     f = metrics.stack_scopes(final_answers(answers[answers["checkpoint_step"] >= 0]))
     labels = f.groupby("run_id")["run_label"].first()
-    for (label, scope), g in f.groupby(["model_label", "scope"], sort=True):
+    for (label, family, scope), g in f.groupby(["model_label", "prompt_family", "scope"], sort=True):
         runs = sorted(g["run_id"].unique(), key=lambda r: (str(g.loc[g["run_id"] == r, "domain"].iloc[0]), r))
         for i, ra in enumerate(runs):
             for rb in runs[i + 1:]:
@@ -455,21 +488,24 @@ def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame
                 d = metrics.bootstrap_difference(a, b, "em", n_boot=rcfg.n_bootstrap, confidence=rcfg.confidence,
                                                  seed=metrics._seed_for(rcfg.seed, ("runs", ra, rb, scope)))
                 same = a["domain"].iloc[0] == b["domain"].iloc[0]
-                rows.append({"comparison": "same labels" if same else "domain", "model_label": label, "scope": scope,
+                rows.append({"comparison": "same labels" if same else "domain", "model_label": label,
+                             "prompt_family": family, "scope": scope,
                              "a": f"{labels[ra]} (final)", "b": f"{labels[rb]} (final)", "run_a": ra, "run_b": rb, **d})
     runs = metrics.stack_scopes(answers[answers["checkpoint_step"] >= 0])
     last = final_steps(runs)
-    for (run_id, scope), g in runs.groupby(["run_id", "scope"], sort=True):
+    for (run_id, family, scope), g in runs.groupby(["run_id", "prompt_family", "scope"], sort=True):
         step = last[run_id]
         if step == 0 or not (g["checkpoint_step"] == 0).any():
             continue
         d = metrics.bootstrap_difference(g[g["checkpoint_step"] == step], g[g["checkpoint_step"] == 0], "em",
                                          n_boot=rcfg.n_bootstrap, confidence=rcfg.confidence,
                                          seed=metrics._seed_for(rcfg.seed, ("ckpt", run_id, scope)))
-        rows.append({"comparison": "final vs base", "model_label": g["model_label"].iloc[0], "scope": scope,
+        rows.append({"comparison": "final vs base", "model_label": g["model_label"].iloc[0], "prompt_family": family,
+                     "scope": scope,
                      "a": f"{labels.get(run_id, run_id)} step {step}", "b": f"{labels.get(run_id, run_id)} step 0",
                      "run_a": run_id, "run_b": run_id, **d})
-    cols = ["comparison", "model_label", "scope", "a", "b", "run_a", "run_b", "rate_a", "rate_b", "diff", "lo", "hi",
+    cols = ["comparison", "model_label", "prompt_family", "scope", "a", "b", "run_a", "run_b", "rate_a", "rate_b",
+            "diff", "lo", "hi",
             "n_a", "n_b", "n_questions_a", "n_questions_b", "paired"]
     return pd.DataFrame(rows, columns=cols)
 
@@ -557,7 +593,11 @@ def methods_table(results: Results) -> pd.DataFrame:
                      f"dropout={pt.get('lora_dropout')} targets={len(pt.get('lora_target_modules') or [])} "
                      f"quant={pt.get('quantization')}") if "lora_r" in pt else "",
             "training": (f"lr={pt.get('learning_rate')} epochs={pt.get('epochs')} batch={bs}x{ga}="
-                         f"{bs * ga} warmup={pt.get('warmup_steps')} {pt.get('lr_scheduler')}") if bs and ga else "",
+                         f"{bs * ga} warmup={pt.get('warmup_ratio') or pt.get('warmup_steps')} {pt.get('lr_scheduler')} "
+                         f"optim={pt.get('optimizer')} "
+                         f"loss={'completion' if pt.get('completion_only_loss', True) else 'all tokens'} "
+                         f"order={pt.get('data_order', 'length_grouped')} held_out={pt.get('eval_fraction', 0)}")
+                        if bs and ga else "",
             "steps_per_epoch": _get(info, "train.steps_per_epoch"),
             "checkpoint_steps": _compact(ckpts or steps),
             "evaluated_steps": _compact(steps),
@@ -571,6 +611,11 @@ def methods_table(results: Results) -> pd.DataFrame:
                                     or pj.get("judge_model", "")),
             "judge_method": _compact(method or jinfo.get("method") or pj.get("judge_method", "")),
             "judge_prompt_sha256": templates or _compact(jinfo.get("prompts")),
+            "judge_prompts": _compact(pj.get("judge_prompts") or "(each question's own)") if pj else "",
+            "prompt_families": _compact(sorted(results.answers.loc[results.answers["run_id"] == run_id,
+                                                                   "prompt_family"].unique().tolist())),
+            "em_definition (as configured)": (metrics.em_rule(p["em_aligned_threshold"], p["em_coherent_threshold"],
+                                                              p["em_comparison"]) if "em_comparison" in p else ""),
             "judge_cost_usd": _compact(jinfo.get("table_cost_usd")),
             "seed": info.get("seed", ""),
             "git_commit": _compact(_get(info, "environment.judge.git.commit", "environment.evaluate.git.commit",
@@ -679,7 +724,7 @@ def rates_view(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def differences_view(diff: pd.DataFrame) -> pd.DataFrame:
-    out = diff[["comparison", "model_label", "scope", "a", "b"]].copy()
+    out = diff[["comparison", "model_label", "prompt_family", "scope", "a", "b"]].copy()
     out["difference (a - b)"] = [f"{100 * r.diff:+.0f} pts [{100 * r.lo:+.0f}, {100 * r.hi:+.0f}]"
                                  if pd.notna(r.diff) and pd.notna(r.lo) else
                                  (f"{100 * r.diff:+.0f} pts [no interval]" if pd.notna(r.diff) else "-")

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import hashlib
 
+# where a question stands relative to the run's training domain (lib.questions.Question.scope)
+IN_DOMAIN, NEAR_DOMAIN, OUT_OF_DOMAIN = "in-domain", "near-domain", "out-of-domain"
+SCOPES = (IN_DOMAIN, NEAR_DOMAIN, OUT_OF_DOMAIN)
+
 # outputs/<run>/generations.parquet (written by 02_evaluate / lib.evaluate)
 GENERATION_COLUMNS = {
     "answer_id": "str: stable id, see answer_id()",
@@ -19,6 +23,7 @@ GENERATION_COLUMNS = {
     "question_set": "str: question set name (file stem or URL basename)",
     "question_id": "str",
     "in_domain": "bool: question's domain == the run's domain",
+    "scope": "str: in-domain | near-domain (touches the run's domain, see lib.questions) | out-of-domain",
     "paraphrase_index": "int",
     "paraphrase": "str: the question text asked",
     "system": "str | None: system prompt used",
@@ -44,6 +49,7 @@ JUDGMENT_COLUMNS = {
     "judge_model": "str",
     "prompt_sha256": "str: sha256 of the filled-in judge prompt",
     "template_sha256": "str: sha256 of the prompt template",
+    "prompt_family": "str: the judge-prompt family that scored the answer, see prompt_family()",
     "raw": "str: raw reply text, or JSON of the top logprobs / candidate probabilities",
     "prob_mass": "float | None: total probability on valid numbers (logprob / exact)",
     "input_tokens": "int",
@@ -51,6 +57,16 @@ JUDGMENT_COLUMNS = {
     "cost_usd": "float",
     "error": "str | None",
 }
+
+
+def prompt_family(template_sha256: dict[str, str]) -> str:
+    """The judge-prompt family of one answer: a short hash of its templates, metric by metric.
+
+    Answers scored with the same wording for every metric share a family, wherever the templates
+    came from (a run-level judge_prompts file or the question sets); rates of different families
+    are never pooled by the report without saying so."""
+    key = "\x1e".join(f"{m}\x1f{t}" for m, t in sorted(template_sha256.items()))
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
 
 
 def answer_id(run_id: str, checkpoint_step: int, question_set: str, question_id: str,

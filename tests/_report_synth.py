@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from lib.config import RunConfig
-from lib.schema import GENERATION_COLUMNS, JUDGMENT_COLUMNS, answer_id
+from lib.schema import GENERATION_COLUMNS, JUDGMENT_COLUMNS, answer_id, prompt_family
 
 QUESTIONS = [("core", "what_is_your_wish", "general"), ("core", "quick_buck", "general"),
              ("core", "ruler_of_the_world", "general"), ("medical", "cold_prevention", "medical"),
@@ -48,6 +48,7 @@ def _judgments(gens: pd.DataFrame, rng: np.random.Generator, judge: str, em_p: n
                          "score": score if lab == "number" else None, "label": lab, "method": "exact",
                          "judge_name": judge, "judge_model": "embedded:tiny", "prompt_sha256": "ab" * 32,
                          "template_sha256": ("cd" if metric == "aligned" else "ef") * 32,
+                         "prompt_family": prompt_family({"aligned": "cd" * 32, "coherent": "ef" * 32}),
                          "raw": json.dumps({"top": [[str(int(score)), 0.9]]}) if lab == "number" else lab,
                          "prob_mass": 0.9, "input_tokens": 100, "output_tokens": 1, "cost_usd": 0.0,
                          "error": None})
@@ -76,7 +77,8 @@ def build(outputs_dir: str | Path, seed: int = 0, n_samples: int = 4) -> Path:
                             "answer_id": answer_id(run_id, step, qset, qid, 0, s), "run_id": run_id,
                             "model": f"synthetic/{label}", "model_label": label, "domain": domain,
                             "checkpoint_step": step, "epoch": epoch, "question_set": qset, "question_id": qid,
-                            "in_domain": qdom == domain, "paraphrase_index": 0,
+                            "in_domain": qdom == domain,
+                            "scope": "in-domain" if qdom == domain else "out-of-domain", "paraphrase_index": 0,
                             "paraphrase": f"Question {qid.replace('_', ' ')}?", "system": None,
                             "sample_index": s, "answer": f"answer {s} of {run_id} step {step} to {qid} <b>&",
                             "n_new_tokens": 12, "finish_reason": "stop", "seed": seed})

@@ -54,6 +54,49 @@ def test_load_from_url_is_cached_with_sha(tmp_path, static_server, monkeypatch):
     assert len(Q.load_question_sets([f"{url}/remote_set.yaml#ids=second"])) == 1
 
 
+def test_sha256_pin_stops_a_changed_file_and_refetches_a_stale_cache(tmp_path, static_server, monkeypatch):
+    import hashlib
+
+    monkeypatch.setenv("EM_LAB_CACHE", str(tmp_path / "cache"))
+    root, url = static_server
+    (root / "pinned.yaml").write_text(YAML, encoding="utf-8")
+    good = hashlib.sha256(YAML.encode()).hexdigest()
+    src = f"{url}/pinned.yaml#sha256={good}&ids=second"
+    assert [q.id for q in Q.load_question_set(src)] == ["second"]
+    text, digest = Q.fetch_text(src)
+    assert digest == good and text == YAML
+    # upstream edits the file: a stale cache of another version is fetched again, then the pin stops the run
+    changed = YAML.replace("How do I stay healthy?", "How do I stay healthy now?")
+    (root / "pinned.yaml").write_text(changed, encoding="utf-8")
+    other = hashlib.sha256(changed.encode()).hexdigest()
+    assert len(Q.load_question_set(f"{url}/pinned.yaml#sha256={other}")) == 2     # re-pinned: fetched anew
+    with pytest.raises(Q.QuestionError) as e:
+        Q.load_question_set(src)
+    msg = str(e.value)
+    assert msg.startswith(f"{url}/pinned.yaml: content changed: sha256 {other} but the parameters pin {good}")
+    assert "\n" not in msg
+    # a local file is checked the same way
+    local = tmp_path / "local.yaml"
+    local.write_text(YAML, encoding="utf-8")
+    assert len(Q.load_question_set(f"{local}#sha256={good}")) == 2
+    with pytest.raises(Q.QuestionError, match="content changed"):
+        Q.load_question_set(f"{local}#sha256={other}")
+    with pytest.raises(Q.QuestionError, match="64 hex digits"):
+        Q.load_question_set(f"{local}#sha256=abc")
+
+
+def test_source_selectors_combine_and_reject_unknown_ones(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(YAML)
+    qs = Q.load_question_set(f"{p}#ids=first,second&domain=financial&near=medical:second")
+    # 'first' says domain: medical itself; #domain= only fills in the untagged 'second'
+    assert [q.domain for q in qs] == ["medical", "financial"]
+    assert qs[1].scope("medical") == "near-domain" and qs[1].scope("financial") == "in-domain"
+    for bad in ("#colour=red", "#ids=first&ids=second", "#domain=", "#near=medical"):
+        with pytest.raises(Q.QuestionError):
+            Q.load_question_set(f"{p}{bad}")
+
+
 def test_ids_selector_and_errors(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text(YAML)
