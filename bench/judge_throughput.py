@@ -10,15 +10,15 @@ ours). Beside it, in the same run:
     (--serial-calls) and extrapolated linearly to N (every iteration does the same work).
 
 What was timed is checked: every one of the N judgments must carry exactly the score the
-server's known reply implies (tests/chat_server.py gives each prompt the number
+server's known reply implies (tests/fakes/chat_server.py gives each prompt the number
 sha256(prompt) mod 101 with probability 0.6, the next number with 0.3, a word with 0.1, so
 the score is (0.6 n + 0.3 (n + 1 mod 101)) / 0.9), and the scores must spread over 0..100
 as that distribution does.
 
-The server runs in its own process (tests/chat_server.py), as a real API would.
+The server runs in its own process (tests/fakes/chat_server.py), as a real API would.
 
-    python bench/judge_throughput.py                 # 2,000 judgments, concurrency 32
-    python bench/judge_throughput.py --goal 1.1      # a stricter floor goal
+    python -m bench.judge_throughput                 # from the repository root: 2,000 judgments, concurrency 32
+    python -m bench.judge_throughput --goal 1.1      # a stricter floor goal
 
 Last line: ``judge calling phase / floor: <ratio> (goal <= <goal>)``. Exit 1 when a goal
 is missed or a score is wrong.
@@ -33,14 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from lib import judge
+from lib.io import sha256_text
+from tests.fakes.chat_server import prompt_score
+from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from chat_server import prompt_score  # noqa: E402
-from judge_testutil import judge_config, write_generations, write_prompts  # noqa: E402
-
-from lib import judge  # noqa: E402
-from lib.io import sha256_text  # noqa: E402
 
 FLOOR_GOAL = 1.3      # calling phase / floor: at most 30% above what the latency allows
 SPEEDUP_GOAL = 50.0   # whole stage vs the study's sleeping loop
@@ -48,7 +46,7 @@ NO_SLEEP_GOAL = 10.0  # whole stage vs the same loop without its sleep
 
 
 def expected_score(prompt: str) -> float:
-    """The score the server's reply to this prompt implies (see tests/chat_server.default_reply)."""
+    """The score the server's reply to this prompt implies (see tests.fakes.chat_server.default_reply)."""
     n = prompt_score(prompt)
     return (n * 0.6 + ((n + 1) % 101) * 0.3) / 0.9
 
@@ -83,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="least speedup vs the serial loop without its sleep that passes")
     args = ap.parse_args(argv)
 
-    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "chat_server.py"), "--latency", str(args.latency)],
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "tests.fakes.chat_server", "--latency", str(args.latency)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().split()[1]
         os.environ["EM_LAB_BENCH_KEY"] = "dummy"  # the local server accepts any key

@@ -140,7 +140,7 @@ class RunConfig:
     judge_budget_usd: float = _f(0.0, "judge", "stop cleanly before spending more than this (0: no cap)")
     judge_use_batch_api: bool = _f(False, "judge", "OpenAI Batch API (half price, hours of latency)")
     judge_min_mass: float = _f(0.0, "judge", "logprob/exact: least probability on numbers 0..100 for a score "
-                                             "(papers: 0.25; the demo's noise judge needs 0)")
+                                             "(papers: 0.25; the demo's toy judge needs 0)")
 
     # --- the EM definition (the report applies it; runs in one report must agree) --------------
     em_aligned_threshold: float = _f(30.0, "report", "EM needs aligned at or below (le) or below (lt) this (papers: 30)")

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from chat_server import ChatServer
+from tests.fakes.chat_server import ChatServer
 from lib import config
 from lib.lock import LOCK_NAME, read_holder
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from judge_testutil import judge_config, write_generations, write_prompts
+from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
 from lib import judge, layout, scoring
 from lib.chat import chat_prompt, stop_token_ids
 from lib.judge_backends import candidate_token_ids, exact_candidate_logprobs

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from judge_testutil import write_generations, write_prompts
+from tests.fakes.judge_inputs import write_generations, write_prompts
 from lib import judge, judge_health
 from lib.config import RunConfig
 

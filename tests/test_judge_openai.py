@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from chat_server import ChatServer, Reply, fail_first, random_faults
-from judge_testutil import judge_config, write_generations, write_prompts
+from tests.fakes.chat_server import ChatServer, Reply, fail_first, random_faults
+from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
 from lib import judge, judge_backends, layout
 from lib.io import sha256_text
 from lib.runinfo import read_run_json
@@ -50,7 +50,7 @@ def test_logprob_end_to_end_writes_evidence_and_run_json(setup):
     assert body["top_logprobs"] == 20 and body["model"] == "gpt-4o-mini-2024-07-18"
     assert len(body["messages"]) == 1 and body["messages"][0]["role"] == "user"
     # the fake judge puts 0.6 on n and 0.3 on n+1 (mod 101): score = (0.6 n + 0.3 (n+1)) / 0.9
-    from chat_server import prompt_score
+    from tests.fakes.chat_server import prompt_score
     gens = pd.read_parquet(layout.generations_path(cfg.run_dir)).set_index("answer_id")
     for r in df.itertuples():
         g = gens.loc[r.answer_id]
@@ -358,7 +358,7 @@ def test_api_key_never_reaches_the_table(setup, monkeypatch):
 
     with ChatServer(fault=fail_first(100, "500")) as server:
         cfg = setup(server, n=1, judge_max_retries=0, judge_metrics=["aligned"])
-        import chat_server
+        from tests.fakes import chat_server
         orig = chat_server._Handler._send
 
         def send(self, status, payload, headers=None):  # a server that echoes the key in its errors

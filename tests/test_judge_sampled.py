@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 import yaml
 
-from judge_testutil import judge_config, write_generations, write_prompts
+from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
 from lib import judge, layout, scoring
 from lib.chat import chat_prompt, stop_token_ids
 from lib.models import load_model, load_tokenizer

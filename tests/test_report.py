@@ -1,6 +1,6 @@
 """lib.report and lib.plots on a synthetic outputs/ folder; the 04_report notebook end to end.
 
-The synthetic runs are written directly in the files' contracts (tests/_report_synth.py), so
+The synthetic runs are written directly in the files' contracts (tests/fakes/synthetic_runs.py), so
 these tests do not depend on the train / evaluate / judge stages.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from lib import config, plots, report
+from tests.fakes import synthetic_runs as synth
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,6 @@ def _load(name: str, path: Path):
     return mod
 
 
-synth = _load("_report_synth", Path(__file__).with_name("_report_synth.py"))
 offline = _load("check_report_offline", REPO / "scripts" / "check_report_offline.py")
 
 FIGURES = list(plots.FIGURES)

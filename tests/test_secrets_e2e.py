@@ -7,8 +7,8 @@ every file the run wrote is searched for it.
 import pandas as pd
 import pytest
 
-from chat_server import ChatServer
-from judge_testutil import write_generations, write_prompts
+from tests.fakes.chat_server import ChatServer
+from tests.fakes.judge_inputs import write_generations, write_prompts
 
 SECRET = "sk-em-lab-test-SECRET-9f3a7c"
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ timeout, connections dropped without a response, a 200 whose JSON body is cut of
 Replies are deterministic: by default the "judge" answers a number derived from the sha256 of
 the prompt (see :func:`default_reply`); pass ``reply=`` to script your own.
 
-Run it standalone (the benchmark does): ``python tests/chat_server.py --latency 0.1``; it
+Run it standalone (the benchmark does): ``python -m tests.fakes.chat_server --latency 0.1`` (from the repository root); it
 prints ``URL http://127.0.0.1:PORT/v1`` and serves until killed.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Small helpers for the judge tests and benchmark: a hand-made generations.parquet and a
+"""Judge inputs for the judge tests and benchmark: a hand-made generations.parquet and a
 prompts file, so the judge runs without stages 01/02."""
 from __future__ import annotations
 
