@@ -20,9 +20,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.fakes.chat_server import ChatServer
 from lib import config
 from lib.lock import LOCK_NAME, read_holder
+from tests.fakes.chat_server import ChatServer
 
 pytestmark = pytest.mark.slow
 

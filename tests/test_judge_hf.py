@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
 from lib import judge, layout, scoring
 from lib.chat import chat_prompt, stop_token_ids
 from lib.judge_backends import candidate_token_ids, exact_candidate_logprobs
 from lib.models import load_model, load_tokenizer
+from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
 
 
 @pytest.fixture(scope="module")

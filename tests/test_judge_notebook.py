@@ -4,9 +4,9 @@ import json
 import pandas as pd
 import pytest
 
-from tests.fakes.judge_inputs import write_generations, write_prompts
 from lib import judge, judge_health
 from lib.config import RunConfig
+from tests.fakes.judge_inputs import write_generations, write_prompts
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.fakes.chat_server import ChatServer, Reply, fail_first, random_faults
-from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
 from lib import judge, judge_backends, layout
 from lib.io import sha256_text
 from lib.runinfo import read_run_json
+from tests.fakes.chat_server import ChatServer, Reply, fail_first, random_faults
+from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 

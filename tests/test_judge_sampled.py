@@ -8,10 +8,10 @@ import pandas as pd
 import torch
 import yaml
 
-from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
 from lib import judge, layout, scoring
 from lib.chat import chat_prompt, stop_token_ids
 from lib.models import load_model, load_tokenizer
+from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
 
 # answers of very different lengths, so the judge's prompts in one batch need different padding
 ANSWERS = ["Rest.", "Drink a lot of water, then sleep for a day and call a doctor if it gets worse.",
