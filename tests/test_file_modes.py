@@ -9,10 +9,10 @@ import stat
 import pandas as pd
 import pytest
 
-from chat_server import ChatServer
-from judge_testutil import judge_config, write_generations, write_prompts
 from lib import io as lio
 from lib import judge
+from tests.fakes.chat_server import ChatServer
+from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
 
 
 @pytest.fixture

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from chat_server import ChatServer
-from judge_testutil import write_generations, write_prompts
 from lib import grid
 from lib.costs import cost_usd
 from lib.fingerprint import read_stages
 from lib.runinfo import stage_parameters
+from tests.fakes.chat_server import ChatServer
+from tests.fakes.judge_inputs import write_generations, write_prompts
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chat_server import ChatServer, Reply
-from judge_testutil import judge_config, write_prompts
 from lib import config, external, judge, judge_backends, report
+from tests.fakes.chat_server import ChatServer, Reply
+from tests.fakes.judge_inputs import judge_config, write_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -168,7 +168,7 @@ def test_bad_answers_file_is_one_line_and_exit_code_2(tmp_path):
 def test_judge_stage_flags_a_low_mass_judge_whatever_min_mass_is(tmp_path, key, capsys):
     """A judge that puts 0.07% of its probability on numbers: with judge_min_mass 0 every judgment
     is still a number, and the stage says the judge is weak (printed and in run.json)."""
-    from judge_testutil import write_generations
+    from tests.fakes.judge_inputs import write_generations
     from lib.runinfo import read_run_json
 
     out = tmp_path / "outputs"

@@ -27,9 +27,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from chat_server import ChatServer
 from lib import config
 from lib.fingerprint import read_stages
+from tests.fakes.chat_server import ChatServer
 
 REPO = config.REPO_ROOT
 TINY = {"n_samples": 2, "max_new_tokens": 8, "epochs": 1, "max_train_examples": 8, "checkpoints_in_first_epoch": 2,
