@@ -13,6 +13,7 @@ like one at the top of the file. Rules:
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 LIB = Path(__file__).resolve().parents[1] / "lib"
@@ -51,20 +52,18 @@ LAYERS: dict[str, int] = {
     "judge_backends": STAGES,
     "report": STAGES,
     "plots": STAGES,
-    # analyses beyond replication (05, 06): they run the train / evaluate / judge stages' functions
-    "phase": STAGES,
-    "direction": STAGES,
     # orchestration: runs stages, decides what to skip
     "grid": ORCHESTRATION,
     "fingerprint": ORCHESTRATION,
+    # analyses beyond replication (05, 06): they run the train / evaluate / judge stages' functions
+    "phase": ORCHESTRATION,
+    "direction": ORCHESTRATION,
 }
 
 # a stage module -> the stage-layer modules it may import (its own parts)
 STAGE_PARTS: dict[str, set[str]] = {
     "judge": {"judge_backends"},
     "report": {"plots"},
-    "phase": {"train", "evaluate", "judge"},
-    "direction": {"train", "evaluate", "judge"},
 }
 
 
@@ -178,11 +177,22 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+README = LIB.parent / "README.md"
+README_ROW = re.compile(r"^\| (base|loaders|stages|orchestration) \| `([a-z_0-9]+)` \| .+\|$")
+
+
 def test_every_module_has_a_layer():
     missing = [m for m in _lib_modules() if m not in LAYERS]
     assert not missing, f"place these lib modules in LAYERS (tests/test_architecture.py): {missing}"
     gone = sorted(set(LAYERS) - set(_lib_modules()))
     assert not gone, f"LAYERS names modules that no longer exist: {gone}"
+
+
+def test_readme_lists_every_module_in_its_layer():
+    rows = [README_ROW.match(line) for line in README.read_text(encoding="utf-8").splitlines()]
+    listed = {m.group(2): m.group(1) for m in rows if m}
+    expected = {name: LAYER_NAMES[layer] for name, layer in LAYERS.items() if name != "__init__"}
+    assert listed == expected
 
 
 def test_no_import_circle():
