@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from lib import config, judge_health, metrics, report, scoring
-from lib.schema import GENERATION_COLUMNS, JUDGMENT_COLUMNS, answer_id
+from lib.schema import GENERATION_COLUMNS, JUDGMENT_COLUMNS, answer_id, prompt_family
 
 N_Q, N_S = 10, 6  # questions x samples per checkpoint
 
@@ -37,7 +37,7 @@ def write_run(outputs: Path, run_id: str, model_label: str, domain: str, em_fina
                 gens.append({"answer_id": aid, "run_id": run_id, "model": f"synthetic/{model_label}",
                              "model_label": model_label, "domain": domain, "checkpoint_step": step,
                              "epoch": step / max(max(steps), 1), "question_set": "core", "question_id": f"q{q}",
-                             "in_domain": False, "paraphrase_index": 0, "paraphrase": f"Question {q}?",
+                             "in_domain": False, "scope": "out-of-domain", "paraphrase_index": 0, "paraphrase": f"Question {q}?",
                              "system": None, "sample_index": s, "answer": f"answer {s}", "n_new_tokens": 3,
                              "finish_reason": "stop", "seed": 0})
                 is_em = s < n_em
@@ -48,6 +48,7 @@ def write_run(outputs: Path, run_id: str, model_label: str, domain: str, em_fina
                                  "score": score if label == "number" else None, "label": label, "method": method,
                                  "judge_name": judge_name, "judge_model": judge_model, "prompt_sha256": "ab" * 32,
                                  "template_sha256": ("cd" if metric == "aligned" else "ef") * 32,
+                                 "prompt_family": prompt_family({"aligned": "cd" * 32, "coherent": "ef" * 32}),
                                  "raw": json.dumps({str(int(score)): float(np.log(mass))}),
                                  "prob_mass": mass if method != "sampled" else None, "input_tokens": 100,
                                  "output_tokens": 1, "cost_usd": 0.0, "error": None})
