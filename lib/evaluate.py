@@ -8,26 +8,28 @@ with the configured temperature, top_p and max_new_tokens. One row per answer go
 How it is fast
     The base model is loaded once. Checkpoints are LoRA adapters loaded into it, used and
     deleted in place (peft ``PeftModel.load_adapter`` / ``set_adapter`` / ``delete_adapter``);
-    the base model's own answers come first, before any adapter exists. Prompts are generated in
-    left-padded batches whose size is estimated from free memory (GPU, or RAM on CPU) and the
-    KV-cache size of one sequence, and halved on out-of-memory.
+    the base model's own answers come first, before any adapter exists. All answers of one model
+    go through continuous batching (:mod:`lib.decoding`): ``batch_size`` rows decode together,
+    and a row whose answer ended is refilled with the next prompt instead of idling until the
+    batch's longest answer ends. The batch size is estimated from free memory (GPU, or RAM on
+    CPU) and the KV-cache size of one sequence, and halved on out-of-memory.
 
 How it resumes
     Work is planned as *chunks*: consecutive whole (checkpoint, question) units of one
-    checkpoint whose answers fit one batch (a question with more answers than a batch is a
-    chunk of its own, generated in several calls). Each finished chunk is written atomically
-    as a part file under ``generations.parts/<fingerprint>/``; a restarted run skips every
-    unit found there, so nothing is lost or written twice. At the end the parts become
-    ``generations.parquet`` (atomically) plus ``generations.meta.json`` holding the inputs'
-    fingerprint; a later run with the same inputs returns the file without loading a model.
+    checkpoint with at most a batch of answers (a question with more is a chunk of its own).
+    Each chunk is written atomically as a part file under ``generations.parts/<fingerprint>/``
+    as soon as its last answer ends; a restarted run skips every unit found there, so nothing
+    is lost or written twice. At the end the parts become ``generations.parquet`` (atomically)
+    plus ``generations.meta.json`` holding the inputs' fingerprint; a later run with the same
+    inputs returns the file without loading a model.
 
 How it is seeded
-    ``torch.manual_seed`` is set before each chunk to a value derived from (run seed,
-    checkpoint step, the chunk's question keys). Answers therefore do not depend on which
-    checkpoints were evaluated before (adapter switching == loading the checkpoint alone), nor
-    on where a run was interrupted, for a given batch size. As with any batched sampler,
-    another batch size gives other (equally valid) samples: set ``eval_batch_size`` to
-    reproduce a run exactly; the size used is recorded in run.json.
+    Every answer has its own seed, a hash of (run seed, checkpoint step, question set,
+    question id, paraphrase index, sample index), and each of its tokens is drawn with a
+    uniform number derived from that seed and the token's index (:class:`lib.decoding.TokenPicker`:
+    same distribution as ``generate``'s sampler). An answer therefore does not depend on which
+    checkpoints were evaluated before, where a run was interrupted, the batch size, or which
+    answers shared its batch, up to floating-point differences between batch shapes.
 """
 from __future__ import annotations
 
@@ -39,11 +41,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from . import layout
 from .chat import chat_prompt, stop_token_ids
 from .config import ConfigError, RunConfig
+from .decoding import (SAMPLER_VERSION, Answer, ContinuousDecoder, DecodeStats, SeededLogitsProcessor,
+                       TokenPicker, answer_seed)
 from .io import sha256_file, write_json_atomic, write_parquet_atomic
 from .models import (dtype_bytes, is_out_of_memory, kv_bytes_per_token, load_model, load_tokenizer,
                      model_revision_info)
@@ -151,12 +155,6 @@ def plan_chunks(units: list[Unit], batch_size: int) -> list[list[Unit]]:
     return chunks
 
 
-def chunk_seed(seed: int, chunk: list[Unit]) -> int:
-    """The torch seed of one chunk: a function of the run seed and what the chunk holds."""
-    key = json.dumps([seed] + [list(u.key) + [u.n_samples] for u in chunk])
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def _chunk_name(chunk: list[Unit]) -> str:
     h = hashlib.sha256(json.dumps([list(u.key) for u in chunk]).encode()).hexdigest()[:16]
     return f"step{chunk[0].target.step:07d}-{h}.parquet"
@@ -174,20 +172,21 @@ class Sampling:
     min_new_tokens: int = 0  # benchmarks force a fixed answer length with this
 
 
+def token_picker(model, tokenizer, s: Sampling) -> TokenPicker:
+    """The papers' plain sampling (temperature, top_p, top_k off; none of the model's own
+    defaults: Llama-3 instruct ships temperature 0.6 / top_p 0.9), stop tokens of lib.chat."""
+    return TokenPicker(temperature=s.temperature, top_p=s.top_p, stop_ids=tuple(stop_token_ids(tokenizer, model)),
+                       min_new_tokens=s.min_new_tokens)
+
+
 def generation_config(model, tokenizer, s: Sampling):
-    """A fresh GenerationConfig: the papers' plain sampling, none of the model's own defaults
-    (Llama-3 instruct ships temperature 0.6 / top_p 0.9); top_k is off."""
+    """A fresh GenerationConfig for the static sampler: greedy over the one-hot scores that
+    :class:`lib.decoding.SeededLogitsProcessor` leaves (the draw itself is the picker's)."""
     from transformers import GenerationConfig
 
-    kw: dict[str, Any] = dict(max_new_tokens=s.max_new_tokens, eos_token_id=stop_token_ids(tokenizer, model),
-                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    if s.min_new_tokens:
-        kw["min_new_tokens"] = s.min_new_tokens
-    if s.temperature > 0:
-        kw.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
-    else:
-        kw.update(do_sample=False)
-    return GenerationConfig(**kw)
+    return GenerationConfig(max_new_tokens=s.max_new_tokens, eos_token_id=stop_token_ids(tokenizer, model),
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            do_sample=False)
 
 
 def prompt_ids(tokenizer, question_text: str, system: str | None) -> list[int]:
@@ -195,31 +194,54 @@ def prompt_ids(tokenizer, question_text: str, system: str | None) -> list[int]:
     return tokenizer(chat_prompt(tokenizer, question_text, system), add_special_tokens=False)["input_ids"]
 
 
-def _generate_batch(model, input_ids, attention_mask, gen_cfg):
+def default_seeds(n: int) -> list[int]:
+    """Seeds for callers that give none (benchmarks): one per prompt position."""
+    return [answer_seed("prompt", i) for i in range(n)]
+
+
+def _answer(tok, toks: list[int], stop: set[int]) -> tuple[str, int, str]:
+    """(text, n_new_tokens, finish_reason) of one generated row; the stop token counts as
+    generated, anything after it (a static batch's padding) does not."""
+    stop_at = next((k for k, t in enumerate(toks) if t in stop), None)
+    if stop_at is None:
+        return tok.decode(toks, skip_special_tokens=True), len(toks), "length"
+    return tok.decode(toks[:stop_at], skip_special_tokens=True), stop_at + 1, "stop"
+
+
+def _generate_batch(model, input_ids, attention_mask, gen_cfg, processor=None):
     """One generate() call (tests wrap this to see the exact prompt tokens)."""
     import torch
+    from transformers import LogitsProcessorList
 
+    procs = LogitsProcessorList([processor] if processor is not None else [])
     with torch.inference_mode():
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
+                              logits_processor=procs)
 
 
 class Sampler:
-    """Batched sampling from one loaded model; the batch size shrinks on CUDA out-of-memory."""
+    """Static batching: ``model.generate`` on batches of batch_size prompts, each running until
+    its longest answer ends (the baseline of bench/generate_waste.py). The batch size shrinks on
+    CUDA out-of-memory. Draws come from :class:`lib.decoding.TokenPicker` (per-answer seeds)."""
 
     def __init__(self, model, tokenizer, sampling: Sampling, batch_size: int):
         self.model, self.tok, self.sampling, self.batch_size = model, tokenizer, sampling, batch_size
         self.gen_cfg = generation_config(model, tokenizer, sampling)
-        self.stop = set(self.gen_cfg.eos_token_id)
+        self.picker = token_picker(model, tokenizer, sampling)
+        self.stop = set(self.picker.stop_ids)
         self.device = next(model.parameters()).device
+        self.stats = DecodeStats()
 
-    def sample(self, prompts: list[list[int]], progress=None) -> list[tuple[str, int, str]]:
+    def sample(self, prompts: list[list[int]], seeds: list[int] | None = None,
+               progress=None) -> list[tuple[str, int, str]]:
         """(answer, n_new_tokens, finish_reason) per prompt, in order, in batches of batch_size."""
+        seeds = default_seeds(len(prompts)) if seeds is None else seeds
         out: list[tuple[str, int, str]] = []
         i = 0
         while i < len(prompts):
             batch = prompts[i:i + self.batch_size]
             try:
-                out += self._sample_batch(batch)
+                out += self._sample_batch(batch, seeds[i:i + len(batch)])
             except RuntimeError as e:
                 if not is_out_of_memory(e) or self.batch_size == 1:
                     raise
@@ -233,18 +255,52 @@ class Sampler:
                 progress.update(len(batch))
         return out
 
-    def _sample_batch(self, batch: list[list[int]]) -> list[tuple[str, int, str]]:
+    def _sample_batch(self, batch: list[list[int]], seeds: list[int]) -> list[tuple[str, int, str]]:
         enc = self.tok.pad({"input_ids": batch}, padding=True, padding_side="left", return_tensors="pt")
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        gen = _generate_batch(self.model, ids, mask, self.gen_cfg)[:, ids.shape[1]:].tolist()
-        rows = []
-        for toks in gen:
-            stop_at = next((k for k, t in enumerate(toks) if t in self.stop), None)
-            if stop_at is None:  # no stop token: every generated token is real (padding only follows EOS)
-                rows.append((self.tok.decode(toks, skip_special_tokens=True), len(toks), "length"))
-            else:  # the stop token counts as generated; the padding after it does not
-                rows.append((self.tok.decode(toks[:stop_at], skip_special_tokens=True), stop_at + 1, "stop"))
+        proc = SeededLogitsProcessor(self.picker, seeds, ids.shape[1])
+        gen = _generate_batch(self.model, ids, mask, self.gen_cfg, proc)[:, ids.shape[1]:].tolist()
+        rows = [_answer(self.tok, toks, self.stop) for toks in gen]
+        # every row occupies a slot for each token the batch produces (the longest answer's count)
+        self.stats.prefills += 1
+        self.stats.prefill_prompts += len(batch)
+        self.stats.decode_steps += max(n for _, n, _ in rows) - 1
+        self.stats.slot_tokens += len(batch) * max(n for _, n, _ in rows)
+        self.stats.useful_tokens += sum(n for _, n, _ in rows)
         return rows
+
+
+class ContinuousSampler:
+    """Continuous batching (:class:`lib.decoding.ContinuousDecoder`) with batch_size slots: the
+    evaluate stage's sampler. Same interface and answers as :class:`Sampler`."""
+
+    def __init__(self, model, tokenizer, sampling: Sampling, batch_size: int):
+        self.model, self.tok, self.sampling = model, tokenizer, sampling
+        self.picker = token_picker(model, tokenizer, sampling)
+        self.stop = set(self.picker.stop_ids)
+        self.decoder = ContinuousDecoder(model, self.picker, pad_id=tokenizer.pad_token_id,
+                                         max_new_tokens=sampling.max_new_tokens, slots=batch_size)
+
+    @property
+    def batch_size(self) -> int:
+        return self.decoder.slots
+
+    @property
+    def stats(self) -> DecodeStats:
+        return self.decoder.stats
+
+    def sample(self, prompts: list[list[int]], seeds: list[int] | None = None, progress=None,
+               on_done: Callable[[int, tuple[str, int, str]], None] | None = None) -> list[tuple[str, int, str]]:
+        """(answer, n_new_tokens, finish_reason) per prompt, in order; on_done(i, row) as each ends."""
+        seeds = default_seeds(len(prompts)) if seeds is None else seeds
+        self.decoder.model = self.model
+
+        def done(i: int, a: Answer) -> None:
+            if progress is not None:
+                progress.update(1)
+            if on_done is not None:
+                on_done(i, _answer(self.tok, a.tokens, self.stop))
+        return [_answer(self.tok, a.tokens, self.stop) for a in self.decoder.run(prompts, seeds, done)]
 
 
 def sequence_bytes(model, max_prompt_len: int, max_new_tokens: int) -> int:
@@ -285,7 +341,7 @@ def _fingerprint(cfg: RunConfig, sets: list[dict], targets: list[Target]) -> str
     params.pop("outputs_dir", None)  # moving the outputs folder changes nothing
     for k in ("model", "model_revision", "quantization"):  # train-stage fields evaluation depends on
         params[k] = getattr(cfg, k)
-    data = {"params": params, "question_sets": [(s["name"], s["sha256"]) for s in sets],
+    data = {"params": params, "sampler": SAMPLER_VERSION, "question_sets": [(s["name"], s["sha256"]) for s in sets],
             "targets": [(t.step, t.epoch, t.adapter_sha256) for t in targets], "columns": list(GENERATION_COLUMNS)}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -392,7 +448,8 @@ def evaluate_run(cfg: RunConfig, progress: bool = True):
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": None,
                      "max_new_tokens": cfg.max_new_tokens,
                      "n_samples": cfg.n_samples or "samples_per_paraphrase of each question",
-                     "seeding": "torch.manual_seed per chunk from (seed, step, question keys)"},
+                     "seeding": "per answer: inverse-CDF draws from uniforms of (sha256(seed, step, question set, "
+                                "question id, paraphrase, sample), token index)", "sampler": SAMPLER_VERSION},
         "batch_size": batch_size,
         "checkpoints": [{"step": t.step, "epoch": t.epoch, "path": str(t.path) if t.path else None,
                          "adapter_sha256": t.adapter_sha256} for t in targets],
@@ -408,8 +465,8 @@ def evaluate_run(cfg: RunConfig, progress: bool = True):
 
 
 def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool) -> tuple[int, dict]:
-    """Load the base model once and sample every unit in todo, one part file per chunk."""
-    import torch
+    """Load the base model once and sample every unit in todo, checkpoint by checkpoint, by
+    continuous batching; each chunk's part file is written as soon as its last answer ends."""
     from peft import PeftModel
     from tqdm.auto import tqdm
 
@@ -419,14 +476,20 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
                for q in {(u.question.question_set, u.question.id): u.question for u in todo}.values()}
     longest = max(len(ids) for ps in prompts.values() for ids in ps)
     batch_size = cfg.eval_batch_size or auto_batch_size(model, choice.device, longest, cfg.max_new_tokens)
-    sampler = Sampler(model, tok, Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens), batch_size)
+    sampler = ContinuousSampler(model, tok, Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens), batch_size)
     chunks = plan_chunks(todo, batch_size)
+    by_target: list[list[list[Unit]]] = []  # consecutive chunks of one model
+    for chunk in chunks:
+        if by_target and by_target[-1][0][0].target.step == chunk[0].target.step:
+            by_target[-1].append(chunk)
+        else:
+            by_target.append([chunk])
     bar = tqdm(total=sum(u.n_rows for u in todo), unit="answer", disable=not progress, desc="generate")
     peft_model = None  # the base model wrapped once, on the first checkpoint
     active: str | None = None
     try:
-        for chunk in chunks:
-            t = chunk[0].target
+        for target_chunks in by_target:
+            t = target_chunks[0][0].target
             if t.path is None:  # the base model: no adapter yet, or adapters switched off
                 sampler.model = model if peft_model is None else peft_model
                 ctx = nullcontext() if peft_model is None else peft_model.disable_adapter()
@@ -443,17 +506,39 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
                 sampler.model = peft_model
                 ctx = nullcontext()
             bar.set_description(f"generate step {t.step}")
-            batch_prompts = [ids for u in chunk for ids in prompts[(u.question.question_set, u.question.id)]
-                             for _ in range(u.n_samples)]
-            torch.manual_seed(chunk_seed(cfg.seed, chunk))
+            # every answer of this model, in order, with its own seed; chunk_of[i] = its chunk
+            batch_prompts, seeds, chunk_of = [], [], []
+            for c, chunk in enumerate(target_chunks):
+                for u in chunk:
+                    q = u.question
+                    for p_idx, ids in enumerate(prompts[(q.question_set, q.id)]):
+                        for s_idx in range(u.n_samples):
+                            batch_prompts.append(ids)
+                            seeds.append(answer_seed(cfg.seed, t.step, q.question_set, q.id, p_idx, s_idx))
+                            chunk_of.append(c)
+            answers: list[tuple[str, int, str] | None] = [None] * len(batch_prompts)
+            first = {c: chunk_of.index(c) for c in range(len(target_chunks))}
+            left = {c: chunk_of.count(c) for c in range(len(target_chunks))}
+
+            def done(i: int, row: tuple[str, int, str]) -> None:
+                answers[i] = row
+                c = chunk_of[i]
+                left[c] -= 1
+                if left[c] == 0:  # the chunk is complete: persist it now
+                    chunk = target_chunks[c]
+                    it = iter(answers[first[c]:first[c] + sum(u.n_rows for u in chunk)])
+                    rows = [r for u in chunk for r in _rows(cfg, u, (next(it) for _ in range(u.n_rows)))]
+                    _write_part(parts / _chunk_name(chunk), rows)
             with ctx:
-                answers = iter(sampler.sample(batch_prompts, progress=bar))
-            rows = [r for u in chunk for r in _rows(cfg, u, (next(answers) for _ in range(u.n_rows)))]
-            _write_part(parts / _chunk_name(chunk), rows)
+                sampler.sample(batch_prompts, seeds, progress=bar, on_done=done)
     finally:
         bar.close()
+    st = sampler.stats
     return sampler.batch_size, {"device": choice.device, "dtype": str(choice.dtype).replace("torch.", ""),
-                                "batch_size_initial": batch_size}
+                                "batch_size_initial": batch_size,
+                                "decoding": {"batching": "continuous", "slots": sampler.batch_size,
+                                             "decode_steps": st.decode_steps, "prefills": st.prefills,
+                                             "idle_slot_fraction": round(st.idle_fraction, 4)}}
 
 
 # ------------------------------------------------------------------------------------------
