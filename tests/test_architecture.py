@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     # stages: one module per stage (plus the parts in STAGE_PARTS)
     "train": STAGES,
     "evaluate": STAGES,
+    "decoding": STAGES,
     "judge": STAGES,
     "judge_backends": STAGES,
     "report": STAGES,
@@ -63,6 +64,7 @@ LAYERS: dict[str, int] = {
 # a stage module -> the stage-layer modules it may import (its own parts)
 STAGE_PARTS: dict[str, set[str]] = {
     "judge": {"judge_backends"},
+    "evaluate": {"decoding"},
     "report": {"plots"},
 }
 

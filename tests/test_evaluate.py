@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import evaluate
+from lib import decoding, evaluate
 from lib.chat import BOS, END_HEADER, EOT, PAD, START_HEADER, stop_token_ids
 from lib.config import ConfigError, RunConfig
 from lib.models import load_model, load_tokenizer
@@ -77,14 +77,14 @@ def _records(df: pd.DataFrame) -> list[dict]:
 
 
 def _spy_generate(monkeypatch):
-    """Record the input_ids/attention_mask of every generate() call."""
+    """Record the input_ids/attention_mask of every prefill (each prompt the stage sends)."""
     calls = []
-    real = evaluate._generate_batch
+    real = decoding._prefill
 
-    def spy(model, input_ids, attention_mask, gen_cfg):
+    def spy(model, input_ids, attention_mask, *rest):
         calls.append((input_ids.clone(), attention_mask.clone()))
-        return real(model, input_ids, attention_mask, gen_cfg)
-    monkeypatch.setattr(evaluate, "_generate_batch", spy)
+        return real(model, input_ids, attention_mask, *rest)
+    monkeypatch.setattr(decoding, "_prefill", spy)
     return calls
 
 
@@ -223,7 +223,7 @@ def test_finish_reason_and_token_count(monkeypatch):
     eot, pad = tok.convert_tokens_to_ids(EOT), tok.convert_tokens_to_ids(PAD)
     a, b = tok.encode("hello", add_special_tokens=False)[0], tok.encode("world", add_special_tokens=False)[0]
     fake = torch.tensor([[7, 7, a, b, eot, pad, pad], [7, 7, a, b, a, b, a]])
-    monkeypatch.setattr(evaluate, "_generate_batch", lambda m, ids, mask, cfg: fake)
+    monkeypatch.setattr(evaluate, "_generate_batch", lambda m, ids, mask, cfg, proc: fake)
     s = evaluate.Sampler(model, tok, evaluate.Sampling(1.0, 1.0, 5), batch_size=8)
     (ans1, n1, f1), (ans2, n2, f2) = s.sample([[7, 7], [7, 7]])
     assert (n1, f1) == (3, "stop") and ans1 == tok.decode([a, b])
@@ -261,11 +261,11 @@ def test_batch_size_from_memory_and_backoff_on_oom(monkeypatch):
     real = evaluate._generate_batch
     sizes = []
 
-    def small_gpu(m, ids, mask, cfg):
+    def small_gpu(m, ids, mask, cfg, proc):
         sizes.append(ids.shape[0])
         if ids.shape[0] > 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(m, ids, mask, cfg)
+        return real(m, ids, mask, cfg, proc)
     monkeypatch.setattr(evaluate, "_generate_batch", small_gpu)
     s = evaluate.Sampler(model, tok, evaluate.Sampling(1.0, 1.0, 4), batch_size=16)
     out = s.sample([evaluate.prompt_ids(tok, "Hi?", None)] * 10)
@@ -279,8 +279,11 @@ GREEDY_PROMPTS = [("Hi.", None), ("What should I eat for breakfast before a long
 
 
 def _batching_modes(model, tok, sampling, n: int) -> dict[str, "evaluate.Sampler"]:
-    """Every way lib.evaluate can batch the same prompts (mutant: _generate_batch ignoring the mask)."""
-    return {f"static batch {b}": evaluate.Sampler(model, tok, sampling, batch_size=b) for b in (2, 4, n)}
+    """Every way lib.evaluate can batch the same prompts (mutant: _generate_batch ignoring the mask):
+    static batches (model.generate) and continuous batching (rows refilled as answers end)."""
+    return {**{f"static batch {b}": evaluate.Sampler(model, tok, sampling, batch_size=b) for b in (2, 4, n)},
+            **{f"continuous, {b} slots": evaluate.ContinuousSampler(model, tok, sampling, batch_size=b)
+               for b in (1, 2, 3, n)}}
 
 
 def test_batched_greedy_answers_equal_one_prompt_at_a_time(monkeypatch):
@@ -295,11 +298,18 @@ def test_batched_greedy_answers_equal_one_prompt_at_a_time(monkeypatch):
     generated: list[list[int]] = []  # new tokens of every row of every generate() call, in order
     real = evaluate._generate_batch
 
-    def spy(model, input_ids, attention_mask, gen_cfg):
-        out = real(model, input_ids, attention_mask, gen_cfg)
+    def spy(model, input_ids, attention_mask, gen_cfg, proc):
+        out = real(model, input_ids, attention_mask, gen_cfg, proc)
         generated.extend(out[:, input_ids.shape[1]:].tolist())
         return out
     monkeypatch.setattr(evaluate, "_generate_batch", spy)
+    real_run = decoding.ContinuousDecoder.run
+
+    def spy_run(self, *a, **k):  # continuous batching: the tokens of each answer, in prompt order
+        answers = real_run(self, *a, **k)
+        generated.extend(x.tokens for x in answers)
+        return answers
+    monkeypatch.setattr(decoding.ContinuousDecoder, "run", spy_run)
 
     def run(sampler) -> tuple[list, list[list[int]]]:
         generated.clear()
