@@ -2,8 +2,11 @@
 
 Same model, same prompts (the demo question sets' paraphrases, with their system prompts),
 same sampling (temperature 1, top_p 1), and the same number of new tokens for every answer
-(min_new_tokens = max_new_tokens, so an early stop cannot flatter either side). Both sides go
-through lib.evaluate.Sampler; only the batch size differs. One run, one process.
+(min_new_tokens = max_new_tokens, so an early stop cannot flatter either side). The batched side
+is what the evaluate stage uses (lib.evaluate.ContinuousSampler: continuous batching, the batch size
+evaluate_run would pick); the one-at-a-time side is model.generate on one prompt
+(lib.evaluate.Sampler, batch size 1). Both draw with the same per-answer seeds. One run, one process.
+(Idle slots with natural stopping: bench/generate_waste.py.)
 
     python bench/generate_throughput.py [--model embedded:tiny] [--answers 256] [--rounds 3] [--tokens 32] [--threads 1]
 
@@ -32,7 +35,7 @@ import time
 import torch
 
 from lib.config import DEMO_QUESTIONS
-from lib.evaluate import Sampler, Sampling, auto_batch_size, prompt_ids
+from lib.evaluate import ContinuousSampler, Sampler, Sampling, auto_batch_size, prompt_ids
 from lib.models import load_model, load_tokenizer
 from lib.questions import load_question_sets
 
@@ -72,7 +75,7 @@ def greedy_agreement(model, tok, prompts: list[list[int]], batch_size: int, toke
     """Prompts whose greedy answer from a batch differs from the one-prompt-at-a-time answer."""
     greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=tokens)
     alone = Sampler(model, tok, greedy, 1).sample(prompts)
-    batched = Sampler(model, tok, greedy, batch_size).sample(prompts)
+    batched = ContinuousSampler(model, tok, greedy, batch_size).sample(prompts)
     return sum(a != b for a, b in zip(alone, batched))
 
 
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(sampler: Sampler) -> float:
         nonlocal lengths_ok
-        todo = prompts[:args.serial_answers] if sampler.batch_size == 1 and args.serial_answers else prompts
+        todo = prompts[:args.serial_answers] if sampler is one and args.serial_answers else prompts
         torch.manual_seed(0)
         if choice.device == "cuda":
             torch.cuda.synchronize()
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths_ok &= len(out) == len(todo) and all(n == args.tokens for _, n, _ in out)
         return len(out) / dt
 
-    one, many = Sampler(model, tok, sampling, 1), Sampler(model, tok, sampling, bs)
+    one, many = Sampler(model, tok, sampling, 1), ContinuousSampler(model, tok, sampling, bs)
     one.sample(prompts[:2]), many.sample(prompts[:2])  # warm-up (kernels, allocator), not timed
     # alternate the two sides so that a busy spell on a shared machine hits both alike; medians
     rounds = [(run(one), run(many)) for _ in range(args.rounds)]

@@ -41,7 +41,7 @@ import pandas as pd
 from . import metrics
 from .chat import chat_prompt
 from .config import RUN_ID_RE, ConfigError, RunConfig, _check_types, _f, from_mapping, resolve_path
-from .evaluate import Sampler, Sampling, auto_batch_size
+from .evaluate import Sampler, Sampling, answer_seed, auto_batch_size
 from .io import (read_safetensors, sha256_file, sha256_text, write_json_atomic, write_parquet_atomic,
                  write_safetensors_atomic, write_text_atomic)
 from .judge import check_credentials, judge_run, judgments_path
@@ -607,11 +607,10 @@ def _sample(model, tok, ccfg: RunConfig, questions, sampling: Sampling, cond: Co
             progress: bool) -> pd.DataFrame:
     """Every (question, paraphrase, sample) answer of one condition.
 
-    Every condition samples with the same seed (common random numbers): with one batch size, an
+    Every condition samples with the same per-answer seeds (common random numbers): an
     intervention that changes nothing reproduces the unsteered answers token for token, so the
     differences between conditions are the interventions' doing, not the sampler's.
     """
-    import torch
     from tqdm.auto import tqdm
 
     prompts, keys = [], []
@@ -621,10 +620,11 @@ def _sample(model, tok, ccfg: RunConfig, questions, sampling: Sampling, cond: Co
             for s_idx in range(ccfg.n_samples):
                 prompts.append(ids)
                 keys.append((q, p_idx, para, s_idx))
-    torch.manual_seed(int(sha256_text(f"direction-interventions:{ccfg.seed}")[:8], 16))
+    seeds = [answer_seed("direction-interventions", ccfg.seed, q.question_set, q.id, p_idx, s_idx)
+             for q, p_idx, _, s_idx in keys]
     bar = tqdm(total=len(prompts), disable=not progress, desc=f"generate {cond.name}", unit="answer")
     try:
-        answers = Sampler(model, tok, sampling, batch).sample(prompts, progress=bar)
+        answers = Sampler(model, tok, sampling, batch).sample(prompts, seeds, progress=bar)
     finally:
         bar.close()
     rows = []
