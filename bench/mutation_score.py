@@ -9,7 +9,7 @@ scoring rules          lib.scoring (logprob score, labels, sampled-reply parsing
 metrics                lib.metrics: EM labels, Wilson, the clustered bootstrap and its difference
 checkpoint schedule    lib.train: steps_per_epoch, checkpoint_schedule
 fingerprints           lib.fingerprint (stage inputs, hash cache)
-generation batching    lib.evaluate: Sampler, _generate_batch, plan_chunks, chunk_seed, generation_config
+generation batching    lib.evaluate: Sampler, _generate_batch, plan_chunks, generation_config
 judge cache / retry    lib.judge: JudgeCache, cache_key, rescore; lib.judge_backends: the call/retry loop
                        (OpenAIBackend._call), retry_after_s, backoff_s
 =====================  ===========================================================================
@@ -51,7 +51,7 @@ CORE = [
     "lib.train.x_steps_per_epoch__*", "lib.train.x_checkpoint_schedule__*",
     "lib.fingerprint.x*",
     "lib.evaluate.xǁSamplerǁ*", "lib.evaluate.x__generate_batch__*", "lib.evaluate.x_plan_chunks__*",
-    "lib.evaluate.x_chunk_seed__*", "lib.evaluate.x_generation_config__*",
+    "lib.evaluate.x_generation_config__*",
     "lib.judge.xǁJudgeCacheǁ*", "lib.judge.x_cache_key__*", "lib.judge.x_rescore__*",
     "lib.judge_backends.xǁOpenAIBackendǁ_call__*", "lib.judge_backends.x_retry_after_s__*",
     "lib.judge_backends.x__retry_after_uncapped__*", "lib.judge_backends.x_backoff_s__*",
