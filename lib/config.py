@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import math
 import re
 import sys
 import types
@@ -197,8 +199,6 @@ def _type_name(typ: Any) -> str:
 def _check_types(obj: Any, source: str) -> None:
     """Every field has its declared type (a float is finite: YAML's .nan and .inf are not
     settings) and, where it has choices, one of them."""
-    import math
-
     for f in fields(obj):
         v = getattr(obj, f.name)
         if not _type_ok(v, f.type):
@@ -307,7 +307,6 @@ def _yaml_float(v: Any) -> Any:
 
 
 def _closest(key: str, names: Mapping[str, Any]) -> str | None:
-    import difflib
     m = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
     return m[0] if m else None
 

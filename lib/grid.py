@@ -38,11 +38,14 @@ import contextlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -631,9 +634,6 @@ def run_inline(jobs: list[Job], parallel: int, gpus: list[str]) -> list[StageRes
                 job = Job(job.params_file, job.config, job.options, {**job.env, "CUDA_VISIBLE_DEVICES": gpus[0]})
             out += run_job(job)
         return out
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
         def collect(job: Job, fut: Any) -> list[StageResult]:
             try:
@@ -872,7 +872,6 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
         if gpus and jobs > len(gpus):
             raise GridError(f"--jobs {jobs} needs as many GPUs, but --gpus names {len(gpus)}: {','.join(gpus)}")
         if executor == "slurm":
-            import shutil
             missing = [c for c in ("sbatch", "srun") if not shutil.which(c)]
             if missing:
                 raise GridError(f"--executor slurm: {' and '.join(missing)} not found on PATH (not a Slurm login node?)")

@@ -30,6 +30,7 @@ worker until its Retry-After has passed. Other 4xx errors make an ``error`` row 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import importlib
 import inspect
@@ -703,8 +704,6 @@ def exact_candidate_logprobs(model: Any, tok: Any, prompt_texts: list[str], cand
     the number of candidates). Position ids follow each prompt's real length, and padding only
     ever sits where causal attention cannot let it change a real token's probability (prompt
     padding is masked, candidate padding comes after every real candidate token)."""
-    import copy
-
     import torch
 
     device = model.device

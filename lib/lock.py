@@ -29,6 +29,7 @@ import errno
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -90,8 +91,6 @@ def _pid_alive(pid: int, proc_start: float | None) -> bool:
 
 
 def _command() -> str:
-    import sys
-
     argv = [os.path.basename(sys.argv[0])] + sys.argv[1:] if sys.argv and sys.argv[0] else []
     text = " ".join(argv)
     if "ipykernel" in text:

@@ -5,9 +5,12 @@ hand to a client, and :func:`redact` masks any secret that might end up in a mes
 """
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import urllib.parse
+import urllib.request
 from functools import lru_cache
 
 from .config import REPO_ROOT
@@ -85,9 +88,6 @@ def mask_parameters(params: dict) -> tuple[dict, dict[str, str]]:
 def authorized_request(url: str):
     """A urllib GET request for ``url`` whose ``user:password@`` becomes a Basic auth header
     (urllib ignores credentials in the URL)."""
-    import base64
-    import urllib.request
-
     p = urllib.parse.urlsplit(url)
     if p.username is None:
         return urllib.request.Request(url)
@@ -102,8 +102,6 @@ def unmask_url(url: str) -> str:
     """The real URL behind a masked one (see :data:`ENV_URL_SECRETS`); other URLs as they are."""
     if MASK not in url:
         return url
-    import json
-
     try:
         mapping = json.loads(os.environ.get(ENV_URL_SECRETS) or "{}")
     except ValueError:
