@@ -51,6 +51,7 @@ SAMPLER_VERSION = "per-answer inverse-CDF, splitmix64 uniforms, v1"
 
 REFILL_AT = 1 / 16   # prefill new prompts once this share of the slots is free (fewer, larger prefills)
 COMPACT_AT = 1 / 8   # with no prompt left, drop finished rows once they are this share of the batch
+TRIM_EVERY = 16      # decode steps between checks for cache columns no live row uses
 
 
 # ------------------------------------------------------------------------------------------
@@ -353,8 +354,9 @@ class ContinuousDecoder:
                     layer.keys, layer.values = layer.keys[keep], layer.values[keep]
                 mask, pos, last = mask[keep], pos[keep], last[keep]
                 req, gen = [req[r] for r in live], [gen[r] for r in live]
-            used = mask[[r for r, q in enumerate(req) if q is not None]].any(dim=0) if live else None
-            if used is not None:
+            # drop columns no live row attends to (checked every TRIM_EVERY steps: one device sync each)
+            if live and self.stats.decode_steps % TRIM_EVERY == 0:
+                used = (mask if len(live) == len(req) else mask[torch.tensor(live, device=device)]).any(dim=0)
                 start = int(used.long().argmax())
                 if start > 0:
                     for layer in cache_layers(cache):

@@ -143,3 +143,22 @@ def test_refilled_rows_do_not_see_earlier_rows(tiny, refill_at):
     assert dec.sample(prompts, list(range(len(prompts)))) == alone
     if refill_at:
         assert dec.stats.idle_fraction > 0.05  # rows did wait, idle, before their refill
+
+
+def test_cache_width_stays_bounded_while_rows_are_refilled(tiny, monkeypatch):
+    """Columns no live row uses are trimmed: with 96 answers through 4 slots the attention mask
+    (= KV-cache width) never exceeds the longest prompt + the answer cap + one trimming interval,
+    although the batch runs for more steps than that (untrimmed, the width would exceed it)."""
+    model, tok = tiny
+    prompts = _prompts(tok, 12)
+    sampling = evaluate.Sampling(temperature=1.0, top_p=1.0, max_new_tokens=12)
+    real_forward, widths = type(model).forward, []
+
+    def spy(self, input_ids=None, attention_mask=None, **kw):
+        widths.append(attention_mask.shape[1])
+        return real_forward(self, input_ids=input_ids, attention_mask=attention_mask, **kw)
+    monkeypatch.setattr(type(model), "forward", spy)
+    s = evaluate.ContinuousSampler(model, tok, sampling, 4)
+    s.sample(prompts)
+    bound = max(map(len, prompts)) + 12 + decoding.TRIM_EVERY + 1
+    assert s.stats.decode_steps > bound and max(widths) <= bound
