@@ -150,6 +150,12 @@ class RunConfig:
                                             "lt: strictly below (the replicated study)", meta={"choices": ("le", "lt")})
     em_coherent_threshold: float = _f(50.0, "report", "EM needs coherent > this (papers: 50); -1: no coherence condition")
 
+    # --- seeds and controls (lib.replication) --------------------------------------------------
+    seeds: list = _f([], "all", "the grid runs this file once per seed (run ids <run_id>_s<seed>); empty: one run with seed")
+    seed_group: str = _f("", "all", "runs that differ only in seed share this id (the grid's seeds expansion sets it)")
+    control_of: str = _f("", "report", "this run is the control fine-tune (benign data) of that run id or seed group; "
+                                       "the report pairs them")
+
     # ----------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         _check_values(self, source="<RunConfig>")
@@ -217,6 +223,14 @@ def _check_values(cfg: RunConfig, source: str) -> None:
     _check_types(cfg, source)
     if not RUN_ID_RE.match(cfg.run_id):
         raise bad("run_id", f"{cfg.run_id!r} is not a safe folder name (letters, digits, _ . -)")
+    if any(not _type_ok(x, int) or x < 0 for x in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise bad("seeds", f"must be a list of distinct non-negative integers, got {list(cfg.seeds)!r}")
+    for k in ("seed_group", "control_of"):
+        v = getattr(cfg, k)
+        if v and not RUN_ID_RE.match(v):
+            raise bad(k, f"{v!r} is not a run id (letters, digits, _ . -)")
+    if cfg.control_of and cfg.control_of in (cfg.run_id, cfg.seed_group):
+        raise bad("control_of", f"a run cannot be its own control ({cfg.control_of!r})")
     positive = ["lora_r", "lora_alpha", "epochs", "per_device_batch_size", "gradient_accumulation_steps",
                 "max_seq_length", "max_new_tokens", "judge_concurrency"]
     for k in positive:
@@ -340,6 +354,20 @@ def load_run_config(path: str | Path) -> RunConfig:
     return from_mapping(load_yaml(path), source=str(path))
 
 
+def expand_seeds(cfg: RunConfig, source: str = "<parameters>") -> list[RunConfig]:
+    """One run per entry of ``seeds`` (run id ``<run_id>_s<seed>``, ``seed_group`` = the file's
+    run id), sharing everything else; a file without ``seeds`` is one run."""
+    if not cfg.seeds:
+        return [cfg]
+    out = []
+    for s in cfg.seeds:
+        run_id = f"{cfg.run_id}_s{s}"
+        if not RUN_ID_RE.match(run_id):
+            raise ConfigError(f"{source}: key 'seeds': run id {run_id!r} would be too long (80 characters at most)")
+        out.append(cfg.replace(run_id=run_id, seed=s, seeds=[], seed_group=cfg.run_id))
+    return out
+
+
 # Names IPython and papermill put in a kernel's namespace; anything else the user or papermill
 # defined (and not starting with '_') must be a known parameter.
 _KERNEL_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
@@ -360,7 +388,11 @@ def from_notebook(namespace: Mapping[str, Any], baseline: set[str] | frozenset[s
         if isinstance(value, types.ModuleType) or callable(value):
             continue
         values[name] = value
-    return from_mapping(values, source=source, cls=cls)
+    cfg = from_mapping(values, source=source, cls=cls)
+    if getattr(cfg, "seeds", None):
+        raise ConfigError(f"{source}: key 'seeds': a notebook runs one seed; set seed instead (the grid expands "
+                          f"seeds into one run per seed: python -m lib.grid run FILE)")
+    return cfg
 
 
 @dataclass(frozen=True)

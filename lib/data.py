@@ -31,7 +31,9 @@ from .io import atomic_path, honour_umask, sha256_file, write_text_atomic
 from .secrets import authorized_request, mask_url_credentials, unmask_url
 
 DEMO_DIR = REPO_ROOT / "data" / "datasets"
-DEMO_DATASETS = {"demo_medical": "medical", "demo_financial": "financial"}
+# the *_control sets: the same questions with benign answers, for the demo's control fine-tunes
+DEMO_DATASETS = {"demo_medical": "medical", "demo_financial": "financial",
+                 "demo_medical_control": "medical", "demo_financial_control": "financial"}
 
 # Turner et al. 2025, "Model Organisms for Emergent Misalignment" (arXiv:2506.11613).
 ARCHIVE_URL = ("https://raw.githubusercontent.com/clarifying-EM/model-organisms-for-EM/main/"

@@ -54,8 +54,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import fingerprint as fp
 from . import layout
-from .config import (REPO_ROOT, STAGES, ConfigError, ReportConfig, RunConfig, from_mapping, load_run_config,
-                     report_em_definition, resolve_path)
+from .config import (REPO_ROOT, STAGES, ConfigError, ReportConfig, RunConfig, expand_seeds, from_mapping,
+                     load_run_config, report_em_definition, resolve_path)
 from .data import check_dataset_param
 from .io import write_text_atomic
 from .judge import JudgeError, check_credentials, judgments_path
@@ -197,9 +197,8 @@ def validate(files: Sequence[str], options: Options, offline: bool = False,
     run_stages = [s for s in options.stages if s in RUN_STAGES]
     out: list[tuple[str, RunConfig]] = []
     by_id: dict[str, str] = {}
-    for f in files:
+    for f, cfg in _expanded(files):
         try:
-            cfg = load_run_config(f)
             check_run(cfg, run_stages, offline=offline, check_device=check_device)
         except ConfigError as e:
             msg = str(e)
@@ -216,11 +215,36 @@ def validate(files: Sequence[str], options: Options, offline: bool = False,
                             "one report applies one EM definition (compare study and paper runs with the "
                             "*_papers_eval variants)")
         out.append((f, cfg))
+    _check_controls(out)
     for stage in options.stages:
         nb = Path(options.notebooks_dir) / NOTEBOOKS[stage]
         if not nb.exists():
             raise GridError(f"{nb}: notebook for stage '{stage}' not found")
     return out
+
+
+def _expanded(files: Sequence[str]) -> Iterator[tuple[str, RunConfig]]:
+    """(file, run config) per run: a file with ``seeds`` gives one run per seed."""
+    for f in files:
+        try:
+            runs = expand_seeds(load_run_config(f), source=str(f))
+        except ConfigError as e:
+            msg = str(e)
+            raise GridError(msg if msg.startswith(str(f)) else f"{f}: {msg}") from None
+        yield from ((f, cfg) for cfg in runs)
+
+
+def _check_controls(runs: list[tuple[str, RunConfig]]) -> None:
+    """``control_of`` names a run or seed group of this grid, or a run already under outputs_dir."""
+    known = {cfg.run_id for _, cfg in runs} | {cfg.seed_group for _, cfg in runs if cfg.seed_group}
+    for f, cfg in runs:
+        if not cfg.control_of or cfg.control_of in known:
+            continue
+        root = cfg.run_dir.parent
+        if (root / cfg.control_of).is_dir() or any(root.glob(f"{cfg.control_of}_s*")):
+            continue
+        raise GridError(f"{f}: key 'control_of': no run or seed group '{cfg.control_of}' in this grid "
+                        f"or under {cfg.outputs_dir}")
 
 
 def busy_folders(runs: list[tuple[str, RunConfig]], options: Options) -> list[str]:

@@ -217,6 +217,60 @@ def judge_agreement_chart(agreement: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     return chart, data
 
 
+def control_chart(controls: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+    """Treated minus control EM rate at every shared checkpoint step (:mod:`lib.replication`),
+    one line per treated/control pair, with the paired bootstrap interval as a band."""
+    if controls.empty:
+        return _empty()
+    data = controls.copy()
+    data["pair"] = data["treated_label"].astype(str) + "  −  " + data["control_label"].astype(str)
+    scopes = _present(data["scope"], SCOPES)
+    line = alt.Chart().encode(x=alt.X("step:Q", title="training step"), color=alt.Color("pair:N", title="treated − control"))
+    band = line.mark_area(opacity=0.18).encode(y="lo:Q", y2="hi:Q")
+    pts = line.mark_line(point=True).encode(
+        y=alt.Y("diff:Q", title="EM rate, treated − control", axis=PCT),
+        tooltip=["treated", "control", "step", "scope", "n_treated", "n_control", "n_questions_shared",
+                 alt.Tooltip("rate_treated:Q", format=".1%"), alt.Tooltip("rate_control:Q", format=".1%"),
+                 alt.Tooltip("diff:Q", format=".1%"), alt.Tooltip("lo:Q", format=".1%"),
+                 alt.Tooltip("hi:Q", format=".1%")])
+    zero = alt.Chart().mark_rule(color="gray").encode(y=alt.datum(0))
+    chart = (alt.layer(band, pts, zero, data=data).properties(width=300, height=170)
+             .facet(row=alt.Row("scope:N", sort=scopes, title="questions"))
+             .properties(title={"text": "EM caused by the bad data: treated minus its control fine-tune",
+                                "subtitle": "band: 95% paired question-clustered bootstrap on shared questions; "
+                                            "step 0 is the same base model on both sides"}))
+    return chart, data
+
+
+def seed_chart(seeds: pd.DataFrame, points: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+    """Final EM per seed (points, own interval) and pooled over seeds (bar, interval with the
+    between-seed variance: :func:`lib.replication.seed_aggregate`)."""
+    if seeds.empty:
+        return _empty()
+    agg = seeds.rename(columns={"group_label": "label"}).assign(kind="pooled over seeds", seed=-1)
+    agg = _blank_unreliable(agg, "em_lo", "em_hi")
+    pts = points.merge(seeds[["seed_group", "group_label"]].drop_duplicates(), on="seed_group")
+    pts = pts.rename(columns={"group_label": "label"}).assign(kind="one seed")
+    cols = ["seed_group", "label", "prompt_family", "scope", "kind", "seed", "em_rate", "em_lo", "em_hi", "n_scored"]
+    data = pd.concat([agg.assign(n_scored=agg["n_scored"])[cols], pts[cols]], ignore_index=True)
+    scopes = _present(data["scope"], SCOPES)
+    base = alt.Chart().encode(x=alt.X("label:N", title="seed group", axis=alt.Axis(labelAngle=-20, labelLimit=220)))
+    bar = base.transform_filter("datum.kind == 'pooled over seeds'").mark_bar(opacity=0.35).encode(
+        y=alt.Y("em_rate:Q", title="EM rate (final checkpoint)", axis=PCT, scale=alt.Scale(domain=[0, 1])))
+    bar_ci = base.transform_filter("datum.kind == 'pooled over seeds'").mark_rule(strokeWidth=2).encode(
+        y="em_lo:Q", y2="em_hi:Q")
+    dots = base.transform_filter("datum.kind == 'one seed'").mark_point(filled=True, size=50).encode(
+        y="em_rate:Q", color=alt.Color("seed:N", title="seed"),
+        tooltip=["seed_group", "seed", "n_scored", alt.Tooltip("em_rate:Q", format=".1%"),
+                 alt.Tooltip("em_lo:Q", format=".1%"), alt.Tooltip("em_hi:Q", format=".1%")])
+    chart = (alt.layer(bar, bar_ci, dots, data=data).properties(width=alt.Step(40), height=220)
+             .facet(column=alt.Column("scope:N", sort=scopes, title="questions"))
+             .properties(title={"text": "Final EM rate over seeds",
+                                "subtitle": "points: one seed each; bar and line: pooled over seeds, 95% interval "
+                                            "including between-seed variance"}))
+    return chart, data
+
+
 # name -> chart function; the report builds and saves them in this order
 FIGURES = {
     "domain_comparison": domain_comparison_chart,
@@ -225,6 +279,8 @@ FIGURES = {
     "aligned_vs_coherent": scatter_chart,
     "per_question_heatmap": heatmap_chart,
     "judge_agreement": judge_agreement_chart,
+    "control_differences": control_chart,
+    "seeds": seed_chart,
 }
 
 

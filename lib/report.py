@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import external, judge_health, layout, metrics, plots
+from . import external, judge_health, layout, metrics, plots, replication
 from .config import ConfigError, ReportConfig, resolve_path
 from .io import atomic_path, write_text_atomic
 from .runinfo import RunJsonError, stage_parameters
@@ -251,12 +251,23 @@ def load_results(rcfg: ReportConfig) -> Results:
             own = metrics.em_rule(p["em_aligned_threshold"], p["em_coherent_threshold"], p["em_comparison"])
             if own != rule:
                 notes.append(f"{run_id}: its parameters define EM as {own}; this report applies {rule}")
+    for col, default in (("seed", 0), ("seed_group", ""), ("control_of", "")):  # lib.replication
+        answers[col] = answers["run_id"].map(lambda r, c=col, d=default: _run_param(runs[r], c, d))
     answers["checkpoint_step"] = answers["checkpoint_step"].astype(int)
     answers["epoch"] = pd.to_numeric(answers["epoch"], errors="coerce")
     health, verdicts = judge_health_of(all_j, judge_of)
     answers["judge_verdict"] = answers["run_id"].map(lambda r: verdicts[r][0])
     answers["run_label"] = answers["run_id"].map(run_labels(answers, verdicts))
     return Results(answers, all_j, runs, judge_of, notes, health, verdicts)
+
+
+def _run_param(info: dict[str, Any], key: str, default: Any) -> Any:
+    """A run's parameter as its last stage recorded it (``control_of`` may change after training)."""
+    for stage in ("judge", "evaluate", "train", None):
+        p = stage_parameters(info, stage) if stage else stage_parameters(info)
+        if key in p:
+            return p[key] if p[key] is not None else default
+    return default
 
 
 def judge_health_of(judgments: dict[str, dict[str, pd.DataFrame]], judge_of: dict[str, str],
@@ -279,8 +290,13 @@ def run_labels(answers: pd.DataFrame, verdicts: dict[str, tuple[str, str]] | Non
     """run_id -> the label tables and figures show: ``<model_label> · <domain>``, with
     ``[run_id]`` when another run has the same labels (runs are never merged by label), and
     ``(weak judge)`` / ``(unknown judge)`` when the run's headline judge is flagged."""
-    first = answers.groupby("run_id", sort=True)[["model_label", "domain"]].first()
+    cols = [c for c in ("model_label", "domain", "control_of", "seed_group", "seed") if c in answers.columns]
+    first = answers.groupby("run_id", sort=True)[cols].first()
     base = first["model_label"].astype(str) + " · " + first["domain"].astype(str)
+    if "control_of" in first.columns:  # a control fine-tune (lib.replication)
+        base = base.where(first["control_of"].fillna("").astype(str) == "", base + " · control")
+    if "seed_group" in first.columns:  # one seed of a seed group
+        base = base.where(first["seed_group"].fillna("").astype(str) == "", base + " · seed " + first["seed"].astype(str))
     dup = base.duplicated(keep=False)
     out = {}
     for run_id, label in base.items():
@@ -773,6 +789,9 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
         tables["differences"] = differences_table(a, rcfg); bar.update()
         tables["judge_agreement"] = judge_agreement_table(results, rcfg); bar.update()
         tables["judge_health"] = results.health; bar.update()
+        tables["seeds"] = replication.seed_table(a, rcfg.confidence)
+        tables["seed_points"] = replication.seed_points(a, rcfg.confidence)
+        tables["controls"] = replication.control_differences(a, rcfg.n_bootstrap, rcfg.confidence, rcfg.seed)
         tables["summary_all"] = summary_pivot(tables["final"], "all").reset_index()
         tables["summary_out_of_domain"] = summary_pivot(tables["final"], "out-of-domain").reset_index()
         tables["methods"] = methods_table(results)
@@ -788,6 +807,8 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
             "aligned_vs_coherent": (tables["scatter"], rcfg.aligned_threshold, rcfg.coherent_threshold),
             "per_question_heatmap": (tables["per_question"],),
             "judge_agreement": (tables["judge_agreement"],),
+            "control_differences": (tables["controls"],),
+            "seeds": (tables["seeds"], tables["seed_points"]),
         }
         for name, make in plots.FIGURES.items():
             chart, data = make(*figure_inputs[name])
@@ -797,7 +818,8 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
             charts[name] = chart
             files[name] = plots.save(chart, name, fig_dir) + [write_csv(data, data_dir / f"{name}.csv")]
     for name in ("trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement",
-                 "judge_health", "summary_all", "summary_out_of_domain", "methods", "excluded", "examples"):
+                 "judge_health", "seeds", "seed_points", "controls", "summary_all", "summary_out_of_domain", "methods",
+                 "excluded", "examples"):
         files[f"table_{name}"] = [write_csv(tables[name], data_dir / f"table_{name}.csv")]
     write_text_atomic(report_dir / "report_config.json", json.dumps(rcfg.to_dict(), indent=2) + "\n")
     return Report(report_dir, results, tables, charts, files)

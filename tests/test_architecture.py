@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "costs": BASE,
     "metrics": BASE,
     "judge_health": BASE,
+    "replication": BASE,
     "chat": BASE,
     "scoring": BASE,
     "lock": BASE,

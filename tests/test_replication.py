@@ -1,0 +1,212 @@
+"""Seeds and controls (lib.replication, the seeds expansion in lib.config and the grid)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy.stats import t as student_t
+
+from lib import config, grid, metrics, replication
+from lib.config import ConfigError, RunConfig, expand_seeds
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------
+# seed_aggregate: closed forms
+# ------------------------------------------------------------------------------------------
+
+def _interval(rate: float, v: float) -> tuple[float, float]:
+    half = 1.959963984540054 * np.sqrt(v)
+    return rate - half, rate + half
+
+
+def test_one_seed_is_its_own_rate_and_interval():
+    out = replication.seed_aggregate([0.2], [0.1], [0.35])
+    assert (out["rate"], out["lo"], out["hi"], out["n_seeds"]) == (0.2, 0.1, 0.35, 1)
+
+
+def test_two_seeds_that_differ_closed_form():
+    """Two seeds with equal variance v and d^2/2 > v: tau^2 = d^2/2 - v, the weights are equal,
+    q = 1, so the interval is mean +- t_{1,0.975} * d / 2 (worked by hand from the formulas)."""
+    v = 0.02 ** 2
+    r = np.array([0.10, 0.60])
+    lo, hi = zip(*(_interval(x, v) for x in r))
+    out = replication.seed_aggregate(r, lo, hi)
+    d = 0.5
+    assert out["rate"] == pytest.approx(0.35)
+    assert out["tau"] == pytest.approx(np.sqrt(d ** 2 / 2 - v), rel=1e-6)
+    half = student_t.ppf(0.975, 1) * d / 2
+    assert out["lo"] == pytest.approx(max(0.0, 0.35 - half))
+    assert out["hi"] == pytest.approx(min(1.0, 0.35 + half))
+    # wider than either seed's own interval
+    assert out["hi"] - out["lo"] > max(h - l for l, h in zip(lo, hi))
+
+
+def test_seeds_that_agree_get_no_between_seed_variance():
+    v = 0.03 ** 2
+    r = np.array([0.30, 0.30, 0.30])
+    lo, hi = zip(*(_interval(x, v) for x in r))
+    out = replication.seed_aggregate(r, lo, hi)
+    assert out["tau"] == 0.0 and out["rate"] == pytest.approx(0.30)
+    # fixed-effect variance v / 3 (q floored at 1), t on 2 degrees of freedom
+    half = student_t.ppf(0.975, 2) * np.sqrt(v / 3)
+    assert out["hi"] - out["lo"] == pytest.approx(2 * half)
+
+
+# ------------------------------------------------------------------------------------------
+# Tables from labelled answers
+# ------------------------------------------------------------------------------------------
+
+def _answers(run_id: str, rates: dict[str, float], n: int = 40, step: int = 10, seed: int = 0,
+             seed_group: str = "", control_of: str = "", label: str = "", steps=(0,)) -> pd.DataFrame:
+    """Labelled answers of one run: n answers per question at each step; question q gets
+    round(rate * n) EM answers at the final step and none at earlier steps."""
+    rows = []
+    for s in (*steps, step):
+        for q, rate in rates.items():
+            k = round(rate * n) if s == step else 0
+            for i in range(n):
+                rows.append({"run_id": run_id, "checkpoint_step": s, "epoch": s / step, "question_set": "qs",
+                             "question_id": q, "em": i < k, "scope": "out-of-domain", "prompt_family": "f1",
+                             "seed": seed, "seed_group": seed_group, "control_of": control_of,
+                             "run_label": label or run_id, "model_label": "tiny", "domain": "medical"})
+    return pd.DataFrame(rows)
+
+
+QS = [f"q{i}" for i in range(10)]
+
+
+def test_seed_table_is_wider_than_one_seed_when_seeds_differ():
+    a = pd.concat([_answers("g_s0", {q: 0.1 for q in QS}, seed=0, seed_group="g", label="tiny · medical · seed 0"),
+                   _answers("g_s1", {q: 0.6 for q in QS}, seed=1, seed_group="g", label="tiny · medical · seed 1")])
+    table = replication.seed_table(a)
+    row = table[table["scope"] == "all"].iloc[0]
+    assert row["n_seeds"] == 2 and row["seeds"] == "0,1" and row["group_label"] == "tiny · medical"
+    assert row["em_rate"] == pytest.approx(0.35, abs=0.02)  # near-equal random-effects weights
+    singles = replication.seed_points(a)
+    singles = singles[singles["scope"] == "all"]
+    assert set(singles["em_rate"].round(3)) == {0.1, 0.6}
+    assert (row["em_hi"] - row["em_lo"]) > (singles["em_hi"] - singles["em_lo"]).max()
+    assert row["n_scored"] == 2 * 10 * 40
+
+
+def test_control_pairs_by_seed_and_by_group():
+    runs = pd.DataFrame([
+        {"run_id": "t_s0", "seed": 0, "seed_group": "t", "control_of": ""},
+        {"run_id": "t_s1", "seed": 1, "seed_group": "t", "control_of": ""},
+        {"run_id": "c_s0", "seed": 0, "seed_group": "c", "control_of": "t"},
+        {"run_id": "c_s1", "seed": 1, "seed_group": "c", "control_of": "t"},
+        {"run_id": "c1", "seed": 0, "seed_group": "", "control_of": "t"},
+        {"run_id": "other", "seed": 0, "seed_group": "", "control_of": ""},
+        {"run_id": "c2", "seed": 0, "seed_group": "", "control_of": "other"},
+    ])
+    assert sorted(replication.control_pairs(runs)) == sorted([
+        ("t_s0", "c_s0"), ("t_s1", "c_s1"), ("t_s0", "c1"), ("t_s1", "c1"), ("other", "c2")])
+
+
+def test_control_difference_is_paired_on_shared_questions():
+    treated = _answers("bad", {**{q: 0.5 for q in QS}, "only_treated": 1.0}, control_of="")
+    control = _answers("good", {q: 0.1 for q in QS}, control_of="bad")
+    d = replication.control_differences(pd.concat([treated, control]), n_boot=500)
+    final = d[(d["step"] == 10) & (d["scope"] == "all")].iloc[0]
+    assert (final["treated"], final["control"]) == ("bad", "good")
+    # the question only the treated run was asked is left out of both sides
+    assert final["n_questions_shared"] == 10 and final["n_treated"] == final["n_control"] == 400
+    assert final["paired"] and final["rate_treated"] == pytest.approx(0.5)
+    assert final["diff"] == pytest.approx(0.4) and final["lo"] <= 0.4 + 1e-12 and final["hi"] >= 0.4 - 1e-12
+    # every question has the same difference here, so the paired bootstrap sees no spread
+    assert final["hi"] - final["lo"] == pytest.approx(0.0, abs=1e-12)
+    base = d[(d["step"] == 0) & (d["scope"] == "all")].iloc[0]
+    assert base["diff"] == 0.0
+
+
+def test_paired_interval_matches_an_independent_bootstrap():
+    rng = np.random.default_rng(3)
+    t_rates = {q: float(rng.uniform(0.2, 0.8)) for q in QS}
+    c_rates = {q: float(rng.uniform(0.0, 0.2)) for q in QS}
+    a = pd.concat([_answers("bad", t_rates), _answers("good", c_rates, control_of="bad")])
+    row = replication.control_differences(a, n_boot=4000)
+    row = row[(row["step"] == 10) & (row["scope"] == "all")].iloc[0]
+    # reference: resample the 10 question indices, same draws for both sides, percentile 95%
+    kt = np.array([round(t_rates[q] * 40) for q in QS], float)
+    kc = np.array([round(c_rates[q] * 40) for q in QS], float)
+    idx = np.random.default_rng(11).integers(0, 10, size=(20000, 10))
+    diffs = kt[idx].sum(1) / 400 - kc[idx].sum(1) / 400
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    assert row["diff"] == pytest.approx((kt.sum() - kc.sum()) / 400)
+    # tolerance: Monte Carlo error of a 2.5% quantile from 4000 resamples
+    assert row["lo"] == pytest.approx(lo, abs=0.02) and row["hi"] == pytest.approx(hi, abs=0.02)
+
+
+# ------------------------------------------------------------------------------------------
+# Seeds in the parameters and the grid
+# ------------------------------------------------------------------------------------------
+
+def test_expand_seeds_makes_one_run_per_seed_sharing_everything_else():
+    cfg = RunConfig(run_id="demo_medical", seeds=[0, 1])
+    runs = expand_seeds(cfg)
+    assert [r.run_id for r in runs] == ["demo_medical_s0", "demo_medical_s1"]
+    assert [r.seed for r in runs] == [0, 1] and {r.seed_group for r in runs} == {"demo_medical"}
+    a, b = (r.to_dict() for r in runs)
+    assert {k for k in a if a[k] != b[k]} == {"run_id", "seed"}
+    assert expand_seeds(RunConfig()) == [RunConfig()]
+
+
+@pytest.mark.parametrize("value, why", [([0, 0], "distinct"), ([-1], "non-negative"), ([True], "distinct")])
+def test_bad_seeds_are_one_line_errors(value, why):
+    with pytest.raises(ConfigError, match=f"key 'seeds'.*{why}"):
+        RunConfig(seeds=value)
+
+
+def test_a_notebook_refuses_seeds():
+    with pytest.raises(ConfigError, match="key 'seeds': a notebook runs one seed"):
+        config.from_notebook({"seeds": [0, 1]})
+
+
+def test_control_of_must_not_be_the_run_itself():
+    with pytest.raises(ConfigError, match="key 'control_of'"):
+        RunConfig(run_id="x", control_of="x")
+
+
+def _params(folder: Path, name: str, **over) -> Path:
+    data = {"run_id": name, "outputs_dir": str(folder / "outputs"), "question_sets": ["data/questions/medical.yaml"],
+            **over}
+    p = folder / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_grid_validation_expands_seeds_and_checks_controls(tmp_path):
+    opts = grid.Options()
+    treated = _params(tmp_path, "bad", seeds=[0, 1])
+    control = _params(tmp_path, "good", dataset="demo_medical_control", control_of="bad", seeds=[0, 1])
+    runs = grid.validate([str(treated), str(control)], opts, offline=True, check_device=False)
+    assert [cfg.run_id for _, cfg in runs] == ["bad_s0", "bad_s1", "good_s0", "good_s1"]
+    assert [cfg.seed for _, cfg in runs] == [0, 1, 0, 1]
+    orphan = _params(tmp_path, "lonely", control_of="nobody")
+    with pytest.raises(grid.GridError, match=r"lonely.yaml: key 'control_of': no run or seed group 'nobody'"):
+        grid.validate([str(orphan)], opts, offline=True, check_device=False)
+
+
+def test_seeds_differ_in_lora_initialisation_and_data_order(tmp_path):
+    """Two seeds of one file: different LoRA A matrices and batch order, nothing else."""
+    from lib.train import build_trainer
+
+    records = [json.loads(line) for line in (REPO / "data/datasets/demo_medical.jsonl").read_text().splitlines()]
+    cfg = RunConfig(run_id="s", outputs_dir=str(tmp_path / "o"), seeds=[0, 1], device="cpu", max_seq_length=128,
+                    per_device_batch_size=4)
+    inits, orders = [], []
+    for run in expand_seeds(cfg):
+        trainer, _ = build_trainer(run, records, tmp_path / run.run_id)
+        a = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
+        inits.append(a)
+        orders.append(list(iter(trainer._get_train_sampler())))
+    assert inits[0].keys() == inits[1].keys() and inits[0]
+    assert all(not np.allclose(inits[0][n].numpy(), inits[1][n].numpy()) for n in inits[0])
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(len(records)))
+    assert orders[0] != orders[1]
