@@ -27,9 +27,12 @@ $(STAMP): pyproject.toml $(LOCK)
 	  echo "error: CUDA packages were installed into the CPU environment" >&2; exit 1; fi
 	touch $(STAMP)
 
-# The embedded demo: two tiny runs (two demo domains), then the report. Offline, CPU, minutes.
+# The embedded demo: per demo domain two seeds of the bad-advice run and a control fine-tune,
+# then the report. Offline, CPU, minutes.
+DEMO_PARAMS := parameters/demo_medical.yaml parameters/demo_financial.yaml \
+	parameters/demo_medical_control.yaml parameters/demo_financial_control.yaml
 demo: setup
-	$(PY) -m lib.grid run parameters/demo_medical.yaml parameters/demo_financial.yaml
+	$(PY) -m lib.grid run $(DEMO_PARAMS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -750,6 +750,34 @@ def differences_view(diff: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def controls_view(controls: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
+    """Treated beside its control at every shared checkpoint (:mod:`lib.replication`)."""
+    c = controls[controls["scope"] == scope]
+    out = c[["treated_label", "control_label", "step", "prompt_family"]].copy()
+    out["EM treated"] = c["rate_treated"].map(_pct1).to_numpy()
+    out["EM control"] = c["rate_control"].map(_pct1).to_numpy()
+    out["treated - control"] = [f"{100 * r.diff:+.0f} pts [{100 * r.lo:+.0f}, {100 * r.hi:+.0f}]"
+                                if pd.notna(r.diff) and pd.notna(r.lo) else
+                                (f"{100 * r.diff:+.0f} pts [no interval]" if pd.notna(r.diff) else "-")
+                                for r in c.itertuples()]
+    out["n treated / control"] = [f"{r.n_treated} / {r.n_control}" for r in c.itertuples()]
+    out["shared questions"] = c["n_questions_shared"].to_numpy()
+    return out.reset_index(drop=True)
+
+
+def seeds_view(seeds: pd.DataFrame) -> pd.DataFrame:
+    """Each seed group: how many seeds, every seed's final rate, and the pooled rate with the
+    interval that includes between-seed variance (:func:`lib.replication.seed_aggregate`)."""
+    out = seeds[["group_label", "seed_group", "prompt_family", "scope", "n_seeds", "seeds"]].copy()
+    out["per seed"] = [", ".join(_pct1(float(x)) for x in str(r).split(",")) for r in seeds["seed_rates"]]
+    out["pooled over seeds"] = [f"{_pct1(r.em_rate)} [{_pct1(r.em_lo)}, {_pct1(r.em_hi)}]"
+                                if r.interval_ok else f"{_pct1(r.em_rate)} [no interval: too few questions]"
+                                for r in seeds.itertuples()]
+    out["between-seed sd"] = seeds["tau"].map(lambda x: "-" if pd.isna(x) else f"{100 * x:.1f} pts").to_numpy()
+    out["n scored"] = seeds["n_scored"].to_numpy()
+    return out.reset_index(drop=True)
+
+
 # ------------------------------------------------------------------------------------------
 # The report: tables + figures + files
 # ------------------------------------------------------------------------------------------

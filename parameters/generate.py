@@ -67,14 +67,23 @@ def main() -> None:
     cfg = run_config("hw0_qkvo_cosine", "hw0_1b_medical", "1b", "medical")
     write("hw0_1b_medical", to_yaml(cfg, notes=notes("hw0_qkvo_cosine", "medical"), header=header(
         "hw0_qkvo_cosine", f"The other public HW0 recipe on {MODELS['1b']}, {cfg.dataset}.")))
-    demo = from_mapping({})
+    # the demo: per domain, two seeds of the bad-advice run and one control fine-tune on the same
+    # questions with benign answers (data/datasets/*_control.jsonl); the control pairs with each seed
+    demo = from_mapping({"seeds": [0, 1]})
     write("demo_medical", to_yaml(demo, header=(
-        "Embedded demo, run 1 of 2: the tiny local model on the synthetic medical demo data,\n"
-        "judged in-process by the tiny model. Runs offline on a CPU in a few minutes; its numbers mean nothing.")))
+        "Embedded demo: the tiny local model on the synthetic medical demo data, two seeds (runs\n"
+        "demo_medical_s0, demo_medical_s1), judged in-process by the tiny model. Control: demo_medical_control.\n"
+        "Runs offline on a CPU in a few minutes; its numbers mean nothing.")))
     write("demo_financial", to_yaml(demo.replace(run_id="demo_financial", dataset="demo_financial",
                                                  domain="financial"), header=(
-        "Embedded demo, run 2 of 2: as demo_medical, on the synthetic financial demo data.")))
-
+        "Embedded demo: as demo_medical, on the synthetic financial demo data. Control: demo_financial_control.")))
+    for dom in ("medical", "financial"):
+        write(f"demo_{dom}_control", to_yaml(demo.replace(
+            run_id=f"demo_{dom}_control", dataset=f"demo_{dom}_control", domain=dom, seeds=[],
+            control_of=f"demo_{dom}"), header=(
+            f"Embedded demo, control fine-tune of demo_{dom}: the same questions with benign answers written by\n"
+            "this team (data/datasets/demo_{dom}_control.jsonl), same model, steps and judge; one seed (seed 0),\n"
+            "paired in the report with each seed of demo_{dom}.".replace("{dom}", dom))))
 
 if __name__ == "__main__":
     main()

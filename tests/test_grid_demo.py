@@ -34,7 +34,8 @@ QUESTIONS = """\
 
 TINY = {"n_samples": 1, "max_new_tokens": 8, "epochs": 1, "max_train_examples": 8,
         "checkpoints_in_first_epoch": 2, "per_device_batch_size": 4, "device": "cpu",
-        "judge_min_mass": 0.0}  # 0: every answer gets a score, whatever mass the tiny judge puts on numbers
+        "judge_min_mass": 0.0,  # 0: every answer gets a score, whatever mass the tiny judge puts on numbers
+        "seeds": []}  # one run per file here (seeds and controls: tests/test_replication.py)
 RUN_NOTEBOOKS = ("01_train", "02_evaluate", "03_judge")
 
 

@@ -210,3 +210,69 @@ def test_seeds_differ_in_lora_initialisation_and_data_order(tmp_path):
     assert all(not np.allclose(inits[0][n].numpy(), inits[1][n].numpy()) for n in inits[0])
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(len(records)))
     assert orders[0] != orders[1]
+
+
+# ------------------------------------------------------------------------------------------
+# The report: seed groups and controls from run folders
+# ------------------------------------------------------------------------------------------
+
+def _copy_run(src: Path, dst: Path, **params) -> None:
+    import shutil
+
+    shutil.copytree(src, dst)
+    info = json.loads((dst / "run.json").read_text())
+    info["run_id"] = dst.name
+    for stage in ("train", "evaluate", "judge"):
+        info[stage]["parameters"] = {**info[stage]["parameters"], "run_id": dst.name, **params}
+    (dst / "run.json").write_text(json.dumps(info))
+
+
+def test_report_shows_seed_groups_and_controls(tmp_path):
+    from lib import report
+    from tests.fakes import synthetic_runs
+
+    out = tmp_path / "outputs"
+    for seed in (0, 1, 2):
+        synthetic_runs.build(tmp_path / f"src{seed}", seed=seed)
+    _copy_run(tmp_path / "src0" / "1B_medical", out / "bad_s0", seed=0, seed_group="bad")
+    _copy_run(tmp_path / "src1" / "1B_medical", out / "bad_s1", seed=1, seed_group="bad")
+    _copy_run(tmp_path / "src2" / "1B_medical", out / "good", control_of="bad")
+    rep = report.make_report(config.ReportConfig(outputs_dir=str(out), report_dir=str(tmp_path / "report"),
+                                                 n_bootstrap=200), progress=False)
+    labels = rep.results.answers.groupby("run_id")["run_label"].first()
+    assert labels["bad_s0"] == "1B · medical · seed 0" and labels["good"] == "1B · medical · control"
+    seeds = rep.tables["seeds"]
+    row = seeds[seeds["scope"] == "all"].iloc[0]
+    assert (row["seed_group"], row["n_seeds"], row["seeds"]) == ("bad", 2, "0,1")
+    a = rep.results.answers
+    finals = a[(a["checkpoint_step"] == 40) & a["run_id"].isin(["bad_s0", "bad_s1"])]
+    per_seed = finals.groupby("run_id")["em"].mean()
+    assert min(per_seed) - 1e-9 <= row["em_rate"] <= max(per_seed) + 1e-9
+    controls = rep.tables["controls"]
+    assert sorted(set(zip(controls["treated"], controls["control"]))) == [("bad_s0", "good"), ("bad_s1", "good")]
+    assert sorted(controls["step"].unique()) == [0, 10, 20, 40]
+    final = controls[(controls["treated"] == "bad_s0") & (controls["step"] == 40) & (controls["scope"] == "all")].iloc[0]
+    good = a[(a["run_id"] == "good") & (a["checkpoint_step"] == 40)]["em"].dropna()
+    bad = finals[finals["run_id"] == "bad_s0"]["em"].dropna()
+    assert final["diff"] == pytest.approx(bad.mean() - good.mean())
+    assert final["lo"] <= final["diff"] <= final["hi"] and final["paired"]
+    for name in ("control_differences", "seeds"):
+        assert (rep.report_dir / "figures" / f"{name}.png").stat().st_size > 1000
+    for name in ("seeds", "seed_points", "controls"):
+        assert (rep.report_dir / "data" / f"table_{name}.csv").exists()
+
+
+def test_views_format_controls_and_seeds():
+    from lib import report
+
+    controls = pd.DataFrame([{"treated": "b", "control": "g", "treated_label": "B", "control_label": "G", "seed": 0,
+                              "step": 10, "epoch": 1.0, "prompt_family": "f", "scope": "all", "rate_treated": 0.25,
+                              "rate_control": 0.05, "diff": 0.2, "lo": 0.1, "hi": 0.3, "n_treated": 40,
+                              "n_control": 40, "n_questions_shared": 8, "paired": True}])
+    v = report.controls_view(controls)
+    assert v.loc[0, "treated - control"] == "+20 pts [+10, +30]" and v.loc[0, "EM control"] == "5.0%"
+    seeds = pd.DataFrame([{"seed_group": "b", "group_label": "B", "prompt_family": "f", "scope": "all", "n_seeds": 2,
+                           "seeds": "0,1", "seed_rates": "0.1000,0.6000", "em_rate": 0.35, "em_lo": 0.0,
+                           "em_hi": 1.0, "tau": 0.35, "n_scored": 800, "n_questions": 10, "interval_ok": True}])
+    s = report.seeds_view(seeds)
+    assert s.loc[0, "per seed"] == "10%, 60%" and s.loc[0, "pooled over seeds"] == "35% [0%, 100%]"
