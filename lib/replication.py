@@ -14,16 +14,18 @@ The input is the report's answers table (one row per answer with ``em``, ``scope
 ``prompt_family``, ``checkpoint_step`` and the run columns ``run_id``, ``run_label``,
 ``seed``, ``seed_group`` and ``control_of``). Pure functions of tables: no files, no models.
 
-Seed-aggregated interval (:func:`seed_aggregate`): a random-effects pool of the per-seed
-rates, as in a meta-analysis of few studies. Each seed's variance ``v_s`` comes from its
-own headline interval (:func:`lib.metrics.cluster_interval`: ``((hi - lo) / 2z)^2``, never 0,
-also at 0 EM); the between-seed variance ``tau^2`` is DerSimonian and Laird's moment estimate;
-the pooled rate is the inverse-variance weighted mean with weights ``1 / (v_s + tau^2)``; its
-interval is Hartung-Knapp-Sidik-Jonkman's: ``mu +- t_{S-1} * sqrt(max(q, 1) / sum(w))`` with
-``q = sum w_s (r_s - mu)^2 / (S - 1)`` (the ``max(q, 1)`` keeps it from being narrower than the
-fixed-effect interval when the seeds happen to agree). With ``t`` on ``S - 1`` degrees of
-freedom, two seeds give a wide interval: that is what two seeds can tell. Coverage is measured
-by ``bench/seed_interval_coverage.py`` (docs/benchmarks.md).
+Seed-aggregated interval (:func:`seed_aggregate`): the seeds are S independent draws of the
+configuration's training randomness, so their final rates ``r_s`` are i.i.d. around the
+configuration's rate. The pooled rate is their plain mean (every seed asked the same questions
+the same number of times; inverse-variance weights would pull a proportion towards the seeds with
+rates near 0 or 1, whose binomial variance is smaller). Its interval is Student's:
+``mean +- t_{S-1} * sqrt(max(s^2, mean(v_s)) / S)``, where ``s^2`` is the sample variance of the
+seed rates (within-seed sampling plus between-seed variance) and ``v_s`` each seed's own variance
+from its headline interval (:func:`lib.metrics.cluster_interval`: ``((hi - lo) / 2z)^2``): the
+``max`` keeps the interval from being narrower than the seeds' own sampling error when a few seeds
+happen to agree. The between-seed sd reported is ``sqrt(max(0, s^2 - mean(v_s)))``. With ``t``
+on ``S - 1`` degrees of freedom two seeds give a very wide interval: that is what two seeds can
+tell. Coverage is measured by ``bench/seed_interval_coverage.py`` (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -59,16 +61,9 @@ def seed_aggregate(rates: Any, lo: Any, hi: Any, confidence: float = 0.95) -> di
     v = ((hi - lo) / (2 * z)) ** 2
     if not np.all(np.isfinite(v)):  # a seed without an interval (too few questions): no pooled interval
         return {**out, "rate": float(r.mean()), "tau": float(r.std(ddof=1))}
-    v = np.maximum(v, 1e-12)
-    w0 = 1 / v
-    mu0 = (w0 * r).sum() / w0.sum()
-    q_fixed = (w0 * (r - mu0) ** 2).sum()
-    c = w0.sum() - (w0 ** 2).sum() / w0.sum()
-    tau2 = max(0.0, (q_fixed - (s - 1)) / c) if c > 0 else 0.0
-    w = 1 / (v + tau2)
-    mu = float((w * r).sum() / w.sum())
-    q = float((w * (r - mu) ** 2).sum() / (s - 1))
-    se = np.sqrt(max(q, 1.0) / w.sum())
+    tau2 = max(0.0, float(r.var(ddof=1) - v.mean()))
+    mu = float(r.mean())
+    se = np.sqrt(max(float(r.var(ddof=1)), float(v.mean())) / s)
     half = student_t.ppf(1 - (1 - confidence) / 2, s - 1) * se
     return {"rate": mu, "lo": float(max(0.0, mu - half)), "hi": float(min(1.0, mu + half)),
             "tau": float(np.sqrt(tau2)), "n_seeds": s}

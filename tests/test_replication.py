@@ -276,3 +276,13 @@ def test_views_format_controls_and_seeds():
                            "em_hi": 1.0, "tau": 0.35, "n_scored": 800, "n_questions": 10, "interval_ok": True}])
     s = report.seeds_view(seeds)
     assert s.loc[0, "per seed"] == "10%, 60%" and s.loc[0, "pooled over seeds"] == "35% [0%, 100%]"
+
+
+def test_seed_coverage_bench_exits_1_on_a_missed_goal():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seed_interval_coverage", REPO / "bench" / "seed_interval_coverage.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--reps", "10", "--goal", "1.01"]) == 1
+    assert bench.main(["--reps", "10", "--goal", "0"]) == 0
