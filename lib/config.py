@@ -120,7 +120,7 @@ class RunConfig:
     temperature: float = _f(1.0, "evaluate", "sampling temperature (papers: 1.0)")
     top_p: float = _f(1.0, "evaluate", "nucleus sampling (papers: 1.0)")
     max_new_tokens: int = _f(48, "evaluate", "answer length cap in tokens (papers: 600)")
-    eval_batch_size: int = _f(0, "evaluate", "prompts per generate() call (0: sized to memory)")
+    eval_batch_size: int = _f(0, "evaluate", "rows decoded together by continuous batching (0: sized to memory)")
     eval_checkpoints: list = _f([], "evaluate", "checkpoint steps to evaluate (empty: all, plus the base model)")
     include_base_model: bool = _f(True, "evaluate", "also evaluate the untuned base model as step 0")
 
