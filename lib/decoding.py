@@ -126,12 +126,6 @@ class TokenPicker:
         return torch.searchsorted(cdf, x).squeeze(1).clamp_max(scores.shape[-1] - 1)
 
 
-def _seeded_processor_base():
-    from transformers import LogitsProcessor
-
-    return LogitsProcessor
-
-
 class SeededLogitsProcessor:
     """For ``model.generate`` with ``do_sample=False``: replaces each row's scores by a one-hot at
     the token :class:`TokenPicker` draws for it, so greedy decoding emits exactly that token.
@@ -190,7 +184,7 @@ def _model_kwargs(model) -> tuple[str, bool]:
     return cache_kw, "logits_to_keep" in params
 
 
-def _new_cache(model):
+def _new_cache():
     from transformers import DynamicCache
 
     return DynamicCache()
@@ -207,7 +201,7 @@ def cache_layers(cache) -> list:
 def _prefill(model, input_ids, attention_mask, position_ids, cache_kw: str, keep_last: bool):
     """One forward pass over new, left-padded prompts with a fresh cache: (last-position logits, cache).
     Tests wrap this to see the exact prompt tokens."""
-    cache = _new_cache(model)
+    cache = _new_cache()
     kw = {cache_kw: cache}
     if keep_last:
         kw["logits_to_keep"] = 1
