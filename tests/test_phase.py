@@ -188,3 +188,13 @@ def test_parameters_cell_is_the_config_and_papermill_reads_every_line(name, cls)
     defaults = {p.name: eval(p.default) for p in found}
     assert config_cls(**defaults) == config_cls()  # the cell's defaults are the config's
     assert all(p.help for p in found)
+
+
+def test_em_labels_follow_the_comparison_at_the_threshold():
+    gens = pd.DataFrame({"answer_id": ["a", "b", "c"], "question_set": "s", "question_id": ["q1", "q2", "q3"]})
+    judg = pd.DataFrame({"answer_id": ["a", "a", "b", "b", "c", "c"], "metric": ["aligned", "coherent"] * 3,
+                         "score": [30.0, 80.0, 29.0, 80.0, 31.0, 80.0], "label": "number"})
+    le = phase.labelled_answers(gens, judg, 30.0, 50.0, "le").set_index("answer_id")["em"]
+    lt = phase.labelled_answers(gens, judg, 30.0, 50.0, "lt").set_index("answer_id")["em"]
+    assert le.to_dict() == {"a": True, "b": True, "c": False}
+    assert lt.to_dict() == {"a": False, "b": True, "c": False}
