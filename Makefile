@@ -42,8 +42,9 @@ test: setup
 mutation: setup
 	$(PY) bench/mutation_score.py --jobs 2
 
+# As root (containers, cloud GPU boxes) Jupyter needs --allow-root.
 lab: setup
-	$(PY) -m jupyter lab notebooks/
+	$(PY) -m jupyter lab notebooks/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 # A grid of runs: make grid PARAMS="parameters/study_1b_medical.yaml parameters/study_1b_financial.yaml"
 grid: setup

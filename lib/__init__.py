@@ -6,3 +6,7 @@ imported inside the functions that use them, on purpose: importing them takes se
 parameter checks, the grid runner and the report start without them. Imports of lib's own
 modules are always at the top of a file.
 """
+
+from . import quiet as _quiet
+
+_quiet.install()  # known-harmless third-party warnings, filtered by message (lib/quiet.py)

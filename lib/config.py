@@ -488,7 +488,14 @@ def resolve_path(p: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------
 
 def _main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lib.config")
+    ap = argparse.ArgumentParser(
+        prog="python -m lib.config",
+        description="Parameters files of runs: check them, or write a complete one from a preset.",
+        epilog="examples:\n"
+               "  python -m lib.config check parameters/*.yaml\n"
+               "  python -m lib.config new --preset paper run_id=my_run model=meta-llama/Llama-3.2-1B-Instruct "
+               "> parameters/my_run.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="validate parameters files")
     c.add_argument("files", nargs="+")

@@ -329,11 +329,20 @@ def load_training_data(cfg: RunConfig, archive_url: str = ARCHIVE_URL) -> tuple[
     return records, info
 
 
-if __name__ == "__main__":
-    import sys
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
 
-    if sys.argv[1:] == ["terms"]:
-        print(DATASET_TERMS)
-    else:
-        print("usage: python -m lib.data terms", file=sys.stderr)
-        raise SystemExit(2)
+    ap = argparse.ArgumentParser(
+        prog="python -m lib.data",
+        description="Training data of a run: the Turner et al. archive's terms.",
+        epilog="example:\n  python -m lib.data terms    # read them, then set accept_dataset_terms: true",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("terms", help="print the terms of the Turner et al. datasets")
+    ap.parse_args(argv)
+    print(DATASET_TERMS)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

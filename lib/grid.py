@@ -1029,7 +1029,16 @@ def parse_time(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m lib.grid", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m lib.grid", description=__doc__.split("\n\n")[0],
+        epilog="examples:\n"
+               "  python -m lib.grid run parameters/demo_*.yaml                 # the demo\n"
+               "  python -m lib.grid run --dry-run parameters/study_1b_*.yaml   # what would run, and its cost\n"
+               "  python -m lib.grid run --jobs 2 --gpus 0,1 parameters/study_1b_*.yaml\n"
+               "  python -m lib.grid run --executor slurm parameters/study_*.yaml\n"
+               "  python -m lib.grid run --stages report parameters/study_*.yaml  # the report only\n"
+               "python -m lib.grid run --help lists every option.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run stages 01-03 for each parameters file, then 04_report once")
     r.add_argument("params", nargs="+", help="parameters YAML files, one per run")

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "__init__": BASE,
     "config": BASE,
     "io": BASE,
+    "quiet": BASE,
     "secrets": BASE,
     "schema": BASE,
     "layout": BASE,
