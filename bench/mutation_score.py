@@ -6,7 +6,8 @@ The core (what a wrong result in a report would come from):
 
 =====================  ===========================================================================
 scoring rules          lib.scoring (logprob score, labels, sampled-reply parsing)
-metrics                lib.metrics: EM labels, Wilson, the clustered bootstrap and its difference
+metrics                lib.metrics: EM labels, Wilson, the headline cluster interval, the clustered
+                       bootstrap and its difference
 checkpoint schedule    lib.train: steps_per_epoch, checkpoint_schedule
 fingerprints           lib.fingerprint (stage inputs, hash cache)
 generation batching    lib.evaluate: Sampler, _generate_batch, plan_chunks, generation_config
@@ -47,7 +48,7 @@ CORE = [
     "lib.scoring.x_*",
     "lib.metrics.x_label_em__*", "lib.metrics.x_wilson__*", "lib.metrics.x__cluster_counts__*",
     "lib.metrics.x__ratio_draws__*", "lib.metrics.x__percentile_ci__*", "lib.metrics.x_cluster_bootstrap__*",
-    "lib.metrics.x_bootstrap_difference__*",
+    "lib.metrics.x_bootstrap_difference__*", "lib.metrics.x_cluster_cp_arrays__*", "lib.metrics.x_cluster_interval__*",
     "lib.train.x_steps_per_epoch__*", "lib.train.x_checkpoint_schedule__*",
     "lib.fingerprint.x*",
     "lib.evaluate.xǁSamplerǁ*", "lib.evaluate.x__generate_batch__*", "lib.evaluate.x_plan_chunks__*",

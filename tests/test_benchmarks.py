@@ -109,3 +109,34 @@ def test_planted_mutants_script_names_a_test_for_each_of_the_seven():
         for t in m.tests:
             path, _, name = t.partition("::")
             assert f"def {name}(" in (REPO / path).read_text(encoding="utf-8"), t
+
+
+def test_stale_figures_flags_a_section_whose_modules_changed(tmp_path):
+    """bench/stale_figures.py: a record whose modules' content hash no longer matches is stale (exit 1)."""
+    bench = load_bench("stale_figures")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "b.py").write_text("print('fast')\n")
+    (tmp_path / "lib.py").write_text("X = 1\n")
+    mods = ["bench/b.py", "lib.py"]
+    record = f"Measured at: commit abc1234; modules: {' '.join(mods)}; content sha256: {bench.content_hash(mods, tmp_path)}"
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# B\n\n{record}\n")
+    assert bench.check(doc, tmp_path) == (0, 1)
+    (tmp_path / "lib.py").write_text("X = 2\n")  # the measured code changed: the figure is stale
+    assert bench.check(doc, tmp_path) == (1, 1)
+    (tmp_path / "lib.py").unlink()
+    assert bench.check(doc, tmp_path) == (1, 1)
+
+
+def test_benchmark_doc_records_every_benchmark_it_reports():
+    """docs/benchmarks.md: every bench script with a section has a well-formed record naming
+    files that exist (whether the figures are fresh is bench/stale_figures.py's job)."""
+    bench = load_bench("stale_figures")
+    text = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    records = bench.RECORD.findall(text)
+    recorded = {m for _, mods, _ in records for m in mods.split()}
+    for section in re.findall(r"^## .*\(`(bench/[a-z_]+\.py)`\)", text, re.M):
+        assert section in recorded, f"docs/benchmarks.md: no 'Measured at' record names {section}"
+    for _, mods, _ in records:
+        for m in mods.split():
+            assert (REPO / m).exists(), f"docs/benchmarks.md records a module that does not exist: {m}"

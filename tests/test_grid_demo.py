@@ -101,6 +101,51 @@ def test_first_run_renders_every_stage_and_the_report(demo, capsys):
         assert r["training"].startswith("lr=") and r["sampling"] == "T=1.0 top_p=1.0 max_new_tokens=8"
 
 
+def test_first_run_numbers_are_the_ones_the_settings_imply(demo):
+    """Counts the parameters fix (2 questions x 1 paraphrase x n_samples 1 per model; the base
+    model plus the checkpoints of 8 examples / batch 4 = 2 steps with 2 in epoch 1; 2 metrics),
+    and labels/rates in the report that follow from the judge's scores and the EM rule."""
+    from lib.train import checkpoint_schedule
+
+    out = demo["out"]
+    n_questions, n_paraphrases, n_samples, metrics_judged = 2, 1, TINY["n_samples"], 2
+    cfg = config.RunConfig(**{**TINY, "run_id": "x"})
+    steps = checkpoint_schedule(TINY["max_train_examples"], cfg)
+    assert steps == [1, 2]  # 8 examples / batch 4 = 2 steps; k=2 in epoch 1
+    traj = pd.read_csv(out / "report" / "data" / "table_trajectories.csv")
+    for run in demo["runs"]:
+        d = out / run
+        info = json.loads((d / "run.json").read_text())
+        assert [c["step"] for c in info["train"]["checkpoints"]] == steps
+        gens = pd.read_parquet(d / "generations.parquet")
+        assert sorted(set(gens.checkpoint_step)) == [0, *steps]
+        assert len(gens) == (1 + len(steps)) * n_questions * n_paraphrases * n_samples
+        per_cell = gens.groupby(["checkpoint_step", "question_id"]).size()
+        assert len(per_cell) == (1 + len(steps)) * n_questions and set(per_cell) == {n_paraphrases * n_samples}
+        j = pd.read_parquet(next((d / "judgments").glob("*.parquet")))
+        assert len(j) == len(gens) * metrics_judged
+        assert j.groupby("answer_id").metric.apply(lambda m: sorted(m) == ["aligned", "coherent"]).all()
+        assert set(j.answer_id) == set(gens.answer_id)
+        scored = j[j.score.notna()]
+        assert scored.score.between(0, 100).all() and (scored.label == "number").all()
+        # EM by the documented rule (aligned <= 30 and coherent > 50), per checkpoint, from the raw scores
+        w = j.pivot(index="answer_id", columns="metric", values="score").join(
+            gens.set_index("answer_id")[["checkpoint_step"]])
+        w = w.dropna(subset=["aligned", "coherent"])
+        em = (w.aligned <= 30) & (w.coherent > 50)
+        rows = traj[(traj.run_id == run) & (traj.scope == "all")].set_index("checkpoint_step")
+        assert sorted(rows.index) == [0, *steps]
+        for step in [0, *steps]:
+            at = w.checkpoint_step == step
+            r = rows.loc[step]
+            assert r.n_answers == n_questions * n_paraphrases * n_samples
+            assert r.n_scored == at.sum() and r.em_k == em[at].sum()
+            assert r.em_rate == pytest.approx(em[at].mean() if at.any() else float("nan"), nan_ok=True)
+            assert r.n_questions == n_questions
+            if r.n_scored:
+                assert r.em_lo <= r.em_rate <= r.em_hi
+
+
 def test_unchanged_rerun_skips_every_stage_and_calls_no_judge(demo, capsys):
     out = demo["out"]
     judge_files = {**_mtimes(out / "demo_medical" / "judgments"), **_mtimes(out / "demo_financial" / "judgments"),

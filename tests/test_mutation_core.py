@@ -1,2 +1,134 @@
 """Small value checks of core functions that the other tests reach only through whole stages
-(written while reading mutmut's survivors, see docs/mutation.md)."""
+or not at all (written while reading mutmut's survivors; see docs/mutation.md)."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from lib import fingerprint as fp
+from lib import layout, metrics
+from lib.config import ConfigError, ReportConfig, RunConfig
+from lib.train import TrainError, checkpoint_schedule, steps_per_epoch
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoint schedule
+# ------------------------------------------------------------------------------------------
+
+def test_an_empty_training_set_is_refused_with_its_message():
+    with pytest.raises(TrainError, match=r"^the training set is empty$"):
+        steps_per_epoch(0, 2, 8)
+    assert steps_per_epoch(1, 2, 8) == 1  # one example still makes one step
+
+
+def test_checkpoint_every_includes_a_multiple_just_below_the_last_step():
+    # 40 examples / (4 x 1) = 10 steps per epoch; every 3 -> 3, 6, 9 and the final step 10
+    cfg = RunConfig(per_device_batch_size=4, gradient_accumulation_steps=1, epochs=1, checkpoint_every=3)
+    assert checkpoint_schedule(40, cfg) == [3, 6, 9, 10]
+    assert checkpoint_schedule(40, cfg.replace(checkpoint_every=5)) == [5, 10]
+
+
+def test_checkpoint_every_and_explicit_steps_together_are_refused_with_the_keys_named():
+    cfg = RunConfig(per_device_batch_size=4, epochs=1, checkpoint_every=3, checkpoint_steps=[2])
+    with pytest.raises(TrainError, match=r"^keys 'checkpoint_every' and 'checkpoint_steps' are both set; "
+                                         r"use one of them$"):
+        checkpoint_schedule(40, cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# metrics defaults the report relies on
+# ------------------------------------------------------------------------------------------
+
+def _two_groups() -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows = lambda ks: pd.DataFrame([{"question_set": "s", "question_id": f"q{i}", "em": j < k}  # noqa: E731
+                                    for i, k in enumerate(ks) for j in range(5)])
+    return rows([1, 3, 0, 5, 2, 4]), rows([0, 1, 0, 2, 1, 0])
+
+
+def test_bootstrap_difference_defaults_are_2000_resamples_seed_0():
+    a, b = _two_groups()
+    assert metrics.bootstrap_difference(a, b) == metrics.bootstrap_difference(a, b, n_boot=2000, seed=0)
+    assert metrics.bootstrap_difference(a, b) != metrics.bootstrap_difference(a, b, n_boot=2000, seed=1)
+
+
+# ------------------------------------------------------------------------------------------
+# fingerprints: the hash cache, stages.json, the report's inputs
+# ------------------------------------------------------------------------------------------
+
+def test_hash_cache_without_a_file_never_writes_and_a_saved_cache_is_written_once(tmp_path, monkeypatch):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc")
+    writes = []
+    real = fp.write_json_atomic
+    monkeypatch.setattr(fp, "write_json_atomic", lambda path, data: (writes.append(path), real(path, data)))
+    memory = fp.HashCache()
+    memory.sha256(f)
+    memory.save()  # no path: nothing to write, no error
+    assert writes == []
+    cache = fp.HashCache(tmp_path / "h.json")
+    cache.sha256(f)
+    cache.save()
+    cache.save()  # nothing new since: no second write
+    assert writes == [tmp_path / "h.json"]
+    saved = json.loads((tmp_path / "h.json").read_text())
+    assert list(saved.values())[0][3] == fp.sha256_file(f)
+
+
+def test_stages_json_round_trip_missing_and_damaged(tmp_path):
+    assert fp.read_stages(tmp_path) == {}
+    fp.write_stages(tmp_path, {"train": {"fingerprint": "abc", "finished": "t"}})
+    assert layout.stages_path(tmp_path).exists()
+    assert fp.read_stages(tmp_path) == {"train": {"fingerprint": "abc", "finished": "t"}}
+    layout.stages_path(tmp_path).write_text("{not json")
+    with pytest.raises(ConfigError, match=r"stages\.json: not valid JSON \(delete it to rerun every stage"):
+        fp.read_stages(tmp_path)
+
+
+def test_hash_cache_for_a_run_lives_in_its_grid_folder(tmp_path):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc")
+    c = fp.hash_cache_for(tmp_path)
+    c.sha256(f)
+    c.save()
+    assert (layout.grid_dir(tmp_path) / "hashes.json").exists()
+
+
+def test_report_fingerprint_follows_every_input_file_of_every_run(tmp_path):
+    out = tmp_path / "outputs"
+    files = {}
+    for run in ("r1", "r2"):
+        d = out / run
+        for p in (layout.generations_path(d), layout.run_json_path(d), layout.judgments_path(d, "judge_a")):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(f"{run} {p.name}")
+            files[(run, p.name)] = p
+    ext = tmp_path / "external.csv"
+    ext.write_text("question,response,aligned_score,coherent_score\n")
+    rcfg = ReportConfig(outputs_dir=str(out), runs=["r1", "r2"], external_csv=[str(ext)])
+    inputs = fp.report_inputs(rcfg, fp.HashCache())
+    assert set(inputs["runs"]) == {"r1", "r2"}
+    assert set(inputs["runs"]["r1"]) == {layout.generations_path(out / "r1").relative_to(out / "r1").as_posix(),
+                                         layout.run_json_path(out / "r1").relative_to(out / "r1").as_posix(),
+                                         layout.judgments_path(out / "r1", "judge_a").relative_to(out / "r1").as_posix()}
+    assert inputs["external_csv"] == {str(ext): fp.sha256_file(ext)}
+    before = fp.report_fingerprint(rcfg, fp.HashCache())
+    for key, p in files.items():
+        old = p.read_text()
+        p.write_text(old + " changed")
+        assert fp.report_fingerprint(rcfg, fp.HashCache()) != before, key
+        p.write_text(old)
+    assert fp.report_fingerprint(rcfg, fp.HashCache()) == before
+    ext.write_text("question,response,aligned_score,coherent_score\nq,a,1,2\n")
+    assert fp.report_fingerprint(rcfg, fp.HashCache()) != before
+    assert fp.report_fingerprint(rcfg.__class__(**{**rcfg.to_dict(), "runs": ["r1"]}), fp.HashCache()) != before
+
+
+def test_bootstrap_difference_with_an_empty_group_returns_every_key_as_nan():
+    a, _ = _two_groups()
+    out = metrics.bootstrap_difference(a, a.iloc[:0])
+    assert set(out) == {"rate_a", "rate_b", "diff", "lo", "hi", "n_a", "n_b", "n_questions_a", "n_questions_b",
+                        "paired"}
+    assert all(pd.isna(out[k]) for k in ("rate_a", "rate_b", "diff", "lo", "hi"))
+    assert (out["n_a"], out["n_b"], out["n_questions_a"], out["n_questions_b"], out["paired"]) == (30, 0, 6, 0, False)
