@@ -132,3 +132,42 @@ def test_bootstrap_difference_with_an_empty_group_returns_every_key_as_nan():
                         "paired"}
     assert all(pd.isna(out[k]) for k in ("rate_a", "rate_b", "diff", "lo", "hi"))
     assert (out["n_a"], out["n_b"], out["n_questions_a"], out["n_questions_b"], out["paired"]) == (30, 0, 6, 0, False)
+
+
+def _group(counts: dict[str, tuple[int, int]]) -> pd.DataFrame:
+    """question id -> (k EM answers, n answers)."""
+    return pd.DataFrame([{"question_set": "s", "question_id": q, "em": j < k}
+                         for q, (k, n) in counts.items() for j in range(n)])
+
+
+def test_paired_difference_with_partly_shared_questions_matches_the_exact_distribution():
+    """a and b share two of four questions: one draw over the union; a question a group lacks
+    adds nothing (k = n = 0) to that group's replicate."""
+    from test_interval_reference import N_BOOT, PairedDifference, assert_quantile, exact_distribution
+
+    a = {"q0": (1, 4), "q1": (3, 4), "q2": (0, 4)}
+    b = {"q1": (0, 4), "q2": (2, 4), "q3": (4, 4)}
+    union = ["q0", "q1", "q2", "q3"]
+    cols = lambda g, i: [g.get(q, (0, 0))[i] for q in union]  # noqa: E731
+    out = metrics.bootstrap_difference(_group(a), _group(b), n_boot=N_BOOT, seed=2)
+    assert out["paired"] and (out["n_questions_a"], out["n_questions_b"]) == (3, 3)
+    assert out["diff"] == pytest.approx(4 / 12 - 6 / 12)
+    dist = exact_distribution(PairedDifference(cols(a, 0), cols(a, 1), cols(b, 0), cols(b, 1)))
+    assert_quantile(dist, out["lo"], 0.025, N_BOOT, "lower end")
+    assert_quantile(dist, out["hi"], 0.975, N_BOOT, "upper end")
+
+
+def test_bootstrap_difference_smallest_cases_that_still_give_an_interval():
+    one_shared = metrics.bootstrap_difference(_group({"q0": (1, 3), "q1": (2, 3)}), _group({"q1": (0, 3), "q2": (3, 3)}))
+    assert one_shared["paired"] and one_shared["lo"] < one_shared["hi"]  # one shared question pairs the draws
+    two = metrics.bootstrap_difference(_group({"q0": (0, 3), "q1": (3, 3)}), _group({"q0": (1, 3), "q1": (1, 3)}))
+    assert two["paired"] and two["lo"] < two["hi"]  # a union of two questions is enough
+    single_answer = metrics.bootstrap_difference(_group({"q0": (1, 1)}), _group({"q0": (0, 2), "q1": (1, 2)}))
+    assert single_answer["n_a"] == 1 and single_answer["rate_a"] == 1.0 and single_answer["diff"] == 0.75
+    single_b = metrics.bootstrap_difference(_group({"q0": (0, 2), "q1": (1, 2)}), _group({"q0": (1, 1)}))
+    assert single_b["n_b"] == 1 and single_b["diff"] == -0.75
+    unpaired = metrics.bootstrap_difference(_group({"a0": (0, 3), "a1": (3, 3)}),
+                                            _group({"b0": (1, 3), "b1": (2, 3)}))
+    assert not unpaired["paired"] and unpaired["lo"] < unpaired["hi"]  # two questions a side suffice
+    assert pd.isna(metrics.bootstrap_difference(_group({"a0": (0, 3)}), _group({"b0": (1, 3), "b1": (2, 3)}))["lo"])
+    assert pd.isna(metrics.bootstrap_difference(_group({"a0": (0, 3), "a1": (1, 3)}), _group({"b0": (1, 3)}))["lo"])
