@@ -8,7 +8,7 @@ Inputs (per run folder ``<outputs_dir>/<run_id>/``, all written by earlier stage
 * ``run.json`` (:mod:`lib.runinfo`); every section is optional here.
 
 Which judge's scores the report uses for a run (:func:`configured_judge`):
-``ReportConfig.judge_name`` if set; else ``run.json["parameters"]["judge_name"]``; else
+``ReportConfig.judge_name`` if set; else the judge stage's ``judge_name`` parameter in run.json; else
 ``run.json["judge"]["last"]`` (the name the judge stage derived when it last ran); else the
 only file in ``judgments/``, or the most recently written one. The other judges' files feed only the
 judge-agreement table.
@@ -347,7 +347,7 @@ def base_identity(results: Results, run_id: str) -> dict[str, Any]:
     """What a run's base-model (step 0) answers and scores depend on; runs with equal
     identities may pool their step-0 answers into one reference line, others may not."""
     info = results.runs.get(run_id, {})
-    p = info.get("parameters") or {}
+    p = stage_parameters(info, "evaluate")  # what the base answers were sampled with
     a = results.answers
     a0 = a[(a["run_id"] == run_id) & (a["checkpoint_step"] == 0)]
     judge = results.judge_of_run.get(run_id, "")

@@ -22,7 +22,7 @@ N_Q, N_S = 10, 6  # questions x samples per checkpoint
 def write_run(outputs: Path, run_id: str, model_label: str, domain: str, em_final: float, em_base: float = 0.0,
               judge_name: str = "judge_a", judge_model: str = "gpt-4o-mini-2024-07-18", method: str = "logprob",
               mass: float = 0.95, quantization: str = "none", steps=(0, 10, 20), n_q: int = N_Q,
-              labels: dict | None = None) -> None:
+              labels: dict | None = None, legacy_run_json: bool = True) -> None:
     """A run whose step-s answers have EM share em_base + (em_final - em_base) * s / max(steps),
     spread evenly over questions (the first answers of each question are the EM ones)."""
     run_dir = outputs / run_id
@@ -61,7 +61,9 @@ def write_run(outputs: Path, run_id: str, model_label: str, domain: str, em_fina
     params = config.RunConfig(run_id=run_id, model=f"synthetic/{model_label}", model_label=model_label,
                               dataset=f"demo_{domain}", domain=domain, judge_name=judge_name,
                               quantization=quantization, judge_model=judge_model).to_dict()
-    (run_dir / "run.json").write_text(json.dumps({"run_id": run_id, "seed": 0, "parameters": params}), "utf-8")
+    info = ({"run_id": run_id, "seed": 0, "parameters": params} if legacy_run_json  # earlier versions' shape
+            else {"run_id": run_id, "seed": 0, **{s: {"parameters": params} for s in ("train", "evaluate", "judge")}})
+    (run_dir / "run.json").write_text(json.dumps(info), "utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +72,15 @@ def outputs(tmp_path_factory) -> Path:
     # two runs with the same labels (1B, medical): 1/6 vs 5/6 EM at the final checkpoint
     code = {("aligned", 0, 5): "CODE"}  # one answer per checkpoint excluded (a non-EM one)
     write_run(out, "1B_medical", "1B", "medical", em_final=1 / 6, labels=code)
-    write_run(out, "1B_medical_rerun", "1B", "medical", em_final=5 / 6, em_base=1 / 6, labels=code)
+    write_run(out, "1B_medical_rerun", "1B", "medical", em_final=5 / 6, em_base=1 / 6, labels=code,
+              legacy_run_json=False)  # run.json as the stages write it now: pooled with the others all the same
     write_run(out, "1B_financial", "1B", "financial", em_final=3 / 6)
     # same base model, judged by another judge model: its base line must stand alone
     write_run(out, "1B_financial_j2", "1B", "financial", em_final=3 / 6, judge_model="gpt-4o-2024-08-06",
               judge_name="judge_b", em_base=2 / 6)
     # same base model in 4-bit: its own base line too
-    write_run(out, "1B_medical_4bit", "1B", "medical", em_final=2 / 6, quantization="4bit")
+    write_run(out, "1B_medical_4bit", "1B", "medical", em_final=2 / 6, quantization="4bit",
+              legacy_run_json=False)  # run.json as the stages write it now: parameters per stage
     # no EM at all; and a run judged by a judge that put 0.07% of its probability on numbers
     write_run(out, "3B_medical", "3B", "medical", em_final=0.0)
     write_run(out, "3B_financial", "3B", "financial", em_final=2 / 6, judge_name="tiny_judge",
