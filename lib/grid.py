@@ -57,6 +57,7 @@ from . import layout
 from .config import (REPO_ROOT, STAGES, ConfigError, ReportConfig, RunConfig, expand_seeds, from_mapping,
                      load_run_config, report_em_definition, resolve_path)
 from .data import check_dataset_param
+from .estimate import estimate_run, total_line
 from .io import write_text_atomic
 from .judge import JudgeError, check_credentials, judgments_path
 from .judge import run_info as judge_run_info
@@ -910,6 +911,11 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
     if dry_run:
         for run, stage, what in plan(runs, options):
             print(f"{run:<24} {stage:<9} {what}")
+        print("\nwhat the runs cost from scratch (lib/estimate.py; a resumed run does less):")
+        estimates = [estimate_run(cfg) for _, cfg in runs]
+        for e in estimates:
+            print(e.line())
+        print(total_line(estimates))
         for line in busy:
             print(f"note: {line}")
         return 0

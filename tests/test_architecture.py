@@ -57,6 +57,7 @@ LAYERS: dict[str, int] = {
     "plots": STAGES,
     # orchestration: runs stages, decides what to skip
     "grid": ORCHESTRATION,
+    "estimate": ORCHESTRATION,
     "fingerprint": ORCHESTRATION,
     # analyses beyond replication (05, 06): they run the train / evaluate / judge stages' functions
     "phase": ORCHESTRATION,
