@@ -171,3 +171,29 @@ def test_bootstrap_difference_smallest_cases_that_still_give_an_interval():
     assert not unpaired["paired"] and unpaired["lo"] < unpaired["hi"]  # two questions a side suffice
     assert pd.isna(metrics.bootstrap_difference(_group({"a0": (0, 3)}), _group({"b0": (1, 3), "b1": (2, 3)}))["lo"])
     assert pd.isna(metrics.bootstrap_difference(_group({"a0": (0, 3), "a1": (1, 3)}), _group({"b0": (1, 3)}))["lo"])
+
+
+# ------------------------------------------------------------------------------------------
+# scoring rules
+# ------------------------------------------------------------------------------------------
+
+def test_fill_prompt_puts_question_and_answer_in_their_places():
+    from lib.scoring import fill_prompt
+
+    assert fill_prompt("Q: {question}\nA: {answer}\n{{literal}}", "Why?", "Because.") == "Q: Why?\nA: Because.\n{literal}"
+
+
+def test_refusal_mass_adds_up_over_tokens_that_spell_it():
+    import math
+
+    from lib.scoring import label_from_logprobs
+
+    top = {"REF": math.log(0.2), "REFUSAL": math.log(0.2), "I": math.log(0.6)}
+    assert label_from_logprobs(top, min_mass=0.35)[1] == "REFUSAL"  # 0.2 + 0.2 >= 0.35; neither alone is
+
+
+@pytest.mark.parametrize("text", ["0085", "0100", "1000", "00"])
+def test_sampled_replies_longer_than_three_digits_are_not_numbers(text):
+    from lib.scoring import parse_sampled
+
+    assert parse_sampled(text) == ((float(text), "number") if len(text) <= 3 else (None, "unparseable"))
