@@ -987,8 +987,12 @@ def answers_table_html(answers: pd.DataFrame, n: int = 12, em_first: bool = True
 # HTML export
 # ------------------------------------------------------------------------------------------
 
-def export_html(ipynb_path: str | Path, html_path: str | Path) -> Path:
+def export_html(ipynb_path: str | Path, html_path: str | Path, hide_code: bool = True) -> Path:
     """Export a rendered notebook to one self-contained HTML file.
+
+    ``hide_code``: the shared report shows the narrative, tables and figures without the code
+    cells and their prompts (it reads like a short paper); the rendered ``.ipynb`` beside it keeps
+    the code.
 
     Charts in the report notebook are PNG images (base64 inside the file), so they show with
     no network. nbconvert's lab template still links require.js and MathJax from a CDN; the
@@ -1000,6 +1004,7 @@ def export_html(ipynb_path: str | Path, html_path: str | Path) -> Path:
 
     ipynb_path, html_path = Path(ipynb_path), Path(html_path)
     nb = nbformat.read(ipynb_path, as_version=4)
-    exporter = HTMLExporter(template_name="lab", embed_images=True)
+    exporter = HTMLExporter(template_name="lab", embed_images=True, exclude_input=hide_code,
+                            exclude_input_prompt=hide_code, exclude_output_prompt=hide_code)
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"path": str(ipynb_path.parent)}})
     return write_text_atomic(html_path, body)
