@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .chat import PINNED_DATE_STRING
+from .chat import PINNED_DATE_STRING, stop_token_ids
 from .config import ConfigError, RunConfig
 from .data import load_training_data
 from .io import atomic_path, sha256_text, write_json_atomic
@@ -441,6 +441,26 @@ def split_examples(examples: list[dict[str, Any]], cfg: RunConfig):
     return split["train"], split["test"]
 
 
+def _end_at_end_of_turn(example: dict[str, Any], ends: set[int]) -> dict[str, Any]:
+    """Cut a tokenized example after its last end-of-turn token.
+
+    TRL's completion is the full chat text minus the prompt text, so it also holds whatever the
+    chat template writes after the assistant's end-of-turn token: ChatML's ``<|im_end|>\n``
+    would put the newline in the loss, a token the model never generates (sampling stops at
+    ``<|im_end|>``). Cut, the completion is the answer plus its end token, as under Llama-3's
+    template. An example truncated before its end token (max_seq_length) is left as it is."""
+    ids = example["input_ids"]
+    last = max((i for i, t in enumerate(ids) if t in ends), default=None)
+    if last is None or last == len(ids) - 1:
+        return example
+    labels = example.get("labels")
+    mask = example.get("completion_mask")
+    in_completion = (labels[last] != -100) if labels is not None else (mask[last] == 1 if mask is not None else True)
+    if not in_completion:  # the last end token is the prompt's: the answer itself was cut off
+        return example
+    return {k: (v[:last + 1] if isinstance(v, list) and len(v) == len(ids) else v) for k, v in example.items()}
+
+
 def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Path, progress: bool = False,
                   extra_callbacks: list | None = None):
     """An SFTTrainer for the run, its PEFT model wrapped, its dataset tokenized (no training yet)."""
@@ -509,6 +529,11 @@ def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Pat
                                    model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                    processing_class=tokenizer, peft_config=peft_cfg,
                                    callbacks=list(extra_callbacks or []))
+        ends = set(stop_token_ids(tokenizer, model))
+        if ends:  # nothing after the answer's end-of-turn token in the loss (ChatML's trailing newline)
+            trainer.train_dataset = trainer.train_dataset.map(lambda ex: _end_at_end_of_turn(ex, ends))
+            if trainer.eval_dataset is not None:
+                trainer.eval_dataset = trainer.eval_dataset.map(lambda ex: _end_at_end_of_turn(ex, ends))
     finally:
         if bars:
             datasets.enable_progress_bars()
