@@ -15,7 +15,7 @@ import json
 import pandas as pd
 import pytest
 
-from lib import generate, judge, report, train
+from lib import evaluate, judge, report, train
 from lib.config import ReportConfig, RunConfig
 from lib.data import load_training_data
 from lib.runinfo import read_run_json
@@ -78,7 +78,7 @@ def test_stage_1_train(run):
 
 
 def test_stage_2_evaluate_answers_stop_at_im_end(run):
-    gens = generate.generate_run(run, progress=False)
+    gens = evaluate.evaluate_run(run, progress=False)
     assert set(gens["checkpoint_step"]) == {0, 2} and len(gens) == 2 * 2  # base + checkpoint, 2 questions x 1
     for a in gens["answer"]:
         assert a.strip() and "<|" not in a and "|>" not in a  # no special tokens in the text
