@@ -155,6 +155,13 @@ def test_paired_difference_with_partly_shared_questions_matches_the_exact_distri
     dist = exact_distribution(PairedDifference(cols(a, 0), cols(a, 1), cols(b, 0), cols(b, 1)))
     assert_quantile(dist, out["lo"], 0.025, N_BOOT, "lower end")
     assert_quantile(dist, out["hi"], 0.975, N_BOOT, "upper end")
+    # the same with one-answer questions, where a question a group lacks weighs most
+    a, b = {"q0": (2, 2), "q1": (0, 2), "q2": (1, 2)}, {"q1": (0, 1), "q2": (0, 1)}
+    union = ["q0", "q1", "q2"]
+    out = metrics.bootstrap_difference(_group(a), _group(b), n_boot=N_BOOT, seed=3)
+    dist = exact_distribution(PairedDifference(cols(a, 0), cols(a, 1), cols(b, 0), cols(b, 1)))
+    assert_quantile(dist, out["lo"], 0.025, N_BOOT, "lower end, one-answer questions")
+    assert_quantile(dist, out["hi"], 0.975, N_BOOT, "upper end, one-answer questions")
 
 
 def test_bootstrap_difference_smallest_cases_that_still_give_an_interval():
