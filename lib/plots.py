@@ -51,33 +51,54 @@ def _blank_unreliable(data: pd.DataFrame, lo: str, hi: str) -> pd.DataFrame:
 # Figures
 # ------------------------------------------------------------------------------------------
 
-def domain_comparison_chart(final: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
-    """Final-checkpoint EM rate by model label x domain, one bar per question scope, with intervals."""
+def _drop_duplicate_all(data: pd.DataFrame) -> pd.DataFrame:
+    """Rows with scope 'all' for runs whose answers all have one scope: the bar would repeat it."""
+    scopes = data[data["scope"] != "all"].groupby("run_id")["scope"].nunique()
+    single = set(scopes[scopes == 1].index)
+    return data[~((data["scope"] == "all") & data["run_id"].isin(single))]
+
+
+def domain_comparison_chart(final: pd.DataFrame, base: pd.DataFrame | None = None) -> tuple[Any, pd.DataFrame]:
+    """Final-checkpoint EM rate by model label x domain, one bar per question scope, with
+    intervals; every bar carries a tick at its rate (visible at 0%) and its ``k/n`` label; a grey
+    tick marks the run's base model (step 0) on the same questions."""
     if final.empty:
         return _empty()
     cols = ["model_label", "domain", "run_id", "run_label", "judge_verdict", "source", "checkpoint_step", "scope",
             "n_answers", "n_scored", "n_excluded", "n_questions", "em_k", "em_rate", "em_lo", "em_hi", "interval_ok",
             "em_macro", "em_wilson_lo", "em_wilson_hi"]
-    data = _blank_unreliable(final[cols].copy(), "em_lo", "em_hi")
+    data = _drop_duplicate_all(_blank_unreliable(final[cols].copy(), "em_lo", "em_hi"))
+    data["n_label"] = [f"{int(k)}/{int(n)}" for k, n in zip(data["em_k"].fillna(0), data["n_scored"].fillna(0))]
+    data["base_rate"] = np.nan
+    if base is not None and not base.empty and "run_id" in base.columns:
+        b = base.drop_duplicates(["run_id", "scope"]).set_index(["run_id", "scope"])["em_rate"]
+        data["base_rate"] = [b.get((r, sc), np.nan) for r, sc in zip(data["run_id"], data["scope"])]
     scopes = _present(data["scope"], SCOPES)
-    base = alt.Chart().encode(
+    base_enc = alt.Chart().encode(
         x=alt.X("run_label:N", title="run (model · training domain)", axis=alt.Axis(labelAngle=-20, labelLimit=220)),
         xOffset=alt.XOffset("scope:N", sort=scopes),
         tooltip=["run_id", "run_label", "domain", "scope", "checkpoint_step", "em_k", "n_scored", "n_excluded",
                  "n_questions", "judge_verdict",
                  alt.Tooltip("em_rate:Q", format=".1%"), alt.Tooltip("em_lo:Q", format=".1%"),
-                 alt.Tooltip("em_hi:Q", format=".1%")],
+                 alt.Tooltip("em_hi:Q", format=".1%"), alt.Tooltip("base_rate:Q", format=".1%", title="base model")],
     )
-    bars = base.mark_bar().encode(y=alt.Y("em_rate:Q", title="EM rate (final checkpoint)", axis=PCT,
-                                          scale=alt.Scale(domain=[0, 1])),
-                                  color=alt.Color("scope:N", sort=scopes, title="questions"))
-    rules = base.mark_rule(color="black", strokeWidth=1.5).encode(y="em_lo:Q", y2="em_hi:Q")
-    chart = (alt.layer(bars, rules, data=data)
-             .properties(width=alt.Step(18), height=260)
+    y = alt.Y("em_rate:Q", title="EM rate (final checkpoint)", axis=PCT, scale=alt.Scale(domain=[0, 1]))
+    colour = alt.Color("scope:N", sort=scopes, title="questions")
+    bars = base_enc.mark_bar().encode(y=y, color=colour)
+    level = base_enc.mark_tick(thickness=2, size=14).encode(y="em_rate:Q", color=colour)  # visible at 0%
+    rules = base_enc.mark_rule(color="black", strokeWidth=1.5).encode(y="em_lo:Q", y2="em_hi:Q")
+    ref = base_enc.mark_tick(color="gray", thickness=2, size=14, strokeDash=[3, 2]).encode(y="base_rate:Q")
+    labels = base_enc.mark_text(dy=-6, fontSize=8, angle=270, align="left").encode(
+        y=alt.Y("label_y:Q"), text="n_label:N")
+    data["label_y"] = data[["em_hi", "em_rate"]].max(axis=1).fillna(data["em_rate"]).clip(upper=0.85)
+    chart = (alt.layer(bars, level, rules, ref, labels, data=data)
+             .properties(width=alt.Step(22), height=260)
              .facet(column=alt.Column("model_label:N", title="model"))
              .resolve_scale(x="independent")
              .properties(title={"text": "Final EM rate by model and training domain",
-                                "subtitle": f"bars: 95% question-clustered interval (none below {MIN_QUESTIONS} questions)"}))
+                                "subtitle": [f"black line: 95% question-clustered interval (none below {MIN_QUESTIONS} "
+                                             "questions); grey dashed tick: the run's base model; label: EM / scored "
+                                             "answers"]}))
     return chart, data
 
 
@@ -89,8 +110,7 @@ def trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame, metric: str
     if t.empty:
         return _empty()
     rate, lo, hi = f"{metric}_rate", f"{metric}_lo", f"{metric}_hi"
-    use_epoch = t["epoch"].notna().all()
-    xcol, xtitle = ("epoch", "epoch") if use_epoch else ("checkpoint_step", "training step")
+    xcol, xtitle = "checkpoint_step", "training step"  # as the study plotted; epochs are in the tooltip
     rows = t[["model_label", "domain", "run_id", "run_label", "scope", "checkpoint_step", "epoch", "n_scored",
               "n_questions", "interval_ok", rate, lo, hi]].copy()
     rows["kind"] = "checkpoint"

@@ -829,7 +829,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
 
         charts, files = {}, {}
         figure_inputs = {
-            "domain_comparison": (tables["final"],),
+            "domain_comparison": (tables["final"], base_of_runs(tables["base"], results)),
             "em_trajectories": (tables["trajectories"], base_of_runs(tables["base"], results)),
             "coherence_trajectories": (tables["trajectories"], base_of_runs(tables["base"], results)),
             "aligned_vs_coherent": (tables["scatter"], rcfg.aligned_threshold, rcfg.coherent_threshold),
