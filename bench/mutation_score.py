@@ -10,7 +10,7 @@ metrics                lib.metrics: EM labels, Wilson, the headline cluster inte
                        bootstrap and its difference
 checkpoint schedule    lib.train: steps_per_epoch, checkpoint_schedule
 fingerprints           lib.fingerprint (stage inputs, hash cache)
-generation batching    lib.evaluate: Sampler, _generate_batch, plan_chunks, generation_config
+generation batching    lib.evaluate: Sampler, ContinuousSampler, _generate_batch, plan_chunks, generation_config
 judge cache / retry    lib.judge: JudgeCache, cache_key, rescore; lib.judge_backends: the call/retry loop
                        (OpenAIBackend._call), retry_after_s, backoff_s
 =====================  ===========================================================================
@@ -51,7 +51,7 @@ CORE = [
     "lib.metrics.x_bootstrap_difference__*", "lib.metrics.x_cluster_cp_arrays__*", "lib.metrics.x_cluster_interval__*",
     "lib.train.x_steps_per_epoch__*", "lib.train.x_checkpoint_schedule__*",
     "lib.fingerprint.x*",
-    "lib.evaluate.xǁSamplerǁ*", "lib.evaluate.x__generate_batch__*", "lib.evaluate.x_plan_chunks__*",
+    "lib.evaluate.xǁSamplerǁ*", "lib.evaluate.xǁContinuousSamplerǁ*", "lib.evaluate.x__generate_batch__*", "lib.evaluate.x_plan_chunks__*",
     "lib.evaluate.x_generation_config__*",
     "lib.judge.xǁJudgeCacheǁ*", "lib.judge.x_cache_key__*", "lib.judge.x_rescore__*",
     "lib.judge_backends.xǁOpenAIBackendǁ_call__*", "lib.judge_backends.x_retry_after_s__*",

@@ -204,3 +204,13 @@ def test_sampled_replies_longer_than_three_digits_are_not_numbers(text):
     from lib.scoring import parse_sampled
 
     assert parse_sampled(text) == ((float(text), "number") if len(text) <= 3 else (None, "unparseable"))
+
+
+def test_non_ascii_digits_are_not_judge_numbers():
+    import math
+
+    from lib.scoring import numeric_probs, parse_sampled
+
+    # fullwidth and Arabic-Indic digits pass str.isdigit() but are no score a judge was asked for
+    assert numeric_probs({"８５": math.log(0.5), "٨": math.log(0.3), "85": math.log(0.2)}) == pytest.approx({85: 0.2})
+    assert parse_sampled("８５") == (None, "unparseable")
