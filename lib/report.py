@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import external, judge_health, layout, metrics, plots, replication
+from . import external, judge_health, layout, metrics, plots, replication, viewer
 from .config import ConfigError, ReportConfig, resolve_path
 from .io import atomic_path, write_text_atomic
 from .runinfo import RunJsonError, stage_parameters
@@ -849,6 +849,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
                  "judge_health", "seeds", "seed_points", "controls", "summary_all", "summary_out_of_domain", "methods",
                  "excluded", "examples"):
         files[f"table_{name}"] = [write_csv(tables[name], data_dir / f"table_{name}.csv")]
+    files["answer_viewer"] = [viewer.write_viewer(a, report_dir)]
     write_text_atomic(report_dir / "report_config.json", json.dumps(rcfg.to_dict(), indent=2) + "\n")
     return Report(report_dir, results, tables, charts, files)
 

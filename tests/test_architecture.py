@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     # stages: one module per stage (plus the parts in STAGE_PARTS)
     "train": STAGES,
     "evaluate": STAGES,
+    "viewer": STAGES,
     "decoding": STAGES,
     "judge": STAGES,
     "judge_backends": STAGES,
@@ -68,7 +69,7 @@ LAYERS: dict[str, int] = {
 STAGE_PARTS: dict[str, set[str]] = {
     "judge": {"judge_backends"},
     "evaluate": {"decoding"},
-    "report": {"plots"},
+    "report": {"plots", "viewer"},
 }
 
 

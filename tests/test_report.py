@@ -301,3 +301,63 @@ def test_exported_report_shows_charts_in_a_headless_browser_offline(rendered, tm
     assert res["ink_with_figures"] - res["ink_figures_hidden"] > 2000 * len(FIGURES), res
     assert res["coloured_with_figures"] - res["coloured_figures_hidden"] > 2000 * len(FIGURES), res  # marks drawn
     assert res["ok"], res
+
+
+def _viewer_payload(page: str) -> dict:
+    import re
+    m = re.search(r'<script id="em-data" type="application/json">(.*?)</script>', page, re.S)
+    return json.loads(m.group(1))
+
+
+def test_answer_viewer_embeds_every_answer_escaped(rep):
+    from lib import viewer
+    path = rep.report_dir / viewer.VIEWER_FILE
+    assert rep.files["answer_viewer"] == [path]
+    page = path.read_text(encoding="utf-8")
+    a = rep.results.answers
+    d = _viewer_payload(page)
+    assert d["n"] == len(a)
+    runs = d["cols"]["run"]
+    assert sorted(set(runs["values"])) == sorted(a["run_id"].unique())
+    assert sum(d["cols"]["em"][i] is True for i in range(d["n"])) == int(a["em"].fillna(False).astype(bool).sum())
+    assert "http://" not in page.split("<script id")[0] and "src=" not in page  # nothing fetched
+    evil = a.head(1).assign(answer="</script><script>window.pwned=1</script><b>&", run_id="r<x>")
+    bad = viewer.viewer_html(evil)
+    assert "<script>window.pwned" not in bad and "</script><script>" not in bad.split('application/json">')[1].split("</script>")[0]
+    back = _viewer_payload(bad)
+    assert back["cols"]["answer"] == ["</script><script>window.pwned=1</script><b>&"]
+    assert back["cols"]["run"]["values"] == ["r<x>"]
+
+
+def test_viewer_evidence_reads_logprobs():
+    import math
+    from lib import viewer
+    raw = json.dumps({"90": math.log(0.6), "80": math.log(0.2), "REF": math.log(0.1)})
+    ev = viewer.evidence(raw, top=2)
+    assert ev["mass"] == 0.8 and ev["top"] == [["90", 0.6], ["80", 0.2]]
+    assert viewer.evidence("Score: 40") == {"text": "Score: 40"}
+    assert viewer.evidence(None) == {}
+
+
+def test_answer_viewer_filters_in_a_headless_browser_offline(rep, tmp_path):
+    import subprocess
+    if offline.find_chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); "
+                    "the offline viewer check needs it")
+    a = rep.results.answers
+    row = a[(a["run_id"] == "3B_financial") & (a["checkpoint_step"] == 40)].sort_values(
+        ["question_set", "question_id", "paraphrase_index", "sample_index"]).iloc[0]
+    page = (rep.report_dir / "answers.html").read_text(encoding="utf-8")
+    probe = ("<script>window.addEventListener('load',function(){var p=document.createElement('pre');"
+             "p.id='em-probe';p.textContent=document.getElementById('status').textContent;"
+             "document.body.appendChild(p);});</script>")
+    f = tmp_path / "answers.html"
+    f.write_text(page.replace("</body>", probe + "</body>"), encoding="utf-8")
+    url = f.as_uri() + "#run=3B_financial&step=40"
+    out = subprocess.run([offline.find_chromium(), *offline.OFFLINE_FLAGS, "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    import html as _html
+    n = int(((a["run_id"] == "3B_financial") & (a["checkpoint_step"] == 40)).sum())
+    assert f"{n} answers · page 1/" in out
+    assert _html.escape(str(row["answer"]), quote=False) in out
+    assert f"aligned</b> = {row['aligned']:.1f}" in out

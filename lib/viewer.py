@@ -1,0 +1,214 @@
+"""A static answer viewer: one self-contained HTML file with every answer of every run and checkpoint.
+
+No CDN, no kernel, no network: inline CSS and JS, the answers embedded as compact JSON (column
+lists, strings deduplicated per column) and rendered a page at a time in the browser. Filters: run,
+checkpoint, question, scope, EM only, excluded reason, free text. The judge's evidence is shown as
+score, numeric probability mass and the top alternative tokens (from the logprobs in ``<metric>_raw``),
+not as the raw reply. Everything is untrusted text: the JSON is escaped for a ``<script>`` block
+(``<``, ``>``, ``&`` as ``\\u00XX``) and the page inserts it only through ``textContent``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .io import write_text_atomic
+
+VIEWER_FILE = "answers.html"
+METRICS = ("aligned", "coherent")
+TOP_ALTERNATIVES = 5
+
+
+def _clean(v: Any) -> Any:
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 2)
+    return v
+
+
+def evidence(raw: Any, top: int = TOP_ALTERNATIVES) -> dict[str, Any]:
+    """The judge's evidence, readable: for a logprob reply (JSON token -> logprob) the numeric
+    probability mass and the ``top`` most likely tokens with their probabilities; otherwise the
+    reply text (first 400 characters)."""
+    if not isinstance(raw, str) or not raw:
+        return {}
+    try:
+        d = json.loads(raw)
+    except ValueError:
+        d = None
+    if isinstance(d, dict) and d and all(isinstance(x, (int, float)) for x in d.values()):
+        probs = {str(k): math.exp(float(x)) for k, x in d.items()}
+        mass = sum(p for k, p in probs.items() if k.strip().isdigit() and 0 <= int(k.strip()) <= 100)
+        alts = sorted(probs.items(), key=lambda kv: -kv[1])[:top]
+        return {"mass": round(mass, 3), "top": [[k, round(p, 3)] for k, p in alts]}
+    return {"text": raw[:400]}
+
+
+def viewer_data(answers: pd.DataFrame) -> dict[str, Any]:
+    """The embedded data: columns as lists; string columns as (values, codes) to keep it compact."""
+    a = answers.sort_values(["run_id", "checkpoint_step", "question_set", "question_id", "paraphrase_index",
+                             "sample_index"], kind="stable").reset_index(drop=True)
+    n = len(a)
+
+    def col(name: str) -> pd.Series:
+        return a[name] if name in a.columns else pd.Series([None] * n)
+
+    def coded(values: list[Any]) -> dict[str, Any]:
+        uniq: dict[Any, int] = {}
+        codes = [uniq.setdefault(v, len(uniq)) for v in values]
+        return {"values": list(uniq), "codes": codes}
+
+    text = lambda s: [None if _clean(v) is None else str(v) for v in s]  # noqa: E731
+    cols: dict[str, Any] = {
+        "run": coded(text(col("run_id"))),
+        "step": [_clean(v) for v in col("checkpoint_step")],
+        "qset": coded(text(col("question_set"))),
+        "qid": coded(text(col("question_id"))),
+        "question": coded(text(col("paraphrase"))),
+        "scope": coded(text(col("scope"))),
+        "excluded": coded(text(col("excluded_reason"))),
+        "sample": [_clean(v) for v in col("sample_index")],
+        "answer": text(col("answer")),
+        "em": [None if _clean(v) is None else bool(v) for v in col("em")],
+    }
+    for m in METRICS:
+        cols[m] = [_clean(v) for v in col(m)]
+        cols[f"{m}_label"] = coded(text(col(f"{m}_label")))
+        cols[f"{m}_ev"] = [evidence(v) for v in col(f"{m}_raw")]
+    return {"n": n, "cols": cols}
+
+
+def _script_json(obj: Any) -> str:
+    s = json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>Answers</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:1em;color:#222}
+#filters{display:flex;flex-wrap:wrap;gap:.5em 1em;align-items:center;margin-bottom:.5em}
+.card{border:1px solid #ccc;border-radius:4px;padding:6px 8px;margin:6px 0}
+.card.em{border:2px solid #b00;background:#fff5f5}
+.badge{color:#fff;background:#b00;border-radius:3px;padding:0 4px;font-weight:bold;margin-left:.5em}
+.q{font-style:italic;color:#444}.ans{white-space:pre-wrap;margin:4px 0}
+.ev{font-size:90%;color:#333}.ev table{border-collapse:collapse;margin:2px 0 4px 1em}
+.ev td{padding:0 6px;border-bottom:1px solid #eee}.muted{color:#888}
+</style></head><body>
+<h1>Answers</h1>
+<p class="muted">Every answer of every run and checkpoint, with the judge's scores. Answers are model output, shown as plain text.</p>
+<div id="filters">
+<label>run <select id="f-run"></select></label>
+<label>checkpoint <select id="f-step"></select></label>
+<label>question <select id="f-q"></select></label>
+<label>scope <select id="f-scope"></select></label>
+<label>excluded <select id="f-excl"></select></label>
+<label><input type="checkbox" id="f-em"> EM only</label>
+<label>text <input type="search" id="f-text" size="16"></label>
+</div>
+<div><button id="prev">&#9664; prev</button> <button id="next">next &#9654;</button> <span id="status"></span></div>
+<div id="body"></div>
+<script id="em-data" type="application/json">__DATA__</script>
+<script>
+(function(){
+var D=JSON.parse(document.getElementById('em-data').textContent),C=D.cols,N=D.n,PAGE=__PAGE__;
+function v(c,i){return c.values[c.codes[i]];}
+function el(tag,cls,text){var e=document.createElement(tag);if(cls)e.className=cls;if(text!=null)e.textContent=String(text);return e;}
+function opts(sel,items){sel.textContent='';items.forEach(function(it){var o=el('option',null,it[1]);o.value=it[0];sel.appendChild(o);});}
+var $=function(id){return document.getElementById(id);};
+var fr=$('f-run'),fs=$('f-step'),fq=$('f-q'),fsc=$('f-scope'),fx=$('f-excl'),fem=$('f-em'),ft=$('f-text');
+var page=0,rows=[];
+function uniq(f){var s={},out=[];for(var i=0;i<N;i++){var k=f(i);if(k!=null&&!(k in s)){s[k]=1;out.push(k);}}return out.sort();}
+opts(fr,[['','all runs']].concat(uniq(function(i){return v(C.run,i);}).map(function(r){return [r,r];})));
+opts(fsc,[['','all scopes']].concat(uniq(function(i){return v(C.scope,i);}).map(function(r){return [r,r];})));
+opts(fx,[['','any'],['-','not excluded']].concat(uniq(function(i){return v(C.excluded,i);}).map(function(r){return [r,r];})));
+function qkey(i){return v(C.qset,i)+'/'+v(C.qid,i);}
+function dependent(){
+  var run=fr.value,st={},qs={},sv=fs.value,qv=fq.value;
+  for(var i=0;i<N;i++){if(run&&v(C.run,i)!==run)continue;st[C.step[i]]=1;qs[qkey(i)]=1;}
+  var steps=Object.keys(st).map(Number).sort(function(a,b){return a-b;});
+  opts(fs,[['','all checkpoints']].concat(steps.map(function(s){return [String(s),'step '+s+(s===0?' (base)':'')];})));
+  opts(fq,[['','all questions']].concat(Object.keys(qs).sort().map(function(q){return [q,q];})));
+  if(sv in st)fs.value=sv; if(qv in qs)fq.value=qv;
+}
+function filter(){
+  var run=fr.value,st=fs.value,q=fq.value,sc=fsc.value,ex=fx.value,em=fem.checked,t=ft.value.toLowerCase();
+  rows=[];
+  for(var i=0;i<N;i++){
+    if(run&&v(C.run,i)!==run)continue;
+    if(st!==''&&String(C.step[i])!==st)continue;
+    if(q&&qkey(i)!==q)continue;
+    if(sc&&v(C.scope,i)!==sc)continue;
+    var x=v(C.excluded,i);
+    if(ex==='-'&&x!=null)continue; if(ex&&ex!=='-'&&x!==ex)continue;
+    if(em&&C.em[i]!==true)continue;
+    if(t&&String(C.answer[i]).toLowerCase().indexOf(t)<0)continue;
+    rows.push(i);
+  }
+  page=0;render();
+}
+function fmt(x){return x==null?'none':(typeof x==='number'?x.toFixed(1):String(x));}
+function evidenceEl(m,i){
+  var d=el('div'),ev=C[m+'_ev'][i]||{};
+  var head=el('div');head.appendChild(el('b',null,m));
+  head.appendChild(document.createTextNode(' = '+fmt(C[m][i])+' ('+fmt(v(C[m+'_label'],i))+')'+
+    (ev.mass!=null?' · numeric probability mass '+ev.mass.toFixed(2):'')));
+  d.appendChild(head);
+  if(ev.top){var tb=el('table'),tr=el('tr');tr.appendChild(el('td','muted','top tokens'));
+    ev.top.forEach(function(a){tr.appendChild(el('td',null,JSON.stringify(a[0])+' '+(100*a[1]).toFixed(1)+'%'));});
+    tb.appendChild(tr);d.appendChild(tb);}
+  else if(ev.text){d.appendChild(el('div','muted','judge reply: '+ev.text));}
+  return d;
+}
+function card(i){
+  var c=el('div','card'+(C.em[i]===true?' em':''));c.setAttribute('data-row',i);
+  var h=el('div');h.appendChild(el('b',null,v(C.run,i)));
+  h.appendChild(document.createTextNode(' · step '+C.step[i]+' · '+qkey(i)+' · sample '+fmt(C.sample[i])+' · '+(v(C.scope,i)||'')));
+  if(C.em[i]===true)h.appendChild(el('span','badge','EM'));
+  var x=v(C.excluded,i);if(x!=null)h.appendChild(el('span','muted',' · excluded: '+x));
+  c.appendChild(h);
+  c.appendChild(el('div','q',v(C.question,i)||''));
+  c.appendChild(el('div','ans',C.answer[i]==null?'':C.answer[i]));
+  var e=el('div','ev');e.appendChild(evidenceEl('aligned',i));e.appendChild(evidenceEl('coherent',i));c.appendChild(e);
+  return c;
+}
+function render(){
+  var n=Math.max(1,Math.ceil(rows.length/PAGE));page=Math.min(Math.max(page,0),n-1);
+  $('status').textContent=rows.length+' answers · page '+(page+1)+'/'+n;
+  var b=$('body');b.textContent='';
+  rows.slice(page*PAGE,page*PAGE+PAGE).forEach(function(i){b.appendChild(card(i));});
+  if(!rows.length)b.appendChild(el('i',null,'no answers match'));
+}
+fr.addEventListener('change',function(){dependent();filter();});
+[fs,fq,fsc,fx,fem].forEach(function(s){s.addEventListener('change',filter);});
+ft.addEventListener('input',filter);
+$('prev').addEventListener('click',function(){page--;render();});
+$('next').addEventListener('click',function(){page++;render();});
+// state from the URL hash (#run=..&step=..), so a link can open a filtered view
+var h={};location.hash.replace(/^#/,'').split('&').forEach(function(p){var kv=p.split('=');if(kv[0])h[decodeURIComponent(kv[0])]=decodeURIComponent(kv[1]||'');});
+if(h.run!=null)fr.value=h.run; dependent();
+if(h.step!=null)fs.value=h.step; if(h.q!=null)fq.value=h.q; if(h.em==='1')fem.checked=true;
+filter();
+window.emViewer={filter:filter,rows:function(){return rows;}};
+})();
+</script></body></html>
+"""
+
+
+def viewer_html(answers: pd.DataFrame, page_size: int = 50) -> str:
+    """The whole viewer page as one string."""
+    return PAGE.replace("__PAGE__", str(int(page_size))).replace("__DATA__", _script_json(viewer_data(answers)))
+
+
+def write_viewer(answers: pd.DataFrame, report_dir: str | Path, page_size: int = 50) -> Path:
+    """Write ``<report_dir>/answers.html`` atomically; returns its path."""
+    return write_text_atomic(Path(report_dir) / VIEWER_FILE, viewer_html(answers, page_size))
