@@ -172,7 +172,7 @@ function evidenceEl(m,i){
 function card(i){
   var c=el('div','card'+(C.em[i]===true?' em':''));c.setAttribute('data-row',i);
   var h=el('div');h.appendChild(el('b',null,v(C.run,i)));
-  h.appendChild(document.createTextNode(' · step '+C.step[i]+' · '+qkey(i)+' · sample '+fmt(C.sample[i])+' · '+(v(C.scope,i)||'')));
+  h.appendChild(document.createTextNode(' · step '+C.step[i]+' · '+qkey(i)+' · sample '+(C.sample[i]==null?'none':C.sample[i])+' · '+(v(C.scope,i)||'')));
   if(C.em[i]===true)h.appendChild(el('span','badge','EM'));
   var x=v(C.excluded,i);if(x!=null)h.appendChild(el('span','muted',' · excluded: '+x));
   c.appendChild(h);
@@ -212,3 +212,14 @@ def viewer_html(answers: pd.DataFrame, page_size: int = 50) -> str:
 def write_viewer(answers: pd.DataFrame, report_dir: str | Path, page_size: int = 50) -> Path:
     """Write ``<report_dir>/answers.html`` atomically; returns its path."""
     return write_text_atomic(Path(report_dir) / VIEWER_FILE, viewer_html(answers, page_size))
+
+
+def link_html(report_dir: str | Path) -> str:
+    """A link to the viewer for the report notebook: relative (a report shared as its folder) and absolute."""
+    import html as _html
+
+    path = (Path(report_dir) / VIEWER_FILE).resolve()
+    return (f"<p><b>All answers:</b> <a href='{VIEWER_FILE}' target='_blank'>{VIEWER_FILE}</a> in the report folder "
+            f"(<a href='{_html.escape(path.as_uri(), quote=True)}' target='_blank'>{_html.escape(str(path))}</a>): "
+            "a static page with every answer of every run and checkpoint, filters and the judge's evidence; "
+            "it needs no kernel and no network.</p>")

@@ -317,6 +317,7 @@ def test_answer_viewer_embeds_every_answer_escaped(rep):
     a = rep.results.answers
     d = _viewer_payload(page)
     assert d["n"] == len(a)
+    assert viewer.VIEWER_FILE in viewer.link_html(rep.report_dir)
     runs = d["cols"]["run"]
     assert sorted(set(runs["values"])) == sorted(a["run_id"].unique())
     assert sum(d["cols"]["em"][i] is True for i in range(d["n"])) == int(a["em"].fillna(False).astype(bool).sum())
@@ -345,7 +346,7 @@ def test_answer_viewer_filters_in_a_headless_browser_offline(rep, tmp_path):
         pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); "
                     "the offline viewer check needs it")
     a = rep.results.answers
-    row = a[(a["run_id"] == "3B_financial") & (a["checkpoint_step"] == 40)].sort_values(
+    row = a[(a["run_id"] == "3B_financial") & (a["checkpoint_step"] == 40) & a["aligned"].notna()].sort_values(
         ["question_set", "question_id", "paraphrase_index", "sample_index"]).iloc[0]
     page = (rep.report_dir / "answers.html").read_text(encoding="utf-8")
     probe = ("<script>window.addEventListener('load',function(){var p=document.createElement('pre');"
