@@ -97,7 +97,8 @@ def load_chat_jsonl(path: str | Path) -> list[dict[str, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                raise DataError(f"{path}:{lineno}: not UTF-8 text "
+                                f"(byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -229,7 +230,8 @@ def fetch_archive(outputs_dir: str = "outputs", url: str = ARCHIVE_URL, password
     if seen is not None and seen.exists() and seen.read_text().strip() != digest:
         before = seen.read_text().strip()
         if not fresh:
-            raise DataError(f"{enc}: changed on disk since it was downloaded (sha256 {before[:12]}… -> {digest[:12]}…); "
+            raise DataError(f"{enc}: changed on disk since it was downloaded "
+                            f"(sha256 {before[:12]}… -> {digest[:12]}…); "
                             "delete it to download the archive again")
         print(f"note: {shown}: the downloaded archive differs from the one downloaded before "
               f"(sha256 {before[:12]}… -> {digest[:12]}…); runs record the sha256 they trained on")

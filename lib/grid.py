@@ -871,7 +871,8 @@ def plan(runs: list[tuple[str, RunConfig]], options: Options) -> list[tuple[str,
                 rows.append(("report", "report", "nothing to report" if not ready else
                              "up to date" if why is None else f"runs ({why})"))
             except Exception as e:
-                rows.append(("report", "report", f"runs (inputs not readable now: {_one_line(f'{type(e).__name__}: {e}')})"))
+                why = _one_line(f"{type(e).__name__}: {e}")
+                rows.append(("report", "report", f"runs (inputs not readable now: {why})"))
     return rows
 
 

@@ -60,7 +60,8 @@ class Holder:
     command: str = ""
 
     def describe(self) -> str:
-        return f"pid {self.pid} on host {self.host} since {self.started}" + (f" ({self.command})" if self.command else "")
+        cmd = f" ({self.command})" if self.command else ""
+        return f"pid {self.pid} on host {self.host} since {self.started}{cmd}"
 
 
 def _now_iso() -> str:
