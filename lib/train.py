@@ -348,6 +348,14 @@ def read_train_log(run_dir: str | Path):
     return pd.read_csv(p)
 
 
+def read_eval_log(run_dir: str | Path):
+    """eval_log.csv (the held-out loss at each checkpoint) as a DataFrame; empty when nothing is held out."""
+    import pandas as pd
+
+    p = Path(run_dir) / EVAL_LOG_NAME
+    return pd.read_csv(p) if p.exists() else pd.DataFrame(columns=EVAL_LOG_COLUMNS)
+
+
 def loss_chart(log, checkpoints: list[tuple[int, float, Path]] | None = None):
     """Altair: training loss and learning rate by optimizer step, checkpoints as dashed rules."""
     import altair as alt

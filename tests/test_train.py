@@ -8,8 +8,8 @@ import pytest
 
 from lib.config import ConfigError, RunConfig
 from lib.train import (COMPLETE_MARKER, EVAL_LOG_NAME, TrainError, build_trainer, check_train_config,
-                       checkpoint_schedule, list_checkpoints, read_train_log, steps_per_epoch, to_prompt_completion,
-                       train_run)
+                       checkpoint_schedule, list_checkpoints, read_eval_log, read_train_log, steps_per_epoch,
+                       to_prompt_completion, train_run)
 
 EOT = "<|eot_id|>"
 
@@ -81,6 +81,21 @@ def test_labels_mask_every_non_assistant_token(tmp_path):
         assert tok.decode(ids[:i]) == tok.apply_chat_template(ex["prompt"], tokenize=False,
                                                               add_generation_prompt=True)
         assert "EARLIER" not in trained and "system" not in trained and "user" not in trained
+
+
+def test_loss_on_every_token_when_completion_only_loss_is_false(tmp_path):
+    # the replicated study: labels = input_ids, the whole chat is trained on
+    records = [_chat(i) for i in range(6)]
+    trainer, _ = build_trainer(_cfg(tmp_path, n=6, completion_only_loss=False), records, tmp_path / "ckpt")
+    masked, _ = build_trainer(_cfg(tmp_path, n=6), records, tmp_path / "ckpt2")
+    tok = trainer.processing_class
+    for row, other in zip(trainer.train_dataset, masked.train_dataset):
+        assert row["input_ids"] == other["input_ids"]
+        batch = trainer.data_collator([row])
+        labels = batch["labels"][0].tolist()
+        assert labels == row["input_ids"]                     # every token, the prompt's included
+        assert "user" in tok.decode([t for t in labels if t != -100])
+        assert sum(t != -100 for t in masked.data_collator([other])["labels"][0].tolist()) < len(labels)
 
 
 def test_batches_are_padded_to_their_own_longest_sequence(tmp_path):
@@ -262,6 +277,7 @@ def test_resume_mid_epoch_two_replays_the_same_batches(tmp_path):
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6), k
     assert list(read_train_log(cfg_b.run_dir)["step"]) == list(range(1, 9))
     assert not (cfg_b.run_dir / EVAL_LOG_NAME).exists()   # eval_fraction 0: nothing held out, no eval log
+    assert read_eval_log(cfg_b.run_dir).empty
 
 
 def test_layer_restricted_rank1_adapter(tmp_path):
@@ -350,8 +366,6 @@ def test_data_order_shuffle_is_seeded_and_length_grouped_makes_a_sawtooth(tmp_pa
 
 
 def test_eval_fraction_holds_out_a_seeded_split_and_logs_its_loss_at_each_checkpoint(tmp_path):
-    import pandas as pd
-
     cfg = _cfg(tmp_path, n=20, eval_fraction=0.25, epochs=1, checkpoints_in_first_epoch=2)
     res = train_run(cfg, progress=False)
     assert res.info["n_eval_examples"] == 5 and res.info["n_train_examples"] == 15
@@ -365,7 +379,7 @@ def test_eval_fraction_holds_out_a_seeded_split_and_logs_its_loss_at_each_checkp
     expected = sorted(tok.decode(ids) for ids in build_trainer(cfg.replace(eval_fraction=0.0),
                       [_chat(i) for i in held], tmp_path / "y")[0].train_dataset["input_ids"])
     assert firsts == expected
-    log = pd.read_csv(cfg.run_dir / EVAL_LOG_NAME)
+    log = read_eval_log(cfg.run_dir)
     assert list(log["step"]) == [s for s, _, _ in res.checkpoints] == [2, 4]
     assert log["eval_loss"].notna().all() and (log["eval_loss"] > 0).all()
 
