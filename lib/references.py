@@ -188,7 +188,9 @@ def _study() -> dict[str, Ref]:
         "lr_scheduler": Ref("linear", train, "lr_scheduler_type not set: the transformers default, linear"),
         "weight_decay": Ref(0.0, train, "weight_decay not set: the transformers default, 0.0 "
                                         "(training_details.md says 0.01; the code is what ran)"),
-        "optimizer": Ref("adamw_torch", train, "optim not set: the transformers 4.x default, adamw_torch"),
+        "optimizer": Ref("adamw_torch", train, "optim not set: the transformers default, adamw_torch (recent transformers pick "
+                                                "adamw_torch_fused, the same update, on torch >= 2.8; the study's RunPod "
+                                                "guide names a PyTorch 2.1 template)"),
         "completion_only_loss": Ref(False, train, "scripts/train.py labels = input_ids, DataCollatorForLanguageModeling: "
                                                   "loss on every token of the chat (pad = eos, so <|eot_id|> is masked)"),
         "seed": Ref(42, "study-docs", "seed not set: the transformers default, 42"),
