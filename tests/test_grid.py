@@ -195,7 +195,7 @@ def test_grid_runs_skips_and_reruns_only_what_changed(tmp_path, notebooks, capsy
     # one run's judge parameter changes: only that run's judge and the report rerun
     a.write_text(a.read_text() + "judge_metrics: [coherent]\n")
     assert run([str(a), str(b), "--dry-run"], notebooks) == 0
-    planned = [line.split()[:3] for line in capsys.readouterr().out.splitlines()]
+    planned = [line.split()[:3] for line in capsys.readouterr().out.splitlines() if len(line.split()) >= 3]
     assert ["a", "judge", "runs"] in planned and ["report", "report", "after"] in planned
     assert sum(p[2] == "up" for p in planned) == 5
     assert run([str(a), str(b)], notebooks) == 0

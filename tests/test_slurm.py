@@ -111,7 +111,7 @@ def test_demo_grid_on_slurm_cancel_and_resume(slurm, tmp_path):
         files = []
         for seed, name in enumerate(("demo_medical", "demo_financial")):
             data = config.load_yaml(REPO / "parameters" / f"{name}.yaml")
-            data.update(TINY, seed=seed, outputs_dir=str(out), question_sets=[str(tmp_path / "q.yaml")],
+            data.update(TINY, seed=seed, seeds=[], outputs_dir=str(out), question_sets=[str(tmp_path / "q.yaml")],
                         judge_backend="openai", judge_method="logprob", judge_model="gpt-4o-mini-2024-07-18",
                         judge_base_url=server.url, judge_api_key_env="EM_LAB_SLURM_TEST_KEY", judge_min_mass=0.25,
                         judge_concurrency=1)

@@ -26,7 +26,7 @@ QUESTIONS = """\
 
 def params(tmp_path, name="run", **over) -> str:
     data = config.load_yaml(config.REPO_ROOT / "parameters" / "demo_medical.yaml")
-    data.update({"run_id": name, "outputs_dir": str(tmp_path / "outputs"), "device": "cpu", **over})
+    data.update({"run_id": name, "outputs_dir": str(tmp_path / "outputs"), "device": "cpu", "seeds": [], **over})
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(data), encoding="utf-8")
     return str(p)
