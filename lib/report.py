@@ -739,12 +739,15 @@ def rates_view(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def _diff_cells(df: pd.DataFrame) -> list[str]:
+    """'+20 pts [+10, +30]' per row of a table with diff, lo, hi (fractions)."""
+    return [f"{100 * r.diff:+.0f} pts [{100 * r.lo:+.0f}, {100 * r.hi:+.0f}]" if pd.notna(r.diff) and pd.notna(r.lo)
+            else (f"{100 * r.diff:+.0f} pts [no interval]" if pd.notna(r.diff) else "-") for r in df.itertuples()]
+
+
 def differences_view(diff: pd.DataFrame) -> pd.DataFrame:
     out = diff[["comparison", "model_label", "prompt_family", "scope", "a", "b"]].copy()
-    out["difference (a - b)"] = [f"{100 * r.diff:+.0f} pts [{100 * r.lo:+.0f}, {100 * r.hi:+.0f}]"
-                                 if pd.notna(r.diff) and pd.notna(r.lo) else
-                                 (f"{100 * r.diff:+.0f} pts [no interval]" if pd.notna(r.diff) else "-")
-                                 for r in diff.itertuples()]
+    out["difference (a - b)"] = _diff_cells(diff)
     out["n a / b"] = [f"{r.n_a} / {r.n_b}" for r in diff.itertuples()]
     out["paired questions"] = diff["paired"].to_numpy()
     return out
@@ -756,10 +759,7 @@ def controls_view(controls: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
     out = c[["treated_label", "control_label", "step", "prompt_family"]].copy()
     out["EM treated"] = c["rate_treated"].map(_pct1).to_numpy()
     out["EM control"] = c["rate_control"].map(_pct1).to_numpy()
-    out["treated - control"] = [f"{100 * r.diff:+.0f} pts [{100 * r.lo:+.0f}, {100 * r.hi:+.0f}]"
-                                if pd.notna(r.diff) and pd.notna(r.lo) else
-                                (f"{100 * r.diff:+.0f} pts [no interval]" if pd.notna(r.diff) else "-")
-                                for r in c.itertuples()]
+    out["treated - control"] = _diff_cells(c)
     out["n treated / control"] = [f"{r.n_treated} / {r.n_control}" for r in c.itertuples()]
     out["shared questions"] = c["n_questions_shared"].to_numpy()
     return out.reset_index(drop=True)
