@@ -54,7 +54,7 @@ class RunEstimate:
             money = "$0 (in-process judge)"
         else:
             money = f"~${self.usd:,.2f} (Batch API ~${self.usd_batch:,.2f})"
-        return (f"{self.run_id:<24} train {n(self.train_steps)} steps ({n(self.n_checkpoints)} checkpoints), "
+        return (f"{self.run_id:<24} {'estimate':<9} train {n(self.train_steps)} steps ({n(self.n_checkpoints)} checkpoints), "
                 f"{n(self.answers)} answers, {n(self.judge_calls)} judge calls, {money}"
                 + (f"  [{self.note}]" if self.note else ""))
 
