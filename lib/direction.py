@@ -192,11 +192,13 @@ def project_out(h, direction):
 
 
 def cosine_matrix(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """Cosines between the rows of a and the rows of b (default: a itself)."""
-    b = a if b is None else b
+    """Cosines between the rows of a and the rows of b (default: a itself), in float64 and
+    clipped to [-1, 1]: float32 activations give 1.0000001 for a vector with itself."""
+    a = np.asarray(a, dtype=np.float64)
+    b = a if b is None else np.asarray(b, dtype=np.float64)
     an = a / np.linalg.norm(a, axis=1, keepdims=True)
     bn = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return an @ bn.T
+    return np.clip(an @ bn.T, -1.0, 1.0)
 
 
 def select_classes(answers: pd.DataFrame, cfg: DirectionConfig) -> pd.DataFrame:

@@ -30,6 +30,16 @@ def test_a_planted_direction_is_recovered_from_synthetic_activations():
     assert np.linalg.norm(got, axis=1) == pytest.approx([8.0] * 3, rel=0.1)
 
 
+def test_cosines_of_float32_vectors_with_themselves_stay_within_minus_one_and_one():
+    """CI saw 1.0000001 for a float32 direction compared with itself (the cross-run table)."""
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=(200, 2048)).astype(np.float32) * 37.0
+    cos = direction.cosine_matrix(v, v.copy())
+    assert np.all(np.abs(cos) <= 1.0)
+    assert np.diag(cos) == pytest.approx(np.ones(200))
+    assert direction.cosine_matrix(v[:1], -v[:1])[0, 0] == pytest.approx(-1.0)
+
+
 def test_the_mean_is_token_weighted_like_the_authors_pooling():
     """Per-answer means weighted by token counts = the mean over every answer token of the class."""
     rng = np.random.default_rng(3)
