@@ -49,8 +49,11 @@ def test_second_grid_stops_third_waits_and_nothing_is_paid_twice(tmp_path):
     out = tmp_path / "outputs"
     write_generations(out, run_id="locked_run", n=8)
     gate = threading.Event()  # the judge's first reply waits for this
+    arrived = threading.Event()  # set when A's first judge call reaches the server (server.requests
+    # only lists a request once it is answered, so waiting on it sat out the 300 s loop)
 
     def reply(body):
+        arrived.set()
         gate.wait(300)
         return default_reply(body)
 
@@ -67,10 +70,11 @@ def test_second_grid_stops_third_waits_and_nothing_is_paid_twice(tmp_path):
         try:
             a = _grid(str(params))
             for _ in range(3000):  # A holds the run and its judge is waiting for its first reply
-                if (read_holder(lock) is not None and server.requests) or a.poll() is not None:
+                if (read_holder(lock) is not None and arrived.is_set()) or a.poll() is not None:
                     break
                 time.sleep(0.1)
             holder = read_holder(lock)
+            assert arrived.is_set(), "grid A's judge never called the server"
             assert holder is not None and holder.pid == a.pid, "grid A never took the run lock"
 
             b = _grid(str(params))
