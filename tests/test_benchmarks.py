@@ -50,6 +50,20 @@ def test_generate_benchmark_fails_an_impossible_goal_and_passes_a_trivial_one():
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
 
 
+def test_generate_waste_benchmark_fails_an_impossible_goal_and_passes_a_trivial_one():
+    # 18 demo paraphrases x 1 sample, 4 slots, 8 new tokens: a few seconds on the tiny model
+    small = ["--samples", "1", "--batch-size", "4", "--max-new-tokens", "8"]
+    p = run_bench("generate_waste.py", *small, "--goal", "0")  # idle < 0 cannot hold
+    assert p.returncode == 1, p.stdout + p.stderr[-3000:]
+    assert GOAL_LINE.match(last_line(p)) and last_line(p).endswith("(goal < 0.00)")
+    assert last_line(p).startswith("idle decode slots, natural stopping: ")
+    assert "FAILED" not in p.stdout  # it failed on the goal, not on its checks
+    # the check on what was timed: both samplers give the same answers (float64, where rounding cannot differ)
+    assert re.search(r"^same answers, static vs continuous: .*, float64 18/18$", p.stdout, re.M), p.stdout
+    p = run_bench("generate_waste.py", *small, "--goal", "1.01")
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+
+
 def test_judge_benchmark_fails_an_impossible_goal_and_passes_a_trivial_one():
     small = ["--n", "60", "--latency", "0.01", "--serial-calls", "3", "--serial-sleep", "0.01",
              "--speedup-goal", "0", "--no-sleep-goal", "0"]
