@@ -7,6 +7,7 @@ changed here one at a time, through the files a real run reads.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -184,3 +185,106 @@ def test_judge_parameters_leave_training_and_generation_alone(world):
     before = _fingers(world["cfg"])
     after = _fingers(world["cfg"].replace(judge_concurrency=3, judge_min_mass=0.25))
     assert after["train"] == before["train"] and after["evaluate"] == before["evaluate"]
+
+
+# ------------------------------------------------------------------------------------------
+# What exactly each stage's inputs record (written for mutmut's survivors: a fingerprint whose
+# input record is renamed or loses a branch still moves and stays put consistently, so the
+# relative tests above cannot see it; a rename also silently reruns every finished stage).
+# Digests are computed here independently, with hashlib over the bytes.
+# ------------------------------------------------------------------------------------------
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _tree(folder: Path, names) -> dict[str, str]:
+    return {n: _sha(folder / n) for n in names}
+
+
+MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_each_stage_records_exactly_its_inputs_under_their_names(world):
+    cfg, w = world["cfg"], world
+    qs = [{"source": str(w["questions"]), "sha256": _sha(w["questions"])}]
+    model = {"model": str(w["model"]), "files": _tree(w["model"], MODEL_FILES)}
+    cache = fp.HashCache()
+    assert fp.stage_inputs("train", cfg, cache) == {
+        "dataset": {"dataset": str(w["dataset"]), "sha256": _sha(w["dataset"])}, "model": model}
+    assert fp.stage_inputs("evaluate", cfg, cache) == {
+        "checkpoints": {"5": _tree(w["ckpt5"], ADAPTER_FILES), "10": _tree(w["ckpt10"], ADAPTER_FILES)},
+        "question_sets": qs, "model": model}
+    assert fp.stage_inputs("judge", cfg, cache) == {
+        "generations": _sha(w["generations"]), "question_sets": qs,
+        "judge_prompts": [{"source": str(w["judge_prompts"]), "sha256": _sha(w["judge_prompts"])}],
+        "judge_model": {"model": str(w["judge_model"]), "files": _tree(w["judge_model"], MODEL_FILES)}}
+    # an API judge has no model files; no judge_prompts file and no generations yet are recorded as None
+    w["generations"].unlink()
+    api = cfg.replace(judge_backend="openai", judge_model="gpt-4o-mini-2024-07-18", judge_method="logprob",
+                      judge_prompts="")
+    assert fp.stage_inputs("judge", api, cache) == {"generations": None, "question_sets": qs, "judge_prompts": None}
+    with pytest.raises(ValueError, match=r"^unknown run stage 'report'$"):
+        fp.stage_inputs("report", cfg, cache)
+    # the fingerprint is the sha256 of exactly that record and the stage's parameters
+    expected = hashlib.sha256(json.dumps({"params": cfg.stage_params("train"), "inputs": fp.stage_inputs("train", cfg, cache)},
+                                         sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    assert fp.stage_fingerprint("train", cfg, cache) == expected
+
+
+def test_model_and_dataset_identity_of_every_kind_of_source(tmp_path, tiny_model_dir):
+    cache = fp.HashCache()
+    # an embedded model: the files of the folder it is built in
+    names = sorted(p.relative_to(tiny_model_dir).as_posix() for p in Path(tiny_model_dir).rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(tiny_model_dir).parts))
+    assert fp.model_identity("embedded:tiny", "", cache) == {"model": "embedded:tiny",
+                                                             "files": _tree(Path(tiny_model_dir), names)}
+    # a hub id that is no local path: id + revision (the default branch when none is pinned)
+    assert fp.model_identity("org/some-model", "", cache) == {"model": "org/some-model", "revision": "default branch"}
+    assert fp.model_identity("org/some-model", "abc123", cache) == {"model": "org/some-model", "revision": "abc123"}
+    # a single local file (a GGUF, say): its name and digest
+    single = _write(tmp_path / "m.gguf", b"GGUF weights")
+    assert fp.model_identity(str(single), "", cache) == {"model": str(single), "files": {"m.gguf": _sha(single)}}
+    # datasets: a demo set by name (its file's digest), an archive domain (pinned by lib.data), a file
+    from lib.data import DEMO_DIR
+    demo = RunConfig(dataset="demo_medical")
+    assert fp.dataset_identity(demo, cache) == {"dataset": "demo_medical", "sha256": _sha(DEMO_DIR / "demo_medical.jsonl")}
+    assert fp.dataset_identity(demo.replace(dataset="bad_medical_advice"), cache) == {
+        "dataset": "bad_medical_advice", "source": "archive"}
+    assert fp.stage_inputs("train", demo, cache)["dataset"] == fp.dataset_identity(demo, cache)
+
+
+def test_checkpoint_files_adapter_or_full_model(tmp_path):
+    cache = fp.HashCache()
+    adapter = tmp_path / "adapter"
+    for name in ADAPTER_FILES + ["tokenizer.json", "special_tokens_map.json", "trainer_state.json"]:
+        _write(adapter / name, f"{name} bytes")
+    # an adapter checkpoint is its adapter files; a tokenizer copy saved beside them is not the model
+    assert fp.checkpoint_files(adapter, cache) == _tree(adapter, ADAPTER_FILES)
+    full = tmp_path / "full"
+    kept = ["config.json", "model.safetensors", "tokenizer.json"]
+    for name in kept + sorted(fp.TRAINER_STATE) + ["rng_state.pth", "rng_state_1.pth"]:
+        _write(full / name, f"{name} bytes")
+    # a full checkpoint is everything but the trainer's state (marker, optimizer, rng, args, card)
+    assert fp.checkpoint_files(full, cache) == _tree(full, kept)
+
+
+def test_question_set_urls_are_downloaded_into_the_outputs_cache_unless_offline(tmp_path, static_server, monkeypatch):
+    from lib.questions import NotCached, cached_path
+
+    monkeypatch.delenv("EM_LAB_CACHE", raising=False)  # the cache then lives under outputs_dir
+    root, base = static_server
+    _write(root / "qs.yaml", QUESTIONS)
+    url = base.replace("http://", "http://user:secret@") + "/qs.yaml"
+    out = str(tmp_path / "out")
+    expected = [{"source": base.replace("http://", "http://user:***@") + "/qs.yaml",
+                 "sha256": hashlib.sha256(QUESTIONS.encode("utf-8")).hexdigest()}]
+    with pytest.raises(NotCached):  # offline: an URL never downloaded is an error, not a download
+        fp.text_sources_identity([url], out, offline=True)
+    assert fp.text_sources_identity([url], out) == expected  # online by default: downloaded ...
+    assert cached_path(url, out).read_text(encoding="utf-8") == QUESTIONS  # ... into <outputs_dir>/.cache
+    assert fp.text_sources_identity([url], out, offline=True) == expected  # and then offline is fine
+    cfg = RunConfig(outputs_dir=out, question_sets=[base + "/other.yaml"])
+    _write(root / "other.yaml", QUESTIONS)
+    assert fp.stage_inputs("evaluate", cfg, fp.HashCache())["question_sets"][0]["sha256"] == expected[0]["sha256"]
