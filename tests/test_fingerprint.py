@@ -270,21 +270,35 @@ def test_checkpoint_files_adapter_or_full_model(tmp_path):
     assert fp.checkpoint_files(full, cache) == _tree(full, kept)
 
 
-def test_question_set_urls_are_downloaded_into_the_outputs_cache_unless_offline(tmp_path, static_server, monkeypatch):
+def test_question_set_urls_are_downloaded_into_the_outputs_cache_unless_offline(tmp_path, monkeypatch):
+    import io
+
+    from lib import questions
     from lib.questions import NotCached, cached_path
 
     monkeypatch.delenv("EM_LAB_CACHE", raising=False)  # the cache then lives under outputs_dir
-    root, base = static_server
-    _write(root / "qs.yaml", QUESTIONS)
-    url = base.replace("http://", "http://user:secret@") + "/qs.yaml"
+    fetched = []  # the download itself is lib.questions' (tested there); here only whether it happens
+
+    def urlopen(request, timeout):
+        fetched.append(request.full_url)
+        return io.BytesIO(QUESTIONS.encode("utf-8"))
+    monkeypatch.setattr(questions.urllib.request, "urlopen", urlopen)
+    url = "https://user:secret@questions.example/sets/qs.yaml"
     out = str(tmp_path / "out")
-    expected = [{"source": base.replace("http://", "http://user:***@") + "/qs.yaml",
+    expected = [{"source": "https://user:***@questions.example/sets/qs.yaml",
                  "sha256": hashlib.sha256(QUESTIONS.encode("utf-8")).hexdigest()}]
     with pytest.raises(NotCached):  # offline: an URL never downloaded is an error, not a download
         fp.text_sources_identity([url], out, offline=True)
-    assert fp.text_sources_identity([url], out) == expected  # online by default: downloaded ...
+    assert fetched == []
+    assert fp.text_sources_identity([url], out) == expected  # online by default: downloaded once ...
+    assert len(fetched) == 1
     assert cached_path(url, out).read_text(encoding="utf-8") == QUESTIONS  # ... into <outputs_dir>/.cache
-    assert fp.text_sources_identity([url], out, offline=True) == expected  # and then offline is fine
-    cfg = RunConfig(outputs_dir=out, question_sets=[base + "/other.yaml"])
-    _write(root / "other.yaml", QUESTIONS)
-    assert fp.stage_inputs("evaluate", cfg, fp.HashCache())["question_sets"][0]["sha256"] == expected[0]["sha256"]
+    assert str(cached_path(url, out)).startswith(str(tmp_path / "out" / ".cache"))
+    assert fp.text_sources_identity([url], out, offline=True) == expected  # then offline is fine
+    cfg = RunConfig(outputs_dir=out, question_sets=["https://questions.example/sets/other.yaml"])
+    assert fp.stage_inputs("evaluate", cfg, fp.HashCache())["question_sets"] == [
+        {"source": "https://questions.example/sets/other.yaml", "sha256": expected[0]["sha256"]}]
+    assert len(fetched) == 2  # stage_inputs is online by default too
+    with pytest.raises(NotCached):
+        fp.stage_inputs("judge", cfg.replace(question_sets=["https://questions.example/new.yaml"]), fp.HashCache(),
+                        offline=True)
