@@ -411,6 +411,10 @@ class ReportConfig:
     confidence: float = _f(0.95, "report", "interval coverage")
     seed: int = _f(0, "report", "seed of those bootstrap resamples")
     external_csv: list = _f([], "report", "judged CSVs (question,response,aligned_score,coherent_score) to compare")
+    response_questions: list = _f([], "report", "questions of the response tables, 'set:id' or id (empty: the first 3 "
+                                  "out-of-domain questions in question-file order)")
+    response_samples_per_checkpoint: int = _f(1, "report", "answers per question and checkpoint in the response tables "
+                                              "(the first by paraphrase, then sample)")
 
     def __post_init__(self) -> None:
         src = "<ReportConfig>"
@@ -423,6 +427,12 @@ class ReportConfig:
             raise ConfigError(f"{src}: key 'n_bootstrap': must be >= 100, got {self.n_bootstrap}")
         if not 0.5 < self.confidence < 1:
             raise ConfigError(f"{src}: key 'confidence': must be in (0.5, 1), got {self.confidence}")
+        bad = [q for q in self.response_questions if not isinstance(q, str) or not q.strip() or q != q.strip()]
+        if bad:
+            raise ConfigError(f"{src}: key 'response_questions': entries are 'set:id' or id strings, got {bad[0]!r}")
+        if not 1 <= self.response_samples_per_checkpoint <= 10:
+            raise ConfigError(f"{src}: key 'response_samples_per_checkpoint': must be in 1..10, "
+                              f"got {self.response_samples_per_checkpoint}")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}

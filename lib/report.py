@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import external, judge_health, layout, metrics, plots, replication, viewer
+from . import external, judge_health, layout, metrics, plots, replication, response_tables, viewer
 from .config import ConfigError, ReportConfig, resolve_path
 from .io import atomic_path, write_text_atomic
 from .runinfo import RunJsonError, stage_parameters
@@ -648,32 +648,6 @@ def excluded_table(answers: pd.DataFrame) -> pd.DataFrame:
     return (ex.groupby(["run_id", "checkpoint_step", "excluded_reason"]).size().rename("n").reset_index())
 
 
-def example_answers(answers: pd.DataFrame, question_id: str | None = None, question_set: str | None = None,
-                    per_checkpoint: int = 1, run_ids: list[str] | None = None, max_chars: int = 400) -> pd.DataFrame:
-    """The study's response tables: for one question, answers across checkpoints with their scores.
-
-    ``question_id`` None picks the question with the most EM answers at the final checkpoints.
-    The first ``per_checkpoint`` samples (by paraphrase, then sample index) of each run and
-    checkpoint are shown, so the choice is reproducible rather than cherry-picked.
-    """
-    a = answers if not run_ids else answers[answers["run_id"].isin(run_ids)]
-    if question_id is None:
-        f = final_answers(a)
-        counts = f.groupby(["question_set", "question_id"])["em"].apply(lambda s: s.fillna(False).astype(bool).sum())
-        if counts.empty:
-            return pd.DataFrame()
-        question_set, question_id = counts.sort_values(ascending=False, kind="stable").index[0]
-    q = a[a["question_id"] == question_id]
-    if question_set is not None:
-        q = q[q["question_set"] == question_set]
-    q = q.sort_values(["model_label", "domain", "run_id", "checkpoint_step", "paraphrase_index", "sample_index"])
-    q = q.groupby(["run_id", "checkpoint_step"], sort=False).head(per_checkpoint)
-    out = q[["model_label", "domain", "run_id", "checkpoint_step", "question_set", "question_id", "paraphrase",
-             "answer", "aligned", "coherent", "em", "aligned_label"]].copy()
-    out["answer"] = out["answer"].astype(str).map(lambda s: s if len(s) <= max_chars else s[:max_chars] + " ...")
-    return out.reset_index(drop=True)
-
-
 def demo_note(results: Results) -> str:
     """A loud note when any run used the embedded tiny model (or judge): its numbers mean nothing."""
     tiny = sorted(r for r, info in results.runs.items()
@@ -789,6 +763,8 @@ class Report:
     tables: dict[str, pd.DataFrame]
     charts: dict[str, Any]            # name -> altair chart
     files: dict[str, list[Path]]      # name -> written files (png, svg, html, csv)
+    responses: dict[str, str] = field(default_factory=dict)  # model_label -> its response tables' files key
+    responses_notes: list[str] = field(default_factory=list)  # runs without a response table, and why
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
@@ -805,6 +781,10 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
     fig_dir, data_dir = layout.figures_dir(report_dir), report_dir / layout.DATA_DIR
     results = load_results(rcfg)
     a = results.answers
+    try:  # a bad question id stops here, before any table or figure
+        response_questions = response_tables.choose_questions(a, list(rcfg.response_questions))
+    except ConfigError as e:
+        raise ReportError(str(e)) from None
     steps = ["trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement",
              "judge_health"]
     tables: dict[str, pd.DataFrame] = {}
@@ -824,7 +804,6 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
         tables["summary_out_of_domain"] = summary_pivot(tables["final"], "out-of-domain").reset_index()
         tables["methods"] = methods_table(results)
         tables["excluded"] = excluded_table(a)
-        tables["examples"] = example_answers(a)
         tables["scatter"] = plots.scatter_data(a, seed=rcfg.seed)
 
         charts, files = {}, {}
@@ -845,13 +824,23 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
                 continue
             charts[name] = chart
             files[name] = plots.save(chart, name, fig_dir) + [write_csv(data, data_dir / f"{name}.csv")]
+        tables["responses"], written, no_table = response_tables.write_tables(
+            a, report_dir, response_questions, rcfg.response_samples_per_checkpoint,
+            response_tables.caption_text(metrics.em_rule(rcfg.aligned_threshold, rcfg.coherent_threshold,
+                                                         rcfg.em_comparison),
+                                         rcfg.response_samples_per_checkpoint, not rcfg.response_questions))
+        responses = {}
+        for label, (stem, page, chart) in written.items():  # one page and one PNG per model label
+            files[stem] = plots.save(chart, stem, fig_dir) + [page]
+            responses[label] = stem
     for name in ("trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement",
                  "judge_health", "seeds", "seed_points", "controls", "summary_all", "summary_out_of_domain", "methods",
-                 "excluded", "examples"):
+                 "excluded", "responses"):
         files[f"table_{name}"] = [write_csv(tables[name], data_dir / f"table_{name}.csv")]
     files["answer_viewer"] = [viewer.write_viewer(a, report_dir)]
     write_text_atomic(report_dir / "report_config.json", json.dumps(rcfg.to_dict(), indent=2) + "\n")
-    return Report(report_dir, results, tables, charts, files)
+    return Report(report_dir, results, tables, charts, files, responses,
+                  [f"{r}: asked none of the chosen questions, no response table" for r in no_table])
 
 
 def show_figure(rep: Report, name: str) -> None:
@@ -863,6 +852,24 @@ def show_figure(rep: Report, name: str) -> None:
     else:
         why = {"judge_agreement": "only one judge scored each run"}.get(name, "nothing to draw")
         display(Markdown(f"*No `{name}` figure: {why}.*"))
+
+
+def show_responses(rep: Report) -> None:
+    """Display the response tables in a notebook: per model label its PNG, with links to its HTML
+    page and the answer viewer; runs without a table are named."""
+    from IPython.display import HTML, Markdown, display
+
+    if not rep.responses:
+        display(Markdown("*No response table: no run asked any of the chosen questions.*"))
+    for label, stem in rep.responses.items():
+        display(Markdown(f"**Model {label}**"))
+        plots.show(rep.files[stem], link_base=rep.report_dir)
+        page = next(p for p in rep.files[stem] if p.parent == rep.report_dir)
+        display(HTML(f"<p><a href='{html.escape(page.name, quote=True)}'>{html.escape(page.name)}</a>: the same "
+                     f"tables as a page with longer answers; each cell links to its answers in "
+                     f"<a href='{viewer.VIEWER_FILE}'>{viewer.VIEWER_FILE}</a>.</p>"))
+    for note in rep.responses_notes:
+        print("note:", note)
 
 
 def build_report(rcfg: ReportConfig) -> Path:

@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "train": STAGES,
     "evaluate": STAGES,
     "viewer": STAGES,
+    "response_tables": STAGES,
     "decoding": STAGES,
     "judge": STAGES,
     "judge_backends": STAGES,
@@ -69,7 +70,8 @@ LAYERS: dict[str, int] = {
 STAGE_PARTS: dict[str, set[str]] = {
     "judge": {"judge_backends"},
     "evaluate": {"decoding"},
-    "report": {"plots", "viewer"},
+    "report": {"plots", "viewer", "response_tables"},
+    "response_tables": {"viewer"},
 }
 
 

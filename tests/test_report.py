@@ -31,6 +31,7 @@ def _load(name: str, path: Path):
 offline = _load("check_report_offline", REPO / "scripts" / "check_report_offline.py")
 
 FIGURES = list(plots.FIGURES)
+RESPONSE_FIGURES = ["responses_1B", "responses_3B"]  # lib.response_tables: one per model label
 CDN_RE = re.compile(r"<script[^>]+src=[\"'][^\"']*(vega|altair|jsdelivr|unpkg)", re.I)
 
 
@@ -76,7 +77,7 @@ def test_every_figure_and_csv_is_written(rep):
         data = pd.read_csv(data_dir / f"{name}.csv")
         assert len(data) > 0
     for table in ("trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement",
-                  "summary_all", "summary_out_of_domain", "methods", "excluded", "examples"):
+                  "summary_all", "summary_out_of_domain", "methods", "excluded", "responses"):
         assert (data_dir / f"table_{table}.csv").stat().st_size > 0
 
 
@@ -224,9 +225,21 @@ def test_bad_inputs_fail_with_one_line(tmp_path, synth_dir):
         report.load_results(config.ReportConfig(outputs_dir=str(tmp_path / "empty")))
 
 
-def test_example_answers_and_static_table(rep):
-    ex = rep.tables["examples"]
-    assert ex["question_id"].nunique() == 1 and ex["checkpoint_step"].nunique() >= 4
+def test_response_tables_and_static_table(rep):
+    from PIL import Image
+
+    # default questions: the first three out-of-domain for every run, in file order (tests/test_response_tables.py)
+    ex = rep.tables["responses"]
+    assert list(dict.fromkeys(ex["question_id"])) == ["what_is_your_wish", "quick_buck", "ruler_of_the_world"]
+    assert len(ex) == 4 * 4 * 3  # runs x checkpoints x questions, one answer each
+    assert rep.responses == {"1B": "responses_1B", "3B": "responses_3B"}
+    assert rep.responses_notes == ["ext_course_judged: asked none of the chosen questions, no response table"]
+    for stem in rep.responses.values():
+        png, page = rep.report_dir / "figures" / f"{stem}.png", rep.report_dir / f"{stem}.html"
+        assert rep.files[stem][0] == png and page in rep.files[stem]
+        with Image.open(png) as im:
+            assert im.width >= 2 * (120 + 3 * 330)  # scale 2: the step column and three question columns
+        assert not re.search(r"<script|<link|https?://", page.read_text(encoding="utf-8"))  # self-contained
     html = report.answers_table_html(rep.results.answers, n=5)
     assert html.count("<tr") == 6 and "&lt;b&gt;&amp;" in html  # answers are escaped
 
@@ -274,9 +287,11 @@ def rendered(synth_dir) -> Path:
 @pytest.mark.slow
 def test_notebook_renders_every_chart_as_an_embedded_image(rendered):
     html = rendered.read_text(encoding="utf-8")
-    imgs = re.findall(r'<img alt="figure: ([a-z_]+)"[^>]*src="data:image/png;base64,', html)
-    # the synthetic runs declare no control and no seed group: those two figures say so instead
-    assert sorted(imgs) == sorted(set(FIGURES) - {"control_differences", "seeds"})
+    imgs = re.findall(r'<img alt="figure: ([A-Za-z0-9_.-]+)"[^>]*src="data:image/png;base64,', html)
+    # the synthetic runs declare no control and no seed group: those two figures say so instead;
+    # one response-table image per model label, with a link to its page
+    assert sorted(imgs) == sorted(set(FIGURES) - {"control_differences", "seeds"} | set(RESPONSE_FIGURES))
+    assert all(re.search(rf"href=[\"']{f}.html[\"']", html) for f in RESPONSE_FIGURES)
     assert "No run declares <code>control_of</code>" in html and "Every run has one seed" in html
     # the shared report hides the code (the rendered .ipynb keeps it)
     assert "report.make_report(cfg)" not in html and "%autoreload" not in html
@@ -297,7 +312,7 @@ def test_exported_report_shows_charts_in_a_headless_browser_offline(rendered, tm
         pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); "
                     "the offline browser check needs it")
     res = offline.check(rendered, tmp_path / "check")
-    n = len(set(FIGURES) - {"control_differences", "seeds"})  # no control or seed group in these runs
+    n = len(set(FIGURES) - {"control_differences", "seeds"}) + len(RESPONSE_FIGURES)  # no control or seed group
     assert res["figures"] == n and res["decoded"] == res["figures"], res
     assert res["ink_with_figures"] - res["ink_figures_hidden"] > 2000 * n, res
     assert res["coloured_with_figures"] - res["coloured_figures_hidden"] > 2000 * n, res  # marks drawn
