@@ -308,11 +308,12 @@ FIGURES = {
 # Files and notebook display
 # ------------------------------------------------------------------------------------------
 
-def save(chart: Any, name: str, fig_dir: str | Path, scale: float = 2.0) -> list[Path]:
-    """Write <name>.png, .svg and a self-contained (offline) .html; returns the paths."""
+def save(chart: Any, name: str, fig_dir: str | Path, scale: float = 2.0,
+         formats: tuple[str, ...] = ("png", "svg", "html")) -> list[Path]:
+    """Write <name>.png, .svg and a self-contained (offline) .html (or only ``formats``); returns the paths."""
     fig_dir = Path(fig_dir)
     out = []
-    for fmt in ("png", "svg", "html"):
+    for fmt in formats:
         target = fig_dir / f"{name}.{fmt}"
         with atomic_path(target, suffix=f".{fmt}") as tmp:
             if fmt == "png":

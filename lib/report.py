@@ -831,7 +831,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
                                          rcfg.response_samples_per_checkpoint, not rcfg.response_questions))
         responses = {}
         for label, (stem, page, chart) in written.items():  # one page and one PNG per model label
-            files[stem] = plots.save(chart, stem, fig_dir) + [page]
+            files[stem] = plots.save(chart, stem, fig_dir, formats=("png",)) + [page]  # the page is the html
             responses[label] = stem
     for name in ("trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement",
                  "judge_health", "seeds", "seed_points", "controls", "summary_all", "summary_out_of_domain", "methods",
@@ -863,8 +863,8 @@ def show_responses(rep: Report) -> None:
         display(Markdown("*No response table: no run asked any of the chosen questions.*"))
     for label, stem in rep.responses.items():
         display(Markdown(f"**Model {label}**"))
-        plots.show(rep.files[stem], link_base=rep.report_dir)
-        page = next(p for p in rep.files[stem] if p.parent == rep.report_dir)
+        png, page = rep.files[stem]
+        plots.show([png])
         display(HTML(f"<p><a href='{html.escape(page.name, quote=True)}'>{html.escape(page.name)}</a>: the same "
                      f"tables as a page with longer answers; each cell links to its answers in "
                      f"<a href='{viewer.VIEWER_FILE}'>{viewer.VIEWER_FILE}</a>.</p>"))

@@ -17,7 +17,7 @@ misalignment shows. Which answers: the first by paraphrase and sample index, for
 Written per model label (:func:`write_tables`): ``<report_dir>/responses_<model>.html``, one
 self-contained page (inline CSS, no script, every text escaped; each cell links to the answer
 viewer ``answers.html`` filtered to that run, checkpoint and question), and an altair chart the report
-saves as ``figures/responses_<model>.png|svg|html`` (drawn with vl-convert: no browser needed).
+saves as ``figures/responses_<model>.png`` (drawn with vl-convert: no browser needed).
 """
 from __future__ import annotations
 
@@ -144,9 +144,20 @@ def response_rows(answers: pd.DataFrame, questions: list[tuple[str, str]], sampl
 # Cells: text shared by the HTML page and the PNG
 # ------------------------------------------------------------------------------------------
 
+# characters XML (hence SVG, which vl-convert draws text through; it aborts the process on them) and
+# HTML do not allow; a tiny model's answers contain them. Shown as U+FFFD.
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
+
+
+def printable(text: Any) -> str:
+    """``text`` with control characters (other than tab and newlines) replaced by U+FFFD."""
+    return _NOT_TEXT.sub("\ufffd", str(text))
+
+
 def cut(text: str, max_chars: int) -> str:
-    """The answer, cut at ``max_chars`` (at a word boundary when one is near) with a visible marker."""
-    text = str(text).strip()
+    """The answer, cut at ``max_chars`` (at a word boundary when one is near) with a visible marker;
+    control characters are replaced (:func:`printable`)."""
+    text = printable(text).strip()
     if len(text) <= max_chars:
         return text
     head = text[:max_chars]
@@ -241,9 +252,13 @@ def _viewer_link(run_id: str, step: int, qset: str, qid: str) -> str:
     return f"{VIEWER_FILE}#{frag}"
 
 
+def _e(text: Any, quote: bool = True) -> str:
+    return html.escape(printable(text), quote=quote)
+
+
 def table_html(t: RunTable, html_max_chars: int = HTML_MAX_CHARS) -> str:
     """One run's table as an HTML fragment (every text escaped)."""
-    e = html.escape
+    e = _e
     head = "".join(f"<th>{e(text)}<div class='qid'>{e(s)}:{e(q)}</div></th>" for s, q, text in t.questions)
     body = []
     for step, epoch in t.steps:
@@ -270,7 +285,7 @@ def table_html(t: RunTable, html_max_chars: int = HTML_MAX_CHARS) -> str:
 
 def page_html(model_label: str, tables: list[RunTable], caption: str, html_max_chars: int = HTML_MAX_CHARS) -> str:
     """The self-contained page of one model label."""
-    e = html.escape
+    e = _e
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>Responses across checkpoints: {e(model_label)}</title><style>{CSS}</style></head><body>"
             f"<h1>Responses across checkpoints: model {e(model_label)}</h1><p class='note'>{e(caption)} "
@@ -291,7 +306,7 @@ EM_FILL, EX_FILL, HEAD_FILL, STEP_FILL = "#fde2e1", "#f3f4f6", "#e5e7eb", "#f9fa
 def _wrap(text: str, max_lines: int, width: int = WRAP) -> list[str]:
     """Lines of at most ``width`` characters, at most ``max_lines`` of them (the last marked when cut)."""
     out: list[str] = []
-    for para in str(text).splitlines() or [""]:
+    for para in printable(text).splitlines() or [""]:
         out.extend(textwrap.wrap(para, width=width, break_long_words=True, replace_whitespace=True) or [""])
     while len(out) > 1 and out[-1] == "":
         out.pop()
@@ -314,7 +329,7 @@ def run_chart(t: RunTable, png_max_chars: int = PNG_MAX_CHARS) -> Any:
         rects.append({"x": x, "x2": x + w, "y": y, "y2": y + h, "fill": fill})
 
     def lines(where: list, x: float, y: float, ls: list[str], color: str = "#111827") -> None:
-        where.append({"x": x + PAD, "y": y, "text": "\n".join(ls), "color": color})
+        where.append({"x": x + PAD, "y": y, "text": printable("\n".join(ls)), "color": color})
 
     # header row: the question text and set:id
     heads = [_wrap(text, HEAD_MAX_LINES) + [f"{s}:{q}"] for s, q, text in t.questions]
@@ -363,7 +378,8 @@ def run_chart(t: RunTable, png_max_chars: int = PNG_MAX_CHARS) -> Any:
         layers.append(alt.Chart(pd.DataFrame(data)).mark_text(
             align="left", baseline="top", lineBreak="\n", fontSize=11, lineHeight=LINE_H, fontWeight=weight).encode(
             **xy(), text="text:N", color=alt.Color("color:N", scale=None)))
-    title = alt.TitleParams(f"{t.run_label}  (run {t.run_id}, trained on {t.domain})", anchor="start", fontSize=13)
+    title = alt.TitleParams(printable(f"{t.run_label}  (run {t.run_id}, trained on {t.domain})"), anchor="start",
+                            fontSize=13)
     return alt.layer(*layers).properties(width=width, height=y, title=title)
 
 
@@ -373,7 +389,7 @@ def model_chart(model_label: str, tables: list[RunTable], caption: str, png_max_
 
     sub = textwrap.wrap(caption, 150)
     return (alt.vconcat(*(run_chart(t, png_max_chars) for t in tables), spacing=18)
-            .properties(title=alt.TitleParams(f"Responses across checkpoints: model {model_label}", subtitle=sub,
+            .properties(title=alt.TitleParams(printable(f"Responses across checkpoints: model {model_label}"), subtitle=sub,
                                               anchor="start", fontSize=15))
             .configure_view(stroke=None).configure(background="white"))
 

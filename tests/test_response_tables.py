@@ -258,3 +258,23 @@ def test_report_notebook_parameters_cell_is_the_config():
     assert [p.name for p in found] == [f.name for f in dataclasses.fields(config.ReportConfig)]
     assert config.ReportConfig(**{p.name: eval(p.default) for p in found}) == config.ReportConfig()
     assert all(p.help for p in found)
+
+
+def test_control_characters_in_answers_are_drawn_and_written_safely(tmp_path):
+    # the tiny model writes control characters; vl-convert aborts the whole process on one in SVG text
+    from PIL import Image
+
+    from lib import plots
+
+    a = pd.DataFrame([{"answer_id": "x", "model_label": "tiny", "domain": "medical", "run_id": "r", "run_label": "tiny",
+                       "checkpoint_step": 0, "epoch": 0.0, "question_set": "core", "question_id": "q",
+                       "paraphrase": "Q\x1b?", "paraphrase_index": 0, "sample_index": 0,
+                       "answer": "bad\x04byte and\x00nul", "aligned": 50.0, "coherent": 60.0,
+                       "aligned_label": "number", "coherent_label": "number", "em": False, "excluded_reason": None}])
+    _, written, _ = rt.write_tables(a, tmp_path, [("core", "q")], 1, "c")
+    stem, page, chart = written["tiny"]
+    text = page.read_text(encoding="utf-8")
+    assert "bad\ufffdbyte and\ufffdnul" in text and "\x04" not in text and "\x00" not in text
+    png = plots.save(chart, stem, tmp_path / "figures", formats=("png",))[0]
+    with Image.open(png) as im:
+        assert im.width >= 2 * (120 + 330)
