@@ -7,8 +7,8 @@
     checkpoints/checkpoint-<step>/    LoRA adapters of one step; checkpoint.json, written last,
                                       marks it complete
     checkpoints/TRAINING_COMPLETE.json  the train stage finished
-    train_log.csv                     one row per optimizer step
-    eval_log.csv                      held-out loss at each checkpoint (eval_fraction > 0)
+    train_log.csv                     one row per optimizer step (TRAIN_LOG_COLUMNS)
+    eval_log.csv                      held-out loss at each checkpoint, eval_fraction > 0 (EVAL_LOG_COLUMNS)
     generations.parquet               the evaluate stage's answers (lib.schema.GENERATION_COLUMNS);
                                       generations.meta.json beside it, generations.parts/ while running
     judgments/<judge_name>.parquet    one judge's scores (lib.schema.JUDGMENT_COLUMNS)
@@ -33,6 +33,11 @@ CHECKPOINT_MARKER = "checkpoint.json"       # written last into each checkpoint 
 COMPLETE_MARKER = "TRAINING_COMPLETE.json"  # written into checkpoints/ when training has finished
 TRAIN_LOG = "train_log.csv"
 EVAL_LOG_NAME = "eval_log.csv"              # held-out loss at each checkpoint (eval_fraction > 0)
+# train_log.csv: step, fractional epoch, mean training loss of the step (assistant tokens), the
+# gradient's L2 norm before clipping (transformers' ``grad_norm``), learning rate, real (non-padding)
+# tokens seen so far, seconds of training so far. Logs written before grad_norm existed lack it.
+TRAIN_LOG_COLUMNS = ["step", "epoch", "loss", "grad_norm", "learning_rate", "tokens_seen", "wall_time_s"]
+EVAL_LOG_COLUMNS = ["step", "epoch", "eval_loss", "wall_time_s"]
 GENERATIONS = "generations.parquet"
 GENERATIONS_META = "generations.meta.json"
 GENERATION_PARTS = "generations.parts"
@@ -73,6 +78,28 @@ def train_log_path(run_dir: str | Path) -> Path:
 
 def eval_log_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / EVAL_LOG_NAME
+
+
+def _read_log(path: Path, columns: list[str]):
+    """A log CSV as a DataFrame with ``columns`` first (a column the file lacks is all NaN, e.g.
+    grad_norm in logs written before it was logged); empty with those columns when absent."""
+    import pandas as pd
+
+    df = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=columns)
+    for c in columns:
+        if c not in df.columns:
+            df[c] = float("nan")
+    return df[columns + [c for c in df.columns if c not in columns]]
+
+
+def read_train_log(run_dir: str | Path):
+    """``train_log.csv`` of a run (:data:`TRAIN_LOG_COLUMNS`, one row per optimizer step)."""
+    return _read_log(train_log_path(run_dir), TRAIN_LOG_COLUMNS)
+
+
+def read_eval_log(run_dir: str | Path):
+    """``eval_log.csv`` of a run (:data:`EVAL_LOG_COLUMNS`); empty when nothing was held out."""
+    return _read_log(eval_log_path(run_dir), EVAL_LOG_COLUMNS)
 
 
 def generations_path(run_dir: str | Path) -> Path:

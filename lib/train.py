@@ -39,13 +39,15 @@ from .chat import PINNED_DATE_STRING, stop_token_ids
 from .config import ConfigError, RunConfig
 from .data import load_training_data
 from .io import atomic_path, sha256_text, write_json_atomic
-from .layout import (CHECKPOINT_MARKER, CHECKPOINT_PREFIX, COMPLETE_MARKER, EVAL_LOG_NAME, checkpoints_dir,
-                     eval_log_path, list_checkpoints, read_checkpoint_marker, step_of, train_log_path)
+from .layout import (CHECKPOINT_MARKER, CHECKPOINT_PREFIX, COMPLETE_MARKER, EVAL_LOG_COLUMNS, EVAL_LOG_NAME,
+                     TRAIN_LOG_COLUMNS, checkpoints_dir, eval_log_path, list_checkpoints, read_checkpoint_marker,
+                     step_of, train_log_path)
+from .layout import read_eval_log as _read_eval_log
+from .layout import read_train_log as _read_train_log
 from .models import describe, load_model, load_tokenizer, model_revision_info
 from .runinfo import update_run_json
 
-LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "tokens_seen", "wall_time_s"]
-EVAL_LOG_COLUMNS = ["step", "epoch", "eval_loss", "wall_time_s"]
+LOG_COLUMNS = TRAIN_LOG_COLUMNS  # train_log.csv (lib.layout: the report reads it too)
 # Resuming needs these only from the checkpoint it resumes from; older checkpoints drop them.
 RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
 # Labels that name or file a run but do not change what is trained.
@@ -242,7 +244,7 @@ def _callbacks():
             return control
 
     class CsvLog(TrainerCallback):
-        """Append step, epoch, loss, lr, real tokens seen and wall time to train_log.csv."""
+        """Append step, epoch, loss, gradient norm, lr, real tokens seen and wall time to train_log.csv."""
 
         def __init__(self, path: Path, wall_offset: float):
             self.path, self.offset, self.t0 = path, wall_offset, None
@@ -265,10 +267,14 @@ def _callbacks():
                 return
             if not logs or "loss" not in logs:
                 return
-            row = [state.global_step, round(state.epoch or 0.0, 6), logs["loss"], logs.get("learning_rate"),
-                   int(state.num_input_tokens_seen or 0), round(self.offset + time.perf_counter() - self.t0, 3)]
+            # grad_norm: transformers logs the L2 norm of the step's gradient before clipping
+            # (max_grad_norm); None when clipping is off and the norm was not computed
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 6), "loss": logs["loss"],
+                   "grad_norm": logs.get("grad_norm"), "learning_rate": logs.get("learning_rate"),
+                   "tokens_seen": int(state.num_input_tokens_seen or 0),
+                   "wall_time_s": round(self.offset + time.perf_counter() - self.t0, 3)}
             with open(self.path, "a", newline="", encoding="utf-8") as f:
-                csv.writer(f).writerow(row)
+                csv.writer(f).writerow([row[c] for c in LOG_COLUMNS])
 
     class Progress(TrainerCallback):
         """One tqdm.auto bar over optimizer steps, the latest loss as its postfix."""
@@ -339,32 +345,26 @@ def _trainer_class(length_grouped: bool = False):
 # ------------------------------------------------------------------------------------------
 
 def read_train_log(run_dir: str | Path):
-    """train_log.csv as a DataFrame (empty with the right columns if absent)."""
-    import pandas as pd
-
-    p = train_log_path(run_dir)
-    if not p.exists():
-        return pd.DataFrame(columns=LOG_COLUMNS)
-    return pd.read_csv(p)
+    """train_log.csv as a DataFrame with :data:`LOG_COLUMNS` (empty if absent; grad_norm NaN in
+    logs written before it was logged)."""
+    return _read_train_log(run_dir)
 
 
 def read_eval_log(run_dir: str | Path):
     """eval_log.csv (the held-out loss at each checkpoint) as a DataFrame; empty when nothing is held out."""
-    import pandas as pd
-
-    p = Path(run_dir) / EVAL_LOG_NAME
-    return pd.read_csv(p) if p.exists() else pd.DataFrame(columns=EVAL_LOG_COLUMNS)
+    return _read_eval_log(run_dir)
 
 
 def loss_chart(log, checkpoints: list[tuple[int, float, Path]] | None = None):
-    """Altair: training loss and learning rate by optimizer step, checkpoints as dashed rules."""
+    """Altair: training loss, gradient norm (when logged) and learning rate by optimizer step,
+    checkpoints as dashed rules."""
     import altair as alt
     import pandas as pd
 
     data = log.copy()
     x = alt.X("step:Q", title="optimizer step")
     tip = ["step", alt.Tooltip("epoch:Q", format=".3f"), alt.Tooltip("loss:Q", format=".4f"),
-           alt.Tooltip("learning_rate:Q", format=".2e"), "tokens_seen"]
+           alt.Tooltip("grad_norm:Q", format=".3g"), alt.Tooltip("learning_rate:Q", format=".2e"), "tokens_seen"]
     loss = alt.Chart(data).mark_line(point=len(data) <= 60).encode(
         x=x, y=alt.Y("loss:Q", title="loss (assistant tokens)", scale=alt.Scale(zero=False)), tooltip=tip)
     lr = alt.Chart(data).mark_line(color="gray").encode(
@@ -375,25 +375,35 @@ def loss_chart(log, checkpoints: list[tuple[int, float, Path]] | None = None):
         rules = alt.Chart(ck).mark_rule(strokeDash=[4, 3], color="darkorange").encode(
             x="step:Q", tooltip=["step", "epoch"])
         loss = loss + rules
-    return alt.vconcat(loss.properties(height=220, width=520, title="training loss; dashed: checkpoints"), lr)
+    panels = [loss.properties(height=220, width=520, title="training loss; dashed: checkpoints")]
+    if "grad_norm" in data.columns and data["grad_norm"].notna().any():
+        panels.append(alt.Chart(data).mark_line(color="seagreen").encode(
+            x=x, y=alt.Y("grad_norm:Q", title="gradient norm", scale=alt.Scale(zero=False)), tooltip=tip
+        ).properties(height=100, width=520))
+    return alt.vconcat(*panels, lr)
 
 
 def _truncate_log(path: Path, upto_step: int, columns: list[str] = LOG_COLUMNS) -> float:
-    """Keep complete log rows with step <= upto_step; returns the wall time reached there."""
+    """Keep complete log rows with step <= upto_step, rewritten under ``columns`` (a column the
+    file's header lacks, e.g. grad_norm in an older log, is left empty), so rows appended after a
+    resume match the header; returns the wall time reached there."""
     if not path.exists():
         return 0.0
     keep, wall = [], 0.0
     with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.reader(f):
-            if row == columns or len(row) != len(columns):
-                continue
-            try:
-                step, w = int(row[0]), float(row[-1])
-            except ValueError:
-                continue  # a line cut short by a kill
-            if step <= upto_step:
-                keep.append(row)
-                wall = max(wall, w)
+        lines = list(csv.reader(f))
+    header = lines[0] if lines and "step" in lines[0] and "wall_time_s" in lines[0] else columns
+    for row in lines[1:] if header is not columns else lines:
+        if len(row) != len(header) or row == header:
+            continue  # a line cut short by a kill
+        rec = dict(zip(header, row))
+        try:
+            step, w = int(rec["step"]), float(rec["wall_time_s"])
+        except ValueError:
+            continue
+        if step <= upto_step:
+            keep.append([rec.get(c, "") for c in columns])
+            wall = max(wall, w)
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w_ = csv.writer(f)
@@ -420,7 +430,7 @@ class TrainResult:
 
     @property
     def log_path(self) -> Path:
-        return self.train_log_path(run_dir)
+        return train_log_path(self.run_dir)
 
 
 def lora_config(cfg: RunConfig, num_layers: int | None = None):

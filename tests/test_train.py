@@ -226,6 +226,7 @@ def test_train_interrupted_and_resumed_matches_uninterrupted(tmp_path):
     la, lb = read_train_log(cfg_a.run_dir), read_train_log(cfg_b.run_dir)
     assert list(la["step"]) == list(range(1, 9)) == list(lb["step"])
     assert la["loss"].tolist() == pytest.approx(lb["loss"].tolist(), abs=1e-5)
+    assert la["grad_norm"].tolist() == pytest.approx(lb["grad_norm"].tolist(), rel=1e-4)
     assert la["tokens_seen"].is_monotonic_increasing
     assert la["tokens_seen"].iloc[-1] == lb["tokens_seen"].iloc[-1]
     assert (lb["wall_time_s"].diff().dropna() >= 0).all()
@@ -466,3 +467,53 @@ def test_notebook_runs_and_a_rerun_is_skipped(tmp_path):
     printed = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code"
                       for o in c.get("outputs", []) if o.get("output_type") == "stream")
     assert "already trained with these parameters and data: skipped" in printed
+
+
+def test_grad_norm_is_logged_per_step_and_an_old_log_without_it_resumes(tmp_path):
+    """Every logged step has the gradient's norm (finite, positive); a train_log.csv written
+    before grad_norm existed still reads (NaN there) and a resume rewrites it under the new header."""
+    import csv
+
+    from transformers import TrainerCallback
+
+    from lib.train import LOG_COLUMNS
+
+    class Killed(Exception):
+        pass
+
+    class KillAfterStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 5:
+                raise Killed
+
+    cfg = _cfg(tmp_path, run_id="gnorm", checkpoint_every=3, epochs=2)  # 4 steps/epoch -> 3, 6, 8
+    with pytest.raises(Killed):
+        train_run(cfg, progress=False, callbacks=[KillAfterStep()])
+    log = read_train_log(cfg.run_dir)
+    assert list(log["step"]) == [1, 2, 3, 4]
+    g = log["grad_norm"].to_numpy(dtype=float)
+    assert (g > 0).all() and all(math.isfinite(x) for x in g)
+    assert len(set(g.round(8))) == len(g)  # one norm per step, not a constant
+
+    # the same log as an older version wrote it: no grad_norm column
+    path = cfg.run_dir / "train_log.csv"
+    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    old = [c for c in LOG_COLUMNS if c != "grad_norm"]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(old)
+        w.writerows([[r[c] for c in old] for r in rows])
+    old_log = read_train_log(cfg.run_dir)
+    assert list(old_log.columns[:len(LOG_COLUMNS)]) == LOG_COLUMNS
+    assert old_log["grad_norm"].isna().all() and old_log["loss"].tolist() == pytest.approx(log["loss"].tolist())
+
+    res = train_run(cfg, progress=False)  # resumes from checkpoint 3: rows 1-3 kept, 4-8 appended
+    assert res.resumed_from == 3
+    lines = list(csv.reader(path.open(encoding="utf-8")))
+    assert lines[0] == LOG_COLUMNS and all(len(r) == len(LOG_COLUMNS) for r in lines)
+    new = read_train_log(cfg.run_dir)
+    assert list(new["step"]) == list(range(1, 9))
+    assert new["grad_norm"].iloc[:3].isna().all()                     # the old rows: not logged then
+    assert (new["grad_norm"].iloc[3:] > 0).all() and new["grad_norm"].iloc[3:].map(math.isfinite).all()
+    # step 4 replayed after the resume has the same gradient as before the kill
+    assert new["grad_norm"].iloc[3] == pytest.approx(g[3], rel=1e-4)
