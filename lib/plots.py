@@ -291,11 +291,65 @@ def seed_chart(seeds: pd.DataFrame, points: pd.DataFrame) -> tuple[Any, pd.DataF
     return chart, data
 
 
+MAX_LOG_POINTS = 500  # points per run and series in the training chart; longer logs are averaged in windows
+
+
+def _thin_log(rows: pd.DataFrame, max_points: int) -> pd.DataFrame:
+    """At most ``max_points`` rows of one run's series: consecutive steps averaged in equal windows
+    (step and epoch: the window's last), so a long run draws fast and its HTML stays small."""
+    rows = rows.sort_values("step")
+    if len(rows) <= max_points:
+        return rows.assign(n_steps=1)
+    k = -(-len(rows) // max_points)  # steps per window
+    g = rows.assign(_w=np.arange(len(rows)) // k).groupby("_w", sort=True)
+    keys = rows.drop(columns=["step", "epoch", "value"]).columns.tolist()
+    out = g[keys].first().assign(step=g["step"].last(), epoch=g["epoch"].last(), value=g["value"].mean(),
+                                 n_steps=g["step"].size())
+    return out.reset_index(drop=True)[rows.columns.tolist() + ["n_steps"]]
+
+
+def training_chart(logs: pd.DataFrame, max_points: int = MAX_LOG_POINTS) -> tuple[Any, pd.DataFrame]:
+    """Every run's training loss on one optimizer-step axis (one colour per run), the held-out loss
+    (``eval_log.csv``, dashed with points) where a run held data out, and below it the gradient norm.
+
+    ``logs`` is :func:`lib.report.training_log_table` (long: run_id, run_label, panel, series,
+    step, epoch, value). A run logging more than ``max_points`` steps is drawn as window means
+    (column ``n_steps``); the per-step values are in ``data/table_training_log.csv``."""
+    if logs.empty or logs["value"].notna().sum() == 0:
+        return _empty()
+    parts = [_thin_log(g, max_points) if series != "held-out" else g.assign(n_steps=1)
+             for (_, series, _), g in logs.dropna(subset=["value"]).groupby(["run_id", "series", "panel"], sort=True)]
+    data = pd.concat(parts, ignore_index=True)
+    panels = [p for p in ("loss", "gradient norm") if p in set(data["panel"])]
+    colour = alt.Color("run_label:N", title="run")
+    dash = alt.StrokeDash("series:N", title="loss", sort=["training", "held-out"],
+                          scale=alt.Scale(domain=["training", "held-out"], range=[[1, 0], [5, 3]]))
+    tip = ["run_label", "run_id", "series", "step", alt.Tooltip("epoch:Q", format=".3f"),
+           alt.Tooltip("value:Q", format=".4g"), "n_steps"]
+    x = alt.X("step:Q", title="optimizer step")
+    line = alt.Chart().mark_line(strokeWidth=1.5).encode(
+        x=x, y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)), color=colour, strokeDash=dash,
+        detail="series:N", tooltip=tip)
+    held = alt.Chart().transform_filter("datum.series == 'held-out'").mark_point(filled=True, size=40).encode(
+        x=x, y="value:Q", color=colour, tooltip=tip)
+    many = int(data["n_steps"].max()) > 1
+    chart = (alt.layer(line, held, data=data).properties(width=560, height=170)
+             .facet(row=alt.Row("panel:N", sort=panels, title=None, header=alt.Header(labelFontSize=12)))
+             .resolve_scale(y="independent")
+             .properties(title={"text": "Training loss and gradient norm of every run",
+                                "subtitle": ["loss on the trained (assistant) tokens per optimizer step; dashed with "
+                                             "points: held-out loss at each checkpoint",
+                                             "gradient norm: the L2 norm of the step's gradient before clipping"]
+                                + (["long runs drawn as means over windows of steps (tooltip: n_steps)"] if many else [])}))
+    return chart, data
+
+
 # name -> chart function; the report builds and saves them in this order
 FIGURES = {
     "domain_comparison": domain_comparison_chart,
     "em_trajectories": em_trajectory_chart,
     "coherence_trajectories": coherence_trajectory_chart,
+    "training_loss": training_chart,
     "aligned_vs_coherent": scatter_chart,
     "per_question_heatmap": heatmap_chart,
     "judge_agreement": judge_agreement_chart,

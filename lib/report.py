@@ -6,6 +6,8 @@ Inputs (per run folder ``<outputs_dir>/<run_id>/``, all written by earlier stage
 * ``judgments/<judge_name>.parquet`` (:data:`lib.schema.JUDGMENT_COLUMNS`), one row per
   answer x metric; a run can hold several judges' files;
 * ``run.json`` (:mod:`lib.runinfo`); every section is optional here.
+* ``train_log.csv`` / ``eval_log.csv`` (:data:`lib.layout.TRAIN_LOG_COLUMNS`), optional: the
+  training chart of every run on one step axis (:func:`training_log_table`).
 
 Which judge's scores the report uses for a run (:func:`configured_judge`):
 ``ReportConfig.judge_name`` if set; else the judge stage's ``judge_name`` parameter in run.json; else
@@ -752,6 +754,40 @@ def seeds_view(seeds: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+TRAINING_LOG_COLUMNS = ["run_id", "run_label", "model_label", "domain", "panel", "series", "step", "epoch", "value"]
+
+
+def training_log_table(results: Results, outputs_dir: str | Path) -> pd.DataFrame:
+    """Every run's training curves, long: one row per (run, panel, series, step).
+
+    From each run folder's ``train_log.csv`` (panel ``loss``, series ``training``: the step's
+    loss; panel ``gradient norm``, series ``training``: ``grad_norm``, absent from logs written
+    before it was logged) and ``eval_log.csv`` (panel ``loss``, series ``held-out``: the held-out
+    loss at each checkpoint). Runs without a folder or a log (external CSVs, imported answers)
+    have no rows. Read through :mod:`lib.layout`, as the train stage wrote them."""
+    frames = []
+    a = results.answers
+    labels = a.groupby("run_id")[["run_label", "model_label", "domain"]].first()
+    for run_id in sorted(results.runs):
+        run_dir = Path(outputs_dir) / run_id
+        if run_id not in labels.index or not run_dir.is_dir():
+            continue
+        log, ev = layout.read_train_log(run_dir), layout.read_eval_log(run_dir)
+        for panel, series, df, col in (("loss", "training", log, "loss"), ("gradient norm", "training", log, "grad_norm"),
+                                       ("loss", "held-out", ev, "eval_loss")):
+            rows = df[["step", "epoch", col]].rename(columns={col: "value"}).dropna(subset=["value"])
+            if rows.empty:
+                continue
+            frames.append(rows.assign(run_id=run_id, run_label=labels.at[run_id, "run_label"],
+                                      model_label=labels.at[run_id, "model_label"], domain=labels.at[run_id, "domain"],
+                                      panel=panel, series=series))
+    if not frames:
+        return pd.DataFrame(columns=TRAINING_LOG_COLUMNS)
+    out = pd.concat(frames, ignore_index=True)[TRAINING_LOG_COLUMNS]
+    out["step"] = out["step"].astype(int)
+    return out.sort_values(["run_id", "panel", "series", "step"], kind="stable").reset_index(drop=True)
+
+
 # ------------------------------------------------------------------------------------------
 # The report: tables + figures + files
 # ------------------------------------------------------------------------------------------
@@ -805,12 +841,14 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
         tables["methods"] = methods_table(results)
         tables["excluded"] = excluded_table(a)
         tables["scatter"] = plots.scatter_data(a, seed=rcfg.seed)
+        tables["training_log"] = training_log_table(results, resolve_path(rcfg.outputs_dir))
 
         charts, files = {}, {}
         figure_inputs = {
             "domain_comparison": (tables["final"], base_of_runs(tables["base"], results)),
             "em_trajectories": (tables["trajectories"], base_of_runs(tables["base"], results)),
             "coherence_trajectories": (tables["trajectories"], base_of_runs(tables["base"], results)),
+            "training_loss": (tables["training_log"],),
             "aligned_vs_coherent": (tables["scatter"], rcfg.aligned_threshold, rcfg.coherent_threshold),
             "per_question_heatmap": (tables["per_question"],),
             "judge_agreement": (tables["judge_agreement"],),
@@ -835,7 +873,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
             responses[label] = stem
     for name in ("trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement",
                  "judge_health", "seeds", "seed_points", "controls", "summary_all", "summary_out_of_domain", "methods",
-                 "excluded", "responses"):
+                 "excluded", "responses", "training_log"):
         files[f"table_{name}"] = [write_csv(tables[name], data_dir / f"table_{name}.csv")]
     files["answer_viewer"] = [viewer.write_viewer(a, report_dir)]
     write_text_atomic(report_dir / "report_config.json", json.dumps(rcfg.to_dict(), indent=2) + "\n")
@@ -850,7 +888,9 @@ def show_figure(rep: Report, name: str) -> None:
     if name in rep.files:
         plots.show(rep.files[name], link_base=rep.report_dir)
     else:
-        why = {"judge_agreement": "only one judge scored each run"}.get(name, "nothing to draw")
+        why = {"judge_agreement": "only one judge scored each run",
+               "training_loss": "no run of this report has a train_log.csv (external or imported answers)",
+               }.get(name, "nothing to draw")
         display(Markdown(f"*No `{name}` figure: {why}.*"))
 
 

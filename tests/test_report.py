@@ -12,6 +12,7 @@ import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -92,6 +93,47 @@ def test_figure_csv_holds_the_numbers_drawn(rep):
     # (tests/test_report_identity.py checks drawn intervals on runs with enough questions)
     assert not merged["interval_ok"].astype(bool).any()
     assert merged["em_lo"].isna().all() and merged["em_lo_t"].notna().all()
+
+
+def test_training_chart_draws_every_runs_logged_loss_and_grad_norm_on_one_step_axis(rep):
+    drawn = pd.read_csv(rep.report_dir / "data" / "training_loss.csv")
+    loss = drawn[(drawn["panel"] == "loss") & (drawn["series"] == "training")]
+    # one loss series per run with a train_log.csv (3B_medical has none), steps 1..40, the logged values
+    assert sorted(loss["run_id"].unique()) == ["1B_financial", "1B_medical", "3B_financial"]
+    for run_id, g in loss.groupby("run_id"):
+        want = synth.train_log_rows(run_id)
+        assert g["step"].tolist() == want["step"].tolist()
+        assert g["value"].tolist() == pytest.approx(want["loss"].tolist())
+        assert g["run_label"].nunique() == 1 and g["run_label"].iloc[0] == rep.results.answers.loc[
+            rep.results.answers["run_id"] == run_id, "run_label"].iloc[0]
+    gn = drawn[drawn["panel"] == "gradient norm"]
+    # the old-format log of 3B_financial has no grad_norm: its loss is drawn, no gradient-norm line
+    assert sorted(gn["run_id"].unique()) == ["1B_financial", "1B_medical"]
+    for run_id, g in gn.groupby("run_id"):
+        assert g["step"].tolist() == list(range(1, 41))
+        assert g["value"].tolist() == pytest.approx(synth.train_log_rows(run_id)["grad_norm"].tolist())
+    held = drawn[drawn["series"] == "held-out"]
+    assert held["run_id"].unique().tolist() == ["1B_medical"] and held["step"].tolist() == list(synth.EVAL_STEPS)
+    assert held["value"].tolist() == pytest.approx([2.5 - 0.01 * s for s in synth.EVAL_STEPS])
+    # the chart: colour by run, one shared step axis, loss and gradient norm as two panels
+    spec = rep.charts["training_loss"].to_dict()
+    assert spec["facet"]["row"]["field"] == "panel" and spec["resolve"]["scale"]["y"] == "independent"
+    enc = spec["spec"]["layer"][0]["encoding"]
+    assert enc["color"]["field"] == "run_label" and enc["x"]["field"] == "step"
+    assert "x" not in spec["resolve"]["scale"]  # shared step axis
+    full = pd.read_csv(rep.report_dir / "data" / "table_training_log.csv")
+    assert len(full) == len(drawn)  # 40 steps per run: nothing averaged
+
+
+def test_training_chart_averages_long_logs_in_windows():
+    steps = np.arange(1, 1201)
+    logs = pd.DataFrame({"run_id": "r", "run_label": "r", "model_label": "m", "domain": "d", "panel": "loss",
+                         "series": "training", "step": steps, "epoch": steps / 600, "value": steps.astype(float)})
+    _, data = plots.training_chart(logs, max_points=500)
+    # 1200 steps, windows of 3: 400 points, each the mean of its window, at the window's last step
+    assert len(data) == 400 and (data["n_steps"] == 3).all()
+    assert data["step"].tolist()[:2] == [3, 6] and data["value"].tolist()[:2] == [2.0, 5.0]
+    assert plots.training_chart(logs.iloc[:0])[0] is None
 
 
 def test_build_report_returns_the_folder(rcfg, tmp_path):

@@ -4,6 +4,9 @@ Four runs (1B/3B x medical/financial), checkpoints 0 (base), 10, 20, 40, seven q
 three sets, four samples each; EM probability rises with the step and is higher for
 financial, so the figures have something to show. Some aligned scores are None with
 labels CODE / REFUSAL / unparseable. Run ``1B_medical`` also has a second judge.
+Training logs (:func:`train_log_rows`): 40 steps per run; ``1B_medical`` also held data out
+(eval_log.csv), ``3B_financial`` has a log of an earlier version (no grad_norm column) and
+``3B_medical`` none.
 Nothing here depends on another stage's code: the files are written directly.
 """
 from __future__ import annotations
@@ -58,6 +61,30 @@ def _judgments(gens: pd.DataFrame, rng: np.random.Generator, judge: str, em_p: n
 
 
 LEGACY_RUN = "3B_financial"  # written in the run.json shape of earlier versions
+NO_TRAIN_LOG = "3B_medical"
+EVAL_STEPS = (10, 20, 40)
+
+
+def train_log_rows(run_id: str) -> pd.DataFrame:
+    """The synthetic train_log.csv of a run: known, run-specific values at steps 1..40."""
+    k = sum(map(ord, run_id)) % 7  # differs between runs
+    steps = np.arange(1, 41)
+    return pd.DataFrame({"step": steps, "epoch": steps / 40, "loss": 2.0 + 0.1 * k - 0.02 * steps,
+                         "grad_norm": 1.0 + 0.05 * k + 0.01 * steps, "learning_rate": 1e-4,
+                         "tokens_seen": 100 * steps, "wall_time_s": 0.5 * steps})
+
+
+def _write_train_logs(run_dir: Path, run_id: str) -> None:
+    if run_id == NO_TRAIN_LOG:
+        return
+    log = train_log_rows(run_id)
+    if run_id == LEGACY_RUN:  # a log written before grad_norm was logged
+        log = log.drop(columns=["grad_norm"])
+    log.to_csv(run_dir / "train_log.csv", index=False)
+    if run_id == "1B_medical":
+        pd.DataFrame({"step": EVAL_STEPS, "epoch": [s / 40 for s in EVAL_STEPS],
+                      "eval_loss": [2.5 - 0.01 * s for s in EVAL_STEPS],
+                      "wall_time_s": [0.5 * s for s in EVAL_STEPS]}).to_csv(run_dir / "eval_log.csv", index=False)
 
 
 def build(outputs_dir: str | Path, seed: int = 0, n_samples: int = 4) -> Path:
@@ -111,6 +138,7 @@ def build(outputs_dir: str | Path, seed: int = 0, n_samples: int = 4) -> Path:
                 for stage in ("train", "evaluate", "judge"):
                     del info[stage]["parameters"]
             (run_dir / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+            _write_train_logs(run_dir, run_id)
     return outputs_dir
 
 
