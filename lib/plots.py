@@ -322,8 +322,9 @@ def training_chart(logs: pd.DataFrame, max_points: int = MAX_LOG_POINTS) -> tupl
     data = pd.concat(parts, ignore_index=True)
     panels = [p for p in ("loss", "gradient norm") if p in set(data["panel"])]
     colour = alt.Color("run_label:N", title="run")
-    dash = alt.StrokeDash("series:N", title="loss", sort=["training", "held-out"],
-                          scale=alt.Scale(domain=["training", "held-out"], range=[[1, 0], [5, 3]]))
+    series = [x for x in ("training", "held-out") if x in set(data["series"])]  # legend: what is drawn
+    dash = alt.StrokeDash("series:N", title="loss", sort=series,
+                          scale=alt.Scale(domain=series, range=[[1, 0], [5, 3]][:len(series)]))
     tip = ["run_label", "run_id", "series", "step", alt.Tooltip("epoch:Q", format=".3f"),
            alt.Tooltip("value:Q", format=".4g"), "n_steps"]
     x = alt.X("step:Q", title="optimizer step")
@@ -337,8 +338,9 @@ def training_chart(logs: pd.DataFrame, max_points: int = MAX_LOG_POINTS) -> tupl
              .facet(row=alt.Row("panel:N", sort=panels, title=None, header=alt.Header(labelFontSize=12)))
              .resolve_scale(y="independent")
              .properties(title={"text": "Training loss and gradient norm of every run",
-                                "subtitle": ["loss on the trained (assistant) tokens per optimizer step; dashed with "
-                                             "points: held-out loss at each checkpoint",
+                                "subtitle": ["loss on the trained (assistant) tokens per optimizer step"
+                                             + ("; dashed with points: held-out loss at each checkpoint"
+                                                if "held-out" in series else ""),
                                              "gradient norm: the L2 norm of the step's gradient before clipping"]
                                 + (["long runs drawn as means over windows of steps (tooltip: n_steps)"] if many else [])}))
     return chart, data
