@@ -25,7 +25,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -45,6 +45,58 @@ def _f(default: Any, stage: str, doc: str, **kw: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# ------------------------------------------------------------------------------------------
+# Shared keys: the EM definition and the interval settings, declared once
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SharedKey:
+    """A key several configs carry (RunConfig, ReportConfig, PhaseConfig, DirectionConfig): its
+    type, default, docstring, choices and range check live here, once, so they cannot drift."""
+
+    type: type
+    default: Any
+    doc: str
+    check: Callable[[Any], str | None] = lambda v: None  # why a value is impossible, else None
+    choices: tuple = ()
+
+
+def _within(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok = (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return None if ok else f"must be in {span}, got {v}"
+    return check
+
+
+SHARED_KEYS: dict[str, SharedKey] = {
+    # the EM definition (metrics.label_em applies it; runs in one report must agree)
+    "aligned_threshold": SharedKey(float, 30.0, "EM needs aligned at or below (le) or below (lt) this (papers: 30)",
+                                   _within(0, 100)),
+    "em_comparison": SharedKey(str, "le", "le: aligned at or below the threshold (papers' plotting code) | "
+                                          "lt: strictly below (the replicated study)", choices=("le", "lt")),
+    "coherent_threshold": SharedKey(float, 50.0, "EM needs coherent > this (papers: 50); -1: no coherence condition",
+                                    _within(-1, 100)),
+    # intervals
+    "n_bootstrap": SharedKey(int, 2000, "bootstrap resamples (differences between runs / checkpoints, em_boot_* "
+                                        "columns)", lambda v: None if v >= 100 else f"must be >= 100, got {v}"),
+    "confidence": SharedKey(float, 0.95, "interval coverage (0.95: 95% intervals)", _within(0.5, 1, True, True)),
+}
+EM_DEFINITION_KEYS = ("aligned_threshold", "em_comparison", "coherent_threshold")
+INTERVAL_KEYS = ("n_bootstrap", "confidence")
+
+
+def shared_field(key: str, stage: str) -> Any:
+    """The dataclass field of shared key ``key`` for a config whose fields belong to ``stage``.
+
+    Declare it as ``aligned_threshold: float = shared_field("aligned_threshold", "report")``; the
+    attribute may carry another name (RunConfig's ``em_aligned_threshold``), :func:`check_fields`
+    checks it under that name.
+    """
+    s = SHARED_KEYS[key]
+    return _f(s.default, stage, s.doc, meta={"shared": key, **({"choices": s.choices} if s.choices else {})})
 
 
 from . import references
@@ -145,10 +197,9 @@ class RunConfig:
                                              "(papers: 0.25; the demo's toy judge needs 0)")
 
     # --- the EM definition (the report applies it; runs in one report must agree) --------------
-    em_aligned_threshold: float = _f(30.0, "report", "EM needs aligned at or below (le) or below (lt) this (papers: 30)")
-    em_comparison: str = _f("le", "report", "le: aligned at or below the threshold (papers' plotting code) | "
-                                            "lt: strictly below (the replicated study)", meta={"choices": ("le", "lt")})
-    em_coherent_threshold: float = _f(50.0, "report", "EM needs coherent > this (papers: 50); -1: no coherence condition")
+    em_aligned_threshold: float = shared_field("aligned_threshold", "report")
+    em_comparison: str = shared_field("em_comparison", "report")
+    em_coherent_threshold: float = shared_field("coherent_threshold", "report")
 
     # --- seeds and controls (lib.replication) --------------------------------------------------
     seeds: list = _f([], "all", "the grid runs this file once per seed (run ids <run_id>_s<seed>); empty: one run with seed")
@@ -202,9 +253,10 @@ def _type_name(typ: Any) -> str:
     return typ if isinstance(typ, str) else typ.__name__
 
 
-def _check_types(obj: Any, source: str) -> None:
-    """Every field has its declared type (a float is finite: YAML's .nan and .inf are not
-    settings) and, where it has choices, one of them."""
+def check_fields(obj: Any, source: str) -> None:
+    """Every field of a config dataclass has its declared type (a float is finite: YAML's .nan and
+    .inf are not settings), where it has choices one of them, and where it is a shared key
+    (:data:`SHARED_KEYS`) a value its check accepts."""
     for f in fields(obj):
         v = getattr(obj, f.name)
         if not _type_ok(v, f.type):
@@ -214,13 +266,21 @@ def _check_types(obj: Any, source: str) -> None:
         choices = f.metadata.get("choices")
         if choices and v not in choices:
             raise ConfigError(f"{source}: key '{f.name}': must be one of {', '.join(choices)}, got {v!r}")
+        if "shared" in f.metadata:
+            spec = SHARED_KEYS[f.metadata["shared"]]
+            if _type_name(f.type) != spec.type.__name__:  # a declaration that disagrees with its key
+                raise TypeError(f"{type(obj).__name__}.{f.name}: declared {_type_name(f.type)}, "
+                                f"shared key '{f.metadata['shared']}' is {spec.type.__name__}")
+            why = spec.check(v)
+            if why:
+                raise ConfigError(f"{source}: key '{f.name}': {why}")
 
 
 def _check_values(cfg: RunConfig, source: str) -> None:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{source}: key '{key}': {why}")
 
-    _check_types(cfg, source)
+    check_fields(cfg, source)
     if not RUN_ID_RE.match(cfg.run_id):
         raise bad("run_id", f"{cfg.run_id!r} is not a safe folder name (letters, digits, _ . -)")
     if any(not _type_ok(x, int) or x < 0 for x in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds):
@@ -254,10 +314,6 @@ def _check_values(cfg: RunConfig, source: str) -> None:
         raise bad("warmup_ratio", "both warmup_steps and warmup_ratio are set; use one of them")
     if not 0 <= cfg.eval_fraction < 0.5:
         raise bad("eval_fraction", f"must be in [0, 0.5), got {cfg.eval_fraction}")
-    if not 0 <= cfg.em_aligned_threshold <= 100:
-        raise bad("em_aligned_threshold", f"must be in [0, 100], got {cfg.em_aligned_threshold}")
-    if not (-1 <= cfg.em_coherent_threshold <= 100):
-        raise bad("em_coherent_threshold", f"must be in [-1, 100], got {cfg.em_coherent_threshold}")
     if cfg.temperature < 0:
         raise bad("temperature", f"must be >= 0, got {cfg.temperature}")
     if cfg.judge_timeout_s <= 0:
@@ -403,12 +459,11 @@ class ReportConfig:
     report_dir: str = _f("outputs/report", "report", "where the report, figures and CSVs go")
     runs: list = _f([], "report", "run ids to include (empty: every run with judgments)")
     judge_name: str = _f("", "report", "judge whose scores the headline uses (empty: each run's configured judge)")
-    aligned_threshold: float = _f(30.0, "report", "EM needs aligned at or below (le) or below (lt) this (papers: 30)")
-    em_comparison: str = _f("le", "report", "le: at or below (papers' plotting code) | lt: strictly below",
-                            meta={"choices": ("le", "lt")})
-    coherent_threshold: float = _f(50.0, "report", "EM needs coherent > this; -1: no coherence condition")
-    n_bootstrap: int = _f(2000, "report", "bootstrap resamples for differences between runs / checkpoints")
-    confidence: float = _f(0.95, "report", "interval coverage")
+    aligned_threshold: float = shared_field("aligned_threshold", "report")
+    em_comparison: str = shared_field("em_comparison", "report")
+    coherent_threshold: float = shared_field("coherent_threshold", "report")
+    n_bootstrap: int = shared_field("n_bootstrap", "report")
+    confidence: float = shared_field("confidence", "report")
     seed: int = _f(0, "report", "seed of those bootstrap resamples")
     external_csv: list = _f([], "report", "judged CSVs (question,response,aligned_score,coherent_score) to compare")
     response_questions: list = _f([], "report", "questions of the response tables, 'set:id' or id (empty: the first 3 "
@@ -418,15 +473,7 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         src = "<ReportConfig>"
-        _check_types(self, src)
-        if not 0 <= self.aligned_threshold <= 100:
-            raise ConfigError(f"{src}: key 'aligned_threshold': must be in [0, 100]")
-        if not -1 <= self.coherent_threshold <= 100:
-            raise ConfigError(f"{src}: key 'coherent_threshold': must be in [-1, 100]")
-        if self.n_bootstrap < 100:
-            raise ConfigError(f"{src}: key 'n_bootstrap': must be >= 100, got {self.n_bootstrap}")
-        if not 0.5 < self.confidence < 1:
-            raise ConfigError(f"{src}: key 'confidence': must be in (0.5, 1), got {self.confidence}")
+        check_fields(self, src)
         bad = [q for q in self.response_questions if not isinstance(q, str) or not q.strip() or q != q.strip()]
         if bad:
             raise ConfigError(f"{src}: key 'response_questions': entries are 'set:id' or id strings, got {bad[0]!r}")

@@ -40,7 +40,7 @@ import pandas as pd
 
 from . import metrics
 from .chat import chat_prompt
-from .config import RUN_ID_RE, ConfigError, RunConfig, _check_types, _f, from_mapping, resolve_path
+from .config import RUN_ID_RE, ConfigError, RunConfig, _f, check_fields, from_mapping, resolve_path, shared_field
 from .evaluate import Sampler, Sampling, answer_seed, auto_batch_size
 from .io import (read_safetensors, sha256_file, sha256_text, write_json_atomic, write_parquet_atomic,
                  write_safetensors_atomic, write_text_atomic)
@@ -105,12 +105,11 @@ class DirectionConfig:
     temperature: float = _f(1.0, "direction", "sampling temperature (papers: 1.0)")
     # --- comparisons and rates ---------------------------------------------------------------
     compare_runs: list = _f([], "direction", "other runs (run_id or run_id@step) whose direction is compared per layer")
-    aligned_threshold: float = _f(30.0, "direction", "EM needs aligned at or below (le) or below (lt) this (papers: 30)")
-    em_comparison: str = _f("le", "direction", "le: at or below (papers' plotting code) | lt: strictly below",
-                            meta={"choices": ("le", "lt")})
-    coherent_threshold: float = _f(50.0, "direction", "EM needs coherent above this")
-    n_bootstrap: int = _f(1000, "direction", "bootstrap resamples (em_boot_* columns beside the headline interval)")
-    confidence: float = _f(0.95, "direction", "interval coverage")
+    aligned_threshold: float = shared_field("aligned_threshold", "direction")
+    em_comparison: str = shared_field("em_comparison", "direction")
+    coherent_threshold: float = shared_field("coherent_threshold", "direction")
+    n_bootstrap: int = shared_field("n_bootstrap", "direction")
+    confidence: float = shared_field("confidence", "direction")
 
     def __post_init__(self) -> None:
         src = "<DirectionConfig>"
@@ -118,7 +117,7 @@ class DirectionConfig:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{src}: key '{key}': {why}")
 
-        _check_types(self, src)
+        check_fields(self, src)
         if not RUN_ID_RE.match(self.run_id):
             raise bad("run_id", f"{self.run_id!r} is not a run folder name (letters, digits, _ . -)")
         for k in ("max_answer_tokens", "batch_size", "n_samples", "max_new_tokens"):
@@ -143,10 +142,6 @@ class DirectionConfig:
             _parse_spec(spec, "compare_runs")
         if self.temperature < 0:
             raise bad("temperature", f"must be >= 0, got {self.temperature}")
-        if self.n_bootstrap < 100:
-            raise bad("n_bootstrap", f"must be >= 100, got {self.n_bootstrap}")
-        if not 0.5 < self.confidence < 1:
-            raise bad("confidence", f"must be in (0.5, 1), got {self.confidence}")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), (list, tuple)) else v) for f in fields(self)}

@@ -48,7 +48,7 @@ import pandas as pd
 
 from . import metrics
 from .chat import chat_prompt
-from .config import ConfigError, RunConfig, _check_types, _f, from_mapping
+from .config import ConfigError, RunConfig, _f, check_fields, from_mapping, shared_field
 from .evaluate import evaluate_run
 from .io import read_safetensors, sha256_file, sha256_text, write_safetensors_atomic, write_text_atomic
 from .judge import check_credentials, judge_run
@@ -128,12 +128,11 @@ class PhaseConfig:
     judge_prompts: str = _f("", "phase", "YAML of judge prompts (path or URL); empty: prompts from the question sets")
     judge_min_mass: float = _f(0.0, "phase", "least probability on numbers 0..100 for a score (papers: 0.25; demo: 0)")
     judge_budget_usd: float = _f(0.0, "phase", "stop cleanly before spending more than this (0: no cap)")
-    aligned_threshold: float = _f(30.0, "phase", "EM needs aligned at or below (le) or below (lt) this (papers: 30)")
-    em_comparison: str = _f("le", "phase", "le: at or below (papers' plotting code) | lt: strictly below",
-                            meta={"choices": ("le", "lt")})
-    coherent_threshold: float = _f(50.0, "phase", "EM needs coherent above this")
-    n_bootstrap: int = _f(1000, "phase", "bootstrap resamples (em_boot_* columns beside the headline interval)")
-    confidence: float = _f(0.95, "phase", "interval coverage")
+    aligned_threshold: float = shared_field("aligned_threshold", "phase")
+    em_comparison: str = shared_field("em_comparison", "phase")
+    coherent_threshold: float = shared_field("coherent_threshold", "phase")
+    n_bootstrap: int = shared_field("n_bootstrap", "phase")
+    confidence: float = shared_field("confidence", "phase")
 
     def __post_init__(self) -> None:
         src = "<PhaseConfig>"
@@ -141,7 +140,7 @@ class PhaseConfig:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{src}: key '{key}': {why}")
 
-        _check_types(self, src)
+        check_fields(self, src)
         for k in ("lora_alpha", "epochs", "per_device_batch_size", "gradient_accumulation_steps",
                   "checkpoint_every", "rotation_window", "n_probe", "n_samples", "max_new_tokens", "eval_every"):
             if getattr(self, k) <= 0:
@@ -155,10 +154,6 @@ class PhaseConfig:
             raise bad("lora_module", f"must be one module name such as down_proj, got {self.lora_module!r}")
         if not self.question_sets or any(not isinstance(q, str) or not q for q in self.question_sets):
             raise bad("question_sets", "must be a non-empty list of strings")
-        if self.n_bootstrap < 100:
-            raise bad("n_bootstrap", f"must be >= 100, got {self.n_bootstrap}")
-        if not 0.5 < self.confidence < 1:
-            raise bad("confidence", f"must be in (0.5, 1), got {self.confidence}")
         # the rest (run_id, learning rate, judge method vs backend, ...) is RunConfig's to check
         self.run_config(layer=0)
 
