@@ -31,7 +31,9 @@ Intervals:
   until the benchmark showed it under-covers badly with few questions or rare EM.
 * :func:`bootstrap_difference` - rate(a) - rate(b) with the same resampling; when the two
   groups were asked the same questions (two domains or two checkpoints on one question set)
-  the questions are drawn *once* for both groups (paired).
+  the questions are drawn *once* for both groups (paired). When both sides sit at 0 (or 100%) EM
+  the resampling is degenerate and :func:`edge_difference_interval` (Newcombe's square-and-add
+  of the two sides' headline intervals) takes over.
 * :func:`macro_rate` - the papers' plotted estimator, the mean over questions of each
   question's EM rate, shown beside the pooled rate.
 
@@ -287,20 +289,59 @@ def macro_rate(df: pd.DataFrame, value: str = "em", clusters: Sequence[str] = CL
     return float((counts["k"] / counts["n"]).mean())
 
 
+def edge_difference_interval(ka: Sequence[float], na: Sequence[float], kb: Sequence[float], nb: Sequence[float],
+                             confidence: float = 0.95) -> tuple[float, float]:
+    """An interval for rate(a) - rate(b) from each side's headline interval, by square-and-add.
+
+    ``ka, na`` (``kb, nb``) are one side's per-question EM answers and scored answers. Each side's
+    interval (l, u) around its pooled rate p is :func:`cluster_cp_arrays`, the headline (at 0 or
+    100% EM: exact bounds on n_eff = questions x (z / t)^2, the worst case); they are combined as
+
+        lo = (p_a - p_b) - sqrt((p_a - l_a)^2 + (u_b - p_b)^2)
+        hi = (p_a - p_b) + sqrt((u_a - p_a)^2 + (p_b - l_b)^2)
+
+    the method of variance estimates recovery (MOVER; Zou & Donner 2008, *Construction of confidence
+    limits about effect measures: a general approach*, Stat Med 27:1693-1702), which with Wilson
+    bounds is Newcombe's hybrid score interval (Newcombe 1998, *Interval estimation for the
+    difference between independent proportions: comparison of eleven methods*, Stat Med 17:873-890,
+    method 10); here each side brings its question-clustered exact bounds instead. It treats the
+    sides as independent: for two groups asked the same questions (positively correlated) it is
+    conservative. (nan, nan) when a side has fewer than 2 questions.
+    """
+    ka, na, kb, nb = (np.asarray(x, dtype=float) for x in (ka, na, kb, nb))
+    pa, la, ua, _ = cluster_cp_arrays(ka[na > 0], na[na > 0], confidence)
+    pb, lb, ub, _ = cluster_cp_arrays(kb[nb > 0], nb[nb > 0], confidence)
+    d = float(pa - pb)
+    lo = d - float(np.sqrt((pa - la) ** 2 + (ub - pb) ** 2))
+    hi = d + float(np.sqrt((ua - pa) ** 2 + (pb - lb) ** 2))
+    return (lo, hi)
+
+
 def bootstrap_difference(a: pd.DataFrame, b: pd.DataFrame, value: str = "em",
                          clusters: Sequence[str] = CLUSTER, n_boot: int = 2000, confidence: float = 0.95,
                          seed: int | np.random.SeedSequence = 0) -> dict:
-    """rate(a) - rate(b) with a question-clustered bootstrap interval.
+    """rate(a) - rate(b) with a question-clustered bootstrap interval, and an edge rule.
 
     If a and b share questions (the same question set asked of two domains or two
     checkpoints), one draw of questions from the union is applied to both (paired); a
     question one group lacks contributes nothing to that group's replicate. If they share no
     question, each group's questions are drawn independently.
+
+    Edge rule: when each side's rate is 0 or 1 (no EM answer at all, or nothing else), every
+    replicate gives the same difference and the percentile interval would be a single point (0 EM
+    against 0 EM: [0, 0]), a certainty that a few questions cannot give. The interval is then
+    :func:`edge_difference_interval` (square-and-add of each side's headline interval, which
+    takes the worst case at 0 EM), and ``interval`` says ``"edge"`` instead of ``"bootstrap"``.
+    ``interval`` is ``"none"`` where no interval can be given (an empty side, too few questions).
+
+    Not covered: with one side at an edge and the other not (or one EM answer on a side), the
+    bootstrap is kept; it sees none of the edge side's between-question uncertainty, so its
+    interval there can be far narrower than the edge rule's (its coverage is not benchmarked).
     """
     ca, cb = _cluster_counts(a, value, clusters), _cluster_counts(b, value, clusters)
     out = {"rate_a": float("nan"), "rate_b": float("nan"), "diff": float("nan"), "lo": float("nan"),
            "hi": float("nan"), "n_a": int(ca["n"].sum()), "n_b": int(cb["n"].sum()),
-           "n_questions_a": len(ca), "n_questions_b": len(cb), "paired": False}
+           "n_questions_a": len(ca), "n_questions_b": len(cb), "paired": False, "interval": "none"}
     if out["n_a"] == 0 or out["n_b"] == 0:
         return out
     out["rate_a"] = float(ca["k"].sum() / ca["n"].sum())
@@ -308,18 +349,21 @@ def bootstrap_difference(a: pd.DataFrame, b: pd.DataFrame, value: str = "em",
     out["diff"] = out["rate_a"] - out["rate_b"]
     rng = np.random.default_rng(seed)
     shared = ca.index.intersection(cb.index)
-    if len(shared) > 0:
-        union = ca.index.union(cb.index)
+    paired = len(shared) > 0
+    union = ca.index.union(cb.index)
+    if (len(union) < 2) if paired else (len(ca) < 2 or len(cb) < 2):
+        return out
+    out["paired"], out["interval"] = paired, "bootstrap"
+    if out["rate_a"] in (0.0, 1.0) and out["rate_b"] in (0.0, 1.0):
+        out["interval"] = "edge"
+        out["lo"], out["hi"] = edge_difference_interval(ca["k"], ca["n"], cb["k"], cb["n"], confidence)
+        return out
+    if paired:
         ka, na = (ca.reindex(union, fill_value=0)[c].to_numpy(float) for c in ("k", "n"))
         kb, nb = (cb.reindex(union, fill_value=0)[c].to_numpy(float) for c in ("k", "n"))
-        if len(union) < 2:
-            return out
         idx = rng.integers(0, len(union), size=(n_boot, len(union)))
         draws = _ratio_draws(ka, na, idx) - _ratio_draws(kb, nb, idx)
-        out["paired"] = True
     else:
-        if len(ca) < 2 or len(cb) < 2:
-            return out
         ia = rng.integers(0, len(ca), size=(n_boot, len(ca)))
         ib = rng.integers(0, len(cb), size=(n_boot, len(cb)))
         draws = (_ratio_draws(ca["k"].to_numpy(float), ca["n"].to_numpy(float), ia)

@@ -524,7 +524,7 @@ def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame
                      "run_a": run_id, "run_b": run_id, **d})
     cols = ["comparison", "model_label", "prompt_family", "scope", "a", "b", "run_a", "run_b", "rate_a", "rate_b",
             "diff", "lo", "hi",
-            "n_a", "n_b", "n_questions_a", "n_questions_b", "paired"]
+            "n_a", "n_b", "n_questions_a", "n_questions_b", "paired", "interval"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -726,6 +726,7 @@ def differences_view(diff: pd.DataFrame) -> pd.DataFrame:
     out["difference (a - b)"] = _diff_cells(diff)
     out["n a / b"] = [f"{r.n_a} / {r.n_b}" for r in diff.itertuples()]
     out["paired questions"] = diff["paired"].to_numpy()
+    out["interval"] = diff["interval"].to_numpy()  # bootstrap | edge (metrics.bootstrap_difference) | none
     return out
 
 

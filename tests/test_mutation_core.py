@@ -133,9 +133,10 @@ def test_bootstrap_difference_with_an_empty_group_returns_every_key_as_nan():
     a, _ = _two_groups()
     out = metrics.bootstrap_difference(a, a.iloc[:0])
     assert set(out) == {"rate_a", "rate_b", "diff", "lo", "hi", "n_a", "n_b", "n_questions_a", "n_questions_b",
-                        "paired"}
+                        "paired", "interval"}
     assert all(pd.isna(out[k]) for k in ("rate_a", "rate_b", "diff", "lo", "hi"))
     assert (out["n_a"], out["n_b"], out["n_questions_a"], out["n_questions_b"], out["paired"]) == (30, 0, 6, 0, False)
+    assert out["interval"] == "none"
 
 
 def _group(counts: dict[str, tuple[int, int]]) -> pd.DataFrame:
