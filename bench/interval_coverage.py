@@ -30,6 +30,7 @@ on a few simulated runs (same numbers to 1e-9; the bootstrap with the same rando
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -124,6 +125,16 @@ def intervals(k: np.ndarray, n: np.ndarray, rng: np.random.Generator, n_boot: in
     return out
 
 
+def simulated_cells(cells, reps: int, n_boot: int, rng: np.random.Generator,
+                    boot_rng: np.random.Generator | None = None):
+    """The one simulation loop: per (questions, icc, rate) cell, ``reps`` simulated runs and every
+    method's interval. Yields (cell, k, n, intervals). ``rng`` draws the runs and, unless
+    ``boot_rng`` is given, the bootstrap resamples too (in that order, cell by cell)."""
+    for m, icc, p in cells:
+        k, n = simulate(rng, reps, m, p, icc)
+        yield (m, icc, p), k, n, intervals(k, n, boot_rng or rng, n_boot)
+
+
 def as_answers(k: np.ndarray, n: np.ndarray) -> pd.DataFrame:
     """One simulated run as an answer table (question clusters, boolean em)."""
     rows = []
@@ -134,10 +145,9 @@ def as_answers(k: np.ndarray, n: np.ndarray) -> pd.DataFrame:
 
 def check_against_library(seed: int, n_boot: int) -> None:
     """The vectorised code computes what the report computes (same inputs, same numbers)."""
-    rng = np.random.default_rng(seed + 1)
-    for m, p, icc in ((8, 0.05, 0.3), (24, 0.2, 0.6), (4, 0.5, 0.9), (8, 0.005, 0.9)):
-        k, n = simulate(rng, 3, m, p, icc)
-        ours = intervals(k, n, np.random.default_rng(7), n_boot)
+    cells = ((8, 0.3, 0.05), (24, 0.6, 0.2), (4, 0.9, 0.5), (8, 0.9, 0.005))  # (questions, icc, rate)
+    for (m, icc, p), k, n, ours in simulated_cells(cells, 3, n_boot, np.random.default_rng(seed + 1),
+                                                   np.random.default_rng(7)):
         for r in range(len(k)):
             df = as_answers(k[r], n[r])
             rate, lo, hi = metrics.cluster_interval(df, "em")
@@ -166,15 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     check_against_library(args.seed, min(args.n_boot, 200))
     rng = np.random.default_rng(args.seed)
     rows = []
-    for m in QUESTIONS:
-        for icc in ICCS:
-            for p in RATES:
-                k, n = simulate(rng, args.reps, m, p, icc)
-                for method, (lo, hi) in intervals(k, n, rng, args.n_boot).items():
-                    cover = (lo <= p) & (p <= hi)  # NaN bounds compare False: a missing interval misses
-                    rows.append({"questions": m, "icc": icc, "rate": p, "method": method,
-                                 "coverage": float(cover.mean()), "median_width": float(np.nanmedian(hi - lo)),
-                                 "zero_em_share": float((k.sum(1) == 0).mean())})
+    for (m, icc, p), k, n, found in simulated_cells(itertools.product(QUESTIONS, ICCS, RATES), args.reps,
+                                                    args.n_boot, rng):
+        for method, (lo, hi) in found.items():
+            cover = (lo <= p) & (p <= hi)  # NaN bounds compare False: a missing interval misses
+            rows.append({"questions": m, "icc": icc, "rate": p, "method": method,
+                         "coverage": float(cover.mean()), "median_width": float(np.nanmedian(hi - lo)),
+                         "zero_em_share": float((k.sum(1) == 0).mean())})
     res = pd.DataFrame(rows)
     pd.set_option("display.width", 200)
     table = res.pivot_table(index=["questions", "icc", "rate"], columns="method", values="coverage")
