@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RUN_JSON = "run.json"
 STAGES_JSON = "stages.json"
@@ -52,32 +52,36 @@ NOTEBOOKS = {"train": "01_train.ipynb", "evaluate": "02_evaluate.ipynb", "judge"
 REPORT_NOTEBOOK = "report.ipynb"  # the report's rendered name in its own folder
 
 
-def run_json_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / RUN_JSON
+def _under(name: str, doc: str) -> Callable[[str | Path], Path]:
+    """The path function of one file kind: ``<folder>/<name>`` (named after the variable it is
+    assigned to, below)."""
+    def path(run_dir: str | Path) -> Path:
+        return Path(run_dir) / name
+    path.__doc__ = f"``<run_dir>/{name}``: {doc}"
+    return path
 
 
-def stages_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / STAGES_JSON
-
-
-def grid_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / GRID_DIR
-
-
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR
+# one line per file kind of a run folder (figures_dir also serves the report's folder)
+run_json_path = _under(RUN_JSON, "what makes the run reproducible (lib.runinfo)")
+stages_path = _under(STAGES_JSON, "the grid runner's record of each stage (lib.fingerprint)")
+grid_dir = _under(GRID_DIR, "the grid runner's working files (its hash cache)")
+checkpoints_dir = _under(CHECKPOINTS_DIR, "the LoRA checkpoints and the training-complete marker")
+train_log_path = _under(TRAIN_LOG, "one row per optimizer step")
+eval_log_path = _under(EVAL_LOG_NAME, "held-out loss at each checkpoint (eval_fraction > 0)")
+generations_path = _under(GENERATIONS, "the evaluate stage's answers")
+generations_meta_path = _under(GENERATIONS_META, "what the answers were generated with")
+generation_parts_dir = _under(GENERATION_PARTS, "answers persisted while the evaluate stage runs")
+judgments_dir = _under(JUDGMENTS_DIR, "one table per judge")
+notebooks_dir = _under(NOTEBOOKS_DIR, "the rendered notebooks")
+figures_dir = _under(FIGURES_DIR, "a run's (or the report's) charts")
+for _name, _fn in list(globals().items()):  # tracebacks and help() show the public name
+    if getattr(_fn, "__qualname__", "") == "_under.<locals>.path":
+        _fn.__name__ = _fn.__qualname__ = _name
+del _name, _fn
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return checkpoints_dir(run_dir) / f"{CHECKPOINT_PREFIX}{step}"
-
-
-def train_log_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / TRAIN_LOG
-
-
-def eval_log_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / EVAL_LOG_NAME
 
 
 def _read_log(path: Path, columns: list[str]):
@@ -102,22 +106,6 @@ def read_eval_log(run_dir: str | Path):
     return _read_log(eval_log_path(run_dir), EVAL_LOG_COLUMNS)
 
 
-def generations_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / GENERATIONS
-
-
-def generations_meta_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / GENERATIONS_META
-
-
-def generation_parts_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / GENERATION_PARTS
-
-
-def judgments_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / JUDGMENTS_DIR
-
-
 def judgments_path(run_dir: str | Path, judge_name: str) -> Path:
     return judgments_dir(run_dir) / f"{judge_name}.parquet"
 
@@ -126,15 +114,6 @@ def judgment_files(run_dir: str | Path) -> list[Path]:
     """Every judge's table of a run, by name."""
     d = judgments_dir(run_dir)
     return sorted(d.glob("*.parquet")) if d.is_dir() else []
-
-
-def notebooks_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / NOTEBOOKS_DIR
-
-
-def figures_dir(folder: str | Path) -> Path:
-    """A run's (or the report's) figures folder."""
-    return Path(folder) / FIGURES_DIR
 
 
 def step_of(folder: Path) -> int | None:
