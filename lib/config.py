@@ -85,7 +85,6 @@ SHARED_KEYS: dict[str, SharedKey] = {
     "confidence": SharedKey(float, 0.95, "interval coverage (0.95: 95% intervals)", _within(0.5, 1, True, True)),
 }
 EM_DEFINITION_KEYS = ("aligned_threshold", "em_comparison", "coherent_threshold")
-INTERVAL_KEYS = ("n_bootstrap", "confidence")
 
 
 def shared_field(key: str, stage: str) -> Any:
@@ -495,9 +494,9 @@ PRESETS: dict[str, dict[str, Any]] = {name: references.preset_values(name)
 
 
 def report_em_definition(cfg: RunConfig) -> dict[str, Any]:
-    """The ReportConfig keys that carry a run's EM definition."""
-    return {"aligned_threshold": cfg.em_aligned_threshold, "em_comparison": cfg.em_comparison,
-            "coherent_threshold": cfg.em_coherent_threshold}
+    """The ReportConfig keys that carry a run's EM definition (RunConfig's em_* fields, by shared key)."""
+    return {f.metadata["shared"]: getattr(cfg, f.name) for f in fields(cfg)
+            if f.metadata.get("shared") in EM_DEFINITION_KEYS}
 
 
 def preset(name: str, **overrides: Any) -> RunConfig:

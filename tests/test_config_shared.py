@@ -93,3 +93,11 @@ def test_notebook_parameters_cells_say_what_the_config_says(notebook, cls):
     lines = [ln for ln in "".join(cell["source"]).splitlines() if ln and not ln.startswith("#")]
     generated = config.notebook_parameters_cell(cls=cls).splitlines()
     assert lines and [ln for ln in lines if ln not in generated] == []
+
+
+def test_a_runs_em_definition_becomes_the_reports_keys():
+    run = config.preset("replicated_study")  # aligned < 75, no coherence condition
+    em = config.report_em_definition(run)
+    assert em == {"aligned_threshold": 75.0, "em_comparison": "lt", "coherent_threshold": -1.0}
+    rcfg = ReportConfig(**em)
+    assert (rcfg.aligned_threshold, rcfg.em_comparison, rcfg.coherent_threshold) == (75.0, "lt", -1.0)
