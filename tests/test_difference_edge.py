@@ -62,3 +62,25 @@ def test_off_the_edge_the_bootstrap_is_kept_and_too_few_questions_give_no_interv
     assert out["interval"] == "bootstrap" and out["lo"] == 0 and 0 < out["hi"] < 0.01
     one = metrics.bootstrap_difference(_group([0]), _group([0]), n_boot=500, seed=0)
     assert one["interval"] == "none" and math.isnan(one["lo"]) and math.isnan(one["hi"])
+
+
+def test_the_control_table_gets_the_edge_rule_from_metrics():
+    """lib.replication calls metrics.bootstrap_difference: at step 0 (the same base model on both
+    sides, no EM on either) its row carries the edge interval, not [0, 0]."""
+    from lib import replication
+
+    rows = []
+    for run, control_of, k_final in (("bad", "", 20), ("good", "bad", 2)):
+        for step in (0, 10):
+            for q in range(10):
+                for i in range(40):
+                    rows.append({"run_id": run, "checkpoint_step": step, "epoch": step / 10, "question_set": "qs",
+                                 "question_id": f"q{q}", "em": step == 10 and i < k_final, "scope": "out-of-domain",
+                                 "prompt_family": "f1", "seed": 0, "seed_group": "", "control_of": control_of,
+                                 "run_label": run, "model_label": "tiny", "domain": "medical"})
+    d = replication.control_differences(pd.DataFrame(rows), n_boot=300)
+    base = d[(d["step"] == 0) & (d["scope"] == "all")].iloc[0]
+    u, _ = _edge_bounds(10, 0.95)
+    assert base["diff"] == 0 and (base["lo"], base["hi"]) == pytest.approx((-u, u), abs=1e-9)
+    final = d[(d["step"] == 10) & (d["scope"] == "all")].iloc[0]
+    assert final["diff"] == pytest.approx(0.45) and final["hi"] - final["lo"] == pytest.approx(0, abs=1e-12)
