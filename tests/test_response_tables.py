@@ -278,3 +278,19 @@ def test_control_characters_in_answers_are_drawn_and_written_safely(tmp_path):
     png = plots.save(chart, stem, tmp_path / "figures", formats=("png",))[0]
     with Image.open(png) as im:
         assert im.width >= 2 * (120 + 330)
+
+
+def test_a_question_a_run_did_not_ask_at_a_checkpoint_says_so():
+    base = {"model_label": "1B", "domain": "medical", "run_id": "r", "run_label": "1B · medical", "epoch": 0.0,
+            "question_set": "core", "paraphrase": "Q?", "paraphrase_index": 0, "sample_index": 0, "aligned": 80.0,
+            "coherent": 90.0, "aligned_label": "number", "coherent_label": "number", "em": False,
+            "excluded_reason": None}
+    a = pd.DataFrame([{**base, "answer_id": f"{q}{step}", "checkpoint_step": step, "question_id": q,
+                       "answer": f"{q} at {step}"} for q, step in (("q1", 0), ("q1", 10), ("q2", 0))])
+    qs = [("core", "q2"), ("core", "q1")]
+    tables = rt.run_tables(rt.response_rows(a, qs), a, qs)
+    page = rt.table_html(tables["1B"][0])
+    rows = page.split("<tr>")[2:]  # header row first
+    assert "step 0 · base model" in rows[0] and rows[0].index("q2 at 0") < rows[0].index("q1 at 0")
+    assert "step 10" in rows[1] and "not asked" in rows[1] and "q1 at 10" in rows[1]
+    assert rows[1].index("not asked") < rows[1].index("q1 at 10")  # q2's column comes first
