@@ -51,6 +51,7 @@ from .decoding import (SAMPLER_VERSION, Answer, ContinuousDecoder, DecodeStats, 
 from .io import sha256_file, write_json_atomic, write_parquet_atomic
 from .models import (dtype_bytes, is_out_of_memory, kv_bytes_per_token, load_model, load_tokenizer,
                      model_revision_info)
+from .progress import Progress
 from .questions import load_question_sets, question_set_info
 from .runinfo import update_run_json
 from .schema import GENERATION_COLUMNS, answer_id
@@ -468,8 +469,6 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
     """Load the base model once and sample every unit in todo, checkpoint by checkpoint, by
     continuous batching; each chunk's part file is written as soon as its last answer ends."""
     from peft import PeftModel
-    from tqdm.auto import tqdm
-
     tok = load_tokenizer(cfg.model, cfg.model_revision, padding_side="left")
     model, choice = load_model(cfg.model, cfg.model_revision, cfg.device, cfg.dtype, cfg.quantization)
     prompts = {(q.question_set, q.id): [prompt_ids(tok, p, q.system) for p in q.paraphrases]
@@ -484,7 +483,8 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
             by_target[-1].append(chunk)
         else:
             by_target.append([chunk])
-    bar = tqdm(total=sum(u.n_rows for u in todo), unit="answer", disable=not progress, desc="generate")
+    bar = Progress("evaluate", "answers", sum(u.n_rows for u in todo), run_dir=cfg.run_dir, enabled=progress,
+                   desc="generate", unit="answer")
     peft_model = None  # the base model wrapped once, on the first checkpoint
     active: str | None = None
     try:
@@ -506,6 +506,7 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
                 sampler.model = peft_model
                 ctx = nullcontext()
             bar.set_description(f"generate step {t.step}")
+            bar.set_postfix(checkpoint=t.step)  # the lines say which model is answering (0: the base model)
             # every answer of this model, in order, with its own seed; chunk_of[i] = its chunk
             batch_prompts, seeds, chunk_of = [], [], []
             for c, chunk in enumerate(target_chunks):

@@ -16,7 +16,10 @@
    validated config is injected, the rendered notebook and its HTML export land in
    ``outputs/<run>/notebooks/``. Runs are independent: ``--jobs N`` runs N at once, ``--gpus``
    gives each its own GPU (CUDA_VISIBLE_DEVICES), ``--executor slurm`` submits one Slurm job per
-   run through submitit.
+   run through submitit. While a stage runs, the grid prints its progress (training steps,
+   answers, judgments) at most every ``--progress-every`` seconds: the stage appends lines to
+   ``outputs/<run>/progress.jsonl`` (:mod:`lib.progress`) and the grid tails that file, so this
+   works for every executor, Slurm nodes included.
 3. 04_report runs once over the runs of the grid (``outputs/report/report.ipynb`` + ``.html``);
    on Slurm it is a job that depends on the run jobs.
 
@@ -44,6 +47,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -63,6 +67,7 @@ from .judge import JudgeError, check_credentials, judgments_path
 from .judge import run_info as judge_run_info
 from .lock import ENV_HELD, LOCK_NAME, FolderLock, LockError, is_stale, read_holder
 from .models import pick_device, resolve_model
+from .progress import Tail
 from .questions import NotCached, QuestionError, check_question_sources, load_judge_prompts
 from .report import export_html as report_export_html
 from .secrets import ENV_URL_SECRETS, mask_parameters, mask_url_credentials, redact
@@ -90,6 +95,7 @@ class Options:
     kernel_name: str = "python3"
     progress_bar: bool = False  # papermill's per-cell bar (only when one run at a time on a terminal)
     log_output: bool = False    # stream the kernels' output to the terminal
+    progress_every: float = 10.0  # seconds between a stage's progress lines (lib.progress; 0: every line it writes)
     lock_wait: float | None = 0.0  # seconds to wait for a run (or report) folder another process holds; None: no limit
 
 
@@ -273,8 +279,24 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+_PRINT_LOCK = threading.Lock()  # the progress tail prints from its own thread
+
+
 def log(run: str, stage: str, msg: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')}  {run:<24} {stage:<9} {msg}", flush=True)
+    line = f"{time.strftime('%H:%M:%S')}  {run:<24} {stage:<9} {msg}\n"
+    with _PRINT_LOCK:  # one write per line: the tail's lines never split one of ours
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+# the grid's tail of its runs' progress files (lib.progress.Tail), while it runs stages in this process
+_TAIL: Tail | None = None
+
+
+def _flush_progress() -> None:
+    """Print what the tail has not printed yet, so a stage's last progress line precedes its 'done'."""
+    if _TAIL is not None:
+        _TAIL.poll(flush=True)
 
 
 def _one_line(text: str, limit: int = 400) -> str:
@@ -413,6 +435,7 @@ def _run_notebook_stage(run: str, stage: str, folder: Path, finger: str, present
         fp.write_stages(folder, record)
         t0 = time.monotonic()
         error = execute_notebook(nb_in, nb_out, parameters, options)
+        _flush_progress()
         html = nb_out.with_suffix(".html")
         if nb_out.exists():
             try:
@@ -889,44 +912,10 @@ def summary_table(results: list[StageResult]) -> str:
     return "\n".join(lines)
 
 
-def run_grid(files: Sequence[str], options: Options, executor: str = "inline", jobs: int = 1,
-             gpus: Sequence[str] = (), slurm: SlurmOptions = SlurmOptions(), dry_run: bool = False) -> int:
-    """Validate, run, summarise. Returns the exit code (0 ok, 1 a stage failed, 2 bad input)."""
-    try:
-        if executor not in EXECUTORS:
-            raise GridError(f"--executor: must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-        if gpus and jobs > len(gpus):
-            raise GridError(f"--jobs {jobs} needs as many GPUs, but --gpus names {len(gpus)}: {','.join(gpus)}")
-        if executor == "slurm":
-            missing = [c for c in ("sbatch", "srun") if not shutil.which(c)]
-            if missing:
-                raise GridError(f"--executor slurm: {' and '.join(missing)} not found on PATH (not a Slurm login node?)")
-        runs = validate(files, options, offline=dry_run, check_device=executor != "slurm")
-        busy = busy_folders(runs, options)
-        if busy and options.lock_wait == 0 and not dry_run:
-            raise GridError(f"{busy[0]}; wait for it to finish, or pass --wait-lock")
-    except GridError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-
-    if dry_run:
-        for run, stage, what in plan(runs, options):
-            print(f"{run:<24} {stage:<9} {what}")
-        print("\nwhat the runs cost from scratch (lib/estimate.py; a resumed run does less):")
-        estimates = [estimate_run(cfg) for _, cfg in runs]
-        for e in estimates:
-            print(e.line())
-        print(total_line(estimates))
-        for line in busy:
-            print(f"note: {line}")
-        return 0
-    outputs_dir = runs[0][1].outputs_dir
-    em = report_em_definition(runs[0][1])  # validate() made sure every run shares it
-    grid_jobs = [Job(f, cfg.to_dict(), options) for f, cfg in runs]
-    run_ids = [cfg.run_id for _, cfg in runs]
-    print(f"grid: {len(runs)} run(s) [{', '.join(run_ids)}], stages {','.join(options.stages)}, "
-          f"executor {executor}, jobs {jobs}" + (f", gpus {','.join(gpus)}" if gpus else ""), flush=True)
-    t0 = time.monotonic()
+def _execute(grid_jobs: list[Job], run_ids: list[str], outputs_dir: str, em: dict[str, Any], options: Options,
+             executor: str, jobs: int, gpus: Sequence[str], slurm: SlurmOptions) -> list[StageResult] | int:
+    """Run (or submit) the grid's jobs and the report; their results, or an exit code when
+    Slurm refused a job (2) or the grid does not wait for its jobs (0)."""
     do_runs = any(s in RUN_STAGES for s in options.stages)
     do_report = "report" in options.stages
     folder = resolve_path(outputs_dir) / ".grid" / "submitit"
@@ -990,6 +979,63 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
                 results.append(_report_result(handle))
             else:
                 results.append(run_report(outputs_dir, run_ids, options, em))
+
+    return results
+
+
+def run_grid(files: Sequence[str], options: Options, executor: str = "inline", jobs: int = 1,
+             gpus: Sequence[str] = (), slurm: SlurmOptions = SlurmOptions(), dry_run: bool = False) -> int:
+    """Validate, run, summarise. Returns the exit code (0 ok, 1 a stage failed, 2 bad input)."""
+    try:
+        if executor not in EXECUTORS:
+            raise GridError(f"--executor: must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+        if gpus and jobs > len(gpus):
+            raise GridError(f"--jobs {jobs} needs as many GPUs, but --gpus names {len(gpus)}: {','.join(gpus)}")
+        if executor == "slurm":
+            missing = [c for c in ("sbatch", "srun") if not shutil.which(c)]
+            if missing:
+                raise GridError(f"--executor slurm: {' and '.join(missing)} not found on PATH (not a Slurm login node?)")
+        runs = validate(files, options, offline=dry_run, check_device=executor != "slurm")
+        busy = busy_folders(runs, options)
+        if busy and options.lock_wait == 0 and not dry_run:
+            raise GridError(f"{busy[0]}; wait for it to finish, or pass --wait-lock")
+    except GridError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+    if dry_run:
+        for run, stage, what in plan(runs, options):
+            print(f"{run:<24} {stage:<9} {what}")
+        print("\nwhat the runs cost from scratch (lib/estimate.py; a resumed run does less):")
+        estimates = [estimate_run(cfg) for _, cfg in runs]
+        for e in estimates:
+            print(e.line())
+        print(total_line(estimates))
+        for line in busy:
+            print(f"note: {line}")
+        return 0
+    outputs_dir = runs[0][1].outputs_dir
+    em = report_em_definition(runs[0][1])  # validate() made sure every run shares it
+    grid_jobs = [Job(f, cfg.to_dict(), options) for f, cfg in runs]
+    run_ids = [cfg.run_id for _, cfg in runs]
+    print(f"grid: {len(runs)} run(s) [{', '.join(run_ids)}], stages {','.join(options.stages)}, "
+          f"executor {executor}, jobs {jobs}" + (f", gpus {','.join(gpus)}" if gpus else ""), flush=True)
+    t0 = time.monotonic()
+    global _TAIL
+    # a stage's progress lines, from its run folder's progress file (the one place a worker, a
+    # local job or a Slurm job shares with this process); --log-output inline streams the
+    # notebooks' own text lines instead
+    tail = None if executor == "inline" and options.log_output else Tail(
+        {cfg.run_id: cfg.run_dir for _, cfg in runs}, log, every=options.progress_every).start()
+    _TAIL = tail
+    try:
+        results = _execute(grid_jobs, run_ids, outputs_dir, em, options, executor, jobs, gpus, slurm)
+    finally:
+        _TAIL = None
+        if tail is not None:
+            tail.stop()
+    if isinstance(results, int):  # sbatch refused a job (2), or submitted without waiting (0)
+        return results
 
     print(f"\ngrid finished in {time.monotonic() - t0:.1f}s", flush=True)
     print(summary_table(results), flush=True)
@@ -1071,6 +1117,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-wait", action="store_true", help="Slurm: submit and return (the report job waits for the runs)")
     r.add_argument("--notebooks", default=str(REPO_ROOT / "notebooks"), help="folder holding 01..04 notebooks")
     r.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+    r.add_argument("--progress-every", type=float, default=Options.progress_every, metavar="SECONDS",
+                   help="print a running stage's progress (steps, answers, judgments) at most this often "
+                        "(default %(default)s; 0: every line the stage writes, about one per percent)")
     r.add_argument("--dry-run", action="store_true", help="validate and show which stages would run; run nothing")
     r.add_argument("--wait-lock", nargs="?", type=float, const=-1.0, default=0.0, metavar="SECONDS",
                    help="when another grid or notebook is using a run (or the report) folder, wait for it "
@@ -1089,6 +1138,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(not g.isdigit() for g in gpus):
             raise GridError(f"--gpus: expected a comma list of GPU ids, got {args.gpus!r}")
         jobs = args.jobs or max(1, len(gpus))
+        if not args.progress_every >= 0:
+            raise GridError(f"--progress-every: must be >= 0 seconds, got {args.progress_every}")
         if jobs < 1:
             raise GridError("--jobs: must be >= 1")
         extra = []
@@ -1105,7 +1156,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     options = Options(stages=stages, force=frozenset(force), notebooks_dir=str(Path(args.notebooks).resolve()),
                       progress_bar=jobs == 1 and args.executor == "inline" and sys.stderr.isatty(),
-                      log_output=args.log_output, lock_wait=None if args.wait_lock < 0 else args.wait_lock)
+                      log_output=args.log_output, progress_every=args.progress_every,
+                      lock_wait=None if args.wait_lock < 0 else args.wait_lock)
     return run_grid(args.params, options, executor=args.executor, jobs=jobs, gpus=gpus, slurm=slurm,
                     dry_run=args.dry_run)
 

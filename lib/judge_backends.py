@@ -52,6 +52,7 @@ from .costs import Budget, cost_usd, describe_price, price_for
 from .io import sha256_text
 from .models import (dtype_bytes, free_memory_bytes, is_out_of_memory, kv_bytes_per_token, load_model,
                      load_tokenizer, resolve_model)
+from .progress import Progress
 from .scoring import (CANDIDATES, MIN_MASS, SAMPLED_MAX_TOKENS, TOP_LOGPROBS, Job, JudgeError, Verdict,
                       label_from_logprobs, parse_sampled)
 from .secrets import safe_base_url, unmask_url
@@ -63,10 +64,8 @@ BACKOFF_CAP_S = 20.0
 RETRY_AFTER_CAP_S = 300.0
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="call", smoothing=0.1)
+def _progress(total: int, enabled: bool, desc: str, run_dir: Path | None) -> Progress:
+    return Progress("judge", "judgments", total, run_dir=run_dir, enabled=enabled, desc=desc, unit="call")
 
 
 def run_coroutine(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -192,7 +191,7 @@ class OpenAIBackend:
         client = AsyncOpenAI(api_key=self.api_key, base_url=self.base_url, max_retries=0,
                              timeout=self.cfg.judge_timeout_s)
         queue = deque(jobs)
-        bar = _progress(len(jobs), progress, f"judge {self.model}")
+        bar = _progress(len(jobs), progress, f"judge {self.model}", self.cfg.run_dir)
 
         async def worker() -> None:
             while queue and not budget.exhausted:
@@ -512,7 +511,7 @@ class HFBackend:
 
     def run(self, jobs: list[Job], sink: Sink, budget: Budget, progress: bool) -> None:
         self.load()
-        bar = _progress(len(jobs), progress, f"judge {self.model_name} ({self.method})")
+        bar = _progress(len(jobs), progress, f"judge {self.model_name} ({self.method})", self.cfg.run_dir)
         try:
             if self.method == "exact":
                 cands = candidate_token_ids(self.tok)

@@ -14,6 +14,7 @@
     judgments/<judge_name>.parquet    one judge's scores (lib.schema.JUDGMENT_COLUMNS)
     notebooks/<NN_stage>.ipynb|.html  the rendered notebooks
     figures/<name>.png|.svg|.html     the stages' charts
+    progress.jsonl                    the stages' progress lines, appended while they run (lib.progress)
 
 The report folder (``ReportConfig.report_dir``) holds ``report.ipynb|.html``, ``figures/`` and
 ``data/``. The evaluate stage's file keeps its first name, ``generations.parquet``.
@@ -45,6 +46,7 @@ JUDGMENTS_DIR = "judgments"
 NOTEBOOKS_DIR = "notebooks"
 FIGURES_DIR = "figures"
 DATA_DIR = "data"
+PROGRESS = "progress.jsonl"
 
 # each stage's notebook (its rendered copy keeps the name)
 NOTEBOOKS = {"train": "01_train.ipynb", "evaluate": "02_evaluate.ipynb", "judge": "03_judge.ipynb",
@@ -114,6 +116,10 @@ def judgment_files(run_dir: str | Path) -> list[Path]:
     """Every judge's table of a run, by name."""
     d = judgments_dir(run_dir)
     return sorted(d.glob("*.parquet")) if d.is_dir() else []
+
+
+def progress_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / PROGRESS
 
 
 def step_of(folder: Path) -> int | None:

@@ -45,6 +45,7 @@ from .layout import (CHECKPOINT_MARKER, CHECKPOINT_PREFIX, COMPLETE_MARKER, EVAL
 from .layout import read_eval_log as _read_eval_log
 from .layout import read_train_log as _read_train_log
 from .models import describe, load_model, load_tokenizer, model_revision_info
+from .progress import Progress as StageProgress
 from .runinfo import update_run_json
 
 LOG_COLUMNS = TRAIN_LOG_COLUMNS  # train_log.csv (lib.layout: the report reads it too)
@@ -277,27 +278,27 @@ def _callbacks():
                 csv.writer(f).writerow([row[c] for c in LOG_COLUMNS])
 
     class Progress(TrainerCallback):
-        """One tqdm.auto bar over optimizer steps, the latest loss as its postfix."""
+        """Optimizer steps through :class:`lib.progress.Progress` (a tqdm.auto bar, text lines,
+        the run's progress file), the latest loss beside the count. The count moves in on_log
+        (logging_steps=1), so each line carries the loss of the step it names."""
 
-        def __init__(self):
-            self.bar = None
+        def __init__(self, run_dir: Path | None = None):
+            self.run_dir, self.p = run_dir, None
 
         def on_train_begin(self, args, state, control, **kw):
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.bar is not None:
-                self.bar.update(state.global_step - self.bar.n)
+            self.p = StageProgress("train", "step", state.max_steps, run_dir=self.run_dir, initial=state.global_step,
+                                   desc="training")
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if self.bar is not None and logs and "loss" in logs:
-                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+            if self.p is not None and logs and "loss" in logs:
+                self.p.set_postfix(loss=float(logs["loss"]))
+                self.p.set(state.global_step)
 
         def on_train_end(self, args, state, control, **kw):
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
+            if self.p is not None:
+                self.p.set(state.global_step)  # a step that logged no loss still counts
+                self.p.close()
+                self.p = None
 
     return CheckpointSchedule, CsvLog, Progress
 
@@ -566,7 +567,7 @@ def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Pat
     for cb in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
         trainer.remove_callback(cb)  # one quiet tqdm bar instead of a printed dict per step
     if progress:
-        trainer.add_callback(_callbacks()[2]())
+        trainer.add_callback(_callbacks()[2](cfg.run_dir))
     return trainer, choice
 
 

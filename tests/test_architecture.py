@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "scoring": BASE,
     "lock": BASE,
     "references": BASE,
+    "progress": BASE,
     # loaders: models, the embedded models (tiny, SmolLM2), training data, question sets
     "models": LOADERS,
     "embedded": LOADERS,

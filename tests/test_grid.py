@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -268,6 +269,48 @@ def test_submitit_local_executor_runs_a_grid(tmp_path, notebooks, capsys):
     assert json.loads((out / "report" / "runs.json").read_text()) == ["a", "b"]
     # each job really ran in its own process: submitit's job folders hold their logs
     assert len(list((out / ".grid" / "submitit").glob("*/*_log.out"))) == 3
+
+
+# a stand-in train stage that counts 5 steps through lib.progress, as lib.train's callback does
+TRAIN_WITH_PROGRESS = TRAIN + """
+from lib.progress import Progress
+p = Progress("train", "step", 5, run_dir=cfg.run_dir)
+for i in range(5):
+    p.set_postfix(loss=round(1.0 / (i + 1), 3))
+    p.update()
+p.close()
+"""
+
+
+def _progress_lines(lines: list[str]) -> list[str]:
+    """'<run> <stage> <message>' of the progress lines, the elapsed seconds left out."""
+    return [re.sub(r", [0-9hms ]+\)$", ")", " ".join(ln.split()[1:])) for ln in lines if re.search(r" step \d+/", ln)]
+
+
+def test_grid_prints_each_stage_progress_from_submitit_jobs(tmp_path, notebooks, capsys):
+    """The grid's own process prints the stage's progress lines while the stage runs in a
+    submitit job process (as on Slurm, where the run folder is the one thing both see).
+    Inline runs: tests/test_grid_demo.py."""
+    nbformat.write(_notebook(config.notebook_parameters_cell(), TRAIN_WITH_PROGRESS), notebooks / "01_train.ipynb")
+    out = tmp_path / "out"
+    files = [str(write_params(tmp_path, r, out)) for r in ("a", "b")]
+    assert run([*files, "--stages", "train", "--executor", "local", "--jobs", "2", "--progress-every", "0"],
+               notebooks) == 0
+    got = _progress_lines(capsys.readouterr().out.splitlines())
+    for r in ("a", "b"):
+        assert [g for g in got if g.split()[0] == r] == [
+            f"{r} train step {k}/5 loss {round(1.0 / k, 3):.4g} ({k * 20}%)" for k in range(1, 6)]
+    # the job's rendered notebook keeps the text lines (one per tenth: 5 steps -> 5 lines)
+    nb = nbformat.read(out / "a" / "notebooks" / "01_train.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
+    assert [re.sub(r", [0-9hms ]+\)$", ")", ln) for ln in text.splitlines() if ln.startswith("progress train:")] == [
+        f"progress train: step {k}/5 loss {round(1.0 / k, 3):.4g} ({k * 20}%)" for k in range(1, 6)]
+
+
+def test_grid_progress_every_must_not_be_negative(tmp_path, notebooks, capsys):
+    files = [str(write_params(tmp_path, "a", tmp_path / "out"))]
+    assert run([*files, "--progress-every", "-1"], notebooks) == 2
+    assert capsys.readouterr().err.strip() == "error: --progress-every: must be >= 0 seconds, got -1.0"
 
 
 def test_slurm_submission_script(tmp_path, notebooks, capsys, monkeypatch):
