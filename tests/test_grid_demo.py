@@ -7,6 +7,7 @@ run (only that run's judge and the report rerun).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -63,8 +64,10 @@ def demo(tmp_path_factory):
 
 def test_first_run_renders_every_stage_and_the_report(demo, capsys):
     out = demo["out"]
-    assert grid.main(["run", *demo["files"]]) == 0
+    # --progress-every 0: every progress line the stages write, so their count is exact below
+    assert grid.main(["run", *demo["files"], "--progress-every", "0"]) == 0
     text = capsys.readouterr().out
+    demo["first_run_out"] = text
     for run in demo["runs"]:
         d = out / run
         gens = pd.read_parquet(d / "generations.parquet")
@@ -144,6 +147,95 @@ def test_first_run_numbers_are_the_ones_the_settings_imply(demo):
             assert r.n_questions == n_questions
             if r.n_scored:
                 assert r.em_lo <= r.em_rate <= r.em_hi
+
+
+def _marks(total: int, steps: int) -> list[int]:
+    """The counts at which lib.progress writes a line (one per 1/steps of total, counting by one)."""
+    return [k for k in range(1, total + 1) if k == total or k * steps // total > (k - 1) * steps // total]
+
+
+def _stdout(nb_path: Path) -> str:
+    nb = nbformat.read(nb_path, as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream" and o.get("name") == "stdout")
+
+
+def test_first_run_streams_progress_lines_and_rendered_notebooks_keep_them(demo):
+    """Without --log-output the grid printed each stage's progress (from progress.jsonl), each
+    stage's last line before its 'done' line; the rendered notebooks (and their HTML export,
+    where the tqdm widget is blank) hold the text lines, one per tenth."""
+    text = demo.get("first_run_out")
+    assert text is not None, "runs after test_first_run_renders_every_stage_and_the_report"
+    lines = text.splitlines()
+    strip = lambda ln: re.sub(r", [0-9hms ]+\)$", ")", ln)  # noqa: E731  (the elapsed time varies)
+    steps = 2  # 8 examples / batch 4, one epoch
+    n_answers = (1 + steps) * 2  # base model + 2 checkpoints, 2 questions x 1 paraphrase x 1 sample
+    for run in demo["runs"]:
+        d = demo["out"] / run
+        judge_out = _stdout(d / "notebooks" / "03_judge.ipynb")
+        n_judged = int(re.search(r"judged (\d+) prompts", judge_out).group(1))  # judge cache hits are not calls
+        assert 1 <= n_judged <= 2 * n_answers
+        shown = {stage: [strip(" ".join(ln.split()[3:])) for ln in lines
+                         if ln.split()[1:3] == [run, stage] and re.search(r" \d+/\d+ ", ln + " ")]
+                 for stage in ("train", "evaluate", "judge")}
+        assert [re.sub(r" loss \S+", "", s) for s in shown["train"]] == [
+            f"step {k}/{steps} ({k * 100 // steps}%)" for k in range(1, steps + 1)]
+        assert all(re.search(r" loss \d+\.?\d* \(", s) for s in shown["train"])
+        assert [re.sub(r" checkpoint \d+", "", s) for s in shown["evaluate"]] == [
+            f"answers {k}/{n_answers} ({k * 100 // n_answers}%)" for k in range(1, n_answers + 1)]
+        assert [s.split()[-2] for s in shown["evaluate"]] == ["0", "0", "1", "1", "2", "2"]  # checkpoint of each
+        assert shown["judge"] == [f"judgments {k}/{n_judged} ({k * 100 // n_judged}%)"
+                                  for k in _marks(n_judged, 100)]
+        for stage, last in (("train", f"step {steps}/{steps}"), ("evaluate", f"answers {n_answers}/{n_answers}"),
+                            ("judge", f"judgments {n_judged}/{n_judged}")):
+            done = next(i for i, ln in enumerate(lines) if ln.split()[1:3] == [run, stage] and "done in" in ln)
+            assert last in lines[done - 1], lines[done - 1]
+        # the rendered notebooks: one text line per tenth of the work
+        for nb, stage, label, total in (("01_train", "train", "step", steps), ("02_evaluate", "evaluate", "answers",
+                                        n_answers), ("03_judge", "judge", "judgments", n_judged)):
+            out = _stdout(d / "notebooks" / f"{nb}.ipynb")
+            got = [re.match(rf"progress {stage}: {label} (\d+)/{total}\b", ln) for ln in out.splitlines()
+                   if ln.startswith(f"progress {stage}:")]
+            assert all(got) and [int(m.group(1)) for m in got] == _marks(total, 10), out
+            html = (d / "notebooks" / f"{nb}.html").read_text(encoding="utf-8")
+            assert f"progress {stage}: {label} {total}/{total}" in html
+        assert len((d / "progress.jsonl").read_text().splitlines()) == steps + n_answers + len(_marks(n_judged, 100))
+
+
+def stderr_blocks(paths: list[Path], root: Path) -> list[str]:
+    """'<notebook> cell <i>: <text>' for every stderr output block of the rendered notebooks."""
+    blocks = []
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        for i, cell in enumerate(nb.cells):
+            for o in cell.get("outputs", []):
+                if o.get("output_type") == "stream" and o.get("name") == "stderr" and o.text.strip():
+                    blocks.append(f"{path.relative_to(root)} cell {i}: {o.text.strip()[:400]}")
+    return blocks
+
+
+def test_rendered_notebooks_have_no_stderr_blocks(demo):
+    """No rendered notebook shows a red stderr block: the known-harmless third-party warnings
+    (transformers' FutureWarnings, bitsandbytes' kernel message) are filtered by lib.quiet, by
+    message, and anything new fails here with its text (a tqdm bar is a widget, not stderr)."""
+    notebooks = [demo["out"] / run / "notebooks" / f"{nb}.ipynb" for run in demo["runs"] for nb in RUN_NOTEBOOKS]
+    notebooks.append(demo["out"] / "report" / "report.ipynb")
+    assert all(p.exists() for p in notebooks) and len(notebooks) == 7
+    assert stderr_blocks(notebooks, demo["out"]) == []
+
+
+def test_stderr_check_sees_a_warning_block(tmp_path):
+    """The check above fails on what lib.quiet would let through (the text a rendered 01_train held
+    with EM_LAB_SHOW_ALL_WARNINGS=1), and not on stdout."""
+    nb = nbformat.v4.new_notebook()
+    warning = ("/x/site-packages/transformers/modeling_utils.py:3312: FutureWarning: `is_gradient_checkpointing` is "
+               "deprecated and will be removed in v6. Use `is_activation_checkpointing` instead.\n  warnings.warn(\n")
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text="progress train: step 1/2 (50%, 0 s)\n"),
+        nbformat.v4.new_output("stream", name="stderr", text=warning)])]
+    nbformat.write(nb, tmp_path / "01_train.ipynb")
+    got = stderr_blocks([tmp_path / "01_train.ipynb"], tmp_path)
+    assert got == [f"01_train.ipynb cell 0: {warning.strip()[:400]}"]
 
 
 def test_unchanged_rerun_skips_every_stage_and_calls_no_judge(demo, capsys):
