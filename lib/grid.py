@@ -1163,4 +1163,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # `python -m lib.grid` runs this file as __main__: run the imported lib.grid instead, so the
+    # functions submitit pickles for a job (run_job, ...) are found by reference, not copied by
+    # value with this module's globals (the progress tail's thread and the print lock)
+    from .grid import main as _main
+    raise SystemExit(_main())
