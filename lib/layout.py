@@ -76,6 +76,7 @@ generation_parts_dir = _under(GENERATION_PARTS, "answers persisted while the eva
 judgments_dir = _under(JUDGMENTS_DIR, "one table per judge")
 notebooks_dir = _under(NOTEBOOKS_DIR, "the rendered notebooks")
 figures_dir = _under(FIGURES_DIR, "a run's (or the report's) charts")
+progress_path = _under(PROGRESS, "the stages' progress lines, appended while they run (lib.progress)")
 for _name, _fn in list(globals().items()):  # tracebacks and help() show the public name
     if getattr(_fn, "__qualname__", "") == "_under.<locals>.path":
         _fn.__name__ = _fn.__qualname__ = _name
@@ -116,10 +117,6 @@ def judgment_files(run_dir: str | Path) -> list[Path]:
     """Every judge's table of a run, by name."""
     d = judgments_dir(run_dir)
     return sorted(d.glob("*.parquet")) if d.is_dir() else []
-
-
-def progress_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / PROGRESS
 
 
 def step_of(folder: Path) -> int | None:

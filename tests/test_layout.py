@@ -22,6 +22,7 @@ EXPECTED = {
     "judgments_dir": "judgments",
     "notebooks_dir": "notebooks",
     "figures_dir": "figures",
+    "progress_path": "progress.jsonl",
 }
 
 
