@@ -3,6 +3,9 @@
 Each entry says what prints it, why it is harmless here, and matches only that message, so a new
 or different warning from the same package still shows. ``install()`` runs when ``lib`` is
 imported (notebooks, the grid runner, tests); ``EM_LAB_SHOW_ALL_WARNINGS=1`` turns it off.
+``tests/test_grid_demo.py::test_rendered_notebooks_have_no_stderr_blocks`` fails on any stderr
+block in the demo's rendered notebooks, so a new third-party warning is seen and either fixed or
+listed here.
 
 | source | message | why it is harmless |
 |---|---|---|
