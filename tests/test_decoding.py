@@ -8,6 +8,8 @@ temperature 1 can move a draw across a token boundary) far below anything a draw
 A mistake in masks or positions changes logits by orders of magnitude more."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -154,6 +156,7 @@ def test_cache_width_stays_bounded_while_rows_are_refilled(tiny, monkeypatch):
     sampling = evaluate.Sampling(temperature=1.0, top_p=1.0, max_new_tokens=12)
     real_forward, widths = type(model).forward, []
 
+    @functools.wraps(real_forward)  # keeps forward's signature: the decoder picks the cache keyword from it
     def spy(self, input_ids=None, attention_mask=None, **kw):
         widths.append(attention_mask.shape[1])
         return real_forward(self, input_ids=input_ids, attention_mask=attention_mask, **kw)
