@@ -42,6 +42,16 @@ class _DropMessages(logging.Filter):
 _installed = False
 
 
+def filter_warnings() -> None:
+    """The warnings-module part of :func:`install`, again: a ``warnings.catch_warnings`` block
+    (pytest runs collection and each test in one) drops filters added inside it, so tests
+    re-apply them per test (tests/conftest.py). Idempotent: an identical filter is replaced."""
+    if os.environ.get("EM_LAB_SHOW_ALL_WARNINGS") == "1":
+        return
+    for category, pattern in WARNING_MESSAGES:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+
+
 def install() -> None:
     """Filter the warnings listed above (idempotent)."""
     global _installed
@@ -52,6 +62,5 @@ def install() -> None:
         by_logger.setdefault(name, []).append(pattern)
     for name, patterns in by_logger.items():
         logging.getLogger(name).addFilter(_DropMessages(patterns))
-    for category, pattern in WARNING_MESSAGES:
-        warnings.filterwarnings("ignore", message=pattern, category=category)
+    filter_warnings()
     _installed = True

@@ -11,6 +11,16 @@ from pathlib import Path
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """lib.quiet's filters inside each test, before its fixtures (a module fixture may train):
+    pytest runs every test in a warnings.catch_warnings block that drops the filters lib added
+    when it was imported (during collection)."""
+    from lib import quiet
+
+    quiet.filter_warnings()
+
+
 def pytest_collection_modifyitems(config, items):
     """Under mutmut (``make mutation``), one mutant's tests run cheapest module first, each
     module's tests cheapest first: pytest stops at the first failure (``-x``), so a mutant a

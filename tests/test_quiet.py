@@ -51,3 +51,14 @@ def test_rename_warning_filtered_in_a_fresh_interpreter():
     err = _stderr_of(code, show_all=False)
     assert "other deprecation" in err and "gradient_checkpointing_kwargs" not in err
     assert "gradient_checkpointing_kwargs" in _stderr_of(code, show_all=True)
+
+
+def test_rename_warning_filtered_inside_a_test():
+    """pytest drops filters added at collection; tests/conftest.py re-applies them before each test."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use "
+                      "`is_activation_checkpointing` instead.", FutureWarning)
+        warnings.warn("other deprecation", FutureWarning)
+    assert [str(r.message) for r in rec] == ["other deprecation"]
