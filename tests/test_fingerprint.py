@@ -299,6 +299,53 @@ def test_question_set_urls_are_downloaded_into_the_outputs_cache_unless_offline(
     assert fp.stage_inputs("evaluate", cfg, fp.HashCache())["question_sets"] == [
         {"source": "https://questions.example/sets/other.yaml", "sha256": expected[0]["sha256"]}]
     assert len(fetched) == 2  # stage_inputs is online by default too
+    new = cfg.replace(question_sets=["https://questions.example/new.yaml"])
     with pytest.raises(NotCached):
-        fp.stage_inputs("judge", cfg.replace(question_sets=["https://questions.example/new.yaml"]), fp.HashCache(),
-                        offline=True)
+        fp.stage_inputs("judge", new, fp.HashCache(), offline=True)
+    with pytest.raises(NotCached):  # the grid's dry run asks for the fingerprint offline
+        fp.stage_fingerprint("evaluate", new, fp.HashCache(), offline=True)
+    assert len(fetched) == 2
+    fp.stage_fingerprint("evaluate", new, fp.HashCache())  # online by default
+    assert fetched[-1] == "https://questions.example/new.yaml"
+
+
+def test_every_stage_downloads_its_url_sources_into_the_runs_outputs_cache_or_refuses_offline(tmp_path, monkeypatch):
+    import io
+
+    from lib import questions
+    from lib.questions import NotCached, cached_path
+
+    monkeypatch.delenv("EM_LAB_CACHE", raising=False)
+    monkeypatch.setattr(questions.urllib.request, "urlopen",
+                        lambda request, timeout: io.BytesIO((QUESTIONS if "qs" in request.full_url
+                                                             else JUDGE_PROMPTS).encode("utf-8")))
+    out = str(tmp_path / "out")
+    qs, jp = "https://h.example/qs.yaml", "https://h.example/judge_prompts.yaml"
+    cfg = RunConfig(outputs_dir=out, question_sets=[qs], judge_prompts=jp, judge_backend="hf",
+                    judge_model="org/judge-model", judge_method="exact")
+    for stage, sources in (("evaluate", [qs]), ("judge", [qs, jp])):
+        for c in (cached_path(qs, out), cached_path(jp, out)):
+            c.unlink(missing_ok=True)
+        inputs = fp.stage_inputs(stage, cfg, fp.HashCache())
+        assert all(cached_path(src, out).exists() for src in sources), stage  # under this run's outputs
+        for src in sources:  # offline reaches every source of the stage: each one missing is an error
+            cached_path(src, out).rename(tmp_path / "aside")
+            with pytest.raises(NotCached, match=src.rsplit("/", 1)[1]):
+                fp.stage_inputs(stage, cfg, fp.HashCache(), offline=True)
+            (tmp_path / "aside").rename(cached_path(src, out))
+        assert fp.stage_inputs(stage, cfg, fp.HashCache(), offline=True) == inputs
+    assert inputs["judge_prompts"] == [{"source": jp, "sha256": hashlib.sha256(JUDGE_PROMPTS.encode()).hexdigest()}]
+    # an in-process judge named by hub id: id and the default branch (judge models are not pinned by revision)
+    assert inputs["judge_model"] == {"model": "org/judge-model", "revision": "default branch"}
+
+
+def test_the_fingerprint_hashes_values_json_cannot_hold_as_their_text():
+    assert fp.fingerprint({"path": Path("data/x.jsonl")}, {}) == fp.fingerprint({"path": "data/x.jsonl"}, {})
+    assert fp.fingerprint({"a": 1}, {"b": [1, 2]}) == hashlib.sha256(
+        b'{"inputs": {"b": [1, 2]}, "params": {"a": 1}}').hexdigest()
+
+
+def test_a_pinned_hub_revision_is_part_of_the_training_and_generation_inputs():
+    cfg = RunConfig(model="org/some-model", model_revision="abc123", dataset="demo_medical")
+    for stage in ("train", "evaluate"):
+        assert fp.stage_inputs(stage, cfg, fp.HashCache())["model"] == {"model": "org/some-model", "revision": "abc123"}
