@@ -136,3 +136,20 @@ def test_continuous_sampler_reports_each_answer_as_it_ends(tiny):
         evaluate.Sampler(model, tok, sampling, 5).sample(prompts)
     # the stop set is the picker's: every answer that stopped ended on one of the model's stop ids
     assert s.stop == set(stop_token_ids(tok, model))
+
+
+def test_the_models_own_stop_ids_reach_both_samplers(tiny, monkeypatch):
+    """A model whose generation config names an extra end token (Llama-3 base: <|end_of_text|>):
+    the static sampler's generate() config and both samplers' stop sets include it."""
+    import copy
+
+    model, tok = tiny
+    extra = tok.convert_tokens_to_ids(PAD) + 1  # any id that is neither the tokenizer's eos nor <|eot_id|>
+    assert extra not in stop_token_ids(tok)
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.eos_token_id = [tok.eos_token_id, extra]
+    monkeypatch.setattr(model, "generation_config", cfg)
+    sampling = evaluate.Sampling(temperature=1.0, top_p=1.0, max_new_tokens=4)
+    static = evaluate.Sampler(model, tok, sampling, batch_size=2)
+    assert extra in static.stop and extra in static.gen_cfg.eos_token_id and extra in static.picker.stop_ids
+    assert extra in evaluate.ContinuousSampler(model, tok, sampling, batch_size=2).stop
