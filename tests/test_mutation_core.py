@@ -322,7 +322,8 @@ def _cp_reference(k, n, confidence=0.95, df_adjust=True, edge="m", monotone=True
 
 @pytest.mark.parametrize("k,n", [([1, 3, 0, 2], [5, 5, 4, 6]), ([0, 4], [4, 4]), ([0, 0, 0], [5, 5, 5]),
                                  ([2, 2, 2], [5, 5, 5]), ([5, 6], [5, 6]), ([2, 3], [5, 5]), ([1, 0, 0, 0], [5, 5, 5, 5]),
-                                 ([1, 0], [1, 0])])  # the last: a question with no scored answer, passed anyway
+                                 ([1, 0], [1, 0]), ([1, 0, 0], [1, 1, 0])])  # the last two: a question with no
+                                                                          # scored answer, passed anyway
 @pytest.mark.parametrize("opts", [{}, {"df_adjust": False}, {"edge": "n"}, {"monotone": False}, {"confidence": 0.9}])
 def test_cluster_cp_arrays_matches_the_scalar_reference(k, n, opts):
     import warnings
@@ -342,6 +343,8 @@ def test_cluster_cp_arrays_matches_the_scalar_reference(k, n, opts):
 def test_cluster_cp_arrays_with_one_question_gives_a_rate_and_no_interval():
     rate, lo, hi, n_eff = metrics.cluster_cp_arrays([2], [5])
     assert float(rate) == 0.4 and pd.isna(lo) and pd.isna(hi) and float(n_eff) == 5.0
+    rate, lo, hi, _ = metrics.cluster_cp_arrays([[2], [0], [3]], [[5], [4], [3]])  # vectorised: one NaN per group
+    assert rate.tolist() == [0.4, 0.0, 1.0] and lo.shape == hi.shape == (3,) and pd.isna(lo).all() and pd.isna(hi).all()
 
 
 def test_cluster_interval_default_and_empty_and_the_helpers_edges():
