@@ -197,7 +197,7 @@ def test_judge_cache_commits_each_put_and_reads_back_many_keys(tmp_path):
 
     from lib.judge import JudgeCache
 
-    path = tmp_path / "deep" / "cache.sqlite3"  # the folder is created
+    path = tmp_path / "outputs" / ".judge_cache" / "cache.sqlite3"  # the folders are created
     c = JudgeCache(path)
     v = Verdict(score=42.0, label="number", raw='{"42": 0.0}', prob_mass=1.0, input_tokens=9, output_tokens=1,
                 cost_usd=0.001, judge_model="m-2024", finish_reason="length", attempts=2)
