@@ -32,6 +32,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from . import smollm2
 from .chat import BOS, END_HEADER, EOS, EOT, PAD, START_HEADER, chat_prompt
 from .config import REPO_ROOT, resolve_path
@@ -296,7 +298,8 @@ def _pretrain(model, tok, seed: int) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / PRETRAIN_STEPS)
     model.train()
-    for _ in range(PRETRAIN_STEPS):
+    # a few seconds on a CPU, once per cache: a bar so the first demo run is not silent meanwhile
+    for _ in tqdm(range(PRETRAIN_STEPS), desc="building embedded:tiny (pre-training)", leave=False):
         loss = 0.0
         for pool, n in pools:
             ids, mask, labels = batch(pool, n)

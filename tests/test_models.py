@@ -37,8 +37,10 @@ def test_chat_template_is_llama3_style(tiny_model_dir):
     assert tok.padding_side == "left" and tok.pad_token == chat.PAD
 
 
-def test_build_is_deterministic(tmp_path):
+def test_build_is_deterministic(tmp_path, capsys):
     a = embedded.build_tiny_model(tmp_path / "a", seed=0)
+    # the build shows progress (issue 15: building the tiny model was silent)
+    assert "building embedded:tiny (pre-training)" in capsys.readouterr().err
     b = embedded.build_tiny_model(tmp_path / "b", seed=0)
     assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
     ma = AutoModelForCausalLM.from_pretrained(a)
