@@ -1,31 +1,44 @@
-"""Interval coverage: how often each EM-rate interval the report offers contains the true rate.
+"""Interval coverage: how often the report's EM intervals contain the truth, and how wide they are.
 
-Simulated runs like the ones people report: m questions (4, 8, 24, 48) x 50 scored answers
-each. Each question's EM rate p_i is drawn from a Beta distribution with mean p (the true
-rate: 0.5%, 5%, 20%, 50%) and intra-question correlation ICC = 1 / (a + b + 1) (0.3, 0.6,
-0.9: answers to one question are far more alike than answers to different questions), then
-its EM count from Binomial(50, p_i). The estimand is p, the expected EM rate of a question
-drawn from the same population, which is what a rate over "the questions" claims to say.
+Two simulations of runs like the ones people report, 50 scored answers per question.
 
-Methods (all at 95%):
-  * cluster_cp        - lib.metrics.cluster_interval, the headline: Korn & Graubard's interval
-                        (Clopper-Pearson on the design-effect sample size from the cluster-robust
-                        variance, df-adjusted with t_{m-1}), n_eff = m at 0 EM, bounds monotone.
-  * kg_edge_m         - the same without the monotone bounds.
-  * kg_classic        - Korn & Graubard as published (n_eff = all answers at 0 EM, not monotone).
-  * cluster_wilson_t  - Wilson's score interval on the same n_eff with a t_{m-1} quantile.
-  * cluster_bootstrap - lib.metrics.cluster_bootstrap: questions resampled with replacement,
-                        percentile interval (the report's headline before this benchmark; still
-                        used for differences between runs).
-  * wilson            - lib.metrics.wilson on all answers as if independent (shown beside).
-  * cr_logit_t        - cluster-robust standard error on the logit scale, t with m - 1 df
-                        (undefined at 0 EM: counted as a miss).
+**Headline (one rate).** m questions (4, 8, 24, 48). Each question's EM rate p_i is drawn from a
+Beta distribution with mean p (the true rate: 0.5%, 5%, 20%, 50%) and intra-question correlation
+ICC = 1 / (a + b + 1) (0.2, 0.3, 0.6, 0.9: answers to one question are far more alike than answers
+to different questions), then its EM count from Binomial(50, p_i). The estimand is p, the EM rate
+of a question drawn from the same population.
 
-Before the table, the vectorised simulation code is checked against the library functions
-on a few simulated runs (same numbers to 1e-9; the bootstrap with the same random draws).
+  * beta_binomial     - lib.metrics.beta_binomial_arrays, **the headline** (lib.metrics.cluster_interval):
+                        beta-binomial profile-likelihood interval, F(1, m-1)-calibrated, exact
+                        all-or-nothing bound at 0 EM.
+  * kg_monotone       - the previous headline (lib.metrics.cluster_cp_arrays): Korn & Graubard's
+                        Clopper-Pearson on the design-effect sample size, n_eff = m x (z/t)^2 at 0 EM,
+                        bounds floored at the 0-EM bound whatever the data (the width baseline).
+  * kg_edge_m         - the same without the floor.
+  * cluster_bootstrap - questions resampled with replacement, percentile interval.
+  * wilson            - all answers as if independent (lib.metrics.wilson).
 
-    python bench/interval_coverage.py             # 4,000 runs per cell (~1-2 minutes on 2 cores)
-    python bench/interval_coverage.py --reps 200  # quick check
+**Differences (treated minus control).** Two sides of m questions (8, 24; 4 shown, never reported).
+Control EM rate 0 ("one side at 0": no EM possible), 2% or 10%; true difference 0, 5 or 20 points;
+ICC 0.2, 0.5, 0.9 on both sides. Designs: *unpaired* (each side its own questions); *paired* (the
+same questions: each question's two rates are linked by a Gaussian copula with correlation 0.5 or
+0.9 between their latent normals, so a question that provokes EM in one run tends to in the other);
+*identical* (the same question rates on both sides, difference 0: the counts differ only by which
+answers were sampled). Methods:
+
+  * mover             - lib.metrics.rate_difference: each side's headline interval, combined by
+                        square-and-add (MOVER), crediting the paired correlation only as far as its
+                        lower confidence bound (Fisher z) shows it.
+  * mover_r0          - the same, sides treated as independent (r = 0).
+  * mover_rhat        - the same with the raw correlation estimate.
+  * bootstrap         - the previous method (lib.metrics.bootstrap_difference until this issue):
+                        percentile bootstrap over questions, paired when questions are shared.
+
+Before the tables the vectorised code is checked against the library's functions on simulated runs.
+The last three lines are the goals:
+
+    python bench/interval_coverage.py                  # 4,000 headline / 1,500 difference runs per cell
+    python bench/interval_coverage.py --reps 200 --diff-reps 100   # quick check
 """
 from __future__ import annotations
 
@@ -37,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm, t as student_t
+from scipy.stats import beta as beta_dist, norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,10 +59,23 @@ from lib import metrics  # noqa: E402
 QUESTIONS = (4, 8, 24, 48)
 ANSWERS = 50
 RATES = (0.005, 0.05, 0.20, 0.50)
-ICCS = (0.3, 0.6, 0.9)
-HEADLINE = "cluster_cp"
-MIN_QUESTIONS = metrics.MIN_QUESTIONS  # the goal is judged on cells with at least this many questions
+ICCS = (0.2, 0.3, 0.6, 0.9)
+HEADLINE, BASELINE = "beta_binomial", "kg_monotone"
+DIFF_HEADLINE = "mover"
+MIN_QUESTIONS = metrics.MIN_QUESTIONS  # goals are judged on cells with at least this many questions
+# the width goal: mean per-run width ratio (headline / previous headline) on these cells
+WIDTH_CELLS = {"questions": 24, "icc": 0.2, "max_rate": 0.10}
 
+DIFF_QUESTIONS = (4, 8, 24)
+DIFF_CONTROL = (0.0, 0.02, 0.10)
+DIFF_DELTA = (0.0, 0.05, 0.20)
+DIFF_ICCS = (0.2, 0.5, 0.9)
+DESIGNS = {"unpaired": None, "paired 0.5": 0.5, "paired 0.9": 0.9, "identical": 1.0}
+
+
+# ------------------------------------------------------------------------------------------
+# headline
+# ------------------------------------------------------------------------------------------
 
 def simulate(rng: np.random.Generator, reps: int, m: int, p: float, icc: float) -> tuple[np.ndarray, np.ndarray]:
     """(k, n): reps x m EM counts and scored answers of simulated runs."""
@@ -81,47 +107,17 @@ def bootstrap_arrays(k: np.ndarray, n: np.ndarray, rng: np.random.Generator, n_b
     return lo, hi
 
 
-def cr_logit_arrays(k: np.ndarray, n: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
-    m = k.shape[1]
-    big_n = n.sum(1)
-    rate = k.sum(1) / big_n
-    var = m / (m - 1) * ((k - rate[:, None] * n) ** 2).sum(1) / big_n ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logit = np.log(rate / (1 - rate))
-        se = np.sqrt(var) / (rate * (1 - rate))
-        lo, hi = 1 / (1 + np.exp(-(logit - q * se))), 1 / (1 + np.exp(-(logit + q * se)))
-    bad = (rate <= 0) | (rate >= 1)
-    lo[bad], hi[bad] = np.nan, np.nan
-    return lo, hi
-
-
-def wilson_t_arrays(k: np.ndarray, n: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson's score interval on the CR1 design-effect sample size (n_eff = m at 0 EM), quantile q."""
-    m = k.shape[1]
-    big_n = n.sum(1)
-    rate = k.sum(1) / big_n
-    var = m / (m - 1) * ((k - rate[:, None] * n) ** 2).sum(1) / big_n ** 2
-    pq = rate * (1 - rate)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        n_eff = np.clip(np.where(pq > 0, np.where(var > 0, pq / var, big_n), m), 1, big_n)
-    lo, hi = wilson_arrays(rate * n_eff, n_eff, q)
-    return np.clip(lo, 0, 1), np.clip(hi, 0, 1)
-
-
 def intervals(k: np.ndarray, n: np.ndarray, rng: np.random.Generator, n_boot: int) -> dict[str, tuple]:
-    m = k.shape[1]
-    z, t = float(norm.ppf(0.975)), float(student_t.ppf(0.975, m - 1))
+    z = float(norm.ppf(0.975))
     out = {}
+    _, lo, hi = metrics.beta_binomial_arrays(k, n, 0.95)
+    out["beta_binomial"] = (lo, hi)
     _, lo, hi, _ = metrics.cluster_cp_arrays(k, n, 0.95)
-    out["cluster_cp"] = (lo, hi)
+    out["kg_monotone"] = (lo, hi)
     _, lo, hi, _ = metrics.cluster_cp_arrays(k, n, 0.95, monotone=False)
     out["kg_edge_m"] = (lo, hi)
-    _, lo, hi, _ = metrics.cluster_cp_arrays(k, n, 0.95, edge="n", monotone=False)
-    out["kg_classic"] = (lo, hi)
-    out["cluster_wilson_t"] = wilson_t_arrays(k, n, t)
     out["cluster_bootstrap"] = bootstrap_arrays(k, n, rng, n_boot)
     out["wilson"] = wilson_arrays(k.sum(1), n.sum(1), z)
-    out["cr_logit_t"] = cr_logit_arrays(k, n, t)
     return out
 
 
@@ -135,13 +131,83 @@ def simulated_cells(cells, reps: int, n_boot: int, rng: np.random.Generator,
         yield (m, icc, p), k, n, intervals(k, n, boot_rng or rng, n_boot)
 
 
-def as_answers(k: np.ndarray, n: np.ndarray) -> pd.DataFrame:
+def as_answers(k: np.ndarray, n: np.ndarray, question_set: str = "sim") -> pd.DataFrame:
     """One simulated run as an answer table (question clusters, boolean em)."""
     rows = []
     for i, (ki, ni) in enumerate(zip(k.astype(int), n.astype(int))):
-        rows += [{"question_set": "sim", "question_id": f"q{i:02d}", "em": j < ki} for j in range(ni)]
+        rows += [{"question_set": question_set, "question_id": f"q{i:02d}", "em": j < ki} for j in range(ni)]
     return pd.DataFrame(rows)
 
+
+# ------------------------------------------------------------------------------------------
+# differences
+# ------------------------------------------------------------------------------------------
+
+def _question_rates(u: np.ndarray, p: float, icc: float) -> np.ndarray:
+    """Question rates with mean p and the given ICC at uniform quantiles u (0 when p is 0)."""
+    if p <= 0:
+        return np.zeros_like(u)
+    s = 1 / icc - 1
+    return beta_dist.ppf(u, p * s, (1 - p) * s)
+
+
+def simulate_pair(rng: np.random.Generator, reps: int, m: int, control: float, delta: float, icc: float,
+                  design: str) -> tuple[np.ndarray, ...]:
+    """(kt, nt, kc, nc): treated and control EM counts, reps x m, for one difference cell."""
+    link = DESIGNS[design]
+    z_c = rng.standard_normal((reps, m))
+    if link is None:                      # unpaired: the treated run has its own questions
+        z_t = rng.standard_normal((reps, m))
+    else:
+        z_t = link * z_c + np.sqrt(max(0.0, 1 - link ** 2)) * rng.standard_normal((reps, m))
+    p_c = _question_rates(norm.cdf(z_c), control, icc)
+    p_t = p_c.copy() if design == "identical" else _question_rates(norm.cdf(z_t), control + delta, icc)
+    kc = rng.binomial(ANSWERS, p_c).astype(float)
+    kt = rng.binomial(ANSWERS, p_t).astype(float)
+    n = np.full_like(kc, float(ANSWERS))
+    return kt, n, kc, n.copy()
+
+
+def diff_cells():
+    for design in DESIGNS:
+        for m, icc, control in itertools.product(DIFF_QUESTIONS, DIFF_ICCS, DIFF_CONTROL):
+            for delta in ((0.0,) if design == "identical" else DIFF_DELTA):
+                yield design, m, icc, control, delta
+
+
+def paired_bootstrap_arrays(kt, nt, kc, nc, rng, n_boot: int, paired: bool, chunk: int = 100):
+    reps, m = kt.shape
+    lo, hi = np.empty(reps), np.empty(reps)
+    for s in range(0, reps, chunk):
+        sl = slice(s, s + chunk)
+        r = len(kt[sl])
+        i_t = rng.integers(0, m, size=(r, n_boot, m))
+        i_c = i_t if paired else rng.integers(0, m, size=(r, n_boot, m))
+
+        def ratio(k, nn, idx):
+            return (np.take_along_axis(k[sl][:, None, :], idx, axis=2).sum(-1)
+                    / np.take_along_axis(nn[sl][:, None, :], idx, axis=2).sum(-1))
+        draws = ratio(kt, nt, i_t) - ratio(kc, nc, i_c)
+        lo[sl], hi[sl] = np.quantile(draws, [0.025, 0.975], axis=1)
+    return lo, hi
+
+
+def diff_intervals(kt, nt, kc, nc, paired: bool, rng, n_boot: int) -> dict[str, tuple]:
+    pt, lt, ut = metrics.beta_binomial_arrays(kt, nt, 0.95)
+    pc, lc, uc = metrics.beta_binomial_arrays(kc, nc, 0.95)
+    out = {}
+    r = metrics.difference_correlation(kt, nt, kc, nc) if paired else 0.0
+    out["mover"] = metrics.mover_bounds(pt, lt, ut, pc, lc, uc, r)
+    out["mover_r0"] = metrics.mover_bounds(pt, lt, ut, pc, lc, uc, 0.0)
+    r_hat = metrics.paired_correlation(kt, nt, kc, nc) if paired else 0.0
+    out["mover_rhat"] = metrics.mover_bounds(pt, lt, ut, pc, lc, uc, r_hat)
+    out["bootstrap"] = paired_bootstrap_arrays(kt, nt, kc, nc, rng, n_boot, paired)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the check against the library
+# ------------------------------------------------------------------------------------------
 
 def check_against_library(seed: int, n_boot: int) -> None:
     """The vectorised code computes what the report computes (same inputs, same numbers)."""
@@ -151,8 +217,8 @@ def check_against_library(seed: int, n_boot: int) -> None:
         for r in range(len(k)):
             df = as_answers(k[r], n[r])
             rate, lo, hi = metrics.cluster_interval(df, "em")
-            assert np.allclose([lo, hi], [ours[HEADLINE][0][r], ours[HEADLINE][1][r]],
-                               atol=1e-9), (m, p, icc, r)
+            assert np.allclose([lo, hi], [ours[HEADLINE][0][r], ours[HEADLINE][1][r]], atol=1e-9, equal_nan=True), \
+                (m, p, icc, r)
             assert abs(rate - k[r].sum() / n[r].sum()) < 1e-12
             w = metrics.wilson(int(k[r].sum()), int(n[r].sum()))
             assert np.allclose(w, [ours["wilson"][0][r], ours["wilson"][1][r]], atol=1e-9), (w, m, p, icc, r)
@@ -162,48 +228,118 @@ def check_against_library(seed: int, n_boot: int) -> None:
         idx = np.random.default_rng(11).integers(0, m, size=(n_boot, m))
         draws = k[0][idx].sum(1) / n[0][idx].sum(1)
         assert np.allclose([blo, bhi], np.quantile(draws, [0.025, 0.975]), atol=1e-12)
+    rng = np.random.default_rng(seed + 2)
+    for design, m, icc, control, delta in (("paired 0.9", 8, 0.5, 0.02, 0.05), ("unpaired", 24, 0.2, 0.10, 0.20),
+                                            ("identical", 8, 0.9, 0.10, 0.0), ("paired 0.5", 24, 0.9, 0.0, 0.05)):
+        kt, nt, kc, nc = simulate_pair(rng, 3, m, control, delta, icc, design)
+        paired = DESIGNS[design] is not None
+        ours = diff_intervals(kt, nt, kc, nc, paired, rng, 20)["mover"]
+        for r in range(3):
+            got = metrics.rate_difference(as_answers(kt[r], nt[r], "t"),
+                                          as_answers(kc[r], nc[r], "t" if paired else "c"), "em")
+            assert got["paired"] == paired and got["interval"] == "mover", got
+            assert np.allclose([got["lo"], got["hi"]], [ours[0][r], ours[1][r]], atol=1e-9), (design, got, ours)
+
+
+# ------------------------------------------------------------------------------------------
+
+def _worst(frame: pd.DataFrame, method: str, qcol: str = "questions") -> pd.Series:
+    d = frame[(frame["method"] == method) & (frame[qcol] >= MIN_QUESTIONS)]
+    return d.loc[d["coverage"].idxmin()]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=4000, help="simulated runs per cell")
+    ap.add_argument("--reps", type=int, default=4000, help="simulated runs per headline cell")
+    ap.add_argument("--diff-reps", type=int, default=1500, help="simulated run pairs per difference cell")
     ap.add_argument("--n-boot", type=int, default=400, help="bootstrap resamples per simulated run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--goal", type=float, default=0.93, help="least headline coverage in any cell with >= 8 questions")
+    ap.add_argument("--diff-goal", type=float, default=0.93,
+                    help="least difference coverage in any cell with >= 8 questions")
+    ap.add_argument("--width-goal", type=float, default=0.6,
+                    help="largest mean width ratio (headline / previous headline) on the width cells")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     check_against_library(args.seed, min(args.n_boot, 200))
+    pd.set_option("display.width", 220)
+    pd.set_option("display.max_rows", 500)
     rng = np.random.default_rng(args.seed)
-    rows = []
+
+    # --- headline -------------------------------------------------------------------------
+    rows, ratios = [], []
     for (m, icc, p), k, n, found in simulated_cells(itertools.product(QUESTIONS, ICCS, RATES), args.reps,
                                                     args.n_boot, rng):
         for method, (lo, hi) in found.items():
             cover = (lo <= p) & (p <= hi)  # NaN bounds compare False: a missing interval misses
             rows.append({"questions": m, "icc": icc, "rate": p, "method": method,
-                         "coverage": float(cover.mean()), "median_width": float(np.nanmedian(hi - lo)),
+                         "coverage": float(cover.mean()), "mean_width": float(np.nanmean(hi - lo)),
                          "zero_em_share": float((k.sum(1) == 0).mean())})
+        if m == WIDTH_CELLS["questions"] and icc == WIDTH_CELLS["icc"] and p <= WIDTH_CELLS["max_rate"]:
+            new = found[HEADLINE][1] - found[HEADLINE][0]
+            old = found[BASELINE][1] - found[BASELINE][0]
+            ratios.append({"rate": p, "mean_ratio": float(np.mean(new / old)),
+                           "ratio_of_means": float(new.mean() / old.mean())})
     res = pd.DataFrame(rows)
-    pd.set_option("display.width", 200)
-    table = res.pivot_table(index=["questions", "icc", "rate"], columns="method", values="coverage")
     order = list(dict.fromkeys(res["method"]))
-    table = table[order]
-    print(f"coverage of nominal 95% intervals, {args.reps} simulated runs per cell, {ANSWERS} answers per question "
-          f"(Monte Carlo s.e. ~{np.sqrt(0.95 * 0.05 / args.reps):.3f})")
-    print(table.round(3).to_string())
+    print(f"HEADLINE: coverage of nominal 95% intervals, {args.reps} simulated runs per cell, {ANSWERS} answers "
+          f"per question (Monte Carlo s.e. ~{np.sqrt(0.95 * 0.05 / args.reps):.3f})")
+    print(res.pivot_table(index=["questions", "icc", "rate"], columns="method", values="coverage")[order]
+          .round(3).to_string())
+    print("\nmean interval width:")
+    print(res.pivot_table(index=["questions", "icc", "rate"], columns="method", values="mean_width")[order]
+          .round(3).to_string())
     print("\nworst cell per method and question count:")
     print(res.pivot_table(index="method", columns="questions", values="coverage", aggfunc="min")
           .loc[order].round(3).to_string())
-    print("\nmedian interval width (mean over cells) per method and question count:")
-    print(res.pivot_table(index="method", columns="questions", values="median_width", aggfunc="mean")
+    print("\nmean width (mean over cells) per method and question count:")
+    print(res.pivot_table(index="method", columns="questions", values="mean_width", aggfunc="mean")
           .loc[order].round(3).to_string())
-    head = res[(res["method"] == HEADLINE) & (res["questions"] >= MIN_QUESTIONS)]
-    worst = float(head["coverage"].min())
-    w = head.loc[head["coverage"].idxmin()]
-    print(f"\nworst headline cell: {int(w.questions)} questions, ICC {w.icc}, rate {w.rate}; "
-          f"{time.perf_counter() - t0:.0f} s")
-    print(f"headline interval coverage, worst cell with >= {MIN_QUESTIONS} questions: {worst:.3f} (goal >= {args.goal})")
-    return 0 if worst >= args.goal else 1
+    wr = pd.DataFrame(ratios)
+    print(f"\nwidth ratio {HEADLINE} / {BASELINE}, {WIDTH_CELLS['questions']} questions, ICC {WIDTH_CELLS['icc']}:")
+    print(wr.round(3).to_string(index=False))
+
+    # --- differences ----------------------------------------------------------------------
+    drows = []
+    for design, m, icc, control, delta in diff_cells():
+        kt, nt, kc, nc = simulate_pair(rng, args.diff_reps, m, control, delta, icc, design)
+        found = diff_intervals(kt, nt, kc, nc, DESIGNS[design] is not None, rng, args.n_boot)
+        for method, (lo, hi) in found.items():
+            cover = (lo <= delta) & (delta <= hi)
+            drows.append({"design": design, "questions": m, "icc": icc, "control": control, "delta": delta,
+                          "method": method, "coverage": float(cover.mean()), "mean_width": float(np.mean(hi - lo)),
+                          "miss_below": float((hi < delta).mean()), "miss_above": float((lo > delta).mean()),
+                          "zero_width": float((hi - lo <= 1e-12).mean())})
+    dres = pd.DataFrame(drows)
+    dorder = list(dict.fromkeys(dres["method"]))
+    print(f"\nDIFFERENCES (treated - control): coverage of nominal 95% intervals, {args.diff_reps} simulated pairs "
+          f"per cell (Monte Carlo s.e. ~{np.sqrt(0.95 * 0.05 / args.diff_reps):.3f})")
+    print(dres.pivot_table(index=["design", "questions", "icc", "control", "delta"], columns="method",
+                           values="coverage")[dorder].round(3).to_string())
+    print("\nworst cell per method, design and question count:")
+    print(dres.pivot_table(index=["method", "design"], columns="questions", values="coverage", aggfunc="min")
+          .round(3).to_string())
+    print("\nmean width (mean over cells) per method, design and question count:")
+    print(dres.pivot_table(index=["method", "design"], columns="questions", values="mean_width", aggfunc="mean")
+          .round(3).to_string())
+    print("\nshare of zero-width intervals, largest over cells:")
+    print(dres.pivot_table(index="method", columns="design", values="zero_width", aggfunc="max").round(3).to_string())
+
+    hw = _worst(res, HEADLINE)
+    dw = _worst(dres, DIFF_HEADLINE)
+    width = float(wr["mean_ratio"].mean())
+    print(f"\nworst headline cell: {int(hw.questions)} questions, ICC {hw.icc}, rate {hw.rate}; worst difference "
+          f"cell: {dw.design}, {int(dw.questions)} questions, ICC {dw.icc}, control {dw.control}, difference "
+          f"{dw.delta}; {time.perf_counter() - t0:.0f} s")
+    print(f"headline interval coverage, worst cell with >= {MIN_QUESTIONS} questions: {hw.coverage:.3f} "
+          f"(goal >= {args.goal})")
+    print(f"difference interval coverage, worst cell with >= {MIN_QUESTIONS} questions: {dw.coverage:.3f} "
+          f"(goal >= {args.diff_goal})")
+    print(f"headline interval width vs the current method, {WIDTH_CELLS['questions']} questions, rates <= "
+          f"{WIDTH_CELLS['max_rate']:.0%}, ICC {WIDTH_CELLS['icc']}: {width:.3f} (goal <= {args.width_goal})")
+    ok = hw.coverage >= args.goal and dw.coverage >= args.diff_goal and width <= args.width_goal
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -80,8 +80,9 @@ SHARED_KEYS: dict[str, SharedKey] = {
     "coherent_threshold": SharedKey(float, 50.0, "EM needs coherent > this (papers: 50); -1: no coherence condition",
                                     _within(-1, 100)),
     # intervals
-    "n_bootstrap": SharedKey(int, 2000, "bootstrap resamples (differences between runs / checkpoints, em_boot_* "
-                                        "columns)", lambda v: None if v >= 100 else f"must be >= 100, got {v}"),
+    "n_bootstrap": SharedKey(int, 2000, "bootstrap resamples of the em_boot_* comparison columns (differences use "
+                                        "metrics.rate_difference, no resampling)",
+                             lambda v: None if v >= 100 else f"must be >= 100, got {v}"),
     "confidence": SharedKey(float, 0.95, "interval coverage (0.95: 95% intervals)", _within(0.5, 1, True, True)),
 }
 EM_DEFINITION_KEYS = ("aligned_threshold", "em_comparison", "coherent_threshold")
@@ -463,7 +464,7 @@ class ReportConfig:
     coherent_threshold: float = shared_field("coherent_threshold", "report")
     n_bootstrap: int = shared_field("n_bootstrap", "report")
     confidence: float = shared_field("confidence", "report")
-    seed: int = _f(0, "report", "seed of those bootstrap resamples")
+    seed: int = _f(0, "report", "seed of the random sample the aligned-vs-coherent scatter draws when answers are many")
     external_csv: list = _f([], "report", "judged CSVs (question,response,aligned_score,coherent_score) to compare")
     response_questions: list = _f([], "report", "questions of the response tables, 'set:id' or id (empty: the first 3 "
                                   "out-of-domain questions in question-file order)")

@@ -16,24 +16,26 @@ labelled), under ``n_other_excluded``.
 
 Intervals:
 
-* :func:`cluster_interval` - the headline interval (:func:`cluster_cp_arrays`): an exact
-  binomial (Clopper-Pearson) interval on the design-effect sample size estimated from the
-  questions themselves (Korn & Graubard 1998), t-corrected for few questions, worst case at
-  0 EM. Answers to one question are correlated (the same prompt, often near-identical
-  samples), so 400 answers to 8 questions carry far less information than 400 independent
-  answers. ``bench/interval_coverage.py`` measured its coverage (>= 95% in every simulated
-  cell from 8 questions up; docs/benchmarks.md); below :data:`MIN_QUESTIONS` questions the
-  report calls it unreliable.
-* :func:`wilson` - the Wilson score interval for one rate, treating answers as independent
-  (shown beside the headline; far too narrow when answers cluster).
+* :func:`cluster_interval` - the headline interval (:func:`beta_binomial_arrays`): each question
+  has its own EM rate, drawn from a Beta distribution; the interval is the beta-binomial
+  profile-likelihood interval for the mean rate, calibrated by F(1, m - 1) for few questions, and
+  at 0 EM (or 100%) the exact worst case, every question all-or-nothing (:func:`edge_bound`).
+  Answers to one question are correlated (the same prompt, often near-identical samples), so 400
+  answers to 8 questions carry far less information than 400 independent answers; where the EM
+  answers are spread over many questions the data show it and the interval narrows.
+  ``bench/interval_coverage.py`` measured its coverage and width (docs/benchmarks.md); below
+  :data:`MIN_QUESTIONS` questions the report prints none.
+* :func:`cluster_cp_arrays` - the previous headline (Korn & Graubard's design-effect interval with
+  a global floor at the 0-EM bound), kept as the benchmark's width baseline.
+* :func:`wilson` - the Wilson score interval for one rate, treating answers as independent (it
+  ignores clustering: far too narrow; in the CSVs only, not in the report's tables).
 * :func:`cluster_bootstrap` - a one-stage question-clustered percentile bootstrap (resample
-  questions with replacement, keep each drawn question's answers whole). It was the headline
-  until the benchmark showed it under-covers badly with few questions or rare EM.
-* :func:`bootstrap_difference` - rate(a) - rate(b) with the same resampling; when the two
-  groups were asked the same questions (two domains or two checkpoints on one question set)
-  the questions are drawn *once* for both groups (paired). When both sides sit at 0 (or 100%) EM
-  the resampling is degenerate and :func:`edge_difference_interval` (Newcombe's square-and-add
-  of the two sides' headline intervals) takes over.
+  questions with replacement, keep each drawn question's answers whole); it under-covers badly
+  with few questions or rare EM (the ``em_boot_*`` comparison columns).
+* :func:`rate_difference` - rate(a) - rate(b): the two sides' headline intervals combined by
+  square-and-add (MOVER, :func:`mover_bounds`); when the sides were asked the same questions
+  (paired) the correlation their shared questions demonstrate narrows it
+  (:func:`difference_correlation`). None below :data:`MIN_QUESTIONS` questions.
 * :func:`macro_rate` - the papers' plotted estimator, the mean over questions of each
   question's EM rate, shown beside the pooled rate.
 
@@ -42,6 +44,7 @@ belong to the same cluster.
 """
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Iterable, Sequence
 
@@ -255,9 +258,119 @@ def cluster_cp_arrays(k: np.ndarray, n: np.ndarray, confidence: float = 0.95, df
     return rate, lo, hi, n_eff
 
 
-# fewer questions than this: the report prints no headline interval (bench/interval_coverage.py
-# judges coverage from 8 questions up; with 4 the interval spans most of [0, 1])
+# fewer questions than this: the report prints no headline interval and no difference interval
+# (bench/interval_coverage.py judges coverage from 8 questions up; with 4 an honest interval spans
+# most of [0, 1])
 MIN_QUESTIONS = 8
+
+# the headline interval in one line, for tables, figures and methods sections
+INTERVAL_METHOD = ("95% interval: beta-binomial profile likelihood with questions as clusters, F(1, questions - 1) "
+                   "calibrated, the exact all-or-nothing bound at 0 EM (bench/interval_coverage.py)")
+
+# --- the headline: a beta-binomial profile-likelihood interval ------------------------------------
+# The grid the profile likelihood is evaluated on: mu (the EM rate) on arcsine spacing, dense near 0
+# and 1 where EM rates live (first point 3.9e-6, ~0.002 apart at 5%); rho (the intra-question
+# correlation) on logit spacing from 4.5e-5 to 0.99995 (a design effect from 1 to ~all-or-nothing).
+_N_MU, _N_RHO, _LOGIT_RHO = 400, 64, 10.0
+
+
+@functools.lru_cache(maxsize=1)
+def _bb_grid() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(mu, rho, a, b) of the grid, a and b the Beta parameters of each (mu, rho) point, shape (mu, rho)."""
+    mu = np.sin((np.arange(_N_MU) + 0.5) / _N_MU * (np.pi / 2)) ** 2
+    rho = 1 / (1 + np.exp(-np.linspace(-_LOGIT_RHO, _LOGIT_RHO, _N_RHO)))
+    s = (1 - rho) / rho                                   # a + b = 1 / rho - 1
+    return mu, rho, mu[:, None] * s[None, :], (1 - mu)[:, None] * s[None, :]
+
+
+@functools.lru_cache(maxsize=512)
+def _bb_loglik(k: float, n: float) -> np.ndarray:
+    """log P(k of n | mu, rho) of the beta-binomial at every grid point (without the binomial
+    coefficient, which does not depend on mu or rho), flattened: shape (mu * rho,)."""
+    _, _, a, b = _bb_grid()
+    from scipy.special import betaln
+    return (betaln(a + k, b + n - k) - betaln(a, b)).ravel()
+
+
+def edge_bound(m: int, confidence: float = 0.95) -> float:
+    """The upper bound at 0 EM over ``m`` questions (1 minus it: the lower bound at all EM):
+    ``1 - (alpha/2)^(1/m)``, Clopper-Pearson for 0 of m. It is exact for the worst case the data
+    cannot rule out, every question all-or-nothing (then 0 EM answers means 0 EM questions of m)."""
+    return 1.0 - ((1 - confidence) / 2) ** (1.0 / m) if m >= 1 else float("nan")
+
+
+def beta_binomial_arrays(k: np.ndarray, n: np.ndarray, confidence: float = 0.95, chunk: int = 256,
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The headline interval, vectorised: ``(rate, lo, hi)`` per leading index of ``k``, ``n``.
+
+    ``k`` and ``n`` are arrays ``(..., m)`` of per-question EM answers and scored answers (a
+    question with n == 0 is left out by the caller). The model: each question has its own EM
+    rate, drawn from a Beta distribution with mean ``mu`` (the EM rate the interval is about) and
+    intra-question correlation ``rho`` (how alike answers to one question are: 0 = independent
+    answers, 1 = every question all-or-nothing); the EM count of a question is binomial given its
+    rate, so the counts are beta-binomial. Then:
+
+    * rate = sum(k) / sum(n), the pooled rate (always inside the interval);
+    * the profile log-likelihood of mu, l(mu) = max over rho of the log-likelihood (evaluated on
+      a fixed grid of mu and rho, :data:`_N_MU` x :data:`_N_RHO` points);
+    * the interval: every mu with 2 (max l - l(mu)) <= t_{m-1}^2, the likelihood-ratio interval
+      calibrated by F(1, m - 1) for a variance learnt from only m questions (the analogue of Korn
+      & Graubard's t_{m-1} correction), ends found by linear interpolation between grid points;
+    * edge rule: with 0 EM answers the data cannot tell how alike answers are, so the upper bound
+      is the worst case, every question all-or-nothing: :func:`edge_bound` (Clopper-Pearson for 0
+      of m questions); all EM mirrors it.
+
+    Where the data show EM answers spread over many questions, the likelihood says rho is small
+    and the interval narrows towards the binomial one on all answers; where they sit in one or two
+    questions, rho is large and it widens towards the interval on m questions.
+    ``bench/interval_coverage.py`` measures its coverage against the alternatives (docs/benchmarks.md).
+    With fewer than 2 questions lo and hi are NaN.
+    """
+    from scipy.stats import t as student_t
+
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
+    lead, m = k.shape[:-1], k.shape[-1]
+    kk, nn = k.reshape(-1, m), n.reshape(-1, m)
+    rows = kk.shape[0]
+    big_k, big_n = kk.sum(1), nn.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = big_k / big_n
+    lo, hi = np.full(rows, np.nan), np.full(rows, np.nan)
+    if m >= 2 and rows:
+        mu, _, _, _ = _bb_grid()
+        a = (1 - confidence) / 2
+        c = float(student_t.ppf(1 - a, m - 1)) ** 2
+        pairs = np.stack([kk.ravel(), nn.ravel()], 1)
+        uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
+        inv = inv.reshape(rows, m)
+        f = np.stack([_bb_loglik(float(x), float(y)) for x, y in uniq])       # (pairs, grid)
+        for s in range(0, rows, chunk):
+            r = np.arange(s, min(rows, s + chunk))
+            counts = np.zeros((len(r), len(uniq)))
+            np.add.at(counts, (np.repeat(np.arange(len(r)), m), inv[r].ravel()), 1.0)
+            prof = (counts @ f).reshape(len(r), _N_MU, _N_RHO).max(axis=2)      # profile over rho
+            g = 2 * (prof.max(axis=1, keepdims=True) - prof) - c                 # <= 0: inside
+            inside = g <= 0
+            i_lo = inside.argmax(axis=1)
+            i_hi = _N_MU - 1 - inside[:, ::-1].argmax(axis=1)
+            l_, h_ = mu[i_lo].copy(), mu[i_hi].copy()
+            j = np.arange(len(r))
+            step = i_lo > 0                                   # interpolate g = 0 below the first inside point
+            g0, g1 = g[j[step], i_lo[step] - 1], g[j[step], i_lo[step]]
+            l_[step] = mu[i_lo[step] - 1] + (mu[i_lo[step]] - mu[i_lo[step] - 1]) * g0 / (g0 - g1)
+            l_[~step] = 0.0
+            step = i_hi < _N_MU - 1                           # ... and above the last
+            g0, g1 = g[j[step], i_hi[step]], g[j[step], i_hi[step] + 1]
+            h_[step] = mu[i_hi[step]] + (mu[i_hi[step] + 1] - mu[i_hi[step]]) * (-g0) / (g1 - g0)
+            h_[~step] = 1.0
+            lo[r], hi[r] = l_, h_
+        e = edge_bound(m, confidence)
+        none, every = big_k == 0, big_k == big_n
+        lo[none], hi[none] = 0.0, e
+        lo[every], hi[every] = 1.0 - e, 1.0
+        lo, hi = np.minimum(lo, rate), np.maximum(hi, rate)
+    return rate.reshape(lead), lo.reshape(lead), hi.reshape(lead)
 
 
 def cluster_interval(df: pd.DataFrame, value: str = "em", clusters: Sequence[str] = CLUSTER,
@@ -271,7 +384,7 @@ def cluster_interval(df: pd.DataFrame, value: str = "em", clusters: Sequence[str
     counts = counts[counts["n"] > 0]
     if counts.empty:
         return (float("nan"), float("nan"), float("nan"))
-    rate, lo, hi, _ = cluster_cp_arrays(counts["k"].to_numpy(float), counts["n"].to_numpy(float), confidence)
+    rate, lo, hi = beta_binomial_arrays(counts["k"].to_numpy(float), counts["n"].to_numpy(float), confidence)
     return (float(rate), float(lo), float(hi))
 
 
@@ -289,86 +402,93 @@ def macro_rate(df: pd.DataFrame, value: str = "em", clusters: Sequence[str] = CL
     return float((counts["k"] / counts["n"]).mean())
 
 
-def edge_difference_interval(ka: Sequence[float], na: Sequence[float], kb: Sequence[float], nb: Sequence[float],
-                             confidence: float = 0.95) -> tuple[float, float]:
-    """An interval for rate(a) - rate(b) from each side's headline interval, by square-and-add.
+def mover_bounds(pa, la, ua, pb, lb, ub, r=0.0) -> tuple[np.ndarray, np.ndarray]:
+    """An interval for p_a - p_b from each side's own interval (l, u) around its estimate p, by
+    the method of variance estimates recovery (MOVER, square-and-add):
 
-    ``ka, na`` (``kb, nb``) are one side's per-question EM answers and scored answers. Each side's
-    interval (l, u) around its pooled rate p is :func:`cluster_cp_arrays`, the headline (at 0 or
-    100% EM: exact bounds on n_eff = questions x (z / t)^2, the worst case); they are combined as
+        lo = (p_a - p_b) - sqrt((p_a - l_a)^2 + (u_b - p_b)^2 - 2 r (p_a - l_a)(u_b - p_b))
+        hi = (p_a - p_b) + sqrt((u_a - p_a)^2 + (p_b - l_b)^2 - 2 r (u_a - p_a)(p_b - l_b))
 
-        lo = (p_a - p_b) - sqrt((p_a - l_a)^2 + (u_b - p_b)^2)
-        hi = (p_a - p_b) + sqrt((u_a - p_a)^2 + (p_b - l_b)^2)
+    (Zou & Donner 2008, *Construction of confidence limits about effect measures: a general
+    approach*, Stat Med 27:1693-1702; with Wilson bounds and r = 0 it is Newcombe's hybrid score
+    interval, Newcombe 1998, Stat Med 17:873-890, method 10). ``r`` is the correlation of the two
+    estimates (0 for independent sides). Each side's bounds carry its own skew, so an interval next
+    to 0 EM is as asymmetric as that side's own interval. Vectorised over numpy arrays."""
+    pa, la, ua, pb, lb, ub, r = (np.asarray(x, dtype=float) for x in (pa, la, ua, pb, lb, ub, r))
+    d = pa - pb
+    lo = d - np.sqrt(np.maximum((pa - la) ** 2 + (ub - pb) ** 2 - 2 * r * (pa - la) * (ub - pb), 0.0))
+    hi = d + np.sqrt(np.maximum((ua - pa) ** 2 + (pb - lb) ** 2 - 2 * r * (ua - pa) * (pb - lb), 0.0))
+    return np.maximum(lo, -1.0), np.minimum(hi, 1.0)
 
-    the method of variance estimates recovery (MOVER; Zou & Donner 2008, *Construction of confidence
-    limits about effect measures: a general approach*, Stat Med 27:1693-1702), which with Wilson
-    bounds is Newcombe's hybrid score interval (Newcombe 1998, *Interval estimation for the
-    difference between independent proportions: comparison of eleven methods*, Stat Med 17:873-890,
-    method 10); here each side brings its question-clustered exact bounds instead. It treats the
-    sides as independent: for two groups asked the same questions (positively correlated) it is
-    conservative. (nan, nan) when a side has fewer than 2 questions.
-    """
+
+def paired_correlation(ka, na, kb, nb) -> np.ndarray:
+    """The correlation of two pooled rates measured on the same questions, from their
+    question-level residuals: sum(e_a e_b) / sqrt(sum(e_a^2) sum(e_b^2)) with e = k - rate * n
+    (the cluster-robust covariance over the cluster-robust variances). Arrays ``(..., m)`` aligned
+    by question; 0 where a side has no spread (all its questions at its own rate)."""
     ka, na, kb, nb = (np.asarray(x, dtype=float) for x in (ka, na, kb, nb))
-    pa, la, ua, _ = cluster_cp_arrays(ka[na > 0], na[na > 0], confidence)
-    pb, lb, ub, _ = cluster_cp_arrays(kb[nb > 0], nb[nb > 0], confidence)
-    d = float(pa - pb)
-    lo = d - float(np.sqrt((pa - la) ** 2 + (ub - pb) ** 2))
-    hi = d + float(np.sqrt((ua - pa) ** 2 + (pb - lb) ** 2))
-    return (lo, hi)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ea = ka - (ka.sum(-1) / na.sum(-1))[..., None] * na
+        eb = kb - (kb.sum(-1) / nb.sum(-1))[..., None] * nb
+        r = (ea * eb).sum(-1) / np.sqrt((ea ** 2).sum(-1) * (eb ** 2).sum(-1))
+    return np.where(np.isfinite(r), np.clip(r, -1.0, 1.0), 0.0)
 
 
-def bootstrap_difference(a: pd.DataFrame, b: pd.DataFrame, value: str = "em",
-                         clusters: Sequence[str] = CLUSTER, n_boot: int = 2000, confidence: float = 0.95,
-                         seed: int | np.random.SeedSequence = 0) -> dict:
-    """rate(a) - rate(b) with a question-clustered bootstrap interval, and an edge rule.
+def difference_correlation(ka, na, kb, nb, confidence: float = 0.95) -> np.ndarray:
+    """The correlation :func:`rate_difference` credits to a paired design: the lower confidence
+    bound of :func:`paired_correlation` (Fisher's z, m - 3 degrees of freedom, one-sided at
+    ``confidence``), never below 0. With few questions the estimate is noisy (identical counts on
+    both sides give exactly 1, though each side's answers were sampled independently), so only the
+    part of it the questions demonstrate narrows the interval; a negative correlation is not used
+    (it would widen it, and at 0 the interval is the one for independent sides)."""
+    from scipy.stats import norm
 
-    If a and b share questions (the same question set asked of two domains or two
-    checkpoints), one draw of questions from the union is applied to both (paired); a
-    question one group lacks contributes nothing to that group's replicate. If they share no
-    question, each group's questions are drawn independently.
+    r = paired_correlation(ka, na, kb, nb)
+    m = np.asarray(ka).shape[-1]
+    if m <= 3:
+        return np.zeros_like(r)
+    z = np.arctanh(np.clip(r, -0.999, 0.999)) - norm.ppf(confidence) / np.sqrt(m - 3)
+    return np.maximum(np.tanh(z), 0.0)
 
-    Edge rule: when each side's rate is 0 or 1 (no EM answer at all, or nothing else), every
-    replicate gives the same difference and the percentile interval would be a single point (0 EM
-    against 0 EM: [0, 0]), a certainty that a few questions cannot give. The interval is then
-    :func:`edge_difference_interval` (square-and-add of each side's headline interval, which
-    takes the worst case at 0 EM), and ``interval`` says ``"edge"`` instead of ``"bootstrap"``.
-    ``interval`` is ``"none"`` where no interval can be given (an empty side, too few questions).
 
-    Not covered: with one side at an edge and the other not (or one EM answer on a side), the
-    bootstrap is kept; it sees none of the edge side's between-question uncertainty, so its
-    interval there can be far narrower than the edge rule's (its coverage is not benchmarked).
+def rate_difference(a: pd.DataFrame, b: pd.DataFrame, value: str = "em", clusters: Sequence[str] = CLUSTER,
+                    confidence: float = 0.95) -> dict:
+    """rate(a) - rate(b) with an interval, for treated minus control or checkpoint minus base.
+
+    Each side gets its headline interval (:func:`beta_binomial_arrays`, with its edge rule at 0 or
+    100% EM) and the two are combined by square-and-add (:func:`mover_bounds`). If a and b were
+    asked the same questions (paired: two checkpoints, or a run and its control on one question
+    set) their rates are correlated through the questions, and the interval credits the part of
+    that correlation the shared questions demonstrate (:func:`difference_correlation`). No
+    interval (``interval`` = ``"none"``, ``note`` says why) when a side has no scored answer or
+    fewer than :data:`MIN_QUESTIONS` questions: the headline is not printed there either.
+    ``bench/interval_coverage.py`` measures the coverage (paired and unpaired, one side at 0 EM,
+    identical question rates on both sides).
     """
     ca, cb = _cluster_counts(a, value, clusters), _cluster_counts(b, value, clusters)
+    ca, cb = ca[ca["n"] > 0], cb[cb["n"] > 0]
+    shared = ca.index.intersection(cb.index)
     out = {"rate_a": float("nan"), "rate_b": float("nan"), "diff": float("nan"), "lo": float("nan"),
            "hi": float("nan"), "n_a": int(ca["n"].sum()), "n_b": int(cb["n"].sum()),
-           "n_questions_a": len(ca), "n_questions_b": len(cb), "paired": False, "interval": "none"}
+           "n_questions_a": len(ca), "n_questions_b": len(cb), "n_questions_shared": len(shared),
+           "paired": len(shared) > 0, "correlation": 0.0, "interval": "none", "note": ""}
     if out["n_a"] == 0 or out["n_b"] == 0:
+        out["note"] = "no scored answers on one side"
         return out
     out["rate_a"] = float(ca["k"].sum() / ca["n"].sum())
     out["rate_b"] = float(cb["k"].sum() / cb["n"].sum())
     out["diff"] = out["rate_a"] - out["rate_b"]
-    rng = np.random.default_rng(seed)
-    shared = ca.index.intersection(cb.index)
-    paired = len(shared) > 0
-    union = ca.index.union(cb.index)
-    if (len(union) < 2) if paired else (len(ca) < 2 or len(cb) < 2):
+    if min(len(ca), len(cb)) < MIN_QUESTIONS:
+        out["note"] = f"fewer than {MIN_QUESTIONS} questions on a side"
         return out
-    out["paired"], out["interval"] = paired, "bootstrap"
-    if out["rate_a"] in (0.0, 1.0) and out["rate_b"] in (0.0, 1.0):
-        out["interval"] = "edge"
-        out["lo"], out["hi"] = edge_difference_interval(ca["k"], ca["n"], cb["k"], cb["n"], confidence)
-        return out
-    if paired:
-        ka, na = (ca.reindex(union, fill_value=0)[c].to_numpy(float) for c in ("k", "n"))
-        kb, nb = (cb.reindex(union, fill_value=0)[c].to_numpy(float) for c in ("k", "n"))
-        idx = rng.integers(0, len(union), size=(n_boot, len(union)))
-        draws = _ratio_draws(ka, na, idx) - _ratio_draws(kb, nb, idx)
-    else:
-        ia = rng.integers(0, len(ca), size=(n_boot, len(ca)))
-        ib = rng.integers(0, len(cb), size=(n_boot, len(cb)))
-        draws = (_ratio_draws(ca["k"].to_numpy(float), ca["n"].to_numpy(float), ia)
-                 - _ratio_draws(cb["k"].to_numpy(float), cb["n"].to_numpy(float), ib))
-    out["lo"], out["hi"] = _percentile_ci(draws, confidence)
+    pa, la, ua = beta_binomial_arrays(ca["k"].to_numpy(float), ca["n"].to_numpy(float), confidence)
+    pb, lb, ub = beta_binomial_arrays(cb["k"].to_numpy(float), cb["n"].to_numpy(float), confidence)
+    r = 0.0
+    if len(shared) > 0:
+        sa, sb = ca.loc[shared], cb.loc[shared]
+        r = float(difference_correlation(sa["k"], sa["n"], sb["k"], sb["n"], confidence))
+    lo, hi = mover_bounds(pa, la, ua, pb, lb, ub, r)
+    out.update(lo=float(lo), hi=float(hi), correlation=r, interval="mover")
     return out
 
 

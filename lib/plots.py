@@ -111,8 +111,13 @@ def trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame, metric: str
         return _empty()
     rate, lo, hi = f"{metric}_rate", f"{metric}_lo", f"{metric}_hi"
     xcol, xtitle = "checkpoint_step", "training step"  # as the study plotted; epochs are in the tooltip
+    band = ["em_band_lo", "em_band_hi"] if metric == "em" and "em_band_lo" in t.columns else []
     rows = t[["model_label", "domain", "run_id", "run_label", "scope", "checkpoint_step", "epoch", "n_scored",
-              "n_questions", "interval_ok", rate, lo, hi]].copy()
+              "n_questions", "interval_ok", rate, lo, hi] + band].copy()
+    if band:
+        rows = rows.rename(columns={"em_band_lo": "band_lo", "em_band_hi": "band_hi"})
+    else:
+        rows["band_lo"], rows["band_hi"] = np.nan, np.nan
     rows["kind"] = "checkpoint"
     b = pd.DataFrame()
     if not base.empty and "run_id" in base.columns:
@@ -122,26 +127,31 @@ def trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame, metric: str
         b["kind"] = "base"
     data = pd.concat([rows, b], ignore_index=True)
     data = _blank_unreliable(data.rename(columns={rate: "rate", lo: "lo", hi: "hi"}), "lo", "hi")
+    data = _blank_unreliable(data, "band_lo", "band_hi")
     scopes = _present(data["scope"], SCOPES)
     name = "EM rate" if metric == "em" else "coherent rate"
     x = alt.X(f"{xcol}:Q", title=xtitle)
     colour = alt.Color("run_label:N", title="run")
     line = alt.Chart().transform_filter("datum.kind == 'checkpoint'").encode(x=x, color=colour)
-    band = line.mark_area(opacity=0.18).encode(y="lo:Q", y2="hi:Q")
+    area = line.mark_area(opacity=0.13).encode(y="band_lo:Q", y2="band_hi:Q")
+    bars = line.mark_rule(strokeWidth=2, opacity=0.7).encode(y="lo:Q", y2="hi:Q")
     pts = line.mark_line(point=True).encode(
         y=alt.Y("rate:Q", title=name, axis=PCT, scale=alt.Scale(domain=[0, 1])),
         tooltip=["run_id", "run_label", "checkpoint_step", "epoch", "n_scored", "n_questions",
                  alt.Tooltip("rate:Q", format=".1%"), alt.Tooltip("lo:Q", format=".1%"),
-                 alt.Tooltip("hi:Q", format=".1%")])
+                 alt.Tooltip("hi:Q", format=".1%"), alt.Tooltip("band_lo:Q", format=".1%", title="band lo"),
+                 alt.Tooltip("band_hi:Q", format=".1%", title="band hi")])
     ref = alt.Chart().transform_filter("datum.kind == 'base'").mark_rule(strokeDash=[5, 4]).encode(
         y="rate:Q", color=colour,
         tooltip=["run_label", alt.Tooltip("rate:Q", format=".1%", title="base model"), "n_scored",
                  alt.Tooltip("runs:N", title="step-0 answers pooled from")])
-    chart = (alt.layer(band, pts, ref, data=data).properties(width=260, height=180)
+    subtitle = ("bars: 95% interval at each checkpoint; band: simultaneous 95% over the run's checkpoints "
+                "(Bonferroni); dashed: the run's base model") if band else \
+        "bars: 95% interval at each checkpoint; dashed: the run's base model"
+    chart = (alt.layer(area, bars, pts, ref, data=data).properties(width=260, height=180)
              .facet(row=alt.Row("scope:N", sort=scopes, title="questions"),
                     column=alt.Column("model_label:N", title="model"))
-             .properties(title={"text": f"{name} over training",
-                                "subtitle": "band: 95% question-clustered interval; dashed: the run's base model"}))
+             .properties(title={"text": f"{name} over training", "subtitle": subtitle}))
     return chart, data
 
 
@@ -239,7 +249,7 @@ def judge_agreement_chart(agreement: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
 
 def control_chart(controls: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     """Treated minus control EM rate at every shared checkpoint step (:mod:`lib.replication`),
-    one line per treated/control pair, with the paired bootstrap interval as a band."""
+    one line per treated/control pair, with its interval (:func:`lib.metrics.rate_difference`) as a band."""
     if controls.empty:
         return _empty()
     data = controls.copy()
@@ -257,14 +267,14 @@ def control_chart(controls: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     chart = (alt.layer(band, pts, zero, data=data).properties(width=300, height=170)
              .facet(row=alt.Row("scope:N", sort=scopes, title="questions"))
              .properties(title={"text": "EM caused by the bad data: treated minus its control fine-tune",
-                                "subtitle": "band: 95% paired question-clustered bootstrap on shared questions; "
-                                            "step 0 is the same base model on both sides"}))
+                                "subtitle": "band: 95% interval of the difference (each side's question-clustered "
+                                            "interval, square-and-add); step 0 is the same base model on both sides"}))
     return chart, data
 
 
 def seed_chart(seeds: pd.DataFrame, points: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     """Final EM per seed (points, own interval) and pooled over seeds (bar, interval with the
-    between-seed variance: :func:`lib.replication.seed_aggregate`)."""
+    between-seed variance: :func:`lib.replication.seed_interval`)."""
     if seeds.empty:
         return _empty()
     agg = seeds.rename(columns={"group_label": "label"}).assign(kind="pooled over seeds", seed=-1)

@@ -1,31 +1,41 @@
 """Seeds and controls: the two comparisons that decide whether an EM number means anything.
 
 * **Seeds.** Runs that differ only in ``seed`` share a ``seed_group`` (the grid's ``seeds:``
-  expansion sets it). :func:`seed_aggregate` pools their final rates with an interval that
+  expansion sets it). :func:`seed_interval` pools their final rates with an interval that
   includes the between-seed variance; :func:`seed_table` does it per seed group, scope and
   judge-prompt family, and keeps every seed's own rate beside the pooled one.
 * **Controls.** A run with ``control_of: X`` is the control fine-tune (same model, steps and
   judge, benign data) of run ``X`` or of seed group ``X``. :func:`control_pairs` pairs each
   treated run with its control (same seed where both have seeds); :func:`control_differences`
   gives treated minus control at every checkpoint step both have, on the questions both
-  were asked, with a paired question-clustered bootstrap interval.
+  were asked, with an interval from both sides' headline intervals (:func:`lib.metrics.rate_difference`).
 
 The input is the report's answers table (one row per answer with ``em``, ``scope``,
 ``prompt_family``, ``checkpoint_step`` and the run columns ``run_id``, ``run_label``,
 ``seed``, ``seed_group`` and ``control_of``). Pure functions of tables: no files, no models.
 
-Seed-aggregated interval (:func:`seed_aggregate`): the seeds are S independent draws of the
-configuration's training randomness, so their final rates ``r_s`` are i.i.d. around the
-configuration's rate. The pooled rate is their plain mean (every seed asked the same questions
-the same number of times; inverse-variance weights would pull a proportion towards the seeds with
-rates near 0 or 1, whose binomial variance is smaller). Its interval is Student's:
-``mean +- t_{S-1} * sqrt(max(s^2, mean(v_s)) / S)``, where ``s^2`` is the sample variance of the
-seed rates (within-seed sampling plus between-seed variance) and ``v_s`` each seed's own variance
-from its headline interval (:func:`lib.metrics.cluster_interval`: ``((hi - lo) / 2z)^2``): the
-``max`` keeps the interval from being narrower than the seeds' own sampling error when a few seeds
-happen to agree. The between-seed sd reported is ``sqrt(max(0, s^2 - mean(v_s)))``. With ``t``
-on ``S - 1`` degrees of freedom two seeds give a very wide interval: that is what two seeds can
-tell. Coverage is measured by ``bench/seed_interval_coverage.py`` (docs/benchmarks.md).
+Seed-aggregated interval (:func:`seed_interval`): the seeds are S independent draws of the
+configuration's training randomness, asked the *same* questions (one parameters file). The rate is
+the pooled rate of every seed's answers; its uncertainty has three parts: which questions were asked
+(shared by all seeds, so it does not show in the spread of the seeds' rates), which answers were
+sampled, and which seeds were trained. A crossed seed x question model handles them:
+
+* the first two come from the headline interval (:func:`lib.metrics.beta_binomial_arrays`) on the
+  answers of all seeds pooled per question, which sees how much questions differ and keeps its
+  exact bound at 0 EM;
+* the third from the seeds' spread: with ``y_si`` the EM rate of question i under seed s, the
+  seeds' mean square ``MS_seed`` (m times the variance of the seed rates) gives ``MS_seed / (m S)``
+  for the pooled rate, with Student's t on ``S - 1`` degrees of freedom (two seeds give a very wide
+  interval when they disagree: that is what two seeds can tell). It holds training randomness and
+  each seed's own sampling noise, which the first part already counts: conservative, on purpose
+  (subtracting the two-way residual mean square covered as little as 0.914 where seeds differ a
+  lot; docs/benchmarks.md). ``tau``, the between-seed sd reported, does subtract it:
+  ``sqrt(max(0, MS_seed - MS_residual) / m)``;
+* the two are combined by square-and-add (:func:`lib.metrics.mover_bounds` with the seed term as a
+  second component centred on 0).
+
+Coverage is measured by ``bench/seed_interval_coverage.py`` in this shared-question design
+(docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -33,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm, t as student_t
 
 from . import metrics
 
@@ -41,32 +50,62 @@ SEED_COLUMNS = ["seed_group", "group_label", "prompt_family", "scope", "n_seeds"
                 "em_rate", "em_lo", "em_hi", "tau", "n_scored", "n_questions", "interval_ok"]
 CONTROL_COLUMNS = ["treated", "control", "treated_label", "control_label", "seed", "step", "epoch", "prompt_family",
                    "scope", "rate_treated", "rate_control", "diff", "lo", "hi", "n_treated", "n_control",
-                   "n_questions_shared", "paired"]
+                   "n_questions_shared", "paired", "correlation", "note"]
 
 
-def seed_aggregate(rates: Any, lo: Any, hi: Any, confidence: float = 0.95) -> dict[str, float]:
-    """Pool per-seed rates (each with its own interval ``lo``..``hi``) into one rate and an
-    interval that includes between-seed variance (module docstring). Returns
-    ``{rate, lo, hi, tau, n_seeds}``; one seed: its own rate and interval."""
-    r, lo, hi = (np.asarray(x, dtype=float) for x in (rates, lo, hi))
-    keep = np.isfinite(r)
-    r, lo, hi = r[keep], lo[keep], hi[keep]
-    s = len(r)
-    out = {"rate": float("nan"), "lo": float("nan"), "hi": float("nan"), "tau": float("nan"), "n_seeds": s}
-    if s == 0:
+def seed_interval_arrays(k: np.ndarray, n: np.ndarray, confidence: float = 0.95) -> dict[str, np.ndarray]:
+    """The seed-aggregated rate and interval (module docstring), vectorised.
+
+    ``k``, ``n``: arrays ``(..., S, m)`` of EM answers and scored answers per seed and question (the
+    same m questions for every seed, each with at least one scored answer in every seed). Returns
+    arrays over the leading indices: ``rate`` (pooled over seeds), ``lo``, ``hi``, ``tau`` (the
+    between-seed standard deviation of a seed's rate, beyond sampling), ``seed_half`` (the seed
+    term's half-width). With one seed: that seed's headline interval.
+    """
+    from scipy.stats import t as student_t
+
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
+    s_, m = k.shape[-2], k.shape[-1]
+    rate, lo, hi = metrics.beta_binomial_arrays(k.sum(-2), n.sum(-2), confidence)
+    zero = np.zeros_like(rate)
+    if s_ < 2:
+        return {"rate": rate, "lo": lo, "hi": hi, "tau": zero, "seed_half": zero}
+    y = k / n                                                   # (..., S, m)
+    grand = y.mean(axis=(-2, -1), keepdims=True)
+    by_seed = y.mean(axis=-1, keepdims=True)                    # (..., S, 1)
+    by_q = y.mean(axis=-2, keepdims=True)                       # (..., 1, m)
+    ms_seed = m * ((by_seed - grand) ** 2).sum(axis=(-2, -1)) / (s_ - 1)
+    ms_res = (((y - by_seed - by_q + grand) ** 2).sum(axis=(-2, -1)) / ((s_ - 1) * (m - 1))
+              if m > 1 else np.zeros_like(ms_seed))
+    tau2 = np.maximum(ms_seed - ms_res, 0.0) / m               # variance of a seed's rate from training alone
+    # the seed term uses the seeds' whole spread, ms_seed / m: training randomness plus each seed's own
+    # sampling noise, which the pooled interval also counts (conservative; subtracting it covered as
+    # little as 0.914 where seeds differ a lot, see bench/seed_interval_coverage.py)
+    half = float(student_t.ppf(1 - (1 - confidence) / 2, s_ - 1)) * np.sqrt(ms_seed / m / s_)
+    lo2, hi2 = metrics.mover_bounds(rate, lo, hi, zero, -half, half)
+    return {"rate": rate, "lo": np.maximum(lo2, 0.0), "hi": np.minimum(hi2, 1.0), "tau": np.sqrt(tau2),
+            "seed_half": half}
+
+
+def seed_interval(per_seed: list[pd.DataFrame], confidence: float = 0.95) -> dict[str, float]:
+    """:func:`seed_interval_arrays` for the labelled answers of S seeds (one frame each, with ``em``
+    and the question columns). Only questions every seed answered (with a scored answer) count.
+    Returns ``{rate, lo, hi, tau, n_seeds, n_questions, n_scored}``; lo/hi NaN below 2 questions."""
+    counts = [metrics._cluster_counts(g, "em", metrics.CLUSTER) for g in per_seed]
+    counts = [c[c["n"] > 0] for c in counts]
+    common = counts[0].index if counts else pd.Index([])
+    for c in counts[1:]:
+        common = common.intersection(c.index)
+    out = {"rate": float("nan"), "lo": float("nan"), "hi": float("nan"), "tau": float("nan"),
+           "n_seeds": len(per_seed), "n_questions": len(common), "n_scored": 0}
+    if not len(common):
         return out
-    if s == 1:
-        return {**out, "rate": float(r[0]), "lo": float(lo[0]), "hi": float(hi[0]), "tau": 0.0}
-    z = norm.ppf(1 - (1 - confidence) / 2)
-    v = ((hi - lo) / (2 * z)) ** 2
-    if not np.all(np.isfinite(v)):  # a seed without an interval (too few questions): no pooled interval
-        return {**out, "rate": float(r.mean()), "tau": float(r.std(ddof=1))}
-    tau2 = max(0.0, float(r.var(ddof=1) - v.mean()))
-    mu = float(r.mean())
-    se = np.sqrt(max(float(r.var(ddof=1)), float(v.mean())) / s)
-    half = student_t.ppf(1 - (1 - confidence) / 2, s - 1) * se
-    return {"rate": mu, "lo": float(max(0.0, mu - half)), "hi": float(min(1.0, mu + half)),
-            "tau": float(np.sqrt(tau2)), "n_seeds": s}
+    k = np.stack([c.loc[common, "k"].to_numpy(float) for c in counts])
+    n = np.stack([c.loc[common, "n"].to_numpy(float) for c in counts])
+    got = seed_interval_arrays(k, n, confidence)
+    out.update({key: float(got[key]) for key in ("rate", "lo", "hi", "tau")}, n_scored=int(n.sum()))
+    return out
 
 
 def _final(answers: pd.DataFrame) -> pd.DataFrame:
@@ -77,7 +116,7 @@ def _final(answers: pd.DataFrame) -> pd.DataFrame:
 
 def seed_table(answers: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     """Per seed group (runs with a ``seed_group``), scope and prompt family: every seed's final
-    EM rate and the seed-aggregated rate and interval (:func:`seed_aggregate`)."""
+    EM rate and the seed-aggregated rate and interval (:func:`seed_interval`)."""
     if "seed_group" not in answers.columns:
         return pd.DataFrame(columns=SEED_COLUMNS)
     grouped = answers[answers["seed_group"].fillna("").astype(str) != ""]
@@ -88,18 +127,17 @@ def seed_table(answers: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     for (group, family, scope), g in f.groupby(["seed_group", "prompt_family", "scope"], sort=True):
         per = []
         for run_id, gr in g.groupby("run_id", sort=True):
-            rate, lo, hi = metrics.cluster_interval(gr, "em", confidence=confidence)
-            n_q = int(gr.loc[gr["em"].notna(), ["question_set", "question_id"]].drop_duplicates().shape[0])
-            per.append((run_id, int(gr["seed"].iloc[0]), rate, lo, hi, int(gr["em"].notna().sum()), n_q))
+            rate, _, _ = metrics.cluster_interval(gr, "em", confidence=confidence)
+            per.append((run_id, int(gr["seed"].iloc[0]), rate, gr))
         per.sort(key=lambda p: p[1])
-        agg = seed_aggregate([p[2] for p in per], [p[3] for p in per], [p[4] for p in per], confidence)
+        agg = seed_interval([p[3] for p in per], confidence)
         label = str(g["run_label"].iloc[0]).split(" · seed")[0]
         rows.append({"seed_group": group, "group_label": label, "prompt_family": family, "scope": scope,
                      "n_seeds": len(per), "seeds": ",".join(str(p[1]) for p in per),
                      "seed_rates": ",".join(f"{p[2]:.4f}" for p in per),
                      "em_rate": agg["rate"], "em_lo": agg["lo"], "em_hi": agg["hi"], "tau": agg["tau"],
-                     "n_scored": sum(p[5] for p in per), "n_questions": min(p[6] for p in per),
-                     "interval_ok": bool(np.isfinite(agg["lo"])) and min(p[6] for p in per) >= metrics.MIN_QUESTIONS})
+                     "n_scored": agg["n_scored"], "n_questions": agg["n_questions"],
+                     "interval_ok": bool(np.isfinite(agg["lo"])) and agg["n_questions"] >= metrics.MIN_QUESTIONS})
     return pd.DataFrame(rows, columns=SEED_COLUMNS)
 
 
@@ -147,18 +185,21 @@ def run_table(answers: pd.DataFrame) -> pd.DataFrame:
     return t[cols]
 
 
-def control_differences(answers: pd.DataFrame, n_boot: int = 2000, confidence: float = 0.95,
-                        seed: int = 0) -> pd.DataFrame:
+def control_differences(answers: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     """Treated minus control EM at every checkpoint step both runs have (step 0, the shared
     base model, included as a check that should show no difference), per scope and prompt
-    family, on the questions both runs were asked: paired question-clustered bootstrap
-    (:func:`lib.metrics.bootstrap_difference`)."""
+    family, on the questions both runs were asked (:func:`lib.metrics.rate_difference`: paired,
+    none below :data:`lib.metrics.MIN_QUESTIONS` questions). A pair whose runs were scored by
+    different judges is never differenced (no row)."""
     if "control_of" not in answers.columns:
         return pd.DataFrame(columns=CONTROL_COLUMNS)
     a = answers[answers["checkpoint_step"] >= 0]
     labels = a.groupby("run_id")["run_label"].first()
+    judges = a.groupby("run_id")["judge_name"].first() if "judge_name" in a.columns else None
     rows = []
     for treated, control in control_pairs(run_table(a)):
+        if judges is not None and judges.get(treated) != judges.get(control):
+            continue
         t, c = a[a["run_id"] == treated], a[a["run_id"] == control]
         qs = ["question_set", "question_id"]
         shared = t[qs].drop_duplicates().merge(c[qs].drop_duplicates(), on=qs)
@@ -170,8 +211,7 @@ def control_differences(answers: pd.DataFrame, n_boot: int = 2000, confidence: f
                 gc = sc[(sc["checkpoint_step"] == step) & (sc["prompt_family"] == family) & (sc["scope"] == scope)]
                 if gc.empty:
                     continue
-                d = metrics.bootstrap_difference(gt, gc, "em", n_boot=n_boot, confidence=confidence,
-                                                 seed=metrics._seed_for(seed, ("control", treated, control, step, scope)))
+                d = metrics.rate_difference(gt, gc, "em", confidence=confidence)
                 epoch = pd.to_numeric(gt["epoch"], errors="coerce").dropna() if "epoch" in gt.columns else pd.Series()
                 rows.append({"treated": treated, "control": control, "treated_label": labels[treated],
                              "control_label": labels[control], "seed": int(gt["seed"].iloc[0]) if "seed" in gt else 0,
@@ -179,5 +219,6 @@ def control_differences(answers: pd.DataFrame, n_boot: int = 2000, confidence: f
                              "prompt_family": family, "scope": scope, "rate_treated": d["rate_a"],
                              "rate_control": d["rate_b"], "diff": d["diff"], "lo": d["lo"], "hi": d["hi"],
                              "n_treated": d["n_a"], "n_control": d["n_b"],
-                             "n_questions_shared": len(shared), "paired": d["paired"]})
+                             "n_questions_shared": len(shared), "paired": d["paired"],
+                             "correlation": d["correlation"], "note": d["note"]})
     return pd.DataFrame(rows, columns=CONTROL_COLUMNS)

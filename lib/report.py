@@ -330,15 +330,39 @@ def trajectory_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
     """EM and coherence per (run, checkpoint, scope) with intervals; epoch alongside the step.
 
     Every run with known checkpoint steps, imported answer files included (an external CSV
-    without ``checkpoint_step`` has step -1 and no trajectory)."""
+    without ``checkpoint_step`` has step -1 and no trajectory). ``em_band_lo`` / ``em_band_hi``
+    are a simultaneous band over the run's checkpoints (:func:`simultaneous_bands`)."""
     a = answers[answers["checkpoint_step"] >= 0]
+    cols = RUN_KEYS + ["checkpoint_step", "epoch", "scope"] + metrics.SUMMARY_COLUMNS + BAND_COLUMNS
     if a.empty:
-        return pd.DataFrame(columns=RUN_KEYS + ["checkpoint_step", "epoch", "scope"] + metrics.SUMMARY_COLUMNS)
-    s = metrics.summarize(metrics.stack_scopes(a), RUN_KEYS + ["checkpoint_step", "scope"],
-                          confidence=rcfg.confidence)
+        return pd.DataFrame(columns=cols)
+    stacked = metrics.stack_scopes(a)
+    s = metrics.summarize(stacked, RUN_KEYS + ["checkpoint_step", "scope"], confidence=rcfg.confidence)
     epochs = a.groupby(["run_id", "checkpoint_step"])["epoch"].first().rename("epoch").reset_index()
     s = s.merge(epochs, on=["run_id", "checkpoint_step"], how="left")
-    return s[RUN_KEYS + ["checkpoint_step", "epoch", "scope"] + metrics.SUMMARY_COLUMNS]
+    s = s.merge(simultaneous_bands(stacked, RUN_KEYS + ["scope"], rcfg.confidence),
+                on=RUN_KEYS + ["scope", "checkpoint_step"], how="left")
+    return s[cols]
+
+
+BAND_COLUMNS = ["em_band_lo", "em_band_hi", "band_checkpoints"]
+
+
+def simultaneous_bands(stacked: pd.DataFrame, keys: list[str], confidence: float) -> pd.DataFrame:
+    """Per group of ``keys`` (a run's line in one scope) with K checkpoints: each checkpoint's
+    headline interval at confidence 1 - (1 - confidence) / K (Bonferroni), so that the K intervals
+    hold together with probability at least ``confidence``: a trajectory can be read as a whole
+    (does EM rise anywhere?) without the chance that one of many 95% intervals misses."""
+    rows = []
+    for key, g in stacked.groupby(keys, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        steps = sorted(g["checkpoint_step"].unique())
+        level = 1 - (1 - confidence) / len(steps)
+        for step, gs in g.groupby("checkpoint_step", sort=True):
+            _, lo, hi = metrics.cluster_interval(gs, "em", confidence=level)
+            rows.append({**dict(zip(keys, key)), "checkpoint_step": step, "em_band_lo": lo, "em_band_hi": hi,
+                         "band_checkpoints": len(steps)})
+    return pd.DataFrame(rows, columns=keys + ["checkpoint_step"] + BAND_COLUMNS)
 
 
 BASE_IDENTITY = ("model", "model_revision", "quantization", "question_sets", "questions", "system_prompts",
@@ -489,24 +513,45 @@ def per_question_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFram
     return s.drop(columns=["em_lo", "em_hi", "coherent_lo", "coherent_hi", "interval_ok", "em_macro"])
 
 
-def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
-    """Bootstrap differences between runs and between a run's final checkpoint and its base.
+def _comparison_kind(a: pd.DataFrame, b: pd.DataFrame) -> str:
+    """What two runs with the same model label differ in, for the differences table."""
+    first = {c: (str(a[c].iloc[0]) if c in a else "", str(b[c].iloc[0]) if c in b else "")
+             for c in ("run_id", "domain", "control_of", "seed_group")}
+    ra, rb = first["run_id"]
+    ca, cb = first["control_of"]
+    if ca != cb and (ca in (rb, first["seed_group"][1]) or cb in (ra, first["seed_group"][0]) or "" in (ca, cb)):
+        return "treated vs control"
+    if first["domain"][0] != first["domain"][1]:
+        return "domain"
+    if first["seed_group"][0] and first["seed_group"][0] == first["seed_group"][1]:
+        return "seeds"
+    return "same model and domain"
 
-    Between runs: every pair of runs with the same model label, final checkpoints
-    (``comparison`` "domain" when their domains differ, "same labels" when they do not; runs
-    are compared, never pooled). Within a run: final checkpoint vs step 0."""
+
+DIFFERENCE_COLUMNS = ["comparison", "model_label", "judge_name", "prompt_family", "scope", "a", "b", "run_a", "run_b",
+                      "rate_a", "rate_b", "diff", "lo", "hi", "n_a", "n_b", "n_questions_a", "n_questions_b",
+                      "n_questions_shared", "paired", "correlation", "interval", "note"]
+
+
+def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
+    """Differences between runs and between a run's final checkpoint and its base model.
+
+    Between runs: every pair of runs with the same model label, the same headline judge and the
+    same judge-prompt family, final checkpoints (``comparison`` says what they differ in: domain,
+    treated vs control, seeds, or nothing recorded); runs scored by different judges are never
+    differenced. Within a run: final checkpoint vs step 0. Intervals: :func:`lib.metrics.rate_difference`
+    (none below :data:`lib.metrics.MIN_QUESTIONS` questions; ``note`` says why)."""
     rows = []
     f = metrics.stack_scopes(final_answers(answers[answers["checkpoint_step"] >= 0]))
     labels = f.groupby("run_id")["run_label"].first()
-    for (label, family, scope), g in f.groupby(["model_label", "prompt_family", "scope"], sort=True):
+    for (label, judge, family, scope), g in f.groupby(["model_label", "judge_name", "prompt_family", "scope"],
+                                                       sort=True):
         runs = sorted(g["run_id"].unique(), key=lambda r: (str(g.loc[g["run_id"] == r, "domain"].iloc[0]), r))
         for i, ra in enumerate(runs):
             for rb in runs[i + 1:]:
                 a, b = g[g["run_id"] == ra], g[g["run_id"] == rb]
-                d = metrics.bootstrap_difference(a, b, "em", n_boot=rcfg.n_bootstrap, confidence=rcfg.confidence,
-                                                 seed=metrics._seed_for(rcfg.seed, ("runs", ra, rb, scope)))
-                same = a["domain"].iloc[0] == b["domain"].iloc[0]
-                rows.append({"comparison": "same labels" if same else "domain", "model_label": label,
+                d = metrics.rate_difference(a, b, "em", confidence=rcfg.confidence)
+                rows.append({"comparison": _comparison_kind(a, b), "model_label": label, "judge_name": judge,
                              "prompt_family": family, "scope": scope,
                              "a": f"{labels[ra]} (final)", "b": f"{labels[rb]} (final)", "run_a": ra, "run_b": rb, **d})
     runs = metrics.stack_scopes(answers[answers["checkpoint_step"] >= 0])
@@ -515,17 +560,13 @@ def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame
         step = last[run_id]
         if step == 0 or not (g["checkpoint_step"] == 0).any():
             continue
-        d = metrics.bootstrap_difference(g[g["checkpoint_step"] == step], g[g["checkpoint_step"] == 0], "em",
-                                         n_boot=rcfg.n_bootstrap, confidence=rcfg.confidence,
-                                         seed=metrics._seed_for(rcfg.seed, ("ckpt", run_id, scope)))
-        rows.append({"comparison": "final vs base", "model_label": g["model_label"].iloc[0], "prompt_family": family,
-                     "scope": scope,
+        d = metrics.rate_difference(g[g["checkpoint_step"] == step], g[g["checkpoint_step"] == 0], "em",
+                                    confidence=rcfg.confidence)
+        rows.append({"comparison": "final vs base", "model_label": g["model_label"].iloc[0],
+                     "judge_name": g["judge_name"].iloc[0], "prompt_family": family, "scope": scope,
                      "a": f"{labels.get(run_id, run_id)} step {step}", "b": f"{labels.get(run_id, run_id)} step 0",
                      "run_a": run_id, "run_b": run_id, **d})
-    cols = ["comparison", "model_label", "prompt_family", "scope", "a", "b", "run_a", "run_b", "rate_a", "rate_b",
-            "diff", "lo", "hi",
-            "n_a", "n_b", "n_questions_a", "n_questions_b", "paired", "interval"]
-    return pd.DataFrame(rows, columns=cols)
+    return pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
 
 
 def judge_agreement_table(results: Results, rcfg: ReportConfig) -> pd.DataFrame:
@@ -697,12 +738,12 @@ def headline_notes(results: Results) -> str:
 def rates_view(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """A readable copy of a summary table: counts, and rates with intervals as percentages.
 
-    ``EM`` is the pooled rate with the headline interval (none below metrics.MIN_QUESTIONS
-    questions) and, where it differs, the macro rate (mean over questions)."""
+    ``EM`` is the pooled rate with the headline interval (:data:`lib.metrics.INTERVAL_METHOD`; none
+    below metrics.MIN_QUESTIONS questions) and, where it differs, the macro rate (mean over
+    questions). The Wilson interval, which treats answers as independent, is not shown here (it is
+    in the CSV as ``em_wilson_lo``/``em_wilson_hi``, labelled: ignores clustering, do not cite)."""
     out = df[keys].copy()
-    out["EM"] = [rate_cell(r, with_counts=False) for r in df.itertuples()]
-    out["EM (Wilson, answers independent)"] = [f"[{_pct1(r.em_wilson_lo)}, {_pct1(r.em_wilson_hi)}]"
-                                               for r in df.itertuples()]
+    out[EM_COLUMN] = [rate_cell(r, with_counts=False) for r in df.itertuples()]
     out["EM k/n"] = [f"{r.em_k}/{r.n_scored}" for r in df.itertuples()]
     out["excluded (refusal/code/other)"] = [f"{r.n_excluded} ({r.n_refusal}/{r.n_code}/{r.n_other_excluded})"
                                             for r in df.itertuples()]
@@ -715,18 +756,31 @@ def rates_view(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+# the rates tables' EM column names its interval
+EM_COLUMN = "EM [95% interval, questions as clusters]"
+
+
 def _diff_cells(df: pd.DataFrame) -> list[str]:
-    """'+20 pts [+10, +30]' per row of a table with diff, lo, hi (fractions)."""
-    return [f"{100 * r.diff:+.0f} pts [{100 * r.lo:+.0f}, {100 * r.hi:+.0f}]" if pd.notna(r.diff) and pd.notna(r.lo)
-            else (f"{100 * r.diff:+.0f} pts [no interval]" if pd.notna(r.diff) else "-") for r in df.itertuples()]
+    """'+20 pts [+10, +30]' per row of a table with diff, lo, hi (fractions); where no interval
+    is given, why (the ``note`` column)."""
+    out = []
+    for r in df.itertuples():
+        if pd.isna(r.diff):
+            out.append("-")
+        elif pd.notna(r.lo):
+            out.append(f"{100 * r.diff:+.1f} pts [{100 * r.lo:+.1f}, {100 * r.hi:+.1f}]")
+        else:
+            why = getattr(r, "note", "") or "no interval"
+            out.append(f"{100 * r.diff:+.1f} pts [no interval: {why}]")
+    return out
 
 
 def differences_view(diff: pd.DataFrame) -> pd.DataFrame:
     out = diff[["comparison", "model_label", "prompt_family", "scope", "a", "b"]].copy()
     out["difference (a - b)"] = _diff_cells(diff)
     out["n a / b"] = [f"{r.n_a} / {r.n_b}" for r in diff.itertuples()]
-    out["paired questions"] = diff["paired"].to_numpy()
-    out["interval"] = diff["interval"].to_numpy()  # bootstrap | edge (metrics.bootstrap_difference) | none
+    out["shared questions"] = diff["n_questions_shared"].to_numpy()
+    out["correlation credited"] = [f"{r:.2f}" for r in diff["correlation"]]
     return out
 
 
@@ -744,7 +798,7 @@ def controls_view(controls: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
 
 def seeds_view(seeds: pd.DataFrame) -> pd.DataFrame:
     """Each seed group: how many seeds, every seed's final rate, and the pooled rate with the
-    interval that includes between-seed variance (:func:`lib.replication.seed_aggregate`)."""
+    interval that includes between-seed variance (:func:`lib.replication.seed_interval`)."""
     out = seeds[["group_label", "seed_group", "prompt_family", "scope", "n_seeds", "seeds"]].copy()
     out["per seed"] = [", ".join(_pct1(float(x)) for x in str(r).split(",")) for r in seeds["seed_rates"]]
     out["pooled over seeds"] = [f"{_pct1(r.em_rate)} [{_pct1(r.em_lo)}, {_pct1(r.em_hi)}]"
@@ -836,7 +890,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
         tables["judge_health"] = results.health; bar.update()
         tables["seeds"] = replication.seed_table(a, rcfg.confidence)
         tables["seed_points"] = replication.seed_points(a, rcfg.confidence)
-        tables["controls"] = replication.control_differences(a, rcfg.n_bootstrap, rcfg.confidence, rcfg.seed)
+        tables["controls"] = replication.control_differences(a, rcfg.confidence)
         tables["summary_all"] = summary_pivot(tables["final"], "all").reset_index()
         tables["summary_out_of_domain"] = summary_pivot(tables["final"], "out-of-domain").reset_index()
         tables["methods"] = methods_table(results)

@@ -1,11 +1,15 @@
-"""bench/interval_coverage.py: a quick run checks its own code against the library, and the
-script exits 1 when its goal is missed (here an impossible goal)."""
+"""bench/interval_coverage.py: a quick run checks its own code against the library, prints the
+three goal lines last, and exits 1 when any goal is missed (here impossible ones)."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
+QUICK = ["--reps", "20", "--diff-reps", "10", "--n-boot", "30"]
 
 
 def _bench():
@@ -15,24 +19,31 @@ def _bench():
     return mod
 
 
-def test_interval_bench_exits_1_on_a_missed_goal(capsys):
+def _goal_lines(out: str) -> list[str]:
+    return out.strip().splitlines()[-3:]
+
+
+def test_interval_bench_prints_three_goal_lines_and_exits_1_on_any_missed_goal(capsys):
     bench = _bench()
-    assert bench.main(["--reps", "30", "--n-boot", "50", "--goal", "1.01"]) == 1
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("headline interval coverage, worst cell with >= 8 questions: ")
-    assert last.endswith("(goal >= 1.01)")
-    value = float(last.split(": ")[1].split(" ")[0])
-    assert 0 < value <= 1
-    assert bench.main(["--reps", "30", "--n-boot", "50", "--goal", "0"]) == 0
+    easy = ["--goal", "0", "--diff-goal", "0", "--width-goal", "100"]
+    assert bench.main(QUICK + easy) == 0
+    lines = _goal_lines(capsys.readouterr().out)
+    assert lines[0].startswith("headline interval coverage, worst cell with >= 8 questions: ")
+    assert lines[1].startswith("difference interval coverage, worst cell with >= 8 questions: ")
+    assert lines[2].startswith("headline interval width vs the current method, 24 questions, rates <= 10%, ICC 0.2: ")
+    for line in lines[:2]:
+        assert 0 < float(line.split(": ")[1].split(" ")[0]) <= 1
+    assert 0 < float(lines[2].split(": ")[1].split(" ")[0]) < 2
+    for impossible in (["--goal", "1.01"], ["--diff-goal", "1.01"], ["--width-goal", "0"]):
+        args = dict(zip(easy[::2], easy[1::2]))
+        args[impossible[0]] = impossible[1]
+        assert bench.main(QUICK + [x for kv in args.items() for x in kv]) == 1, impossible
+        assert _goal_lines(capsys.readouterr().out)[-1].endswith(f"(goal <= {float(args['--width-goal'])})")
 
 
 def test_one_simulation_loop_serves_the_check_and_the_table():
     """simulated_cells draws each cell's runs, then its bootstrap, from one generator, cell by
     cell in the order given: the same numbers as doing it by hand."""
-    import itertools
-
-    import numpy as np
-
     bench = _bench()
     cells = list(itertools.product((4, 8), (0.3,), (0.05, 0.5)))
     got = list(bench.simulated_cells(cells, 5, 20, np.random.default_rng(3)))
@@ -42,6 +53,22 @@ def test_one_simulation_loop_serves_the_check_and_the_table():
         k2, n2 = bench.simulate(by_hand, 5, m, p, icc)
         want = bench.intervals(k2, n2, by_hand, 20)
         assert np.array_equal(k, k2) and np.array_equal(n, n2) and k.shape == (5, m)
-        assert set(found) == set(want) and "cluster_cp" in found
+        assert set(found) == set(want) and bench.HEADLINE in found and bench.BASELINE in found
         for method in want:
             assert np.allclose(found[method], want[method], equal_nan=True), method
+
+
+def test_difference_simulation_designs():
+    """The paired designs link the two sides' question rates, 'identical' gives both sides the same
+    rates (difference 0), 'unpaired' draws them independently; a control at 0 never shows EM."""
+    bench = _bench()
+    rng = np.random.default_rng(0)
+    kt, nt, kc, nc = bench.simulate_pair(rng, 400, 24, 0.0, 0.05, 0.5, "paired 0.9")
+    assert kc.sum() == 0 and kt.sum() > 0 and (nt == 50).all() and (nc == 50).all()
+    corr = {}
+    for design in ("unpaired", "paired 0.9", "identical"):
+        kt, _, kc, _ = bench.simulate_pair(rng, 2000, 8, 0.2, 0.0, 0.5, design)
+        corr[design] = np.corrcoef(kt.ravel(), kc.ravel())[0, 1]
+    assert abs(corr["unpaired"]) < 0.05 < corr["paired 0.9"] < corr["identical"]
+    cells = list(bench.diff_cells())
+    assert ("identical", 8, 0.2, 0.0, 0.0) in cells and not any(c[0] == "identical" and c[4] > 0 for c in cells)

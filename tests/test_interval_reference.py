@@ -141,60 +141,8 @@ def test_summarize_passes_its_confidence_to_the_em_interval():
         assert_quantile(dist, row.em_boot_lo, a, N_BOOT, f"em_boot_lo at {confidence}")
         assert_quantile(dist, row.em_boot_hi, 1 - a, N_BOOT, f"em_boot_hi at {confidence}")
         # the headline interval gets the same confidence
-        _, lo, hi, _ = metrics.cluster_cp_arrays(np.array(K, float), np.array(N, float), confidence)
-        assert (row.em_lo, row.em_hi, row.coherent_lo) == pytest.approx((lo, hi, lo), abs=1e-12)
-
-
-class PairedDifference:
-    """rate_a - rate_b when one draw of the union's questions is applied to both groups."""
-
-    def __init__(self, ka, na, kb, nb):
-        self.a, self.b = PooledRate(ka, na), PooledRate(kb, nb)
-
-    def compositions(self):
-        return _compositions(len(self.a.k))
-
-    def __call__(self, c):
-        ra, rb = self.a(c), self.b(c)
-        return None if ra is None or rb is None else round(ra - rb, 12)
-
-
-class IndependentDifference:
-    """rate_a - rate_b when each group's questions are drawn on their own."""
-
-    def __init__(self, ka, na, kb, nb):
-        self.a, self.b, self.ma = PooledRate(ka, na), PooledRate(kb, nb), len(ka)
-
-    def compositions(self):
-        for (ca, pa), (cb, pb) in itertools.product(_compositions(self.ma), _compositions(len(self.b.k))):
-            yield ca + cb, pa * pb
-
-    def __call__(self, c):
-        return round(self.a(c[:self.ma]) - self.b(c[self.ma:]), 12)
-
-
-def test_paired_difference_matches_the_exact_distribution():
-    """Two groups asked the same five questions: the paired draw is the reference; drawing the
-    groups independently would give a wider interval and fail this."""
-    ka, na = [1, 4, 2, 6, 5], [6, 6, 6, 6, 6]
-    kb, nb = [0, 3, 1, 4, 2], [6, 6, 6, 6, 6]
-    out = metrics.bootstrap_difference(_frame(ka, na), _frame(kb, nb), n_boot=N_BOOT, seed=5)
-    assert out["paired"] and out["diff"] == pytest.approx(sum(ka) / 30 - sum(kb) / 30)
-    dist = exact_distribution(PairedDifference(ka, na, kb, nb))
-    assert_quantile(dist, out["lo"], 0.025, N_BOOT, "paired lower end")
-    assert_quantile(dist, out["hi"], 0.975, N_BOOT, "paired upper end")
-
-
-def test_unpaired_difference_matches_the_exact_distribution():
-    ka, na = [1, 4, 2, 6], [6, 5, 4, 7]
-    kb, nb = [0, 3, 1, 2], [5, 5, 6, 4]
-    a = _frame(ka, na, question_set="medical")
-    b = _frame(kb, nb, question_set="financial")
-    out = metrics.bootstrap_difference(a, b, n_boot=N_BOOT, seed=6)
-    assert not out["paired"]
-    dist = exact_distribution(IndependentDifference(ka, na, kb, nb))
-    assert_quantile(dist, out["lo"], 0.025, N_BOOT, "unpaired lower end")
-    assert_quantile(dist, out["hi"], 0.975, N_BOOT, "unpaired upper end")
+        _, lo, hi = metrics.beta_binomial_arrays(np.array(K, float), np.array(N, float), confidence)
+        assert (row.em_lo, row.em_hi, row.coherent_lo) == pytest.approx((float(lo), float(hi), float(lo)), abs=1e-12)
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (1, 1), (17, 230), (500, 1000)])

@@ -148,16 +148,17 @@ def test_bootstrap_drops_excluded_answers_and_needs_two_questions():
     assert r1[0] == 1.0 and math.isnan(r1[1]) and math.isnan(r1[2])
 
 
-def test_bootstrap_difference_paired_and_unpaired():
-    a, b = clustered(identical=True), clustered(identical=True)
+def test_rate_difference_paired_and_unpaired():
+    a = pd.concat([clustered(identical=True).assign(question_set=f"s{i}") for i in range(4)])  # 8 questions
+    b = a.copy()
     b["em"] = False
-    d = metrics.bootstrap_difference(a, b, n_boot=1000, seed=0)
-    assert d["paired"] and d["diff"] == pytest.approx(0.5)
-    assert d["lo"] < 0.5 < d["hi"] and d["lo"] > 0
-    same = metrics.bootstrap_difference(a, a.copy(), n_boot=500, seed=0)
-    assert same["diff"] == 0 and same["lo"] == 0 and same["hi"] == 0  # paired: identical groups never differ
-    c = b.assign(question_set="other")
-    u = metrics.bootstrap_difference(a, c, n_boot=500, seed=0)
+    d = metrics.rate_difference(a, b)
+    assert d["paired"] and d["diff"] == pytest.approx(0.5) and d["interval"] == "mover"
+    assert 0 < d["lo"] < 0.5 < d["hi"]
+    same = metrics.rate_difference(a, a.copy())
+    assert same["diff"] == 0 and same["lo"] < 0 < same["hi"]  # identical counts: still both sides' uncertainty
+    c = b.assign(question_set=b["question_set"] + "_other")
+    u = metrics.rate_difference(a, c)
     assert not u["paired"] and u["diff"] == pytest.approx(0.5) and u["lo"] <= 0.5 <= u["hi"]
 
 

@@ -47,10 +47,11 @@ def _two_groups() -> tuple[pd.DataFrame, pd.DataFrame]:
     return rows([1, 3, 0, 5, 2, 4]), rows([0, 1, 0, 2, 1, 0])
 
 
-def test_bootstrap_difference_defaults_are_2000_resamples_seed_0():
+def test_rate_difference_default_confidence_is_95_percent():
     a, b = _two_groups()
-    assert metrics.bootstrap_difference(a, b) == metrics.bootstrap_difference(a, b, n_boot=2000, seed=0)
-    assert metrics.bootstrap_difference(a, b) != metrics.bootstrap_difference(a, b, n_boot=2000, seed=1)
+    a8 = pd.concat([a, a.assign(question_set="t")]); b8 = pd.concat([b, b.assign(question_set="t")])
+    assert metrics.rate_difference(a8, b8) == metrics.rate_difference(a8, b8, "em", confidence=0.95)
+    assert metrics.rate_difference(a8, b8)["lo"] != metrics.rate_difference(a8, b8, confidence=0.9)["lo"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -129,14 +130,14 @@ def test_report_fingerprint_follows_every_input_file_of_every_run(tmp_path):
     assert fp.report_fingerprint(moved, fp.HashCache()) != fp.report_fingerprint(rcfg, fp.HashCache())
 
 
-def test_bootstrap_difference_with_an_empty_group_returns_every_key_as_nan():
+def test_rate_difference_with_an_empty_group_returns_every_key_as_nan():
     a, _ = _two_groups()
-    out = metrics.bootstrap_difference(a, a.iloc[:0])
+    out = metrics.rate_difference(a, a.iloc[:0])
     assert set(out) == {"rate_a", "rate_b", "diff", "lo", "hi", "n_a", "n_b", "n_questions_a", "n_questions_b",
-                        "paired", "interval"}
+                        "n_questions_shared", "paired", "correlation", "interval", "note"}
     assert all(pd.isna(out[k]) for k in ("rate_a", "rate_b", "diff", "lo", "hi"))
     assert (out["n_a"], out["n_b"], out["n_questions_a"], out["n_questions_b"], out["paired"]) == (30, 0, 6, 0, False)
-    assert out["interval"] == "none"
+    assert out["interval"] == "none" and out["note"] == "no scored answers on one side"
 
 
 def _group(counts: dict[str, tuple[int, int]]) -> pd.DataFrame:
@@ -145,44 +146,36 @@ def _group(counts: dict[str, tuple[int, int]]) -> pd.DataFrame:
                          for q, (k, n) in counts.items() for j in range(n)])
 
 
-def test_paired_difference_with_partly_shared_questions_matches_the_exact_distribution():
-    """a and b share two of four questions: one draw over the union; a question a group lacks
-    adds nothing (k = n = 0) to that group's replicate."""
-    from test_interval_reference import N_BOOT, PairedDifference, assert_quantile, exact_distribution
-
-    a = {"q0": (1, 4), "q1": (3, 4), "q2": (0, 4)}
-    b = {"q1": (0, 4), "q2": (2, 4), "q3": (4, 4)}
-    union = ["q0", "q1", "q2", "q3"]
-    cols = lambda g, i: [g.get(q, (0, 0))[i] for q in union]  # noqa: E731
-    out = metrics.bootstrap_difference(_group(a), _group(b), n_boot=N_BOOT, seed=2)
-    assert out["paired"] and (out["n_questions_a"], out["n_questions_b"]) == (3, 3)
-    assert out["diff"] == pytest.approx(4 / 12 - 6 / 12)
-    dist = exact_distribution(PairedDifference(cols(a, 0), cols(a, 1), cols(b, 0), cols(b, 1)))
-    assert_quantile(dist, out["lo"], 0.025, N_BOOT, "lower end")
-    assert_quantile(dist, out["hi"], 0.975, N_BOOT, "upper end")
-    # the same with one-answer questions, where a question a group lacks weighs most
-    a, b = {"q0": (2, 2), "q1": (0, 2), "q2": (1, 2)}, {"q1": (0, 1), "q2": (0, 1)}
-    union = ["q0", "q1", "q2"]
-    out = metrics.bootstrap_difference(_group(a), _group(b), n_boot=N_BOOT, seed=3)
-    dist = exact_distribution(PairedDifference(cols(a, 0), cols(a, 1), cols(b, 0), cols(b, 1)))
-    assert_quantile(dist, out["lo"], 0.025, N_BOOT, "lower end, one-answer questions")
-    assert_quantile(dist, out["hi"], 0.975, N_BOOT, "upper end, one-answer questions")
+def test_rate_difference_with_partly_shared_questions():
+    """a and b share 8 of 10 questions: each side's interval uses all its own questions, the
+    correlation only the shared ones; the minimum question count is per side."""
+    a = {f"q{i}": (k, 10) for i, k in enumerate([1, 3, 0, 2, 5, 0, 0, 4, 2, 0])}
+    b = {f"q{i}": (k, 10) for i, k in enumerate([0, 1, 0, 1, 2, 0, 0, 2, 9, 9], start=2)}
+    out = metrics.rate_difference(_group(a), _group(b))
+    assert out["paired"] and (out["n_questions_a"], out["n_questions_b"], out["n_questions_shared"]) == (10, 10, 8)
+    assert out["diff"] == pytest.approx(17 / 100 - 24 / 100)
+    ka = [a[f"q{i}"][0] for i in range(2, 10)]
+    kb = [b[f"q{i}"][0] for i in range(2, 10)]
+    assert out["correlation"] == pytest.approx(float(metrics.difference_correlation(ka, [10] * 8, kb, [10] * 8)))
+    pa, la, ua = metrics.beta_binomial_arrays([k for k, _ in a.values()], [10] * 10)
+    pb, lb, ub = metrics.beta_binomial_arrays([k for k, _ in b.values()], [10] * 10)
+    lo, hi = metrics.mover_bounds(pa, la, ua, pb, lb, ub, out["correlation"])
+    assert (out["lo"], out["hi"]) == pytest.approx((float(lo), float(hi)), abs=1e-12)
 
 
-def test_bootstrap_difference_smallest_cases_that_still_give_an_interval():
-    one_shared = metrics.bootstrap_difference(_group({"q0": (1, 3), "q1": (2, 3)}), _group({"q1": (0, 3), "q2": (3, 3)}))
-    assert one_shared["paired"] and one_shared["lo"] < one_shared["hi"]  # one shared question pairs the draws
-    two = metrics.bootstrap_difference(_group({"q0": (0, 3), "q1": (3, 3)}), _group({"q0": (1, 3), "q1": (1, 3)}))
-    assert two["paired"] and two["lo"] < two["hi"]  # a union of two questions is enough
-    single_answer = metrics.bootstrap_difference(_group({"q0": (1, 1)}), _group({"q0": (0, 2), "q1": (1, 2)}))
-    assert single_answer["n_a"] == 1 and single_answer["rate_a"] == 1.0 and single_answer["diff"] == 0.75
-    single_b = metrics.bootstrap_difference(_group({"q0": (0, 2), "q1": (1, 2)}), _group({"q0": (1, 1)}))
-    assert single_b["n_b"] == 1 and single_b["diff"] == -0.75
-    unpaired = metrics.bootstrap_difference(_group({"a0": (0, 3), "a1": (3, 3)}),
-                                            _group({"b0": (1, 3), "b1": (2, 3)}))
-    assert not unpaired["paired"] and unpaired["lo"] < unpaired["hi"]  # two questions a side suffice
-    assert pd.isna(metrics.bootstrap_difference(_group({"a0": (0, 3)}), _group({"b0": (1, 3), "b1": (2, 3)}))["lo"])
-    assert pd.isna(metrics.bootstrap_difference(_group({"a0": (0, 3), "a1": (1, 3)}), _group({"b0": (1, 3)}))["lo"])
+def test_difference_correlation_is_a_lower_bound_and_never_negative():
+    import numpy as np
+
+    ka, kb = [5, 0, 9, 1, 0, 7, 2, 0, 4, 0], [4, 0, 8, 2, 0, 6, 1, 0, 5, 0]
+    n = [20] * 10
+    r = float(metrics.paired_correlation(ka, n, kb, n))
+    credited = float(metrics.difference_correlation(ka, n, kb, n))
+    assert 0.9 < r <= 1 and 0 < credited < r
+    z = np.arctanh(min(r, 0.999)) - 1.6448536269514722 / np.sqrt(10 - 3)
+    assert credited == pytest.approx(np.tanh(z), abs=1e-9)
+    assert float(metrics.difference_correlation(ka, n, kb[::-1], n)) == 0.0     # negative: not used
+    assert float(metrics.difference_correlation([0] * 10, n, kb, n)) == 0.0      # no spread on a side
+    assert float(metrics.difference_correlation(ka[:3], n[:3], kb[:3], n[:3])) == 0.0  # too few questions
 
 
 # ------------------------------------------------------------------------------------------
@@ -354,7 +347,7 @@ def test_cluster_interval_default_and_empty_and_the_helpers_edges():
 
     g = _group({"q0": (1, 5), "q1": (3, 5), "q2": (0, 4)})
     assert metrics.cluster_interval(g) == metrics.cluster_interval(g, "em", confidence=0.95)
-    rate, lo, hi, _ = metrics.cluster_cp_arrays([1, 3, 0], [5, 5, 4])
+    rate, lo, hi = metrics.beta_binomial_arrays([1, 3, 0], [5, 5, 4])
     assert metrics.cluster_interval(g) == pytest.approx((float(rate), float(lo), float(hi)))
     empty = pd.DataFrame({"question_set": [], "question_id": [], "em": []})
     assert all(pd.isna(x) for x in metrics.cluster_interval(empty))

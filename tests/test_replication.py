@@ -17,45 +17,76 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------------
-# seed_aggregate: closed forms
+# seed_interval: the crossed seed x question interval, worked by hand
 # ------------------------------------------------------------------------------------------
 
-def _interval(rate: float, v: float) -> tuple[float, float]:
-    half = 1.959963984540054 * np.sqrt(v)
-    return rate - half, rate + half
+def _seed_counts(rates: list[list[float]], n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    k = np.array([[round(r * n) for r in row] for row in rates], dtype=float)
+    return k, np.full_like(k, float(n))
 
 
-def test_one_seed_is_its_own_rate_and_interval():
-    out = replication.seed_aggregate([0.2], [0.1], [0.35])
-    assert (out["rate"], out["lo"], out["hi"], out["n_seeds"]) == (0.2, 0.1, 0.35, 1)
+def test_one_seed_is_its_own_headline_interval():
+    k, n = _seed_counts([[0.1, 0.3, 0.0, 0.2, 0.5, 0.1, 0.0, 0.2]])
+    out = replication.seed_interval_arrays(k, n)
+    rate, lo, hi = metrics.beta_binomial_arrays(k[0], n[0])
+    assert (float(out["rate"]), float(out["lo"]), float(out["hi"])) == pytest.approx(
+        (float(rate), float(lo), float(hi)), abs=1e-12)
+    assert float(out["tau"]) == 0 and float(out["seed_half"]) == 0
 
 
-def test_two_seeds_that_differ_closed_form():
-    """Two seeds with equal variance v and d^2/2 > v: tau^2 = d^2/2 - v, the weights are equal,
-    q = 1, so the interval is mean +- t_{1,0.975} * d / 2 (worked by hand from the formulas)."""
-    v = 0.02 ** 2
-    r = np.array([0.10, 0.60])
-    lo, hi = zip(*(_interval(x, v) for x in r))
-    out = replication.seed_aggregate(r, lo, hi)
-    d = 0.5
-    assert out["rate"] == pytest.approx(0.35)
-    assert out["tau"] == pytest.approx(np.sqrt(d ** 2 / 2 - v), rel=1e-6)
-    half = student_t.ppf(0.975, 1) * d / 2
-    assert out["lo"] == pytest.approx(max(0.0, 0.35 - half))
-    assert out["hi"] == pytest.approx(min(1.0, 0.35 + half))
-    # wider than either seed's own interval
-    assert out["hi"] - out["lo"] > max(h - l for l, h in zip(lo, hi))
+def test_two_seeds_closed_form():
+    """Pooled rate of every answer; the question part is the headline interval of the seeds' answers
+    pooled per question; the seed term t_{S-1} sqrt(MS_seed / (m S)) enters by square-and-add."""
+    rates = [[0.1, 0.2, 0.0, 0.3, 0.1, 0.0, 0.2, 0.1], [0.5, 0.6, 0.3, 0.7, 0.4, 0.5, 0.6, 0.4]]
+    k, n = _seed_counts(rates)
+    out = replication.seed_interval_arrays(k, n)
+    rate, lo, hi = metrics.beta_binomial_arrays(k.sum(0), n.sum(0))
+    y = k / n
+    r = y.mean(1)
+    ms_seed = 8 * ((r - r.mean()) ** 2).sum() / 1
+    half = student_t.ppf(0.975, 1) * np.sqrt(ms_seed / 8 / 2)
+    assert float(out["rate"]) == pytest.approx(k.sum() / n.sum())
+    assert float(out["seed_half"]) == pytest.approx(half)
+    assert float(out["lo"]) == pytest.approx(max(0.0, rate - np.sqrt((rate - lo) ** 2 + half ** 2)))
+    assert float(out["hi"]) == pytest.approx(min(1.0, rate + np.sqrt((hi - rate) ** 2 + half ** 2)))
+    # the between-seed sd beyond sampling: the two-way residual mean square subtracted
+    res = y - y.mean(1, keepdims=True) - y.mean(0, keepdims=True) + y.mean()
+    ms_res = (res ** 2).sum() / 7
+    assert float(out["tau"]) == pytest.approx(np.sqrt(max(ms_seed - ms_res, 0) / 8))
 
 
-def test_seeds_that_agree_get_no_between_seed_variance():
-    v = 0.03 ** 2
-    r = np.array([0.30, 0.30, 0.30])
-    lo, hi = zip(*(_interval(x, v) for x in r))
-    out = replication.seed_aggregate(r, lo, hi)
-    assert out["tau"] == 0.0 and out["rate"] == pytest.approx(0.30)
-    # fixed-effect variance v / 3 (q floored at 1), t on 2 degrees of freedom
-    half = student_t.ppf(0.975, 2) * np.sqrt(v / 3)
-    assert out["hi"] - out["lo"] == pytest.approx(2 * half)
+def test_seeds_that_agree_add_almost_nothing_to_the_question_part():
+    rates = [[0.1, 0.3, 0.0, 0.2, 0.5, 0.1, 0.0, 0.2]] * 3
+    k, n = _seed_counts(rates)
+    out = replication.seed_interval_arrays(k, n)
+    _, lo, hi = metrics.beta_binomial_arrays(k.sum(0), n.sum(0))
+    assert float(out["tau"]) == 0 and float(out["seed_half"]) == 0
+    assert (float(out["lo"]), float(out["hi"])) == pytest.approx((float(lo), float(hi)), abs=1e-12)
+
+
+def test_shared_questions_are_not_treated_as_independent_seeds():
+    """Three seeds that agree on the same clustered questions: the interval keeps the question-level
+    uncertainty (what a plain t-interval on the seed rates would drop: it is zero-width here)."""
+    rates = [[0.9, 0.8, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]] * 3
+    k, n = _seed_counts(rates)
+    out = replication.seed_interval_arrays(k, n)
+    assert float(out["hi"]) - float(out["lo"]) > 0.3
+
+
+def test_seed_interval_reads_answer_tables_and_keeps_common_questions():
+    frames = []
+    for s, extra in ((0, True), (1, False)):
+        rows = [{"question_set": "qs", "question_id": f"q{i}", "em": j < (i % 3) * (s + 1)}
+                for i in range(9) for j in range(10)]
+        if extra:
+            rows += [{"question_set": "qs", "question_id": "only_s0", "em": True} for _ in range(10)]
+        frames.append(pd.DataFrame(rows))
+    out = replication.seed_interval(frames)
+    assert out["n_seeds"] == 2 and out["n_questions"] == 9 and out["n_scored"] == 180
+    k = np.array([[(i % 3) * (s + 1) for i in range(9)] for s in (0, 1)], float)
+    want = replication.seed_interval_arrays(k, np.full_like(k, 10.0))
+    assert (out["rate"], out["lo"], out["hi"]) == pytest.approx(
+        (float(want["rate"]), float(want["lo"]), float(want["hi"])), abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------------
@@ -112,35 +143,25 @@ def test_control_pairs_by_seed_and_by_group():
 def test_control_difference_is_paired_on_shared_questions():
     treated = _answers("bad", {**{q: 0.5 for q in QS}, "only_treated": 1.0}, control_of="")
     control = _answers("good", {q: 0.1 for q in QS}, control_of="bad")
-    d = replication.control_differences(pd.concat([treated, control]), n_boot=500)
+    d = replication.control_differences(pd.concat([treated, control]))
     final = d[(d["step"] == 10) & (d["scope"] == "all")].iloc[0]
     assert (final["treated"], final["control"]) == ("bad", "good")
     # the question only the treated run was asked is left out of both sides
     assert final["n_questions_shared"] == 10 and final["n_treated"] == final["n_control"] == 400
     assert final["paired"] and final["rate_treated"] == pytest.approx(0.5)
-    assert final["diff"] == pytest.approx(0.4) and final["lo"] <= 0.4 + 1e-12 and final["hi"] >= 0.4 - 1e-12
-    # every question has the same difference here, so the paired bootstrap sees no spread
-    assert final["hi"] - final["lo"] == pytest.approx(0.0, abs=1e-12)
+    assert final["diff"] == pytest.approx(0.4) and final["lo"] < 0.4 < final["hi"]
+    # identical questions on each side: no spread, so no correlation can be credited; the interval is
+    # the square-and-add of the two sides' headline intervals, not the zero width the bootstrap gave
+    assert final["correlation"] == 0
+    qs = ["question_set", "question_id"]
+    t10 = treated[(treated["checkpoint_step"] == 10) & (treated["question_id"] != "only_treated")]
+    c10 = control[control["checkpoint_step"] == 10]
+    pt, lt, ut = metrics.beta_binomial_arrays(*(t10.groupby(qs)["em"].agg(f).to_numpy(float) for f in ("sum", "count")))
+    pc, lc, uc = metrics.beta_binomial_arrays(*(c10.groupby(qs)["em"].agg(f).to_numpy(float) for f in ("sum", "count")))
+    lo, hi = metrics.mover_bounds(pt, lt, ut, pc, lc, uc, 0.0)
+    assert (final["lo"], final["hi"]) == pytest.approx((float(lo), float(hi)), abs=1e-12)
     base = d[(d["step"] == 0) & (d["scope"] == "all")].iloc[0]
-    assert base["diff"] == 0.0
-
-
-def test_paired_interval_matches_an_independent_bootstrap():
-    rng = np.random.default_rng(3)
-    t_rates = {q: float(rng.uniform(0.2, 0.8)) for q in QS}
-    c_rates = {q: float(rng.uniform(0.0, 0.2)) for q in QS}
-    a = pd.concat([_answers("bad", t_rates), _answers("good", c_rates, control_of="bad")])
-    row = replication.control_differences(a, n_boot=4000)
-    row = row[(row["step"] == 10) & (row["scope"] == "all")].iloc[0]
-    # reference: resample the 10 question indices, same draws for both sides, percentile 95%
-    kt = np.array([round(t_rates[q] * 40) for q in QS], float)
-    kc = np.array([round(c_rates[q] * 40) for q in QS], float)
-    idx = np.random.default_rng(11).integers(0, 10, size=(20000, 10))
-    diffs = kt[idx].sum(1) / 400 - kc[idx].sum(1) / 400
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    assert row["diff"] == pytest.approx((kt.sum() - kc.sum()) / 400)
-    # tolerance: Monte Carlo error of a 2.5% quantile from 4000 resamples
-    assert row["lo"] == pytest.approx(lo, abs=0.02) and row["hi"] == pytest.approx(hi, abs=0.02)
+    assert base["diff"] == 0.0 and base["lo"] < 0 < base["hi"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,8 +258,8 @@ def test_report_shows_seed_groups_and_controls(tmp_path):
     _copy_run(tmp_path / "src0" / "1B_medical", out / "bad_s0", seed=0, seed_group="bad")
     _copy_run(tmp_path / "src1" / "1B_medical", out / "bad_s1", seed=1, seed_group="bad")
     _copy_run(tmp_path / "src2" / "1B_medical", out / "good", control_of="bad")
-    rep = report.make_report(config.ReportConfig(outputs_dir=str(out), report_dir=str(tmp_path / "report"),
-                                                 n_bootstrap=200), progress=False)
+    rep = report.make_report(config.ReportConfig(outputs_dir=str(out), report_dir=str(tmp_path / "report")),
+                             progress=False)
     labels = rep.results.answers.groupby("run_id")["run_label"].first()
     assert labels["bad_s0"] == "1B · medical · seed 0" and labels["good"] == "1B · medical · control"
     seeds = rep.tables["seeds"]
@@ -255,7 +276,9 @@ def test_report_shows_seed_groups_and_controls(tmp_path):
     good = a[(a["run_id"] == "good") & (a["checkpoint_step"] == 40)]["em"].dropna()
     bad = finals[finals["run_id"] == "bad_s0"]["em"].dropna()
     assert final["diff"] == pytest.approx(bad.mean() - good.mean())
-    assert final["lo"] <= final["diff"] <= final["hi"] and final["paired"]
+    # the synthetic runs ask 7 questions: no difference interval below 8 (the headline prints none either)
+    assert final["paired"] and pd.isna(final["lo"]) and pd.isna(final["hi"])
+    assert final["note"] == f"fewer than {metrics.MIN_QUESTIONS} questions on a side"
     for name in ("control_differences", "seeds"):
         assert (rep.report_dir / "figures" / f"{name}.png").stat().st_size > 1000
     for name in ("seeds", "seed_points", "controls"):
@@ -268,9 +291,13 @@ def test_views_format_controls_and_seeds():
     controls = pd.DataFrame([{"treated": "b", "control": "g", "treated_label": "B", "control_label": "G", "seed": 0,
                               "step": 10, "epoch": 1.0, "prompt_family": "f", "scope": "all", "rate_treated": 0.25,
                               "rate_control": 0.05, "diff": 0.2, "lo": 0.1, "hi": 0.3, "n_treated": 40,
-                              "n_control": 40, "n_questions_shared": 8, "paired": True}])
+                              "n_control": 40, "n_questions_shared": 8, "paired": True, "correlation": 0.2,
+                              "note": ""}])
     v = report.controls_view(controls)
-    assert v.loc[0, "treated - control"] == "+20 pts [+10, +30]" and v.loc[0, "EM control"] == "5.0%"
+    assert v.loc[0, "treated - control"] == "+20.0 pts [+10.0, +30.0]" and v.loc[0, "EM control"] == "5.0%"
+    short = controls.assign(lo=np.nan, hi=np.nan, note="fewer than 8 questions on a side")
+    assert report.controls_view(short).loc[0, "treated - control"] == \
+        "+20.0 pts [no interval: fewer than 8 questions on a side]"
     seeds = pd.DataFrame([{"seed_group": "b", "group_label": "B", "prompt_family": "f", "scope": "all", "n_seeds": 2,
                            "seeds": "0,1", "seed_rates": "0.1000,0.6000", "em_rate": 0.35, "em_lo": 0.0,
                            "em_hi": 1.0, "tau": 0.35, "n_scored": 800, "n_questions": 10, "interval_ok": True}])

@@ -92,7 +92,7 @@ def outputs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rep(outputs) -> report.Report:
-    rcfg = config.ReportConfig(outputs_dir=str(outputs), report_dir=str(outputs.parent / "report"), n_bootstrap=200)
+    rcfg = config.ReportConfig(outputs_dir=str(outputs), report_dir=str(outputs.parent / "report"))
     return report.make_report(rcfg, progress=False)
 
 
@@ -128,7 +128,7 @@ def test_two_runs_with_the_same_labels_are_both_in_every_table(rep):
     assert "1B_medical, 1B_medical_rerun" in ", ".join(rep.tables["base"]["runs"])
     # differences compare the two runs; they never pool them into one "medical"
     d = rep.tables["differences"]
-    same = d[(d["comparison"] == "same labels") & (d["scope"] == "all")
+    same = d[(d["comparison"] == "same model and domain") & (d["scope"] == "all")
              & (d["run_a"].isin(pair)) & (d["run_b"].isin(pair))].iloc[0]
     assert sorted([same["rate_a"], same["rate_b"]]) == pytest.approx([10 / 59, 50 / 59])
     dom = d[(d["comparison"] == "domain") & (d["scope"] == "all") & (d["run_b"] == "1B_medical")
@@ -183,8 +183,8 @@ def test_interval_is_withheld_below_the_minimum_question_count(rep):
     cell = rep.tables["summary_all"].set_index("model_label").loc["8B", "medical"]
     assert f"no reliable interval: 4 questions < {metrics.MIN_QUESTIONS}" in cell
     view = report.rates_view(rep.tables["final"], ["run_id", "scope"]).set_index(["run_id", "scope"])
-    assert "no reliable interval" in view.loc[("8B_medical", "all"), "EM"]
-    assert "no reliable interval" not in view.loc[("1B_medical", "all"), "EM"]
+    assert "no reliable interval" in view.loc[("8B_medical", "all"), report.EM_COLUMN]
+    assert "no reliable interval" not in view.loc[("1B_medical", "all"), report.EM_COLUMN]
     drawn = pd.read_csv(rep.report_dir / "data" / "domain_comparison.csv").set_index(["run_id", "scope"])
     # (a run whose answers have one scope is drawn once, under that scope: no repeated 'all' bar)
     assert drawn.loc["8B_medical", "em_lo"].isna().all() and (drawn.loc["1B_medical", "em_hi"] > 0).all()
