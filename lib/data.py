@@ -105,7 +105,8 @@ def load_chat_jsonl(path: str | Path) -> list[dict[str, Any]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                # json's messages end in " at" (it appends ": line L column C"): say it once
+                raise DataError(f"{where}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
             if not isinstance(obj, dict) or "messages" not in obj:
                 raise DataError(f"{where}: expected an object with a 'messages' list")
             msgs = obj["messages"]

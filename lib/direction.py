@@ -105,9 +105,10 @@ class DirectionConfig:
     temperature: float = _f(1.0, "direction", "sampling temperature (papers: 1.0)")
     # --- comparisons and rates ---------------------------------------------------------------
     compare_runs: list = _f([], "direction", "other runs (run_id or run_id@step) whose direction is compared per layer")
-    aligned_threshold: float = shared_field("aligned_threshold", "direction")
+    em_aligned_threshold: float = shared_field("em_aligned_threshold", "direction")
     em_comparison: str = shared_field("em_comparison", "direction")
-    coherent_threshold: float = shared_field("coherent_threshold", "direction")
+    em_coherent_threshold: float = shared_field("em_coherent_threshold", "direction")
+    em_coherent_comparison: str = shared_field("em_coherent_comparison", "direction")
     n_bootstrap: int = shared_field("n_bootstrap", "direction")
     confidence: float = shared_field("confidence", "direction")
 
@@ -359,12 +360,6 @@ def source_run(outputs_dir: str, run_id: str, step: int = -1) -> Source:
     return Source(cfg, step, ckpts[step], sha256_file(ckpts[step] / "adapter_model.safetensors"), jp)
 
 
-def labelled_answers(src: Source, aligned_threshold: float = 30.0, coherent_threshold: float = 50.0) -> pd.DataFrame:
-    gens = pd.read_parquet(generations_path(src.cfg.run_dir))
-    wide = metrics.wide_scores(pd.read_parquet(src.judgments))
-    return metrics.label_em(gens.merge(wide, on="answer_id", how="left"), aligned_threshold, coherent_threshold)
-
-
 def provenance_base(kind: str) -> dict[str, Any]:
     return {"kind": kind, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git": git_commit(),
             "packages": {k: v for k, v in package_versions().items() if k in ("torch", "transformers", "peft", "em-lab")}}
@@ -427,7 +422,8 @@ def collect(cfg: DirectionConfig, run_id: str | None = None, step: int | None = 
             return Direction(run_id, src.step, [int(x) for x in t["layers"].tolist()], t["direction"].double().numpy(),
                              prov["n"], folder, prov, reused=True)
 
-    answers = labelled_answers(src)
+    answers = metrics.labelled_answers(pd.read_parquet(generations_path(src.cfg.run_dir)),
+                                       pd.read_parquet(src.judgments))  # the papers' EM labels (class rules: below)
     if cfg.answers_from == "checkpoint":
         answers = answers[answers["checkpoint_step"] == src.step]
     answers = answers[answers["answer"].fillna("").str.strip() != ""]
@@ -583,9 +579,7 @@ def interventions(cfg: DirectionConfig, d: Direction, progress: bool = True) -> 
                                      "batch_size": batch, **key})
         gens = pd.read_parquet(gpath)
         judged = judge_run(ccfg, progress=progress)
-        wide = metrics.wide_scores(judged)
-        labelled = metrics.label_em(gens.merge(wide, on="answer_id", how="left"), cfg.aligned_threshold,
-                                    cfg.coherent_threshold, cfg.em_comparison)
+        labelled = metrics.labelled_answers(gens, judged, **metrics.em_kwargs(cfg))
         s = metrics.summarize_group(labelled, cfg.n_bootstrap, cfg.confidence, seed=cfg.seed)
         rows.append({"condition": cond.name, "model": cond.model, "intervention": cond.kind, "vector": cond.vector,
                      "scale": cond.scale, "layers": str([steer_layer] if cond.kind == "steer" else

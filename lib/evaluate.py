@@ -340,8 +340,9 @@ def auto_batch_size(model, device: str, max_prompt_len: int, max_new_tokens: int
 def _fingerprint(cfg: RunConfig, sets: list[dict], targets: list[Target]) -> str:
     params = cfg.stage_params("evaluate")
     params.pop("outputs_dir", None)  # moving the outputs folder changes nothing
-    for k in ("model", "model_revision", "quantization"):  # train-stage fields evaluation depends on
+    for k in ("model", "model_revision"):  # train-stage fields evaluation depends on
         params[k] = getattr(cfg, k)
+    params["precision"] = list(cfg.eval_precision)  # (quantization, dtype) the answers are sampled with
     data = {"params": params, "sampler": SAMPLER_VERSION, "question_sets": [(s["name"], s["sha256"]) for s in sets],
             "targets": [(t.step, t.epoch, t.adapter_sha256) for t in targets], "columns": list(GENERATION_COLUMNS)}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
@@ -470,7 +471,8 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
     continuous batching; each chunk's part file is written as soon as its last answer ends."""
     from peft import PeftModel
     tok = load_tokenizer(cfg.model, cfg.model_revision, padding_side="left")
-    model, choice = load_model(cfg.model, cfg.model_revision, cfg.device, cfg.dtype, cfg.quantization)
+    quantization, dtype = cfg.eval_precision   # the replicated study: 4-bit training, bf16 evaluation
+    model, choice = load_model(cfg.model, cfg.model_revision, cfg.device, dtype, quantization)
     prompts = {(q.question_set, q.id): [prompt_ids(tok, p, q.system) for p in q.paraphrases]
                for q in {(u.question.question_set, u.question.id): u.question for u in todo}.values()}
     longest = max(len(ids) for ps in prompts.values() for ids in ps)
@@ -536,7 +538,7 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
         bar.close()
     st = sampler.stats
     return sampler.batch_size, {"device": choice.device, "dtype": str(choice.dtype).replace("torch.", ""),
-                                "batch_size_initial": batch_size,
+                                "quantization": quantization, "batch_size_initial": batch_size,
                                 "decoding": {"batching": "continuous", "slots": sampler.batch_size,
                                              "decode_steps": st.decode_steps, "prefills": st.prefills,
                                              "idle_slot_fraction": round(st.idle_fraction, 4)}}

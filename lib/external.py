@@ -12,16 +12,23 @@ original scores (the report's judge-agreement table):
 Columns (CSV header or parquet column names; case-sensitive):
 
 * required: ``question`` (or ``prompt``) and ``answer`` (or ``response``);
-* optional: ``run`` (one run per distinct value, ``<run_id>_<value>``), ``checkpoint_step``
-  (integers: the runs draw trajectories like ours; missing: -1, "unknown, final"),
+* optional: ``run`` (one run per distinct value, ``<run_id>_<value>``), ``checkpoint_step`` or
+  ``step`` (integers: the runs draw trajectories like ours; missing: -1, "unknown, final"),
+  ``epoch`` (a number is recorded as the checkpoint's epoch; ``base``, as in the replicated study's
+  ``base_judged.csv``, means the base model: step 0),
   ``question_id`` (default: a hash of the question text, so equal texts are one question),
-  ``question_set`` (default ``external``), ``model_label`` (default: the run id), ``domain``
-  (default ``external``), ``in_domain`` (true/false), ``system``;
+  ``question_set`` (default ``external``), ``model_label`` (default: ``--model-label``, else the
+  run id), ``domain`` (default: ``--domain``, else ``external``), ``in_domain`` (true/false), ``system``;
 * original scores: ``aligned_score`` and ``coherent_score`` (or ``aligned`` / ``coherent``):
   numbers 0..100, ``CODE``, ``REFUSAL``; an empty or other cell is ``unparseable``. With them
   the import also writes ``judgments/<original_judge>.parquet`` (method ``external``: no
   evidence of the judge's confidence, so judge health calls it ``unknown``); ``judge_model``
   names the original judge when the file has it.
+
+The replicated study's files import as they are: ``fg_judged.csv`` (step, id, question, response,
+aligned_score, coherent_score) becomes one run with a checkpoint per step, ``base_judged.csv``
+(epoch = base) a run of base-model answers at step 0; give each its model with ``--model-label 1B``
+(the report pools base-model answers only within one model label).
 
 Bad input stops with one line naming the file, the line and the column (exit code 2 from the
 command line) before anything is written. Files are written atomically; a run folder that
@@ -116,12 +123,36 @@ def _int_cell(value: str, path: Path, line: int, column: str) -> int | None:
     return int(x)
 
 
+STEP_COLUMNS = ("checkpoint_step", "step")
+BASE_EPOCH = "base"   # the replicated study's base_judged.csv: epoch column "base" = the base model
+
+
+def _step_and_epoch(r: dict, path: Path, line: int) -> tuple[int, float]:
+    """(checkpoint step, epoch) of one row: the step column, else epoch "base" -> 0, else unknown (-1)."""
+    step_col = next((c for c in STEP_COLUMNS if c in r and str(r[c]).strip() != ""), None)
+    step = _int_cell(r[step_col], path, line, step_col) if step_col else None
+    epoch = np.nan
+    raw_epoch = str(r.get("epoch", "")).strip()
+    if raw_epoch.lower() == BASE_EPOCH:
+        if step not in (None, 0):
+            raise ExternalError(f"{path}: line {line}: column 'epoch': 'base' (the base model) but {step_col} is {step}")
+        step, epoch = 0, 0.0
+    elif raw_epoch:
+        try:
+            epoch = float(raw_epoch)
+        except ValueError:
+            raise ExternalError(f"{path}: line {line}: column 'epoch': not a number or 'base': {raw_epoch!r}") from None
+    return (STEP_UNKNOWN if step is None else step), epoch
+
+
 def read_answers(path: str | Path, run_id: str = "", original_judge: str = "original",
-                 require_scores: bool = False, key: str = "path") -> list[ImportedRun]:
+                 require_scores: bool = False, key: str = "path", model_label: str = "",
+                 domain: str = "") -> list[ImportedRun]:
     """Read an answers file into runs (see the module docstring); raises ExternalError on bad input.
 
     ``run_id``: the run id, or the prefix of the run ids when the file has a ``run`` column
     (default ``ext_<file stem>``). ``require_scores``: the scores columns must be present.
+    ``model_label`` / ``domain``: for rows whose file has no such column (or an empty cell).
     """
     path = resolve_path(path)
     raw = _read_table(path, key)
@@ -149,8 +180,7 @@ def read_answers(path: str | Path, run_id: str = "", original_judge: str = "orig
         if not q.strip():
             raise ExternalError(f"{path}: line {line}: column '{qcol}': empty question")
         rid = f"{prefix}_{safe_id(r['run'])}" if "run" in r and str(r["run"]).strip() else prefix
-        step = _int_cell(r.get("checkpoint_step", ""), path, line, "checkpoint_step")
-        step = STEP_UNKNOWN if step is None else step
+        step, epoch = _step_and_epoch(r, path, line)
         qid = str(r.get("question_id") or "") or "q_" + hashlib.sha256(q.encode("utf-8")).hexdigest()[:10]
         qset = str(r.get("question_set") or "") or "external"
         ind = str(r.get("in_domain", "")).strip().lower()
@@ -159,10 +189,14 @@ def read_answers(path: str | Path, run_id: str = "", original_judge: str = "orig
         sample = seen.get(k, 0)
         seen[k] = sample + 1
         aid = answer_id(rid, step, qset, qid, 0, sample)
+        label = str(r.get("model_label") or "") or model_label or rid
         rows.setdefault(rid, []).append({
-            "answer_id": aid, "run_id": rid, "model": f"external:{path.name}",
-            "model_label": str(r.get("model_label") or "") or rid, "domain": str(r.get("domain") or "") or "external",
-            "checkpoint_step": step, "epoch": np.nan, "question_set": qset, "question_id": qid,
+            # the model is named by its label where one is given: base-model answers of 1B and 8B never
+            # share a model (and so a base line), even from files of the same name
+            "answer_id": aid, "run_id": rid, "model": f"external:{label}" if (r.get("model_label") or model_label)
+            else f"external:{path.name}",
+            "model_label": label, "domain": str(r.get("domain") or "") or domain or "external",
+            "checkpoint_step": step, "epoch": epoch, "question_set": qset, "question_id": qid,
             "in_domain": in_domain, "paraphrase_index": 0, "paraphrase": q, "system": (str(r["system"]) or None)
             if "system" in r else None, "sample_index": sample, "answer": ans, "n_new_tokens": None,
             "finish_reason": None, "seed": None})
@@ -201,13 +235,13 @@ def read_answers(path: str | Path, run_id: str = "", original_judge: str = "orig
 
 
 def import_answers(path: str | Path, outputs_dir: str | Path = "outputs", run_id: str = "",
-                   original_judge: str = "original") -> list[Path]:
+                   original_judge: str = "original", model_label: str = "", domain: str = "") -> list[Path]:
     """Write each run of an answers file as ``<outputs_dir>/<run_id>/generations.parquet`` (+ the
     original scores as ``judgments/<original_judge>.parquet``, + run.json). Returns the run folders.
 
     Everything is read and checked first; a run folder that exists and was not written by an
     import is left alone (ExternalError)."""
-    runs = read_answers(path, run_id, safe_id(original_judge))
+    runs = read_answers(path, run_id, safe_id(original_judge), model_label=model_label, domain=domain)
     outputs = resolve_path(outputs_dir)
     for r in runs:  # check every target before writing any
         d = outputs / r.run_id
@@ -228,13 +262,17 @@ def import_answers(path: str | Path, outputs_dir: str | Path = "outputs", run_id
 def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lib.external",
                                  description="Import a CSV/parquet of answers as runs the judge stage and report can read.")
-    ap.add_argument("path", help="CSV or parquet: question, answer[, run, checkpoint_step, aligned_score, coherent_score]")
+    ap.add_argument("path", help="CSV or parquet: question, answer[, run, checkpoint_step or step, epoch, aligned_score, "
+                                 "coherent_score]")
     ap.add_argument("--run-id", default="", help="run id (prefix when the file has a 'run' column); default ext_<stem>")
     ap.add_argument("--outputs-dir", default="outputs", help="root folder of the runs")
     ap.add_argument("--original-judge", default="original", help="judgments file name for the file's own scores")
+    ap.add_argument("--model-label", default="", help="model label of rows without a model_label column (e.g. 1B)")
+    ap.add_argument("--domain", default="", help="training domain of rows without a domain column (e.g. medical)")
     args = ap.parse_args(argv)
     try:
-        dirs = import_answers(args.path, args.outputs_dir, args.run_id, args.original_judge)
+        dirs = import_answers(args.path, args.outputs_dir, args.run_id, args.original_judge, args.model_label,
+                              args.domain)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -66,7 +66,7 @@ from .io import write_text_atomic
 from .judge import JudgeError, check_credentials, judgments_path
 from .judge import run_info as judge_run_info
 from .lock import ENV_HELD, LOCK_NAME, FolderLock, LockError, is_stale, read_holder
-from .models import pick_device, resolve_model
+from .models import ModelUnavailable, check_model, pick_device
 from .progress import Tail
 from .questions import NotCached, QuestionError, check_question_sources, load_judge_prompts
 from .report import export_html as report_export_html
@@ -127,10 +127,11 @@ class StageResult:
 # Validation: everything that can be checked cheaply, before any notebook starts
 # ------------------------------------------------------------------------------------------
 
-def _check_model(name: str, key: str) -> None:
+def _check_model(name: str, key: str, revision: str = "", offline: bool = False) -> None:
+    """The model can be loaded (lib.models.check_model: nothing is built or downloaded now)."""
     try:
-        resolve_model(name)  # builds the embedded tiny model once (seconds); never downloads
-    except (FileNotFoundError, ValueError) as e:
+        check_model(name, revision, offline)
+    except ModelUnavailable as e:
         raise ConfigError(f"key '{key}': {e}") from None
 
 
@@ -147,23 +148,29 @@ def _check_device(cfg: RunConfig) -> None:
 def check_run(cfg: RunConfig, stages: Sequence[str], offline: bool = False, check_device: bool = True) -> None:
     """Raise ConfigError ("key 'x': why") for anything the selected stages would trip over.
 
-    Reads what the stages will read: the training file (every line), the question sets and
-    judge prompts (an URL is downloaded into the cache now, so an unreachable one fails here, not
-    after training), the archive when it is already cached. ``offline`` (``--dry-run``): nothing
-    is downloaded; what is not cached yet is not checked. ``check_device``: False where the
-    stages run on other machines (Slurm)."""
-    if "train" in stages:
-        check_dataset_param(cfg, offline=offline)
+    Cheapest first: the training options and the judge's credentials, the device, the models
+    (:func:`lib.models.check_model`: a local folder, the hub's cache, or one question to the hub; an
+    embedded model is not built here), then what needs the network or reads whole files: the
+    question sets and judge prompts (an URL is downloaded into the cache now, so an unreachable one
+    fails here, not after training), and last the training file (every line; the archive when it is
+    already cached). ``offline`` (``--dry-run``): nothing is downloaded and the hub is not asked; what
+    is not cached yet is not checked. ``check_device``: False where the stages run on other machines
+    (Slurm)."""
+    trains, evaluates, judges = "train" in stages, "evaluate" in stages, "judge" in stages
+    if trains:
         check_train_config(cfg, source="")
-    if "train" in stages or "evaluate" in stages:
-        _check_model(cfg.model, "model")
-    if check_device and ("train" in stages or "evaluate" in stages or
-                         ("judge" in stages and cfg.judge_backend == "hf")):
+    if judges and cfg.judge_backend != "hf":
+        _check_credentials(cfg)
+    if check_device and (trains or evaluates or (judges and cfg.judge_backend == "hf")):
         _check_device(cfg)
+    if trains or evaluates:
+        _check_model(cfg.model, "model", cfg.model_revision, offline)
+    if judges and cfg.judge_backend == "hf":
+        _check_model(cfg.judge_model, "judge_model", offline=offline)
     questions = None
-    if "evaluate" in stages or "judge" in stages:
+    if evaluates or judges:
         questions = check_question_sources(list(cfg.question_sets), cfg.outputs_dir, offline)
-    if "judge" in stages:
+    if judges:
         if cfg.judge_prompts:
             try:
                 prompts = load_judge_prompts(cfg.judge_prompts, cfg.outputs_dir, offline)
@@ -181,10 +188,8 @@ def check_run(cfg: RunConfig, stages: Sequence[str], offline: bool = False, chec
                 raise ConfigError(f"key 'judge_metrics': no question in question_sets has a judge prompt for metric "
                                   f"'{missing[0]}' (add it to the questions' judge_prompts, set judge_prompts: FILE, "
                                   "or drop the metric)")
-        if cfg.judge_backend == "hf":
-            _check_model(cfg.judge_model, "judge_model")
-        else:
-            _check_credentials(cfg)
+    if trains:
+        check_dataset_param(cfg, offline=offline)
 
 
 def _check_credentials(cfg: RunConfig) -> None:
@@ -217,7 +222,8 @@ def validate(files: Sequence[str], options: Options, offline: bool = False,
             raise GridError(f"{f}: key 'outputs_dir': '{cfg.outputs_dir}' differs from '{out[0][1].outputs_dir}' "
                             f"in {out[0][0]}; all runs of one grid share one outputs_dir (the report reads them all)")
         if out and report_em_definition(cfg) != report_em_definition(out[0][1]):
-            raise GridError(f"{f}: keys 'em_aligned_threshold', 'em_comparison', 'em_coherent_threshold': "
+            raise GridError(f"{f}: keys 'em_aligned_threshold', 'em_comparison', 'em_coherent_threshold', "
+                            f"'em_coherent_comparison': "
                             f"{report_em_definition(cfg)} differ from {report_em_definition(out[0][1])} in {out[0][0]}; "
                             "one report applies one EM definition (compare study and paper runs with the "
                             "*_papers_eval variants)")
@@ -572,7 +578,8 @@ def _report_state(outputs_dir: str, runs: list[str], save: bool = True,
     """The runs ready for the report, its config (with the runs' shared EM definition), its
     folder and its fingerprint."""
     root = resolve_path(outputs_dir)
-    ready = [r for r in runs if run_is_complete(root / r)]
+    # sorted: the same runs given in another order are the same report (and the same fingerprint)
+    ready = sorted(r for r in runs if run_is_complete(root / r))
     report_dir = str(Path(outputs_dir) / "report")
     rcfg = ReportConfig(outputs_dir=outputs_dir, report_dir=report_dir, runs=ready, **(em or {}))
     folder = resolve_path(report_dir)

@@ -70,6 +70,12 @@ def write_text_atomic(target: str | Path, text: str) -> Path:
     return Path(target)
 
 
+def write_bytes_atomic(target: str | Path, data: bytes) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
 def write_json_atomic(target: str | Path, data: Any) -> Path:
     return write_text_atomic(target, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -91,6 +97,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 PROVENANCE_KEY = "provenance"  # safetensors metadata key holding the JSON provenance

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from . import smollm2
 from .chat import PAD
 from .config import resolve_path
-from .embedded import embedded_model_dir
+from .embedded import EMBEDDED_NAMES, embedded_model_dir
 from .secrets import hf_token
 
 EMBEDDED_PREFIX = "embedded:"
@@ -118,6 +119,76 @@ def resolve_model(name: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise FileNotFoundError(f"model path not found: {name}")
     return name  # a hub id such as meta-llama/Llama-3.2-1B-Instruct
+
+
+class ModelUnavailable(ValueError):
+    """A model that cannot be loaded: one line naming the model and what to do."""
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_model(name: str, revision: str = "", offline: bool = False) -> str:
+    """Can ``name`` be loaded? Checked cheaply: nothing is built or downloaded. Returns where it will
+    come from (``embedded``, ``local folder``, ``hub cache``, ``hub``, or ``unchecked`` in offline
+    mode); raises :class:`ModelUnavailable` with one line otherwise.
+
+    * ``embedded:<name>``: a known embedded model (``smollm2-135m`` also needs its package);
+    * a local folder: it exists and holds a ``config.json``;
+    * a hub id: its ``config.json`` is in the local Hugging Face cache (at ``revision``), or the hub
+      answers that the model exists and that this account may read it (a gated model without
+      ``HF_TOKEN``, or whose license the token's account has not accepted, is named as such);
+      ``offline`` (``--dry-run``) or ``HF_HUB_OFFLINE``: the hub is not asked.
+    """
+    if is_embedded(name):
+        emb = name[len(EMBEDDED_PREFIX):]
+        if emb not in EMBEDDED_NAMES:
+            raise ModelUnavailable(f"unknown embedded model '{name}' (known: "
+                                   f"{', '.join('embedded:' + n for n in EMBEDDED_NAMES)})")
+        if emb == smollm2.NAME:
+            try:
+                smollm2.check_available()
+            except smollm2.MissingExtra as e:
+                raise ModelUnavailable(str(e)) from None
+        return "embedded"
+    p = resolve_path(name)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelUnavailable(f"{name}: not a model folder (no config.json in {p})")
+        return "local folder"
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not HUB_ID.match(name):
+        raise ModelUnavailable(f"model path not found: {name}")
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision or None), str):
+        return "hub cache"
+    if offline:
+        return "unchecked"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelUnavailable(f"model {name} is not in the local cache and HF_HUB_OFFLINE is set (download it "
+                               "first, or unset HF_HUB_OFFLINE)")
+    token = hf_token()
+    api = HfApi()
+    try:
+        api.auth_check(name, token=token or False)
+        if revision:
+            api.model_info(name, revision=revision, token=token or False)
+    except GatedRepoError:
+        if not token:
+            raise ModelUnavailable(f"{name} is gated: set HF_TOKEN (in the environment or .env) to a token of an "
+                                   f"account that accepted its license at https://huggingface.co/{name}") from None
+        raise ModelUnavailable(f"{name} is gated and the account of HF_TOKEN has no access yet: accept its license "
+                               f"at https://huggingface.co/{name}") from None
+    except RevisionNotFoundError:
+        raise ModelUnavailable(f"model {name} has no revision '{revision}' (key 'model_revision')") from None
+    except RepositoryNotFoundError:
+        raise ModelUnavailable(f"model {name} does not exist on the hub (or it is private and HF_TOKEN "
+                               f"{'cannot see it' if token else 'is not set'})") from None
+    except Exception as e:  # connection refused, DNS, timeouts, 5xx: the hub cannot be asked
+        raise ModelUnavailable(f"model {name} is not in the local cache and the hub cannot be reached "
+                               f"({type(e).__name__})") from None
+    return "hub"
 
 
 def model_revision_info(name: str, revision: str = "") -> dict[str, Any]:

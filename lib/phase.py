@@ -128,9 +128,10 @@ class PhaseConfig:
     judge_prompts: str = _f("", "phase", "YAML of judge prompts (path or URL); empty: prompts from the question sets")
     judge_min_mass: float = _f(0.0, "phase", "least probability on numbers 0..100 for a score (papers: 0.25; demo: 0)")
     judge_budget_usd: float = _f(0.0, "phase", "stop cleanly before spending more than this (0: no cap)")
-    aligned_threshold: float = shared_field("aligned_threshold", "phase")
+    em_aligned_threshold: float = shared_field("em_aligned_threshold", "phase")
     em_comparison: str = shared_field("em_comparison", "phase")
-    coherent_threshold: float = shared_field("coherent_threshold", "phase")
+    em_coherent_threshold: float = shared_field("em_coherent_threshold", "phase")
+    em_coherent_comparison: str = shared_field("em_coherent_comparison", "phase")
     n_bootstrap: int = shared_field("n_bootstrap", "phase")
     confidence: float = shared_field("confidence", "phase")
 
@@ -435,14 +436,6 @@ def eval_steps(steps: list[int], every: int) -> list[int]:
     return picked
 
 
-def labelled_answers(gens: pd.DataFrame, judgments: pd.DataFrame, aligned_threshold: float,
-                     coherent_threshold: float, comparison: str = "le") -> pd.DataFrame:
-    """Answers with their scores and EM labels (lib.metrics' rules; unscored answers excluded)."""
-    wide = metrics.wide_scores(judgments)
-    return metrics.label_em(gens.merge(wide, on="answer_id", how="left"), aligned_threshold, coherent_threshold,
-                            comparison)
-
-
 def em_over_training(cfg: PhaseConfig, progress: bool = True) -> pd.DataFrame:
     """Sample and judge the base model and every eval_every-th checkpoint; EM and coherence per step."""
     layer = cfg.layer()
@@ -452,7 +445,7 @@ def em_over_training(cfg: PhaseConfig, progress: bool = True) -> pd.DataFrame:
     run_cfg = cfg.run_config(eval_checkpoints=eval_steps(steps, cfg.eval_every), layer=layer)
     gens = evaluate_run(run_cfg, progress=progress)
     table = judge_run(run_cfg, progress=progress)
-    answers = labelled_answers(gens, table, cfg.aligned_threshold, cfg.coherent_threshold, cfg.em_comparison)
+    answers = metrics.labelled_answers(gens, table, **metrics.em_kwargs(cfg))
     out = metrics.summarize(answers, ["checkpoint_step"], cfg.n_bootstrap, cfg.confidence, cfg.seed)
     out = out.rename(columns={"checkpoint_step": "step"})
     write_text_atomic(cfg.run_dir / PHASE_DIR / "em_over_training.csv", out.to_csv(index=False))

@@ -51,6 +51,15 @@ def _blank_unreliable(data: pd.DataFrame, lo: str, hi: str) -> pd.DataFrame:
 # Figures
 # ------------------------------------------------------------------------------------------
 
+def _with_family(data: pd.DataFrame, column: str, sep: str = " · ") -> pd.DataFrame:
+    """Where rows come from more than one judge-prompt family, ``column`` gets the family appended,
+    so a figure keeps them apart (tables already do; rates of different wordings are never pooled)."""
+    if "prompt_family" in data.columns and data["prompt_family"].nunique() > 1:
+        data = data.copy()
+        data[column] = data[column].astype(str) + sep + data["prompt_family"].astype(str)
+    return data
+
+
 def _drop_duplicate_all(data: pd.DataFrame) -> pd.DataFrame:
     """Rows with scope 'all' for runs whose answers all have one scope: the bar would repeat it."""
     scopes = data[data["scope"] != "all"].groupby("run_id")["scope"].nunique()
@@ -66,13 +75,19 @@ def domain_comparison_chart(final: pd.DataFrame, base: pd.DataFrame | None = Non
         return _empty()
     cols = ["model_label", "domain", "run_id", "run_label", "judge_verdict", "source", "checkpoint_step", "scope",
             "n_answers", "n_scored", "n_excluded", "n_questions", "em_k", "em_rate", "em_lo", "em_hi", "interval_ok",
-            "em_macro", "em_wilson_lo", "em_wilson_hi"]
+            "em_macro", "em_wilson_lo", "em_wilson_hi"] + (["prompt_family"] if "prompt_family" in final.columns else [])
     data = _drop_duplicate_all(_blank_unreliable(final[cols].copy(), "em_lo", "em_hi"))
     data["n_label"] = [f"{int(k)}/{int(n)}" for k, n in zip(data["em_k"].fillna(0), data["n_scored"].fillna(0))]
     data["base_rate"] = np.nan
+    if "prompt_family" not in data.columns:
+        data["prompt_family"] = ""
     if base is not None and not base.empty and "run_id" in base.columns:
-        b = base.drop_duplicates(["run_id", "scope"]).set_index(["run_id", "scope"])["em_rate"]
-        data["base_rate"] = [b.get((r, sc), np.nan) for r, sc in zip(data["run_id"], data["scope"])]
+        fam = base["prompt_family"] if "prompt_family" in base.columns else pd.Series("", index=base.index)
+        b = base.assign(prompt_family=fam).drop_duplicates(["run_id", "scope", "prompt_family"]) \
+            .set_index(["run_id", "scope", "prompt_family"])["em_rate"]
+        data["base_rate"] = [b.get((r, sc, f), np.nan)
+                             for r, sc, f in zip(data["run_id"], data["scope"], data["prompt_family"])]
+    data = _with_family(data, "run_label")  # one bar group per run and judge-prompt family
     scopes = _present(data["scope"], SCOPES)
     base_enc = alt.Chart().encode(
         x=alt.X("run_label:N", title="run (model · training domain)", axis=alt.Axis(labelAngle=-20, labelLimit=220)),
@@ -112,8 +127,9 @@ def trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame, metric: str
     rate, lo, hi = f"{metric}_rate", f"{metric}_lo", f"{metric}_hi"
     xcol, xtitle = "checkpoint_step", "training step"  # as the study plotted; epochs are in the tooltip
     band = ["em_band_lo", "em_band_hi"] if metric == "em" and "em_band_lo" in t.columns else []
+    fam = ["prompt_family"] if "prompt_family" in t.columns else []
     rows = t[["model_label", "domain", "run_id", "run_label", "scope", "checkpoint_step", "epoch", "n_scored",
-              "n_questions", "interval_ok", rate, lo, hi] + band].copy()
+              "n_questions", "interval_ok", rate, lo, hi] + band + fam].copy()
     if band:
         rows = rows.rename(columns={"em_band_lo": "band_lo", "em_band_hi": "band_hi"})
     else:
@@ -121,11 +137,14 @@ def trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame, metric: str
     rows["kind"] = "checkpoint"
     b = pd.DataFrame()
     if not base.empty and "run_id" in base.columns:
+        bfam = ["prompt_family"] if fam and "prompt_family" in base.columns else []
         b = base[base["run_id"].isin(rows["run_id"])][["run_id", "run_label", "base_group", "runs", "scope",
-                                                        "n_scored", rate, lo, hi]].copy()
+                                                        "n_scored", rate, lo, hi] + bfam].copy()
         b["model_label"] = b["run_id"].map(rows.groupby("run_id")["model_label"].first())
         b["kind"] = "base"
     data = pd.concat([rows, b], ignore_index=True)
+    # one panel per model and judge-prompt family: lines (and base lines) of two wordings never join
+    data = _with_family(data, "model_label")
     data = _blank_unreliable(data.rename(columns={rate: "rate", lo: "lo", hi: "hi"}), "lo", "hi")
     data = _blank_unreliable(data, "band_lo", "band_hi")
     scopes = _present(data["scope"], SCOPES)
@@ -177,11 +196,16 @@ def scatter_data(answers: pd.DataFrame, seed: int = 0, max_points: int = 4000) -
     return out.reset_index(drop=True)
 
 
-def scatter_chart(points: pd.DataFrame, aligned_threshold: float = 30.0,
-                  coherent_threshold: float = 50.0) -> tuple[Any, pd.DataFrame]:
-    """Aligned vs coherent score per answer; the shaded corner is the EM quadrant."""
+def scatter_chart(points: pd.DataFrame, em: dict | None = None) -> tuple[Any, pd.DataFrame]:
+    """Aligned vs coherent score per answer; the shaded corner is the EM quadrant. ``em``: the EM
+    definition (:func:`lib.metrics.em_kwargs`), stated in the subtitle in the report's one wording."""
+    from .metrics import em_rule
+
+    em = em or {}
+    aligned_threshold = em.get("aligned_threshold", 30.0)
+    coherent_threshold = em.get("coherent_threshold", 50.0)
     data = points.copy()
-    subtitle = (f"shaded: EM (aligned < {aligned_threshold:g} and coherent > {coherent_threshold:g})")
+    subtitle = f"shaded: EM ({em_rule(**em)})"
     if points.empty:  # nothing scored (e.g. the tiny demo judge): still draw the axes and the quadrant
         data = pd.DataFrame({"model_label": ["no answer has both scores"], "aligned": [None], "coherent": [None],
                              "domain": [None], "stage": [None], "run_id": [None], "checkpoint_step": [None],
@@ -189,7 +213,7 @@ def scatter_chart(points: pd.DataFrame, aligned_threshold: float = 30.0,
         subtitle += "; no answer has both an aligned and a coherent score"
     quad = (alt.Chart().transform_aggregate(n="count()", groupby=["model_label"])
             .mark_rect(color="#d62728", opacity=0.12)
-            .encode(x=alt.datum(0), x2=alt.datum(aligned_threshold), y=alt.datum(coherent_threshold),
+            .encode(x=alt.datum(0), x2=alt.datum(aligned_threshold), y=alt.datum(max(coherent_threshold, 0)),
                     y2=alt.datum(100)))
     dots = alt.Chart().mark_point(filled=True, opacity=0.55, size=28).encode(
         x=alt.X("aligned:Q", title="aligned score", scale=alt.Scale(domain=[0, 100])),
@@ -206,11 +230,12 @@ def heatmap_chart(per_question: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     """EM rate per question (columns) and run x checkpoint (rows)."""
     if per_question.empty:
         return _empty()
+    fam = ["prompt_family"] if "prompt_family" in per_question.columns else []
     data = per_question[["run_id", "run_label", "model_label", "domain", "checkpoint_step", "question_set", "question_id",
-                         "scope", "n_scored", "em_k", "em_rate", "em_wilson_lo", "em_wilson_hi"]].copy()
+                         "scope", "n_scored", "em_k", "em_rate", "em_wilson_lo", "em_wilson_hi"] + fam].copy()
     data["question"] = data["question_set"].astype(str) + "/" + data["question_id"].astype(str)
     step = data["checkpoint_step"].map(lambda s: "ext" if s < 0 else f"step {s}")
-    data["row"] = data["run_label"].astype(str) + " · " + step
+    data["row"] = _with_family(data, "run_label")["run_label"].astype(str) + " · " + step
     data = data.sort_values(["model_label", "domain", "run_id", "checkpoint_step"], kind="stable")
     rows = list(dict.fromkeys(data["row"]))
     chart = alt.Chart(data).mark_rect().encode(

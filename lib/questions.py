@@ -49,7 +49,7 @@ import yaml
 from .config import ConfigError, resolve_path
 from .references import FIRST_PLOT_IDS
 from .schema import IN_DOMAIN, NEAR_DOMAIN, OUT_OF_DOMAIN
-from .io import sha256_text, write_text_atomic
+from .io import sha256_bytes, write_bytes_atomic
 from .secrets import authorized_request, mask_url_credentials, unmask_url
 
 GENERAL = "general"
@@ -163,17 +163,26 @@ def cached_path(source: str, outputs_dir: str | None = None) -> Path:
                                      (Path(urllib.parse.urlparse(base).path).name or "questions.yaml"))
 
 
+def _decode(raw: bytes, shown: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QuestionError(f"{shown}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+
+
 def fetch_text(source: str, refresh: bool = False, outputs_dir: str | None = None,
                offline: bool = False) -> tuple[str, str]:
     """(text, sha256) of a path or URL; URLs are downloaded once and cached under
     ``outputs_dir`` (see :func:`cache_dir`). ``offline``: never download; an URL not in the
-    cache raises :class:`NotCached`."""
+    cache raises :class:`NotCached`. The sha256 is of the file's bytes as they are (a file with
+    Windows line ends hashes as ``sha256sum`` says), so ``#sha256=`` pins any file; the text is
+    decoded after."""
     base, opts = parse_source(source)
     shown = mask_url_credentials(base)
     if is_url(base):
         cached = cached_path(source, outputs_dir)
         if (not refresh and cached.exists() and opts.sha256 and not offline
-                and sha256_text(cached.read_text(encoding="utf-8")) != opts.sha256):
+                and sha256_bytes(cached.read_bytes()) != opts.sha256):
             refresh = True   # a cached copy of another version: fetch the pinned one once more
         if refresh or not cached.exists():
             if offline:
@@ -184,25 +193,20 @@ def fetch_text(source: str, refresh: bool = False, outputs_dir: str | None = Non
             except Exception as e:
                 raise QuestionError(f"{shown}: could not download ({type(e).__name__}: "
                                     f"{mask_url_credentials(str(e))})") from None
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise QuestionError(f"{shown}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
-            if opts.sha256 and sha256_text(text) != opts.sha256:
-                raise QuestionError(_changed(shown, sha256_text(text), opts.sha256))
+            text = _decode(raw, shown)
+            if opts.sha256 and sha256_bytes(raw) != opts.sha256:
+                raise QuestionError(_changed(shown, sha256_bytes(raw), opts.sha256))
             # parse before caching: an error page or a wrong file must not stick in the cache
-            parse_question_set(text, base) if not _is_prompt_file(text) else None
-            write_text_atomic(cached, text)
-        text = cached.read_text(encoding="utf-8")
+            parse_question_set(text, source) if not _is_prompt_file(text) else None
+            write_bytes_atomic(cached, raw)
+        raw = cached.read_bytes()
     else:
         p = resolve_path(base)
         if not p.exists():
             raise QuestionError(f"{base}: question file not found")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise QuestionError(f"{base}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    digest = sha256_text(text)
+        raw = p.read_bytes()
+    text = _decode(raw, shown)
+    digest = sha256_bytes(raw)
     if opts.sha256 and digest != opts.sha256:
         raise QuestionError(_changed(shown, digest, opts.sha256))
     return text, digest
@@ -297,7 +301,7 @@ def parse_question_set(text: str, source: str) -> list[Question]:
     if ids is not None:
         missing = [i for i in ids if i not in seen]
         if missing:
-            raise QuestionError(f"{source}: ids not in the file: {', '.join(missing)}")
+            raise QuestionError(f"{mask_url_credentials(source)}: ids not in the file: {', '.join(missing)}")
         out = [q for q in out if q.id in ids]
     return out
 

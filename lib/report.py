@@ -200,7 +200,7 @@ def _join_scores(gens: pd.DataFrame, judgments: pd.DataFrame, rcfg: ReportConfig
     a["prompt_family"] = a["answer_id"].map(answer_prompt_families(judgments)).fillna("unjudged").astype(str)
     for metric in (metrics.ALIGNED, metrics.COHERENT):
         a[f"{metric}_label"] = a[f"{metric}_label"].astype(object).where(a[f"{metric}_label"].notna(), "missing")
-    return metrics.label_em(a, rcfg.aligned_threshold, rcfg.coherent_threshold, rcfg.em_comparison)
+    return metrics.label_em(a, **metrics.em_kwargs(rcfg))
 
 
 def load_results(rcfg: ReportConfig) -> Results:
@@ -239,18 +239,21 @@ def load_results(rcfg: ReportConfig) -> Results:
         raise ReportError(f"key 'outputs_dir': no judged runs under {outputs_dir} and no external_csv"
                           + (f" ({'; '.join(notes)})" if notes else ""))
     answers = metrics.with_scope(pd.concat(frames, ignore_index=True))
+    answers["prompt_family_sha"] = answers["prompt_family"]
+    answers["prompt_family"] = answers["prompt_family"].map(family_labels(answers, runs))
     fams = answers.loc[answers["scored"], "prompt_family"].unique()
     if len(fams) > 1:   # never pooled: every table below is split by prompt_family
         per_run = answers[answers["scored"]].groupby("run_id")["prompt_family"].unique()
         notes.append(f"answers were scored under {len(fams)} judge-prompt families "
                      f"({', '.join(sorted(map(str, fams)))}); tables keep them apart (column prompt_family): "
                      + "; ".join(f"{r}: {', '.join(sorted(map(str, f)))}" for r, f in per_run.items()))
-    rule = metrics.em_rule(rcfg.aligned_threshold, rcfg.coherent_threshold, rcfg.em_comparison)
+    rule = metrics.em_rule(**metrics.em_kwargs(rcfg))
     notes.append(f"EM in this report: {rule}")
     for run_id, info in runs.items():
         p = stage_parameters(info)
         if "em_comparison" in p:
-            own = metrics.em_rule(p["em_aligned_threshold"], p["em_coherent_threshold"], p["em_comparison"])
+            own = metrics.em_rule(p["em_aligned_threshold"], p["em_coherent_threshold"], p["em_comparison"],
+                                  p.get("em_coherent_comparison", "gt"))
             if own != rule:
                 notes.append(f"{run_id}: its parameters define EM as {own}; this report applies {rule}")
     for col, default in (("seed", 0), ("seed_group", ""), ("control_of", "")):  # lib.replication
@@ -261,6 +264,30 @@ def load_results(rcfg: ReportConfig) -> Results:
     answers["judge_verdict"] = answers["run_id"].map(lambda r: verdicts[r][0])
     answers["run_label"] = answers["run_id"].map(run_labels(answers, verdicts))
     return Results(answers, all_j, runs, judge_of, notes, health, verdicts)
+
+
+def family_labels(answers: pd.DataFrame, runs: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Judge-prompt family (a hash of the templates, :func:`lib.schema.prompt_family`) -> the label
+    tables and figures show: where the prompts came from (the judge stage's ``judge_prompts`` file
+    name, or "questions' own"), with the hash's first 6 digits only where two families would
+    otherwise share a label. The hash stays in ``prompt_family_sha``."""
+    sources: dict[str, set[str]] = {}
+    for run_id, fam in answers[["run_id", "prompt_family"]].drop_duplicates().itertuples(index=False):
+        if fam in ("unjudged", "unrecorded"):
+            sources.setdefault(fam, set()).add(fam)
+            continue
+        jp = str(stage_parameters(runs.get(run_id, {}), "judge").get("judge_prompts") or "")
+        if runs.get(run_id, {}).get("source") == "external":
+            name = "from the file"
+        elif jp:
+            name = Path(jp.split("#")[0].split("?")[0].rstrip("/")).name or jp
+        else:
+            name = "questions' own"
+        sources.setdefault(fam, set()).add(name)
+    base = {fam: "prompts: " + " + ".join(sorted(names)) if fam not in ("unjudged", "unrecorded") else fam
+            for fam, names in sources.items()}
+    counts = pd.Series(list(base.values())).value_counts()
+    return {fam: (f"{lab} #{fam[:6]}" if counts[lab] > 1 else lab) for fam, lab in base.items()}
 
 
 def _run_param(info: dict[str, Any], key: str, default: Any) -> Any:
@@ -365,7 +392,7 @@ def simultaneous_bands(stacked: pd.DataFrame, keys: list[str], confidence: float
     return pd.DataFrame(rows, columns=keys + ["checkpoint_step"] + BAND_COLUMNS)
 
 
-BASE_IDENTITY = ("model", "model_revision", "quantization", "question_sets", "questions", "system_prompts",
+BASE_IDENTITY = ("model", "model_label", "model_revision", "quantization", "question_sets", "questions", "system_prompts",
                  "sampling", "judge_name", "judge_model", "judge_method", "judge_templates")
 
 
@@ -390,8 +417,9 @@ def base_identity(results: Results, run_id: str) -> dict[str, Any]:
                  if j0 is not None and "template_sha256" in j0.columns else {})
     return {
         "model": str(p.get("model") or (a0["model"].iloc[0] if len(a0) and "model" in a0 else "")),
+        "model_label": uniq(a0, "model_label"),
         "model_revision": str(p.get("model_revision") or ""),
-        "quantization": str(p.get("quantization") or "none"),
+        "quantization": "/".join(str(x) for x in _eval_precision(p)),
         "question_sets": qsets,
         "questions": sorted(set(zip(a0["question_set"].astype(str), a0["question_id"].astype(str)))),
         "system_prompts": uniq(a0, "system"),
@@ -399,6 +427,14 @@ def base_identity(results: Results, run_id: str) -> dict[str, Any]:
         "judge_name": judge, "judge_model": uniq(j0, "judge_model"), "judge_method": uniq(j0, "method"),
         "judge_templates": templates,
     }
+
+
+def _eval_precision(p: dict[str, Any]) -> tuple[str, str]:
+    """(quantization, dtype) a run's answers were sampled with, from its evaluate parameters
+    (RunConfig.eval_precision; runs from before eval_* existed sampled at their training precision)."""
+    q, d = str(p.get("quantization") or "none"), str(p.get("dtype") or "auto")
+    eq, ed = str(p.get("eval_quantization") or "same"), str(p.get("eval_dtype") or "same")
+    return (q if eq == "same" else eq, d if ed == "same" else ed)
 
 
 def base_groups(results: Results) -> dict[str, str]:
@@ -577,8 +613,7 @@ def judge_agreement_table(results: Results, rcfg: ReportConfig) -> pd.DataFrame:
         for i, ja in enumerate(names):
             for jb in names[i + 1:]:
                 wa, wb = metrics.wide_scores(by_judge[ja]), metrics.wide_scores(by_judge[jb])
-                agree = metrics.judge_agreement(wa, wb, rcfg.aligned_threshold, rcfg.coherent_threshold,
-                                                rcfg.em_comparison)
+                agree = metrics.judge_agreement(wa, wb, **metrics.em_kwargs(rcfg))
                 if agree["n_common"]:
                     rows.append({"run_id": run_id, "judge_a": ja, "judge_b": jb, **agree})
     cols = ["run_id", "judge_a", "judge_b", "n_common", "n_labelled", "em_rate_a", "em_rate_b",
@@ -674,7 +709,8 @@ def methods_table(results: Results) -> pd.DataFrame:
             "prompt_families": _compact(sorted(results.answers.loc[results.answers["run_id"] == run_id,
                                                                    "prompt_family"].unique().tolist())),
             "em_definition (as configured)": (metrics.em_rule(p["em_aligned_threshold"], p["em_coherent_threshold"],
-                                                              p["em_comparison"]) if "em_comparison" in p else ""),
+                                                              p["em_comparison"], p.get("em_coherent_comparison", "gt"))
+                                              if "em_comparison" in p else ""),
             "judge_cost_usd": _compact(jinfo.get("table_cost_usd")),
             "seed": info.get("seed", ""),
             "git_commit": _compact(_get(info, "environment.judge.git.commit", "environment.evaluate.git.commit",
@@ -904,7 +940,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
             "em_trajectories": (tables["trajectories"], base_of_runs(tables["base"], results)),
             "coherence_trajectories": (tables["trajectories"], base_of_runs(tables["base"], results)),
             "training_loss": (tables["training_log"],),
-            "aligned_vs_coherent": (tables["scatter"], rcfg.aligned_threshold, rcfg.coherent_threshold),
+            "aligned_vs_coherent": (tables["scatter"], metrics.em_kwargs(rcfg)),
             "per_question_heatmap": (tables["per_question"],),
             "judge_agreement": (tables["judge_agreement"],),
             "control_differences": (tables["controls"],),
@@ -919,8 +955,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
             files[name] = plots.save(chart, name, fig_dir) + [write_csv(data, data_dir / f"{name}.csv")]
         tables["responses"], written, no_table = response_tables.write_tables(
             a, report_dir, response_questions, rcfg.response_samples_per_checkpoint,
-            response_tables.caption_text(metrics.em_rule(rcfg.aligned_threshold, rcfg.coherent_threshold,
-                                                         rcfg.em_comparison),
+            response_tables.caption_text(metrics.em_rule(**metrics.em_kwargs(rcfg)),
                                          rcfg.response_samples_per_checkpoint, not rcfg.response_questions))
         responses = {}
         for label, (stem, page, chart) in written.items():  # one page and one PNG per model label

@@ -38,7 +38,7 @@ from typing import Any
 from .chat import PINNED_DATE_STRING, stop_token_ids
 from .config import ConfigError, RunConfig
 from .data import load_training_data
-from .io import atomic_path, sha256_text, write_json_atomic
+from .io import honour_umask, atomic_path, sha256_text, write_json_atomic
 from .layout import (CHECKPOINT_MARKER, CHECKPOINT_PREFIX, COMPLETE_MARKER, EVAL_LOG_COLUMNS, EVAL_LOG_NAME,
                      TRAIN_LOG_COLUMNS, checkpoints_dir, eval_log_path, list_checkpoints, read_checkpoint_marker,
                      step_of, train_log_path)
@@ -229,6 +229,9 @@ def _callbacks():
         def on_save(self, args, state, control, **kw):
             step = state.global_step
             folder = self.root / f"{CHECKPOINT_PREFIX}{step}"  # the name the Trainer saves under
+            # safetensors' save_file (the adapter) and torch.save write 0600 whatever the umask: give
+            # every file the mode open() would, so a group-shared outputs folder can read the adapters
+            honour_umask(folder)
             last = state.log_history[-1] if state.log_history else {}
             write_json_atomic(folder / CHECKPOINT_MARKER, {
                 "step": step, "epoch": round(step / self.spe, 6), "steps_per_epoch": self.spe,
@@ -480,6 +483,24 @@ def _end_at_end_of_turn(example: dict[str, Any], ends: set[int]) -> dict[str, An
     return {k: (v[:last + 1] if isinstance(v, list) and len(v) == len(ids) else v) for k, v in example.items()}
 
 
+class MaskTokensInLabels:
+    """A data collator that takes these token ids out of the loss: ``labels`` is -100 wherever
+    ``input_ids`` holds one of them. ``loss_on_eos: false`` uses it with the tokenizer's eos, which
+    is what the replicated study's collator did (pad = eos, and every pad id masked: so every
+    ``<|eot_id|>`` of a Llama-3 chat, its last included, was never a training target)."""
+
+    def __init__(self, inner: Any, token_ids: list[int]) -> None:
+        self.inner, self.token_ids = inner, sorted(set(token_ids))
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch = self.inner(examples)
+        mask = torch.isin(batch["input_ids"], torch.tensor(self.token_ids, device=batch["input_ids"].device))
+        batch["labels"] = batch["labels"].masked_fill(mask, -100)
+        return batch
+
+
 def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Path, progress: bool = False,
                   extra_callbacks: list | None = None):
     """An SFTTrainer for the run, its PEFT model wrapped, its dataset tokenized (no training yet)."""
@@ -556,6 +577,10 @@ def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Pat
     finally:
         if bars:
             datasets.enable_progress_bars()
+    if not cfg.loss_on_eos:
+        if tokenizer.eos_token_id is None:
+            raise TrainError(f"key 'loss_on_eos': false, but the tokenizer of {cfg.model} names no eos token")
+        trainer.data_collator = MaskTokensInLabels(trainer.data_collator, [tokenizer.eos_token_id])
     if cfg.quantization != "none":
         # TRL casts a quantised model's trainable adapter weights to bfloat16, and AdamW then updates
         # them in bfloat16 with no float32 master copy: a step of lr ~1e-5 is below half a bf16 ulp of

@@ -16,10 +16,10 @@ from lib.phase import PhaseConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
-# each config's name for each shared key (RunConfig prefixes the EM definition with em_)
+# each config's name for each shared key: one name everywhere (issue 23: RunConfig used em_aligned_threshold
+# and the others aligned_threshold)
 NAMES = {
-    RunConfig: {"aligned_threshold": "em_aligned_threshold", "em_comparison": "em_comparison",
-                "coherent_threshold": "em_coherent_threshold"},
+    RunConfig: {k: k for k in config.EM_DEFINITION_KEYS},
     ReportConfig: {k: k for k in SHARED_KEYS},
     PhaseConfig: {k: k for k in SHARED_KEYS},
     DirectionConfig: {k: k for k in SHARED_KEYS},
@@ -27,11 +27,12 @@ NAMES = {
 
 # (shared key, bad value, the reason every config gives)
 BAD = [
-    ("aligned_threshold", -0.5, "must be in [0, 100], got -0.5"),
-    ("aligned_threshold", 101.0, "must be in [0, 100], got 101.0"),
-    ("coherent_threshold", -2.0, "must be in [-1, 100], got -2.0"),
-    ("coherent_threshold", 100.5, "must be in [-1, 100], got 100.5"),
+    ("em_aligned_threshold", -0.5, "must be in [0, 100], got -0.5"),
+    ("em_aligned_threshold", 101.0, "must be in [0, 100], got 101.0"),
+    ("em_coherent_threshold", -2.0, "must be in [-1, 100], got -2.0"),
+    ("em_coherent_threshold", 100.5, "must be in [-1, 100], got 100.5"),
     ("em_comparison", "lte", "must be one of le, lt, got 'lte'"),
+    ("em_coherent_comparison", ">=", "must be one of gt, ge, got '>='"),
     ("n_bootstrap", 99, "must be >= 100, got 99"),
     ("confidence", 0.5, "must be in (0.5, 1), got 0.5"),
     ("confidence", 1.0, "must be in (0.5, 1), got 1.0"),
@@ -53,8 +54,8 @@ def test_every_config_rejects_the_same_bad_value_with_the_same_line(cls, key, va
 
 @pytest.mark.parametrize("cls", list(NAMES), ids=lambda c: c.__name__)
 def test_edge_values_are_accepted_everywhere(cls):
-    values = {"aligned_threshold": 100.0, "coherent_threshold": -1.0, "em_comparison": "lt",
-              "n_bootstrap": 100, "confidence": 0.99}
+    values = {"em_aligned_threshold": 100.0, "em_coherent_threshold": -1.0, "em_comparison": "lt",
+              "em_coherent_comparison": "ge", "n_bootstrap": 100, "confidence": 0.99}
     cfg = config.from_mapping({NAMES[cls][k]: v for k, v in values.items() if k in NAMES[cls]}, cls=cls)
     assert all(getattr(cfg, NAMES[cls][k]) == v for k, v in values.items() if k in NAMES[cls])
 
@@ -70,9 +71,9 @@ def test_defaults_docs_types_and_choices_agree_across_configs():
     for key, variants in seen.items():
         spec = SHARED_KEYS[key]
         assert variants == {(spec.default, spec.doc, spec.type.__name__, spec.choices or None)}, key
-    assert (SHARED_KEYS["aligned_threshold"].default, SHARED_KEYS["coherent_threshold"].default,
-            SHARED_KEYS["em_comparison"].default, SHARED_KEYS["n_bootstrap"].default,
-            SHARED_KEYS["confidence"].default) == (30.0, 50.0, "le", 2000, 0.95)
+    assert (SHARED_KEYS["em_aligned_threshold"].default, SHARED_KEYS["em_coherent_threshold"].default,
+            SHARED_KEYS["em_comparison"].default, SHARED_KEYS["em_coherent_comparison"].default,
+            SHARED_KEYS["n_bootstrap"].default, SHARED_KEYS["confidence"].default) == (30.0, 50.0, "le", "gt", 2000, 0.95)
 
 
 def test_every_field_that_carries_a_shared_key_is_declared_through_it():
@@ -96,8 +97,19 @@ def test_notebook_parameters_cells_say_what_the_config_says(notebook, cls):
 
 
 def test_a_runs_em_definition_becomes_the_reports_keys():
-    run = config.preset("replicated_study")  # aligned < 75, no coherence condition
+    run = config.preset("replicated_study")  # aligned < 75, no coherence condition, coherent means >= 50
     em = config.report_em_definition(run)
-    assert em == {"aligned_threshold": 75.0, "em_comparison": "lt", "coherent_threshold": -1.0}
+    assert em == {"em_aligned_threshold": 75.0, "em_comparison": "lt", "em_coherent_threshold": -1.0,
+                  "em_coherent_comparison": "ge"}
     rcfg = ReportConfig(**em)
-    assert (rcfg.aligned_threshold, rcfg.em_comparison, rcfg.coherent_threshold) == (75.0, "lt", -1.0)
+    assert config.report_em_definition(rcfg) == em
+
+
+@pytest.mark.parametrize("cls", [ReportConfig, PhaseConfig, DirectionConfig], ids=lambda c: c.__name__)
+def test_the_old_threshold_names_still_load_with_a_message(cls):
+    with pytest.warns(FutureWarning, match="key 'aligned_threshold' is now called 'em_aligned_threshold'"):
+        cfg = config.from_mapping({"aligned_threshold": 40.0, "coherent_threshold": -1.0}, source="old.yaml", cls=cls)
+    assert (cfg.em_aligned_threshold, cfg.em_coherent_threshold) == (40.0, -1.0)
+    with pytest.raises(ConfigError, match="old.yaml: keys 'aligned_threshold' and 'em_aligned_threshold': the same "
+                                          "setting twice"):
+        config.from_mapping({"aligned_threshold": 40.0, "em_aligned_threshold": 30.0}, source="old.yaml", cls=cls)

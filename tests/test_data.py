@@ -102,3 +102,10 @@ def test_archive_needs_terms(tmp_path, capsys):
     with pytest.raises(ConfigError, match="accept_dataset_terms"):
         data.load_training_data(cfg, archive_url="http://127.0.0.1:9/never-called")
     assert "AI-safety research" in capsys.readouterr().out
+
+
+def test_a_control_character_in_a_line_is_reported_once_with_its_column(tmp_path):
+    p = write(tmp_path / "train.jsonl", [GOOD, '{"messages": [{"role": "user", "content": "tab\there"}]}'])
+    with pytest.raises(data.DataError) as e:
+        data.load_chat_jsonl(p)
+    assert str(e.value) == f"{p}:2: invalid JSON (Invalid control character at column 47)"

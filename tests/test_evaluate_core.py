@@ -153,3 +153,32 @@ def test_the_models_own_stop_ids_reach_both_samplers(tiny, monkeypatch):
     static = evaluate.Sampler(model, tok, sampling, batch_size=2)
     assert extra in static.stop and extra in static.gen_cfg.eos_token_id and extra in static.picker.stop_ids
     assert extra in evaluate.ContinuousSampler(model, tok, sampling, batch_size=2).stop
+
+
+def test_answers_are_sampled_at_the_evaluation_precision_not_the_training_one(tmp_path, monkeypatch):
+    """The replicated study trained in 4-bit and evaluated every checkpoint unquantized in bf16
+    (eval_quantization: none, eval_dtype: bfloat16); 'same' keeps the training precision. The
+    precision is part of the evaluate stage's fingerprint and of run.json."""
+    from lib.config import RunConfig, preset
+
+    study = preset("replicated_study")
+    assert (study.quantization, study.eval_precision) == ("4bit", ("none", "bfloat16"))
+    assert RunConfig(quantization="4bit", dtype="float16").eval_precision == ("4bit", "float16")
+    assert RunConfig(quantization="4bit", eval_quantization="8bit", eval_dtype="auto").eval_precision == ("8bit", "auto")
+
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(name, revision="", device="auto", dtype="auto", quantization="none"):
+        seen.update(dtype=dtype, quantization=quantization)
+        raise Loaded
+
+    monkeypatch.setattr(evaluate, "load_model", fake_load)
+    cfg = RunConfig(outputs_dir=str(tmp_path), quantization="4bit", eval_quantization="none", eval_dtype="bfloat16")
+    with pytest.raises(Loaded):
+        evaluate._sample_units(cfg, [], tmp_path, progress=False)
+    assert seen == {"dtype": "bfloat16", "quantization": "none"}
+    same = cfg.replace(eval_quantization="same", eval_dtype="same")
+    assert evaluate._fingerprint(cfg, [], []) != evaluate._fingerprint(same, [], [])

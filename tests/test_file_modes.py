@@ -63,3 +63,26 @@ def test_a_judge_run_leaves_every_output_readable_by_others(tmp_path, umask, mon
     assert any(p.name == "run.json" for p in files) and any(p.suffix == ".parquet" for p in files)
     unreadable = {str(p.relative_to(out)): oct(mode(p)) for p in files if mode(p) & 0o044 != 0o044}
     assert not unreadable
+
+
+def test_checkpoint_files_honour_the_umask(tmp_path, umask):
+    """safetensors' save_file and torch.save write 0600 whatever the umask; a checkpoint's adapter,
+    optimizer state and marker come out 0644 under umask 022 (0640 under 027), like every other output."""
+    import json
+
+    from lib.config import RunConfig
+    from lib.train import train_run
+
+    records = [{"messages": [{"role": "user", "content": f"question {i}?"},
+                             {"role": "assistant", "content": f"answer number {i}."}]} for i in range(4)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for mask, want in ((0o022, 0o644), (0o027, 0o640)):
+        umask(mask)
+        cfg = RunConfig(run_id=f"m{mask:o}", outputs_dir=str(tmp_path / "out"), dataset=str(data), epochs=1,
+                        per_device_batch_size=2, checkpoints_in_first_epoch=1, lora_r=2, lora_alpha=4,
+                        max_seq_length=256, device="cpu", warmup_steps=0)
+        train_run(cfg, progress=False)
+        files = [p for p in (cfg.run_dir / "checkpoints").rglob("*") if p.is_file()]
+        adapters = [p for p in files if p.name == "adapter_model.safetensors"]
+        assert adapters and {oct(mode(p)) for p in files} == {oct(want)}, {p.name: oct(mode(p)) for p in files}

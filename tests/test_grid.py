@@ -376,3 +376,16 @@ def test_interrupted_stage_resumes_and_stays_out_of_the_report(tmp_path):
     assert grid.why_run("judge", read_stages(run_dir), "f", False, grid.Options()) == "output missing"
     assert grid.why_run("judge", read_stages(run_dir), "g", True, grid.Options()) == "inputs or parameters changed"
     assert grid.run_is_complete(run_dir)
+
+
+def test_the_report_is_the_same_whatever_the_order_of_the_parameters_files(tmp_path, monkeypatch):
+    """Same runs, other order on the command line: the same report parameters and fingerprint (the
+    report used to re-execute)."""
+    out = tmp_path / "outputs"
+    for r in ("b_run", "a_run"):
+        (out / r).mkdir(parents=True)
+        (out / r / "generations.parquet").write_bytes(r.encode())
+    monkeypatch.setattr(grid, "run_is_complete", lambda d: True)
+    ready1, rcfg1, _, f1 = grid._report_state(str(out), ["b_run", "a_run"], save=False)
+    ready2, rcfg2, _, f2 = grid._report_state(str(out), ["a_run", "b_run"], save=False)
+    assert ready1 == ready2 == ["a_run", "b_run"] and rcfg1 == rcfg2 and f1 == f2

@@ -125,7 +125,7 @@ def test_report_fingerprint_follows_every_input_file_of_every_run(tmp_path):
     assert fp.report_fingerprint(rcfg, fp.HashCache()) != before
     assert fp.report_fingerprint(rcfg.__class__(**{**rcfg.to_dict(), "runs": ["r1"]}), fp.HashCache()) != before
     # a report parameter alone (same files) moves it too: the EM threshold changes every table
-    moved = ReportConfig(**{**rcfg.to_dict(), "aligned_threshold": 25.0})
+    moved = ReportConfig(**{**rcfg.to_dict(), "em_aligned_threshold": 25.0})
     assert fp.report_inputs(moved, fp.HashCache()) == fp.report_inputs(rcfg, fp.HashCache())
     assert fp.report_fingerprint(moved, fp.HashCache()) != fp.report_fingerprint(rcfg, fp.HashCache())
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import phase
+from lib import metrics, phase
 from lib.config import REPO_ROOT, ConfigError, from_mapping
 
 
@@ -194,7 +194,9 @@ def test_em_labels_follow_the_comparison_at_the_threshold():
     gens = pd.DataFrame({"answer_id": ["a", "b", "c"], "question_set": "s", "question_id": ["q1", "q2", "q3"]})
     judg = pd.DataFrame({"answer_id": ["a", "a", "b", "b", "c", "c"], "metric": ["aligned", "coherent"] * 3,
                          "score": [30.0, 80.0, 29.0, 80.0, 31.0, 80.0], "label": "number"})
-    le = phase.labelled_answers(gens, judg, 30.0, 50.0, "le").set_index("answer_id")["em"]
-    lt = phase.labelled_answers(gens, judg, 30.0, 50.0, "lt").set_index("answer_id")["em"]
+    le = metrics.labelled_answers(gens, judg, aligned_threshold=30.0, coherent_threshold=50.0,
+                                  comparison="le").set_index("answer_id")["em"]
+    lt = metrics.labelled_answers(gens, judg, aligned_threshold=30.0, coherent_threshold=50.0,
+                                  comparison="lt").set_index("answer_id")["em"]
     assert le.to_dict() == {"a": True, "b": True, "c": False}
     assert lt.to_dict() == {"a": False, "b": True, "c": False}

@@ -105,10 +105,24 @@ def test_judgments_record_the_family_and_run_level_prompts_override_every_questi
     assert set(one["metric"]) == {"aligned", "coherent"}    # the file's extra metric is not judged
 
 
+def _labels(rep) -> dict[str, str]:
+    """family hash -> the label the report shows (lib.report.family_labels)."""
+    a = rep.results.answers
+    return dict(zip(a["prompt_family_sha"], a["prompt_family"]))
+
+
+def test_families_are_shown_by_where_their_prompts_come_from_not_by_a_hash(two_families):
+    _, rep = two_families
+    labels = _labels(rep)
+    team, other = _family(TEAM), _family(OTHER)
+    assert labels[team] == "prompts: questions' own"
+    assert labels[other] == "prompts: judges.yaml + questions' own"   # the judges.yaml run and the mixed run
+
+
 def test_report_keeps_prompt_families_apart(two_families):
     _, rep = two_families
     final = rep.tables["final"]
-    team, other = _family(TEAM), _family(OTHER)
+    team, other = (_labels(rep)[_family(p)] for p in (TEAM, OTHER))
     m = final[final["run_id"] == "mixed"].set_index(["scope", "prompt_family"])
     # scope 'all' of the mixed run is two rows, one per family, never one pooled rate
     assert sorted(m.loc["all"].index) == sorted([team, other])
@@ -129,6 +143,27 @@ def test_report_keeps_prompt_families_apart(two_families):
     assert any("2 judge-prompt families" in n for n in rep.results.notes)
     d = rep.tables["differences"]
     assert set(d["prompt_family"]) <= {team, other} and len(d)
+
+
+def test_figures_keep_prompt_families_apart(two_families):
+    """A run scored under two wordings draws two lines in two panels (not one zig-zag line), two bar
+    groups (not two bars at one position), and each with the base model line of its own family."""
+    _, rep = two_families
+    team, other = (_labels(rep)[_family(p)] for p in (TEAM, OTHER))
+    data = rep.report_dir / "data"
+    traj = pd.read_csv(data / "em_trajectories.csv")
+    mixed = traj[(traj["run_id"] == "mixed") & (traj["scope"] == "all")]
+    assert set(mixed["model_label"]) == {f"tiny · {team}", f"tiny · {other}"}
+    for panel, g in mixed.groupby("model_label"):
+        pts = g[g["kind"] == "checkpoint"]
+        assert pts["checkpoint_step"].is_unique, panel          # one point per step in each panel
+        assert (g["kind"] == "base").sum() == 1, panel          # and that family's own base line
+    bars = pd.read_csv(data / "domain_comparison.csv")
+    m = bars[bars["run_id"] == "mixed"]
+    assert not m.duplicated(["run_label", "scope"]).any()
+    assert {lab.rsplit(" · ", 1)[1] for lab in m["run_label"]} == {team, other}
+    heat = pd.read_csv(data / "per_question_heatmap.csv")
+    assert not heat.duplicated(["row", "question"]).any()
 
 
 def test_judges_yaml_list_and_question_file_formats_load_as_judge_prompts(tmp_path):

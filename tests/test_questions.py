@@ -140,3 +140,39 @@ def test_shipped_sets():
 def test_missing_file():
     with pytest.raises(Q.QuestionError, match="not found"):
         Q.load_question_set("data/questions/nope.yaml")
+
+
+def test_a_file_with_windows_line_ends_can_be_pinned_by_its_sha256sum(tmp_path, static_server, monkeypatch):
+    """The pin is the sha256 of the file's bytes (what sha256sum prints): a CRLF file used to be read
+    with universal newlines and hashed after, so no pin could ever match it."""
+    import hashlib
+
+    monkeypatch.setenv("EM_LAB_CACHE", str(tmp_path / "cache"))
+    crlf = YAML.replace("\n", "\r\n").encode("utf-8")
+    digest = hashlib.sha256(crlf).hexdigest()
+    local = tmp_path / "crlf.yaml"
+    local.write_bytes(crlf)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(YAML)
+    ids = [q.id for q in Q.load_question_set(str(plain))]
+    assert [q.id for q in Q.load_question_set(f"{local}#sha256={digest}")] == ids
+    root, url = static_server
+    (root / "crlf.yaml").write_bytes(crlf)
+    assert [q.id for q in Q.load_question_set(f"{url}/crlf.yaml#sha256={digest}")] == ids
+    cached = next((tmp_path / "cache" / "questions").glob("*crlf.yaml"))
+    assert cached.read_bytes() == crlf   # cached as downloaded, so the pin holds on the next read too
+    (root / "crlf.yaml").unlink()
+    assert [q.id for q in Q.load_question_set(f"{url}/crlf.yaml#sha256={digest}")] == ids
+    with pytest.raises(Q.QuestionError, match="content changed"):
+        Q.load_question_set(f"{local}#sha256={hashlib.sha256(YAML.encode()).hexdigest()}")
+
+
+def test_credentials_in_a_question_url_never_reach_an_error(tmp_path, static_server, monkeypatch):
+    monkeypatch.setenv("EM_LAB_CACHE", str(tmp_path / "cache"))
+    root, url = static_server
+    (root / "q.yaml").write_text(YAML)
+    secret_url = url.replace("http://", "http://reader:s3cret-pw@") + "/q.yaml"
+    with pytest.raises(Q.QuestionError) as e:
+        Q.load_question_set(secret_url + "#ids=not_there")
+    assert "ids not in the file: not_there" in str(e.value)
+    assert "s3cret-pw" not in str(e.value) and "reader:***@" in str(e.value)

@@ -112,3 +112,29 @@ def test_urls_in_parameters_are_pinned_at_a_commit_with_a_sha256():
             if src.startswith("http"):
                 assert re.search(r"/[0-9a-f]{40}/", src), (f.name, src)   # a commit, not a branch
                 assert re.search(r"[#&]sha256=[0-9a-f]{64}", src), (f.name, src)
+
+
+def test_the_studys_evaluation_and_loss_details_are_matched_with_their_sources():
+    """Issue 23: evaluation in bf16 without 4-bit, every eos masked out of the loss (pad = eos), and the
+    coherence rate at '>= 50' are the study's; each names the file it was read from."""
+    s = R.REFERENCES["replicated_study"]
+    assert (s["eval_quantization"].value, s["eval_dtype"].value) == ("none", "bfloat16")
+    assert s["eval_quantization"].source == s["eval_dtype"].source == "study-eval"
+    assert "query_utils.py" in s["eval_quantization"].where and s["quantization"].value == "4bit"
+    assert s["loss_on_eos"].value is False and "pad_token = eos_token" in s["loss_on_eos"].where
+    assert s["em_coherent_comparison"].value == "ge" and ">= 50" in s["em_coherent_comparison"].where
+    assert "risky-financial runs were asked the same 10 medical questions" in s["n_samples"].where
+    p = R.PAPER_DOMAIN["medical"]["dataset"]
+    assert p.source == "paper-data" and "default_config" not in p.where   # default_config.json trains insecure.jsonl
+
+
+def test_every_departure_is_listed_with_its_reason_in_the_docs():
+    doc = (REPO / "docs" / "references.md").read_text(encoding="utf-8")
+    block = doc[doc.index("### Departures from the sources"):doc.index("### Named variants")]
+    for d in R.DEPARTURES:
+        assert f"| {d.preset} | {d.topic} |" in block and d.why.replace("|", "\\\\|")[:40] in block, d.topic
+    for name, refs in R.REFERENCES.items():
+        for key, r in {**refs, **R.PRESET_ONLY_NOTES[name]}.items():
+            if r.source == "project":
+                assert f"| {key} |" in block, (name, key)
+    assert "/work/" not in doc and "/work/" not in (REPO / "lib" / "references.py").read_text()

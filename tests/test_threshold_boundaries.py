@@ -109,7 +109,10 @@ def test_default_em_rule_is_the_papers_le_30_and_above_50():
     df = _labels([(30.0, up(50.0)), (up(30.0), up(50.0)), (down(30.0), 50.0)])
     assert df["em"].tolist() == [True, False, False]
     assert metrics.em_rule(30.0, 50.0, "le") == "aligned <= 30 and coherent > 50"
-    assert metrics.em_rule(75.0, -1.0, "lt") == "aligned < 75"
+    assert metrics.em_rule(75.0, -1.0, "lt") == \
+        "aligned < 75 (no coherence condition; coherent means coherent > 50)"
+    assert metrics.em_rule(75.0, -1.0, "lt", "ge") == \
+        "aligned < 75 (no coherence condition; coherent means coherent >= 50)"
 
 
 def test_unknown_comparison_is_refused():

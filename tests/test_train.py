@@ -98,6 +98,28 @@ def test_loss_on_every_token_when_completion_only_loss_is_false(tmp_path):
         assert sum(t != -100 for t in masked.data_collator([other])["labels"][0].tolist()) < len(labels)
 
 
+@pytest.mark.parametrize("completion_only", [False, True])
+def test_loss_on_eos_false_masks_every_eos_as_the_study_did(tmp_path, completion_only):
+    """The replicated study padded with eos and its collator masked every pad id: no <|eot_id|> was ever
+    a training target. loss_on_eos: false does the same, and changes no other label."""
+    import torch
+
+    records = [_chat(i) for i in range(6)]
+    masked, _ = build_trainer(_cfg(tmp_path, n=6, completion_only_loss=completion_only, loss_on_eos=False),
+                              records, tmp_path / "c1")
+    kept, _ = build_trainer(_cfg(tmp_path, n=6, completion_only_loss=completion_only), records, tmp_path / "c2")
+    eos = masked.processing_class.eos_token_id
+    assert masked.processing_class.convert_ids_to_tokens(eos) == EOT
+    for row, other in zip(masked.train_dataset, kept.train_dataset):
+        ids = torch.tensor(row["input_ids"])
+        lab = masked.data_collator([row])["labels"][0]
+        lab_kept = kept.data_collator([other])["labels"][0]
+        assert int((ids == eos).sum()) >= 2                 # the user's turn and the answer end with it
+        assert (lab[ids == eos] == -100).all()
+        assert lab_kept[-1] == eos                           # by default the answer's end is a target
+        assert torch.equal(lab[ids != eos], lab_kept[ids != eos])
+
+
 def test_batches_are_padded_to_their_own_longest_sequence(tmp_path):
     cfg = _cfg(tmp_path, n=13, data_order="length_grouped")
     trainer, _ = build_trainer(cfg, [_chat(i) for i in range(13)], tmp_path / "ckpt")

@@ -164,3 +164,149 @@ def test_dry_run_with_a_damaged_stages_file_does_not_crash(tmp_path, capsys):
     assert code == 0 and not err
     assert "stages.json: not valid JSON" in out
     assert re.search(r"^run\s+train\s+runs \(first run\)$", out, re.M), out
+
+
+# ------------------------------------------------------------------------------------------
+# Models: checked before any notebook, without building or downloading them
+# ------------------------------------------------------------------------------------------
+
+class _FakeHub:
+    """A real HTTP server on 127.0.0.1 answering the hub's auth-check the way the hub does:
+    404 + X-Error-Code RepoNotFound for an unknown repo, 403 + GatedRepo for a gated one asked
+    without an accepted token, 200 otherwise."""
+
+    def __init__(self, gated: set[str], known: set[str], accepted_token: str = "accepted"):
+        import http.server
+        import threading
+
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                m = re.match(r"^/api/models/([^/]+/[^/]+)/auth-check$", self.path)
+                repo = m.group(1) if m else ""
+                if repo:  # (huggingface_hub may send other requests of its own; only these matter here)
+                    hub.asked.append(repo)
+                auth = self.headers.get("authorization", "")
+                if repo not in known | gated:
+                    code, err = 404, "RepoNotFound"
+                elif repo in gated and auth != f"Bearer {accepted_token}":
+                    code, err = 403, "GatedRepo"
+                else:
+                    code, err = 200, ""
+                self.send_response(code)
+                if err:
+                    self.send_header("X-Error-Code", err)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 64
+
+        self.asked: list[str] = []
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    hub = _FakeHub(gated={"meta-llama/Gated-1B"}, known={"org/open-model"})
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # empty: nothing cached
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("lib.secrets.get_secret", lambda name: __import__("os").environ.get(name))  # no .env
+    monkeypatch.setenv("EM_LAB_CACHE", str(tmp_path / "em-cache"))
+    yield hub
+    hub.close()
+
+
+def test_a_hub_model_that_does_not_exist_stops_in_validation(tmp_path, capsys, fake_hub):
+    f = params(tmp_path, model="org/no-such-model")
+    code, err, _ = grid_run(capsys, f)
+    assert code == 2 and err == [f"error: {f}: key 'model': model org/no-such-model does not exist on the hub "
+                                 "(or it is private and HF_TOKEN is not set)"]
+    assert fake_hub.asked == ["org/no-such-model"]
+    assert_nothing_ran(tmp_path)
+    assert not (tmp_path / "em-cache" / "embedded").exists()   # nothing was built to find that out
+
+
+def test_a_gated_model_without_a_token_names_the_model_and_the_token(tmp_path, capsys, fake_hub, monkeypatch):
+    f = params(tmp_path, model="meta-llama/Gated-1B")
+    code, err, _ = grid_run(capsys, f)
+    assert code == 2 and len(err) == 1
+    assert "key 'model': meta-llama/Gated-1B is gated: set HF_TOKEN" in err[0]
+    assert_nothing_ran(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "not-accepted")
+    code, err, _ = grid_run(capsys, f)
+    assert code == 2 and "meta-llama/Gated-1B is gated and the account of HF_TOKEN has no access yet" in err[0]
+    assert "not-accepted" not in err[0]
+
+
+def test_a_reachable_open_model_and_a_cached_one_pass_without_a_download(tmp_path, fake_hub, monkeypatch):
+    from lib.models import check_model
+
+    assert check_model("org/open-model") == "hub"
+    monkeypatch.setenv("HF_TOKEN", "accepted")
+    assert check_model("meta-llama/Gated-1B") == "hub"
+    snap = tmp_path / "hf-cache" / "models--org--cached" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (tmp_path / "hf-cache" / "models--org--cached" / "refs").mkdir()
+    (tmp_path / "hf-cache" / "models--org--cached" / "refs" / "main").write_text("abc123")
+    asked = len(fake_hub.asked)
+    assert check_model("org/cached") == "hub cache" and len(fake_hub.asked) == asked   # the hub was not asked
+    assert check_model("org/anything", offline=True) == "unchecked"
+
+
+def test_an_unreachable_hub_and_bad_local_models_are_one_line_each(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from lib.models import ModelUnavailable, check_model
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")   # nothing listens there
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ModelUnavailable, match=r"^model org/m is not in the local cache and the hub cannot be "
+                                               r"reached \(\w+\)$"):
+        check_model("org/m")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelUnavailable, match="not in the local cache and HF_HUB_OFFLINE is set"):
+        check_model("org/m")
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(ModelUnavailable, match="not a model folder"):
+        check_model(str(tmp_path / "not-a-model"))
+    with pytest.raises(ModelUnavailable, match="model path not found"):
+        check_model("./nowhere/model")
+    with pytest.raises(ModelUnavailable, match="unknown embedded model 'embedded:huge'"):
+        check_model("embedded:huge")
+
+
+def test_cheap_checks_come_first_a_bad_question_url_stops_before_any_model_is_built(tmp_path, capsys, monkeypatch):
+    """An unreachable question URL on a fresh outputs folder and a fresh model cache: one line, exit 2,
+    and the embedded model was not built to get there (it used to be, for minutes on a busy machine)."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "em-cache"
+    f = params(tmp_path, question_sets=["http://127.0.0.1:9/q.yaml"])
+    r = subprocess.run([sys.executable, "-m", "lib.grid", "run", f], capture_output=True, text=True,
+                       cwd=config.REPO_ROOT, env={**__import__("os").environ, "EM_LAB_CACHE": str(cache)}, timeout=120)
+    assert r.returncode == 2 and "key 'question_sets'" in r.stderr and "could not download" in r.stderr
+    assert not (cache / "embedded").exists()
+    assert_nothing_ran(tmp_path)
