@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .io import atomic_path
-from .metrics import MIN_QUESTIONS
+from .metrics import MIN_QUESTIONS, em_rule
 
 PCT = alt.Axis(format=".0%")
 SCOPES = ["all", "out-of-domain", "near-domain", "in-domain", "unknown"]
@@ -199,8 +199,6 @@ def scatter_data(answers: pd.DataFrame, seed: int = 0, max_points: int = 4000) -
 def scatter_chart(points: pd.DataFrame, em: dict | None = None) -> tuple[Any, pd.DataFrame]:
     """Aligned vs coherent score per answer; the shaded corner is the EM quadrant. ``em``: the EM
     definition (:func:`lib.metrics.em_kwargs`), stated in the subtitle in the report's one wording."""
-    from .metrics import em_rule
-
     em = em or {}
     aligned_threshold = em.get("aligned_threshold", 30.0)
     coherent_threshold = em.get("coherent_threshold", 50.0)

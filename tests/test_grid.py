@@ -154,7 +154,7 @@ def test_grid_level_problems_exit_2(tmp_path, notebooks, capsys):
     # the report gets the runs' shared definition
     em = config.report_em_definition(config.load_run_config(c))
     rcfg = grid._report_state(str(tmp_path / "out1"), ["c"], save=False, em=em)[1]
-    assert (rcfg.aligned_threshold, rcfg.em_comparison, rcfg.coherent_threshold) == (75.0, "lt", -1.0)
+    assert (rcfg.em_aligned_threshold, rcfg.em_comparison, rcfg.em_coherent_threshold) == (75.0, "lt", -1.0)
 
 
 # --- stand-in grid: skip, change, force, fail -------------------------------------------------------

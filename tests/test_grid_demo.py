@@ -270,4 +270,4 @@ def test_changed_judge_parameter_reruns_only_that_judge_and_the_report(demo, cap
     info = json.loads((out / "demo_medical" / "run.json").read_text())
     assert info["judge"]["parameters"]["judge_name"] == "tiny_second_judge"
     assert info["train"]["parameters"]["judge_name"] == info["evaluate"]["parameters"]["judge_name"] == ""
-    assert json.loads((out / "report" / "stages.json").read_text())["report"]["runs"] == demo["runs"]
+    assert json.loads((out / "report" / "stages.json").read_text())["report"]["runs"] == sorted(demo["runs"])

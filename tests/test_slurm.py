@@ -176,6 +176,6 @@ def test_demo_grid_on_slurm_cancel_and_resume(slurm, tmp_path):
         log = pd.read_csv(out / run / "train_log.csv")
         assert not log["step"].duplicated().any()
     report = out / "report"
-    assert read_stages(report)["report"]["runs"] == ["demo_medical", "demo_financial"]
+    assert read_stages(report)["report"]["runs"] == ["demo_financial", "demo_medical"]
     assert (report / "report.html").stat().st_size > 10_000
     assert f"report: {report / 'report.html'}" in text2
