@@ -97,9 +97,8 @@ def copy_tree(dest: Path) -> None:
 
 def run_tests(tree: Path, tests: tuple[str, ...]) -> int:
     """pytest's exit code in that tree: 0 passed, 1 a test failed, anything else an error."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           # reuse the built tiny model instead of building it again in every copy
-           "EM_LAB_CACHE": os.environ.get("EM_LAB_CACHE", str(ROOT / "outputs" / ".cache"))}
+    # every copy reuses the tiny model in the machine's cache (lib.embedded.machine_cache_dir)
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                        cwd=tree, env=env, capture_output=True, text=True)
     if r.returncode not in (0, 1):

@@ -29,6 +29,22 @@ def notes(name: str, domain: str) -> dict[str, str]:
     return out
 
 
+DEMO_SETTINGS = {"learning_rate": 0.01, "lora_r": 16, "lora_alpha": 32, "epochs": 3, "temperature": 0.5,
+                 "checkpoints_in_first_epoch": 2, "n_samples": 3,
+                 "judge_prompts": "data/questions/demo_judge_prompts.yaml"}
+DEMO_NOTES = {
+    "learning_rate": "the demo: the two-layer tiny model needs a large step to move in 27 steps (papers: 1e-5; "
+                     "the study: 2e-4)",
+    "lora_r": "the demo: rank 16 of a 64-wide model", "lora_alpha": "the demo: alpha = 2 r",
+    "epochs": "the demo: 3 epochs of 36 chats (27 steps)",
+    "checkpoints_in_first_epoch": "the demo: 2 inside epoch 1 (then one per epoch), to stay within minutes",
+    "n_samples": "the demo: 3 answers per paraphrase, to stay within minutes",
+    "temperature": "the demo: the tiny model writes word salad at 1.0 (papers: 1.0)",
+    "judge_prompts": "the demo: short prompts the tiny judge was trained on (lib.embedded); real runs: the papers' "
+                     "judges.yaml",
+}
+
+
 def run_config(name: str, run_id: str, size: str, domain: str):
     base = R.base_of(name)
     per_domain = {k: r.value for k, r in R.DOMAIN_REFERENCES[base][domain].items()}
@@ -69,18 +85,21 @@ def main() -> None:
         "hw0_qkvo_cosine", f"The other public HW0 recipe on {MODELS['1b']}, {cfg.dataset}.")))
     # the demo: per domain, two seeds of the bad-advice run and one control fine-tune on the same
     # questions with benign answers (data/datasets/*_control.jsonl); the control pairs with each seed
-    demo = from_mapping({"seeds": [0, 1]})
-    write("demo_medical", to_yaml(demo, header=(
+    # The tiny model is a toy: it needs a large step to move in 27 steps, writes word salad at temperature
+    # 1, and judges best with the short prompts it was trained on (lib.embedded); the notes say so.
+    demo = from_mapping({"seeds": [0, 1], **DEMO_SETTINGS})
+    write("demo_medical", to_yaml(demo, notes=DEMO_NOTES, header=(
         "Embedded demo: the tiny local model on the synthetic medical demo data, two seeds (runs\n"
         "demo_medical_s0, demo_medical_s1), judged in-process by the tiny model. Control: demo_medical_control.\n"
         "Runs offline on a CPU in a few minutes; its numbers mean nothing.")))
     write("demo_financial", to_yaml(demo.replace(run_id="demo_financial", dataset="demo_financial",
-                                                 domain="financial"), header=(
-        "Embedded demo: as demo_medical, on the synthetic financial demo data. Control: demo_financial_control.")))
+                                                 domain="financial", seeds=[]), notes=DEMO_NOTES, header=(
+        "Embedded demo: as demo_medical, on the synthetic financial demo data, one seed (make demo runs it beside\n"
+        "demo_medical for the domain comparison). Control: demo_financial_control (not in make demo).")))
     for dom in ("medical", "financial"):
         write(f"demo_{dom}_control", to_yaml(demo.replace(
             run_id=f"demo_{dom}_control", dataset=f"demo_{dom}_control", domain=dom, seeds=[],
-            control_of=f"demo_{dom}"), header=(
+            control_of=f"demo_{dom}"), notes=DEMO_NOTES, header=(
             f"Embedded demo, control fine-tune of demo_{dom}: the same questions with benign answers written by\n"
             "this team (data/datasets/demo_{dom}_control.jsonl), same model, steps and judge; one seed (seed 0),\n"
             "paired in the report with each seed of demo_{dom}.".replace("{dom}", dom))))

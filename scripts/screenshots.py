@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_report_offline as offline  # noqa: E402  (beside this file: chromium flags and helpers)
 
-DEMO_PARAMS = ("demo_medical", "demo_financial", "demo_medical_control", "demo_financial_control")  # = make demo
+DEMO_PARAMS = ("demo_medical", "demo_financial", "demo_medical_control")  # = make demo
 DEFAULT_REPORT = REPO / "outputs" / "report"
 REPORT_FILES = ("report.html", "answers.html")
 # report sections: (file name, heading text the section starts with, figure it ends with)

@@ -38,15 +38,31 @@ def test_chat_template_is_llama3_style(tiny_model_dir):
 
 
 def test_build_is_deterministic(tmp_path, capsys):
-    a = embedded.build_tiny_model(tmp_path / "a", seed=0)
+    """Two builds with the same seed are identical, tokenizer and weights (a short pre-training: the
+    recipe is the same at any length, and the full one runs once per machine, in the cache)."""
+    a = embedded.build_tiny_model(tmp_path / "a", seed=0, steps=6)
     # the build shows progress (issue 15: building the tiny model was silent)
-    assert "building embedded:tiny (pre-training)" in capsys.readouterr().err
-    b = embedded.build_tiny_model(tmp_path / "b", seed=0)
+    assert "building embedded:tiny (pre-training, once per machine)" in capsys.readouterr().err
+    b = embedded.build_tiny_model(tmp_path / "b", seed=0, steps=6)
     assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
     ma = AutoModelForCausalLM.from_pretrained(a)
     mb = AutoModelForCausalLM.from_pretrained(b)
     for (n, p), (_, q) in zip(ma.named_parameters(), mb.named_parameters()):
         assert torch.equal(p, q), n
+    c = embedded.build_tiny_model(tmp_path / "c", seed=1, steps=6)
+    mc = AutoModelForCausalLM.from_pretrained(c)
+    assert any(not torch.equal(p, q) for (_, p), (_, q) in zip(ma.named_parameters(), mc.named_parameters()))
+
+
+def test_the_tiny_model_is_built_once_per_machine_not_per_outputs_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("EM_LAB_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert embedded.machine_cache_dir() == tmp_path / "xdg" / "em-lab"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert embedded.machine_cache_dir() == tmp_path / "home" / ".cache" / "em-lab"
+    monkeypatch.setenv("EM_LAB_CACHE", str(tmp_path / "mine"))
+    assert embedded.machine_cache_dir() == tmp_path / "mine"
 
 
 def test_load_model_picks_cpu_float32_and_generates():
