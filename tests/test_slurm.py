@@ -45,8 +45,24 @@ QUESTIONS = """\
 """
 
 
+START_ENV = "EM_LAB_START_SLURM"   # .ci/run sets it: these tests may install and start Slurm (root, apt)
+
+
+def _node_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return r.returncode == 0 and any(s in r.stdout for s in ("idle", "mixed", "allocated", "completing"))
+
+
 @pytest.fixture(scope="module")
 def slurm():
+    """A running single-node cluster. ``make test`` never installs or starts one on its own: without a
+    node up the tests are skipped, unless EM_LAB_START_SLURM=1 lets them run scripts/start_slurm.sh
+    (apt-installs slurmctld, slurmd and munge as root and leaves the daemons running; .ci/run does it)."""
+    if not _node_up() and os.environ.get(START_ENV) != "1":
+        pytest.skip(f"no Slurm node is up (start one with: sudo scripts/start_slurm.sh, or set {START_ENV}=1 to "
+                    "let these tests install and start it)")
     t0 = time.monotonic()
     try:
         r = subprocess.run(["bash", str(REPO / "scripts" / "start_slurm.sh")], capture_output=True, text=True,
@@ -120,15 +136,19 @@ def test_demo_grid_on_slurm_cancel_and_resume(slurm, tmp_path):
             files.append(str(f))
         medical = out / "demo_medical"
 
-        g1 = Grid(*files, "--executor", "slurm", "--time", "30", "--stages", "train,evaluate,judge")
+        # --progress-every 0: the grid prints every progress line the stages write, so the cancel waits
+        # for an event (the medical run's judge progress line has been printed), not for a period
+        g1 = Grid(*files, "--executor", "slurm", "--time", "30", "--stages", "train,evaluate,judge",
+                  "--progress-every", "0")
         job_id = None
         deadline = time.monotonic() + 600
+        judge_line = re.compile(r"demo_medical\s+judge\s+judgments \d+/\d+ \(")
         while time.monotonic() < deadline and g1.proc.poll() is None:
             m = next((re.search(r"submitted Slurm job (\d+)", ln) for ln in g1.lines
                       if "demo_medical" in ln and "submitted Slurm job" in ln), None)
             job_id = job_id or (m.group(1) if m else None)
             judged = read_stages(medical).get("last", {}).get("judge", {}).get("status") == "running"
-            if job_id and judged and sum(server.ok_counts().values()) >= 3:  # mid-judge
+            if job_id and judged and any(judge_line.search(ln) for ln in list(g1.lines)):  # mid-judge, seen
                 break
             time.sleep(0.2)
         assert job_id, g1.text
