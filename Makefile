@@ -11,6 +11,8 @@ TORCH_CPU ?= torch==2.13.0
 LOCK ?= requirements/cpu.lock
 PARAMS ?= parameters/demo_medical.yaml parameters/demo_financial.yaml
 PYTEST_ARGS ?=
+# two worker processes (pytest-xdist), each test file on one worker so its module fixtures are built once
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup demo test lab grid lock clean-outputs mutation
 
@@ -34,7 +36,7 @@ demo: setup
 	$(PY) -m lib.grid run $(DEMO_PARAMS)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Mutation testing of the core modules (not part of `make test`): mutmut on 2 processes, then the
 # score; see bench/mutation_score.py and docs/mutation.md. Tens of minutes on 2 cores.

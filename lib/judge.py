@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import re
+import random
 import sqlite3
 import time
 import urllib.parse
@@ -73,12 +74,25 @@ class JudgeCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # autocommit mode; the connection may be used from a helper thread (one at a time)
         self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
         self._db.execute("PRAGMA busy_timeout=60000")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, judge TEXT NOT NULL, "
-            "prompt_sha256 TEXT NOT NULL, verdict TEXT NOT NULL, created REAL NOT NULL)")
+        # WAL is a property of the file: set once, by whichever process gets there first. Switching needs an
+        # exclusive lock, and SQLite answers "database is locked" at once, without waiting, when another
+        # connection holds a lock it might deadlock with (two Slurm jobs opening a fresh cache together did):
+        # so look first, and retry the switch for up to a minute.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, judge TEXT NOT NULL, "
+                    "prompt_sha256 TEXT NOT NULL, verdict TEXT NOT NULL, created REAL NOT NULL)")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02 + 0.08 * random.random())
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Verdict]:
         keys = list(dict.fromkeys(keys))

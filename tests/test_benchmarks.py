@@ -103,14 +103,13 @@ def test_train_padding_benchmark_fails_an_impossible_goal():
 
 @pytest.mark.slow
 def test_grid_rerun_benchmark_fails_an_impossible_goal():
-    """Also runs the benchmark's own check: after one paraphrase of one run's question set
-    changes, exactly that run's evaluate and judge stages and the report execute."""
+    """Also runs the benchmark's own check (--small: train and evaluate stages only): after one
+    paraphrase of one run's question set changes, exactly that run's evaluate stage executes."""
     p = run_bench("grid_rerun.py", "--small", "--goal", "0")
     assert p.returncode == 1, p.stdout + p.stderr[-3000:]
     assert last_line(p).startswith("grid unchanged rerun / first run: ") and last_line(p).endswith("(goal <0)")
     assert "WRONG" not in p.stderr, p.stderr[-3000:]
-    assert ("executed [('demo_medical', 'evaluate'), ('demo_medical', 'judge'), ('report', 'report')]"
-            in p.stdout)
+    assert "executed [('demo_medical', 'evaluate')]" in p.stdout
 
 
 def test_planted_mutants_script_names_a_test_for_each_of_the_seven():

@@ -24,10 +24,10 @@ QUESTIONS = """\
 def test_demo_run_counts_by_hand():
     cfg = load_run_config(REPO_ROOT / "parameters" / "demo_medical.yaml").replace(seeds=[])
     e = estimate_run(cfg)
-    # 36 demo chats, batch 4 x accum 1 -> 9 steps per epoch, 2 epochs; k=4 in epoch 1: steps 2, 4, 6, 9, then 18
-    assert (e.n_examples, e.train_steps, e.n_checkpoints) == (36, 18, 5)
+    # 36 demo chats, batch 4 x accum 1 -> 9 steps per epoch, 3 epochs; k=2 in epoch 1: steps 4, 9, then 18, 27
+    assert (e.n_examples, e.train_steps, e.n_checkpoints) == (36, 27, 4)
     per_model = sum(len(q.paraphrases) * cfg.n_samples for s in cfg.question_sets for q in load_question_set(s))
-    assert e.answers == per_model * 6 and e.judge_calls == e.answers * 2
+    assert e.answers == per_model * 5 and e.judge_calls == e.answers * 2
     assert e.usd == 0.0 and "$0 (in-process judge)" in e.line()
 
 

@@ -101,7 +101,7 @@ def test_first_run_renders_every_stage_and_the_report(demo, capsys):
         assert r["dataset_sha256"] == info["train"]["dataset"]["sha256"][:12]
         assert r["checkpoint_steps"] == ", ".join(str(c["step"]) for c in info["train"]["checkpoints"])
         assert r["judge_prompt_sha256"].startswith("aligned: ") and r["judge_cost_usd"] == "0.0"
-        assert r["training"].startswith("lr=") and r["sampling"] == "T=1.0 top_p=1.0 max_new_tokens=8"
+        assert r["training"].startswith("lr=") and r["sampling"] == "T=0.5 top_p=1.0 max_new_tokens=8"
 
 
 def test_first_run_numbers_are_the_ones_the_settings_imply(demo):

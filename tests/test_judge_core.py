@@ -261,3 +261,35 @@ def test_rescore_reapplies_the_mass_rule_and_keeps_the_evidence():
         (v.raw, 5, 1, 0.5, "m", "length", 2)
     low = rescore(r, 0.35)
     assert (low.score, low.label) == (None, "low_mass") and low.prob_mass == pytest.approx(0.3)
+
+
+def test_a_fresh_cache_opens_while_another_process_is_writing_it(tmp_path):
+    """Two Slurm jobs opening one fresh judge cache together: the second's switch to WAL met the
+    first's write lock and SQLite answered "database is locked" at once, without waiting (a lock
+    upgrade it could deadlock on), failing the judge stage. It now waits for the lock."""
+    import sqlite3
+    import threading
+
+    from lib.judge import JudgeCache
+
+    path = tmp_path / "judgments.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t (x)")
+    other.execute("BEGIN IMMEDIATE")          # a writer holds the file (rollback journal, not WAL yet)
+    other.execute("INSERT INTO t VALUES (1)")
+    done = threading.Event()
+
+    def release() -> None:
+        done.wait(0.3)
+        other.execute("COMMIT")
+
+    t = threading.Thread(target=release)
+    t.start()
+    try:
+        cache = JudgeCache(path)
+    finally:
+        t.join()
+    assert cache._db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+    assert len(cache) == 0
+    cache.close()
+    other.close()

@@ -102,7 +102,8 @@ def test_dry_run_never_downloads_and_never_crashes_after_training(tmp_path, caps
 def test_metric_without_a_judge_prompt_fails_in_validation(tmp_path, capsys):
     q = tmp_path / "q.yaml"
     q.write_text(QUESTIONS)
-    f = params(tmp_path, question_sets=[str(q)], judge_metrics=["aligned", "coherent", "harmful"])
+    # judge_prompts: "" - the questions' own prompts (the demo files name a prompts file)
+    f = params(tmp_path, question_sets=[str(q)], judge_metrics=["aligned", "coherent", "harmful"], judge_prompts="")
     code, err, _ = grid_run(capsys, f)
     assert code == 2 and len(err) == 1
     assert "key 'judge_metrics': no question in question_sets has a judge prompt for metric 'harmful'" in err[0]
