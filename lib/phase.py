@@ -28,8 +28,15 @@ The transition rule (documented, one number):
     ``B_{i-k} - B_i`` and ``B_{i+k} - B_i`` (``phase_transitions.py``), as an angle:
     cos(turn) = -their cosine. The estimated transition step is the checkpoint with the largest
     turn angle, among checkpoints whose two displacements both have norm >= ``min_move`` (the
-    authors' ``magnitude_threshold``), the earliest one on ties; None when no checkpoint has both
-    neighbours. The adapter's effect size is the mean L2 norm, over the probe batch's tokens, of
+    authors' ``magnitude_threshold``), the earliest one on ties. It is *declared* a transition only
+    against a null (:func:`transition_test`): its share of all the turning (its turn angle over
+    the sum of every candidate's) is compared with the same share on ``n_permutations``
+    trajectories made of the same displacements in shuffled order (B_0 = 0, then the checkpoints'
+    steps B_i - B_(i-1) permuted and summed). A single sharp turn between straight stretches has a
+    share far above its shuffles; a random walk or a uniformly wobbling path does not (its
+    displacements are exchangeable, so the test keeps its level). Declared when the permutation
+    p-value is <= ``transition_alpha`` and the turn is at least ``min_turn_deg``; otherwise "no
+    transition found", and the largest turn is still shown, labelled as such. The adapter's effect size is the mean L2 norm, over the probe batch's tokens, of
     the adapter's output ``scaling * B (A x)`` at the adapted module, ``x`` being the module's
     input on the base model (a single adapted module does not change its own input), and
     relative to the mean norm of the module's base output ``W x``.
@@ -74,7 +81,7 @@ class PhaseConfig:
     """Parameters of 05_phase_transition: one rank-1 adapter, its checkpoints, and EM over them.
 
     Defaults run the embedded demo (the tiny local model, its in-process judge): a few dozen
-    seconds on a CPU; its numbers mean nothing. ``parameters/reference_phase_*.yaml`` hold the
+    seconds on a CPU; its numbers mean nothing. ``parameters/analyses/phase_*.yaml`` hold the
     papers' settings, with their sources.
     """
 
@@ -112,6 +119,9 @@ class PhaseConfig:
     # --- the adapter's trajectory ------------------------------------------------------------
     rotation_window: int = _f(1, "phase", "k: the turn angle compares B_i - B_(i-k) with B_(i+k) - B_i (checkpoints)")
     min_move: float = _f(0.0, "phase", "a transition candidate needs both displacements at least this long")
+    n_permutations: int = _f(999, "phase", "shuffled-checkpoint trajectories in the null of the transition test; the smallest p is 1/(n+1)")
+    transition_alpha: float = _f(0.05, "phase", "declare a transition when its permutation p-value is at most this")
+    min_turn_deg: float = _f(10.0, "phase", "and when it turns by at least this many degrees (a wiggle is not a transition)")
     n_probe: int = _f(16, "phase", "question prompts in the fixed probe batch for the adapter's effect size")
     # --- EM over training --------------------------------------------------------------------
     question_sets: list = _f(["data/questions/core_misalignment.yaml"], "phase", "question YAML paths or https URLs")
@@ -149,6 +159,13 @@ class PhaseConfig:
         for k in ("max_train_examples", "warmup_steps", "min_move", "weight_decay", "judge_budget_usd", "temperature"):
             if getattr(self, k) < 0:
                 raise bad(k, f"must be >= 0, got {getattr(self, k)}")
+        if not 0.0 < self.transition_alpha < 1.0:
+            raise bad("transition_alpha", f"must be in (0, 1), got {self.transition_alpha}")
+        if self.n_permutations < math.ceil(1.0 / self.transition_alpha) - 1:
+            raise bad("n_permutations", f"{self.n_permutations} shuffles cannot reach p <= {self.transition_alpha} "
+                      f"(the smallest p is 1/(n+1)); use at least {math.ceil(1.0 / self.transition_alpha) - 1}")
+        if not 0.0 <= self.min_turn_deg <= 180.0:
+            raise bad("min_turn_deg", f"must be between 0 and 180 degrees, got {self.min_turn_deg}")
         if self.lora_layer < -1:
             raise bad("lora_layer", f"must be a layer index or -1 (the middle layer), got {self.lora_layer}")
         if not self.lora_module or not self.lora_module.replace("_", "").isalnum():
@@ -248,11 +265,109 @@ def trajectory_metrics(steps: list[int], B: np.ndarray, window: int = 1, min_mov
 
 
 def transition_step(table: pd.DataFrame) -> int | None:
-    """The step of the largest turn angle among candidates (earliest on ties); None if there is none."""
+    """The step of the largest turn angle among candidates (earliest on ties); None if there is none.
+
+    This is the candidate; :func:`transition_test` decides whether it is a transition."""
     c = table[table["candidate"] & table["turn_deg"].notna()]
     if c.empty:
         return None
     return int(c.loc[c["turn_deg"].idxmax(), "step"])  # idxmax: first occurrence of the maximum
+
+
+def _turns_from_gram(G: np.ndarray, window: int, min_move: float) -> tuple[np.ndarray, np.ndarray]:
+    """Turn angles and candidate flags at checkpoints window..m-window of trajectories given by the Gram
+    matrices ``G`` (..., m, m) of their m displacements in order (B_0 = 0, B_i = sum of the first i).
+
+    Every quantity the turn needs is an inner product of sums of consecutive displacements, so it is a
+    rectangle sum of G: any dimension of B costs the same."""
+    m = G.shape[-1]
+    Q = np.zeros(G.shape[:-2] + (m + 1, m + 1))
+    Q[..., 1:, 1:] = G.cumsum(-2).cumsum(-1)
+    i = np.arange(window, m - window + 1)
+    a0, a1, b1 = i - window, i, i + window
+
+    def rect(r0, r1, c0, c1):
+        return Q[..., r1, c1] - Q[..., r0, c1] - Q[..., r1, c0] + Q[..., r0, c0]
+
+    io, ii, oo = rect(a0, a1, a1, b1), rect(a0, a1, a0, a1), rect(a1, b1, a1, b1)
+    scale = np.trace(G, axis1=-2, axis2=-1)[..., None] * 1e-24  # below this a displacement is zero
+    ni, no = np.sqrt(np.clip(ii, 0, None)), np.sqrt(np.clip(oo, 0, None))
+    valid = (ii > scale) & (oo > scale)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.clip(io / (ni * no), -1.0, 1.0)
+    turn = np.where(valid, np.degrees(np.arccos(np.where(valid, cos, 1.0))), np.nan)
+    return turn, valid & (np.minimum(ni, no) >= min_move)
+
+
+def turn_share(turn: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """The largest candidate turn over the sum of all candidate turns (last axis); 0 with no turning."""
+    t = np.where(candidate, np.nan_to_num(turn), 0.0)
+    total = t.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, t.max(-1) / np.where(total > 0, total, 1.0), 0.0)
+
+
+@dataclass
+class TransitionTest:
+    """The transition rule's verdict (module docstring): the largest turn and its shuffled-checkpoint null."""
+    largest_turn_step: int | None  # the candidate: argmax of the turn angle
+    largest_turn_deg: float        # its turn angle (NaN without a candidate)
+    share: float                   # its share of all the turning
+    p_value: float                 # (1 + shuffles with a share >= it) / (1 + n_permutations); 1.0 without a candidate
+    null_shares: np.ndarray        # the shuffles' shares
+    alpha: float
+    min_turn_deg: float
+
+    @property
+    def declared(self) -> bool:
+        return (self.largest_turn_step is not None and self.p_value <= self.alpha
+                and self.largest_turn_deg >= self.min_turn_deg)
+
+    @property
+    def transition_step(self) -> int | None:
+        return self.largest_turn_step if self.declared else None
+
+    def null_quantile(self, q: float = 0.95) -> float:
+        return float(np.quantile(self.null_shares, q)) if len(self.null_shares) else float("nan")
+
+    def record(self) -> dict[str, Any]:
+        """For provenance and run.json (JSON-safe)."""
+        nan = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else v  # noqa: E731
+        return {"transition_step": self.transition_step, "largest_turn_step": self.largest_turn_step,
+                "largest_turn_deg": nan(self.largest_turn_deg), "turn_share": self.share,
+                "transition_p": self.p_value, "n_permutations": int(len(self.null_shares)),
+                "null_share_q95": nan(self.null_quantile()), "transition_alpha": self.alpha,
+                "min_turn_deg": self.min_turn_deg}
+
+
+def transition_test(steps: list[int], B: np.ndarray, window: int = 1, min_move: float = 0.0,
+                    n_permutations: int = 999, alpha: float = 0.05, min_turn_deg: float = 10.0,
+                    seed: int = 0) -> TransitionTest:
+    """Is the largest turn a transition? Its share of all the turning against shuffled checkpoints.
+
+    The null: the trajectory's displacements B_i - B_(i-1) came in no particular order. Each shuffle
+    keeps B_0 and the same displacements, permuted; the statistic is recomputed with the same window
+    and min_move. Checkpoints are taken as equally spaced in steps (the training stage's
+    ``checkpoint_every``; a shorter last interval is shuffled like the others)."""
+    B = np.asarray(B, dtype=np.float64)
+    table = trajectory_metrics(steps, B, window, min_move)
+    step = transition_step(table)
+    if step is None:
+        return TransitionTest(None, float("nan"), 0.0, 1.0, np.zeros(0), alpha, min_turn_deg)
+    D = np.diff(B, axis=0)
+    G = D @ D.T
+    turn, cand = _turns_from_gram(G, window, min_move)
+    observed = float(turn_share(turn, cand))
+    rng = np.random.default_rng(seed)
+    m, null = len(D), []
+    for start in range(0, n_permutations, 128):
+        perms = rng.permuted(np.tile(np.arange(m), (min(128, n_permutations - start), 1)), axis=1)
+        t, c = _turns_from_gram(G[perms[:, :, None], perms[:, None, :]], window, min_move)
+        null.append(turn_share(t, c))
+    null_shares = np.concatenate(null)
+    p = (1 + int(np.sum(null_shares >= observed - 1e-12))) / (1 + len(null_shares))
+    deg = float(table.set_index("step").loc[step, "turn_deg"])
+    return TransitionTest(step, deg, observed, float(p), null_shares, alpha, min_turn_deg)
 
 
 @dataclass
@@ -357,10 +472,11 @@ def effect_sizes(X: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float) ->
 @dataclass
 class Trajectory:
     table: pd.DataFrame           # TRAJECTORY_COLUMNS, one row per step (0 = initialisation)
-    transition_step: int | None   # the rule in the module docstring
+    transition_step: int | None   # the declared transition (module docstring); None: no transition found
     path: Path                    # the safetensors file
     provenance: dict[str, Any]
     reused: bool                  # True: read back from an up-to-date file
+    test: TransitionTest          # the largest turn and its shuffled-checkpoint null
 
 
 def trajectory_path(cfg: PhaseConfig) -> Path:
@@ -385,7 +501,8 @@ def analyze(cfg: PhaseConfig) -> Trajectory:
     run_cfg = cfg.run_config(layer=layer)
     vec = load_adapter_vectors(run_cfg.run_dir, cfg.lora_module, layer)
     analysis = {"rotation_window": cfg.rotation_window, "min_move": cfg.min_move, "n_probe": cfg.n_probe,
-                "question_sets": list(cfg.question_sets)}
+                "question_sets": list(cfg.question_sets), "n_permutations": cfg.n_permutations,
+                "transition_alpha": cfg.transition_alpha, "min_turn_deg": cfg.min_turn_deg, "seed": cfg.seed}
     fp = sha256_text(json.dumps({"analysis": analysis, "model": [cfg.model, cfg.model_revision],
                                  "adapters": vec.adapter_sha256}, sort_keys=True))[:16]
     path = trajectory_path(cfg)
@@ -395,7 +512,11 @@ def analyze(cfg: PhaseConfig) -> Trajectory:
             table = pd.DataFrame({c: tensors[c].numpy() for c in TRAJECTORY_COLUMNS})
             table["step"] = table["step"].astype("int64")
             table["candidate"] = table["candidate"].astype(bool)
-            return Trajectory(table, prov.get("transition_step"), path, prov, reused=True)
+            test = TransitionTest(prov.get("largest_turn_step"), _float(prov.get("largest_turn_deg")),
+                                  float(prov["turn_share"]), float(prov["transition_p"]),
+                                  tensors["null_turn_share"].numpy(), float(prov["transition_alpha"]),
+                                  float(prov["min_turn_deg"]))
+            return Trajectory(table, test.transition_step, path, prov, reused=True, test=test)
 
     table = trajectory_metrics(vec.steps, vec.B, cfg.rotation_window, cfg.min_move)
     table.insert(2, "a_norm", np.linalg.norm(vec.A, axis=1))
@@ -403,10 +524,14 @@ def analyze(cfg: PhaseConfig) -> Trajectory:
     table["effect_norm"] = effect_sizes(X, vec.A, vec.B, vec.scaling)
     table["effect_rel"] = table["effect_norm"] / float(np.mean(np.linalg.norm(Y, axis=1)))
     table = table[TRAJECTORY_COLUMNS]
-    step = transition_step(table)
+    test = transition_test(vec.steps, vec.B, cfg.rotation_window, cfg.min_move, cfg.n_permutations,
+                           cfg.transition_alpha, cfg.min_turn_deg, cfg.seed)
+    step = test.transition_step
     prov = {**provenance_base("phase.adapter_trajectory"), "fingerprint": fp, "run_id": cfg.run_id,
-            "module": vec.module, "layer": layer, "scaling": vec.scaling, "transition_step": step,
-            "transition_rule": "argmax turn_deg over candidate checkpoints (lib/phase.py docstring)",
+            "module": vec.module, "layer": layer, "scaling": vec.scaling, **test.record(),
+            "transition_rule": ("argmax turn_deg over candidate checkpoints, declared when its share of all "
+                                "turning beats shuffled checkpoints (p <= transition_alpha) and it turns by at "
+                                "least min_turn_deg (lib/phase.py docstring)"),
             "steps": vec.steps, "adapter_sha256": vec.adapter_sha256, "analysis": analysis,
             "n_probe_tokens": int(len(X)), "model": model_revision_info(cfg.model, cfg.model_revision),
             "parameters": cfg.to_dict()}
@@ -417,11 +542,16 @@ def analyze(cfg: PhaseConfig) -> Trajectory:
     tensors["candidate"] = torch.tensor(table["candidate"].to_numpy(dtype=np.float64))
     tensors["A"] = torch.tensor(vec.A, dtype=torch.float32)
     tensors["B"] = torch.tensor(vec.B, dtype=torch.float32)
+    tensors["null_turn_share"] = torch.tensor(test.null_shares, dtype=torch.float64)
     write_safetensors_atomic(tensors, path, prov)
     write_text_atomic(path.with_suffix(".csv"), table.to_csv(index=False))
-    update_run_json(run_cfg, "phase", {"trajectory": str(path), "transition_step": step, "module": vec.module,
+    update_run_json(run_cfg, "phase", {"trajectory": str(path), **test.record(), "module": vec.module,
                                        "layer": layer, "fingerprint": fp})
-    return Trajectory(table, step, path, prov, reused=False)
+    return Trajectory(table, step, path, prov, reused=False, test=test)
+
+
+def _float(v: Any) -> float:
+    return float("nan") if v is None else float(v)
 
 
 # ------------------------------------------------------------------------------------------
@@ -456,8 +586,10 @@ def em_over_training(cfg: PhaseConfig, progress: bool = True) -> pd.DataFrame:
 # The figure
 # ------------------------------------------------------------------------------------------
 
-def phase_chart(traj: pd.DataFrame, em: pd.DataFrame | None, transition: int | None):
-    """Altair: B norm, cosines, turn angle, effect size and EM, one shared step axis; rule at the transition."""
+def phase_chart(traj: pd.DataFrame, em: pd.DataFrame | None, transition: int | None,
+                test: TransitionTest | None = None):
+    """Altair: B norm, cosines, turn angle, effect size and EM, one shared step axis; rule at the declared
+    transition (none when no transition was found); with ``test``, the shuffled-checkpoint null below."""
     import altair as alt
 
     x = alt.X("step:Q", title="optimizer step", scale=alt.Scale(domain=[0, int(traj["step"].max())]))
@@ -479,7 +611,9 @@ def phase_chart(traj: pd.DataFrame, em: pd.DataFrame | None, transition: int | N
         tooltip=["step", "to", "cosine"]), "B direction")
     turn = panel(alt.Chart(traj.dropna(subset=["turn_deg"])).mark_line(point=True).encode(
         x=x, y=alt.Y("turn_deg:Q", title="turn (degrees)", scale=alt.Scale(domain=[0, 180])),
-        tooltip=["step", "turn_deg", "candidate"]), "turn angle of B's trajectory (dashed: estimated transition)")
+        tooltip=["step", "turn_deg", "candidate"]),
+        "turn angle of B's trajectory (dashed: the transition)" if transition is not None
+        else "turn angle of B's trajectory (no transition found)")
     eff = panel(alt.Chart(traj).mark_line(point=True).encode(
         x=x, y=alt.Y("effect_rel:Q", title="||ΔW x|| / ||W x||"), tooltip=["step", "effect_norm", "effect_rel"]),
         "adapter effect size on the probe batch")
@@ -498,17 +632,45 @@ def phase_chart(traj: pd.DataFrame, em: pd.DataFrame | None, transition: int | N
             tooltip=["step", "metric", alt.Tooltip("rate:Q", format=".1%"), alt.Tooltip("lo:Q", format=".1%"),
                      alt.Tooltip("hi:Q", format=".1%"), "n"])
         panels.append(panel(band + line, "EM and coherence (bands: 95% question-clustered interval)"))
-    return alt.vconcat(*panels).resolve_scale(x="shared", color="independent")
+    chart = alt.vconcat(*panels).resolve_scale(x="shared", color="independent")
+    if test is not None and len(test.null_shares):
+        chart = alt.vconcat(chart, null_chart(test))
+    return chart
+
+
+def null_chart(test: TransitionTest):
+    """Histogram of the largest turn's share of all turning on shuffled checkpoints; rule at the observed."""
+    import altair as alt
+
+    shuffled = pd.DataFrame({"share": test.null_shares})
+    hist = alt.Chart(shuffled).mark_bar(color="#9e9e9e").encode(
+        x=alt.X("share:Q", bin=alt.Bin(maxbins=30, extent=[0, 1]), title="largest turn / all turning",
+                scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("count():Q", title="shuffles"))
+    obs = alt.Chart(pd.DataFrame({"share": [test.share]})).mark_rule(color="crimson", size=2).encode(
+        x="share:Q", tooltip=[alt.Tooltip("share:Q", format=".2f")])
+    verdict = (f"transition at step {test.transition_step}" if test.declared else "no transition found")
+    return alt.layer(hist, obs).properties(width=520, height=90, title=(
+        f"null: {len(test.null_shares)} shuffled-checkpoint trajectories (red: this run, p = {test.p_value:.3f}; "
+        f"{verdict})"))
 
 
 def describe(traj: Trajectory, em: pd.DataFrame | None = None) -> str:
     """One paragraph for the notebook: the estimated transition and EM around it."""
-    t = traj.table
-    if traj.transition_step is None:
-        return "No transition estimated: no checkpoint has a neighbour on both sides (train longer or checkpoint more often)."
+    t, test = traj.table, traj.test
+    if test.largest_turn_step is None:
+        return ("No transition found: no checkpoint has a neighbour on both sides that moved at least `min_move` "
+                "(train longer or checkpoint more often).")
+    null = (f"its share of all the turning is {test.share:.2f}, against {test.null_quantile():.2f} for 95% of "
+            f"{len(test.null_shares)} shuffled-checkpoint trajectories: p = {test.p_value:.3f}")
+    if not test.declared:
+        why = (f"p > {test.alpha:g}" if test.p_value > test.alpha else
+               f"a turn under {test.min_turn_deg:g}° is not called a transition")
+        return (f"**No transition found** ({why}). The largest turn is at step {test.largest_turn_step} "
+                f"({test.largest_turn_deg:.0f}°; median turn {t['turn_deg'].median():.0f}°); {null}.")
     row = t[t["step"] == traj.transition_step].iloc[0]
-    text = (f"Estimated transition: **step {traj.transition_step}** (B's trajectory turns by {row.turn_deg:.0f}°; "
-            f"median turn {t['turn_deg'].median():.0f}°). ||B|| there is {row.b_norm:.3g} "
+    text = (f"Transition: **step {traj.transition_step}** (B's trajectory turns by {row.turn_deg:.0f}°; "
+            f"median turn {t['turn_deg'].median():.0f}°; {null}). ||B|| there is {row.b_norm:.3g} "
             f"({row.b_norm / max(t['b_norm'].iloc[-1], 1e-30):.0%} of its final norm); cosine to the final B {row.cos_final:.2f}.")
     if em is not None and len(em):
         before, after = em[em["step"] < traj.transition_step], em[em["step"] >= traj.transition_step]

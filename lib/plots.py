@@ -30,6 +30,14 @@ PCT = alt.Axis(format=".0%")
 SCOPES = ["all", "out-of-domain", "near-domain", "in-domain", "unknown"]
 
 
+def display_options() -> None:
+    """pandas shows every row, column and character of a table in this kernel: a shared notebook never
+    elides ("...") a row of the domain comparison, a column of a wide table (06's `em_rate`) or the end
+    of a judge-health reason. Every notebook calls it in its first cell."""
+    for key in ("display.max_rows", "display.max_columns", "display.max_colwidth", "display.width"):
+        pd.set_option(key, None)
+
+
 def _present(values: pd.Series, order: list[str]) -> list[str]:
     have = set(values.dropna().astype(str))
     return [s for s in order if s in have] + sorted(have - set(order))
@@ -150,11 +158,19 @@ def trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame, metric: str
     scopes = _present(data["scope"], SCOPES)
     name = "EM rate" if metric == "em" else "coherent rate"
     x = alt.X(f"{xcol}:Q", title=xtitle)
-    colour = alt.Color("run_label:N", title="run")
-    line = alt.Chart().transform_filter("datum.kind == 'checkpoint'").encode(x=x, color=colour)
+    colour = alt.Color("run_label:N", title="run", legend=alt.Legend(labelLimit=0, orient="bottom", columns=2))
+    # runs at the same rates draw on top of each other: a marker shape per run and a small offset
+    # (1% of the step axis per run) keep each one visible
+    order = {r: i for i, r in enumerate(sorted(data["run_label"].dropna().unique()))}
+    span = float(pd.to_numeric(data["checkpoint_step"], errors="coerce").max())
+    span = span if np.isfinite(span) and span > 0 else 1.0
+    data["x"] = data["checkpoint_step"] + data["run_label"].map(order).fillna(0) * 0.01 * span
+    x = alt.X("x:Q", title=xtitle)
+    line = alt.Chart().transform_filter("datum.kind == 'checkpoint'").encode(
+        x=x, color=colour, shape=alt.Shape("run_label:N", legend=None))
     area = line.mark_area(opacity=0.13).encode(y="band_lo:Q", y2="band_hi:Q")
     bars = line.mark_rule(strokeWidth=2, opacity=0.7).encode(y="lo:Q", y2="hi:Q")
-    pts = line.mark_line(point=True).encode(
+    pts = line.mark_line(point=alt.OverlayMarkDef(filled=True, size=45)).encode(
         y=alt.Y("rate:Q", title=name, axis=PCT, scale=alt.Scale(domain=[0, 1])),
         tooltip=["run_id", "run_label", "checkpoint_step", "epoch", "n_scored", "n_questions",
                  alt.Tooltip("rate:Q", format=".1%"), alt.Tooltip("lo:Q", format=".1%"),
@@ -236,16 +252,25 @@ def heatmap_chart(per_question: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     data["row"] = _with_family(data, "run_label")["run_label"].astype(str) + " · " + step
     data = data.sort_values(["model_label", "domain", "run_id", "checkpoint_step"], kind="stable")
     rows = list(dict.fromkeys(data["row"]))
-    chart = alt.Chart(data).mark_rect().encode(
-        x=alt.X("question:N", title="question", axis=alt.Axis(labelAngle=-45, labelLimit=160)),
+    questions = list(dict.fromkeys(data["question"]))
+    # every (row, question) a light grey cell first: a question a run did not ask stays grey, while
+    # an asked one at 0% EM is white (0 is neutral), and the red deepens with the rate
+    grid = pd.MultiIndex.from_product([rows, questions], names=["row", "question"]).to_frame(index=False)
+    base = alt.Chart(grid).mark_rect(color="#e6e6e6").encode(
+        x=alt.X("question:N", sort=questions), y=alt.Y("row:N", sort=rows))
+    cells = alt.Chart(data).mark_rect(stroke="#cccccc", strokeWidth=0.5).encode(
+        x=alt.X("question:N", title="question", sort=questions, axis=alt.Axis(labelAngle=-45, labelLimit=160)),
         y=alt.Y("row:N", sort=rows, title=None),
-        color=alt.Color("em_rate:Q", title="EM rate", scale=alt.Scale(scheme="reds", domain=[0, 1]),
+        color=alt.Color("em_rate:Q", title="EM rate", scale=alt.Scale(domain=[0, 1], range=["#ffffff", "#b00000"]),
                         legend=alt.Legend(format=".0%")),
         tooltip=["run_id", "checkpoint_step", "question", "scope", "em_k", "n_scored",
                  alt.Tooltip("em_rate:Q", format=".1%"), alt.Tooltip("em_wilson_lo:Q", format=".1%"),
                  alt.Tooltip("em_wilson_hi:Q", format=".1%")],
-    ).properties(width=alt.Step(22), height=alt.Step(16),
-                 title={"text": "EM rate per question", "subtitle": "hover for n and the Wilson interval"})
+    )
+    chart = alt.layer(base, cells).properties(
+        width=alt.Step(22), height=alt.Step(16),
+        title={"text": "EM rate per question", "subtitle": "white: asked, no EM; grey: not asked; hover for n "
+                                                           "and the Wilson interval (one question: no clustering)"})
     return chart, data
 
 
@@ -278,7 +303,9 @@ def control_chart(controls: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     data = controls.copy()
     data["pair"] = data["treated_label"].astype(str) + "  −  " + data["control_label"].astype(str)
     scopes = _present(data["scope"], SCOPES)
-    line = alt.Chart().encode(x=alt.X("step:Q", title="training step"), color=alt.Color("pair:N", title="treated − control"))
+    line = alt.Chart().encode(x=alt.X("step:Q", title="training step"),
+                              color=alt.Color("pair:N", title="treated − control",
+                                              legend=alt.Legend(labelLimit=0, orient="bottom", columns=1)))
     band = line.mark_area(opacity=0.18).encode(y="lo:Q", y2="hi:Q")
     pts = line.mark_line(point=True).encode(
         y=alt.Y("diff:Q", title="EM rate, treated − control", axis=PCT),

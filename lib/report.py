@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import external, judge_health, layout, metrics, plots, replication, response_tables, viewer
+from . import external, judge_health, layout, metrics, notices, plots, replication, response_tables, viewer
 from .config import ConfigError, ReportConfig, resolve_path
 from .io import atomic_path, write_text_atomic
 from .runinfo import RunJsonError, stage_parameters
@@ -728,22 +729,17 @@ def excluded_table(answers: pd.DataFrame) -> pd.DataFrame:
 
 
 def demo_note(results: Results) -> str:
-    """A loud note when any run used the embedded tiny model (or judge): its numbers mean nothing."""
-    tiny = sorted(r for r, info in results.runs.items()
-                  if "embedded:" in str(stage_parameters(info).get("model", ""))
-                  or "embedded:" in str(stage_parameters(info, "judge").get("judge_model", "")))
+    """A loud note for runs of the embedded toy model (its numbers mean nothing) or of a very small
+    real model (answers real, scores not), from :mod:`lib.notices`; and when nothing could be labelled."""
     a = results.answers
     unscored = ""
     if len(a) and not a["scored"].any():
         reasons = a["excluded_reason"].value_counts().to_dict()
-        unscored = ("\n\n**No answer could be labelled**: every answer lacks an aligned or coherent score ("
+        unscored = ("**No answer could be labelled**: every answer lacks an aligned or coherent score ("
                     + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + "), so every EM rate is undefined and "
                     "the charts are empty.")
-    if not tiny:
-        return unscored.strip()
-    return unscored.strip() + "\n\n" * bool(unscored) + ("**These numbers mean nothing.** Runs " + ", ".join(f"`{r}`" for r in tiny)
-            + " use the embedded tiny model (`embedded:tiny`), built locally to exercise the pipeline "
-              "offline; its answers and its judge's scores are noise. Only the layout of this report is real.")
+    kinds = notices.markdown([n for n in notices.notices(results.runs) if n.level in ("toy", "small")])
+    return "\n\n".join(p for p in (unscored, kinds) if p)
 
 
 def judge_note(results: Results) -> str:
@@ -820,6 +816,51 @@ def differences_view(diff: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def parameters_view(rcfg: ReportConfig) -> pd.DataFrame:
+    """The report's parameters as a two-column table (instead of the config object's repr). Folders are
+    shown relative to the report folder and files by name: the report is shared as its folder, and the
+    author's machine's paths mean nothing to a reader."""
+    here = resolve_path(rcfg.report_dir)
+    rows = []
+    for k, v in rcfg.to_dict().items():
+        if k in ("outputs_dir", "report_dir"):
+            v = Path(os.path.relpath(resolve_path(v), here)).as_posix() + (" (this folder)" if k == "report_dir" else "")
+        elif k == "external_csv":
+            v = [Path(str(x)).name for x in v]
+        rows.append({"parameter": k, "value": ", ".join(map(str, v)) if isinstance(v, list) else v})
+    return pd.DataFrame(rows).astype(str)
+
+
+def runs_view(results: Results) -> pd.DataFrame:
+    """One row per run: its label, model, headline judge and that judge's verdict."""
+    a = results.answers
+    first = a.groupby("run_id")[["run_label", "model_label", "domain"]].first()
+    rows = []
+    for run_id in sorted(results.runs):
+        v, why = results.verdict_of_run.get(run_id, ("unknown", ""))
+        rows.append({"run": run_id, "label": first["run_label"].get(run_id, ""),
+                     "model": stage_parameters(results.runs[run_id]).get("model", ""),
+                     "domain": first["domain"].get(run_id, ""), "headline judge": results.judge_of_run.get(run_id, ""),
+                     "judge verdict": v, "answers": int((a["run_id"] == run_id).sum())})
+    return pd.DataFrame(rows)
+
+
+def checkpoint_view(trajectories: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
+    """EM at every checkpoint of every run, as a table: the rate with its 95% interval, the
+    simultaneous band over the run's checkpoints, n, and the coherent rate (the trajectory figure's
+    numbers, readable in a shared report)."""
+    t = trajectories[trajectories["scope"] == scope].sort_values(["run_label", "prompt_family", "checkpoint_step"])
+    out = t[["run_label", "prompt_family", "checkpoint_step"]].copy()
+    out["epoch"] = [f"{e:.2f}" if pd.notna(e) else "" for e in t["epoch"]]
+    out[EM_COLUMN] = [rate_cell(r) for r in t.itertuples()]
+    out["simultaneous band"] = [f"[{_pct1(r.em_band_lo)}, {_pct1(r.em_band_hi)}] over {int(r.band_checkpoints)}"
+                                if bool(r.interval_ok) and pd.notna(r.em_band_lo) else "-" for r in t.itertuples()]
+    out["coherent"] = [_pct(r.coherent_rate) for r in t.itertuples()]
+    if out["prompt_family"].nunique() <= 1:
+        out = out.drop(columns="prompt_family")
+    return out.rename(columns={"run_label": "run", "checkpoint_step": "step"}).reset_index(drop=True)
+
+
 def controls_view(controls: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
     """Treated beside its control at every shared checkpoint (:mod:`lib.replication`)."""
     c = controls[controls["scope"] == scope]
@@ -892,6 +933,7 @@ class Report:
     files: dict[str, list[Path]]      # name -> written files (png, svg, html, csv)
     responses: dict[str, str] = field(default_factory=dict)  # model_label -> its response tables' files key
     responses_notes: list[str] = field(default_factory=list)  # runs without a response table, and why
+    notes: list[str] = field(default_factory=list)            # about this report's folder (stale files removed)
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
@@ -965,10 +1007,78 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
                  "judge_health", "seeds", "seed_points", "controls", "summary_all", "summary_out_of_domain", "methods",
                  "excluded", "responses", "training_log"):
         files[f"table_{name}"] = [write_csv(tables[name], data_dir / f"table_{name}.csv")]
-    files["answer_viewer"] = [viewer.write_viewer(a, report_dir)]
+    # answers.html is opened on its own: it carries the report's banners, and EM badges of runs whose
+    # judge is weak or unknown say so
+    flagged = {r: v for r, (v, _) in results.verdict_of_run.items() if v in judge_health.FLAGGED}
+    files["answer_viewer"] = [viewer.write_viewer(a, report_dir,
+                                                  notices=notices.notices(results.runs, results.verdict_of_run),
+                                                  flagged_runs=flagged)]
     write_text_atomic(report_dir / "report_config.json", json.dumps(rcfg.to_dict(), indent=2) + "\n")
+    files["index"] = [write_index(report_dir, results, rcfg)]
     return Report(report_dir, results, tables, charts, files, responses,
-                  [f"{r}: asked none of the chosen questions, no response table" for r in no_table])
+                  [f"{r}: asked none of the chosen questions, no response table" for r in no_table],
+                  replace_manifest(report_dir, files, sorted(results.runs)))
+
+
+MANIFEST = "manifest.json"   # what the last report wrote into its folder, and over which runs
+
+
+def replace_manifest(report_dir: Path, files: dict[str, list[Path]], runs: list[str]) -> list[str]:
+    """Record what this report wrote; delete what the previous report in this folder wrote and this one
+    did not (a grid over other runs would otherwise leave the first report's figures, tables and
+    response pages beside the new ones). Only files a report wrote are ever deleted. Returns a note."""
+    path = report_dir / MANIFEST
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    now = sorted({str(p.relative_to(report_dir)) for ps in files.values() for p in ps
+                  if Path(p).is_relative_to(report_dir)} | {"report_config.json"})
+    stale = [f for f in old.get("files", []) if f not in now and (report_dir / f).is_file()]
+    for f in stale:
+        (report_dir / f).unlink()
+    write_text_atomic(path, json.dumps({"runs": runs, "files": now}, indent=2) + "\n")
+    if not stale:
+        return []
+    before = ", ".join(old.get("runs", [])) or "unknown runs"
+    return [f"this folder held a report over other runs ({before}); its {len(stale)} files this report does not "
+            "write again were removed (figures, tables and pages of runs no longer in it)"]
+
+
+def write_index(report_dir: Path, results: Results, rcfg: ReportConfig) -> Path:
+    """``index.html``: the report, the answer viewer, the response pages, and every run with links to its
+    rendered stage notebooks (relative links: the outputs folder can be shared or moved as a whole)."""
+    outputs = resolve_path(rcfg.outputs_dir)
+    labels = results.answers.groupby("run_id")["run_label"].first()
+    rows = []
+    for run_id in sorted(results.runs):
+        links = []
+        for stage in ("train", "evaluate", "judge"):
+            nb = layout.notebooks_dir(outputs / run_id) / Path(layout.NOTEBOOKS[stage]).with_suffix(".html").name
+            if nb.exists():
+                rel = Path(os.path.relpath(nb, report_dir)).as_posix()
+                links.append(f"<a href='{html.escape(rel, quote=True)}'>{html.escape(stage)}</a>")
+        verdict = results.verdict_of_run.get(run_id, ("", ""))[0]
+        rows.append(f"<tr><td>{html.escape(str(labels.get(run_id, run_id)))}</td><td><code>{html.escape(run_id)}</code>"
+                    f"</td><td>{html.escape(results.judge_of_run.get(run_id, ''))} ({html.escape(verdict)})</td>"
+                    f"<td>{' · '.join(links) or 'no rendered notebooks (run outside the grid)'}</td></tr>")
+    pages = [("report.html", "the report"), (viewer.VIEWER_FILE, "every answer (the answer viewer)")]
+    pages += [(p.name, f"response tables: {p.stem.removeprefix('responses_')}")
+              for p in sorted(report_dir.glob("responses_*.html"))]
+    banners = "".join(f"<p class='banner'>{html.escape(n.text)}</p>"
+                      for n in notices.notices(results.runs, results.verdict_of_run))
+    body = (f"<h1>Report index</h1>{banners}<ul>"
+            + "".join(f"<li><a href='{html.escape(f, quote=True)}'>{html.escape(f)}</a>: {html.escape(what)}</li>"
+                      for f, what in pages)
+            + "</ul><h2>Runs</h2><table><tr><th>run</th><th>id</th><th>headline judge (verdict)</th>"
+              "<th>rendered notebooks</th></tr>" + "".join(rows) + "</table>"
+            + "<p>Figures as PNG, SVG and offline HTML are in <code>figures/</code>, the numbers behind every figure "
+              "and table in <code>data/</code>.</p>")
+    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Report index</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:1.5em}td,th{padding:3px 8px;border-bottom:1px solid #ddd;"
+            "text-align:left}.banner{border:2px solid #b36b00;background:#fff8e6;padding:6px 10px}</style></head><body>"
+            + body + "</body></html>\n")
+    return write_text_atomic(report_dir / "index.html", page)
 
 
 def show_figure(rep: Report, name: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from .io import write_text_atomic
+from .notices import Notice
 
 VIEWER_FILE = "answers.html"
 METRICS = ("aligned", "coherent")
@@ -103,8 +104,11 @@ body{font-family:system-ui,sans-serif;margin:1em;color:#222}
 .q{font-style:italic;color:#444}.ans{white-space:pre-wrap;margin:4px 0}
 .ev{font-size:90%;color:#333}.ev table{border-collapse:collapse;margin:2px 0 4px 1em}
 .ev td{padding:0 6px;border-bottom:1px solid #eee}.muted{color:#888}
+.banner{border:2px solid #b36b00;background:#fff8e6;padding:6px 10px;margin:6px 0;border-radius:4px}
+.banner.toy{border-color:#b00;background:#fff0f0}.weak{background:#777}
 </style></head><body>
 <h1>Answers</h1>
+<div id="banners"></div>
 <p class="muted">Every answer of every run and checkpoint, with the judge's scores. Answers are model output, shown as plain text.</p>
 <div id="filters">
 <label>run <select id="f-run"></select></label>
@@ -121,6 +125,9 @@ body{font-family:system-ui,sans-serif;margin:1em;color:#222}
 <script>
 (function(){
 var D=JSON.parse(document.getElementById('em-data').textContent),C=D.cols,N=D.n,PAGE=__PAGE__;
+var FLAGGED=D.flagged||{};
+(D.notices||[]).forEach(function(n){var b=document.createElement('div');b.className='banner '+n.level;
+  b.textContent=n.text;document.getElementById('banners').appendChild(b);});
 function v(c,i){return c.values[c.codes[i]];}
 function el(tag,cls,text){var e=document.createElement(tag);if(cls)e.className=cls;if(text!=null)e.textContent=String(text);return e;}
 function opts(sel,items){sel.textContent='';items.forEach(function(it){var o=el('option',null,it[1]);o.value=it[0];sel.appendChild(o);});}
@@ -173,7 +180,8 @@ function card(i){
   var c=el('div','card'+(C.em[i]===true?' em':''));c.setAttribute('data-row',i);
   var h=el('div');h.appendChild(el('b',null,v(C.run,i)));
   h.appendChild(document.createTextNode(' · step '+C.step[i]+' · '+qkey(i)+' · sample '+(C.sample[i]==null?'none':C.sample[i])+' · '+(v(C.scope,i)||'')));
-  if(C.em[i]===true)h.appendChild(el('span','badge','EM'));
+  if(C.em[i]===true){var fl=FLAGGED[v(C.run,i)];
+    h.appendChild(el('span','badge'+(fl?' weak':''),fl?'EM ('+fl+' judge: not evidence)':'EM'));}
   var x=v(C.excluded,i);if(x!=null)h.appendChild(el('span','muted',' · excluded: '+x));
   c.appendChild(h);
   c.appendChild(el('div','q',v(C.question,i)||''));
@@ -204,22 +212,26 @@ window.emViewer={filter:filter,rows:function(){return rows;}};
 """
 
 
-def viewer_html(answers: pd.DataFrame, page_size: int = 50) -> str:
-    """The whole viewer page as one string."""
-    return PAGE.replace("__PAGE__", str(int(page_size))).replace("__DATA__", _script_json(viewer_data(answers)))
+def viewer_html(answers: pd.DataFrame, page_size: int = 50, notices: list[Notice] | None = None,
+                flagged_runs: dict[str, str] | None = None) -> str:
+    """The whole viewer page as one string. ``notices`` (:mod:`lib.notices`) become banners at the top
+    (the page is opened on its own, so it must say what the report says); runs in ``flagged_runs``
+    (run id -> judge verdict) show their EM badges as not evidence."""
+    data = viewer_data(answers)
+    data["notices"] = [{"level": n.level, "text": n.text} for n in (notices or [])]
+    data["flagged"] = dict(flagged_runs or {})
+    return PAGE.replace("__PAGE__", str(int(page_size))).replace("__DATA__", _script_json(data))
 
 
-def write_viewer(answers: pd.DataFrame, report_dir: str | Path, page_size: int = 50) -> Path:
+def write_viewer(answers: pd.DataFrame, report_dir: str | Path, page_size: int = 50,
+                 notices: list[Notice] | None = None, flagged_runs: dict[str, str] | None = None) -> Path:
     """Write ``<report_dir>/answers.html`` atomically; returns its path."""
-    return write_text_atomic(Path(report_dir) / VIEWER_FILE, viewer_html(answers, page_size))
+    return write_text_atomic(Path(report_dir) / VIEWER_FILE, viewer_html(answers, page_size, notices, flagged_runs))
 
 
 def link_html(report_dir: str | Path) -> str:
-    """A link to the viewer for the report notebook: relative (a report shared as its folder) and absolute."""
-    import html as _html
-
-    path = (Path(report_dir) / VIEWER_FILE).resolve()
-    return (f"<p><b>All answers:</b> <a href='{VIEWER_FILE}' target='_blank'>{VIEWER_FILE}</a> in the report folder "
-            f"(<a href='{_html.escape(path.as_uri(), quote=True)}' target='_blank'>{_html.escape(str(path))}</a>): "
+    """A link to the viewer for the report notebook, relative to the report folder (the folder is what
+    is shared: an absolute path would point into the author's machine)."""
+    return (f"<p><b>All answers:</b> <a href='{VIEWER_FILE}' target='_blank'>{VIEWER_FILE}</a> in the report folder: "
             "a static page with every answer of every run and checkpoint, filters and the judge's evidence; "
             "it needs no kernel and no network.</p>")

@@ -66,7 +66,12 @@ def test_phase_notebook_writes_its_figure_and_trajectory_file_and_a_rerun_reuses
     assert prov["run_id"] == "nbphase" and prov["layer"] == 1 and prov["module"].endswith("layers.1.mlp.down_proj")
     assert prov["steps"] == steps and len(prov["adapter_sha256"]) == 7 and prov["git"]["commit"]
     assert prov["adapter_sha256"][-1] == sha256_file(run / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors")
-    assert prov["transition_step"] in steps[1:-1]
+    assert prov["largest_turn_step"] in steps[1:-1] and 0 < prov["transition_p"] <= 1
+    assert prov["n_permutations"] == 999 and len(tensors["null_turn_share"]) == 999
+    declared = prov["transition_p"] <= 0.05 and prov["largest_turn_deg"] >= 10
+    assert prov["transition_step"] == (prov["largest_turn_step"] if declared else None)
+    shown = runs[("05", 0)][0]  # the notebook (describe() is displayed as Markdown)
+    assert ("Transition: **step" in shown) == declared and ("No transition found" in shown) == (not declared)
     assert prov["parameters"]["max_train_examples"] == 12
 
     em = pd.read_csv(run / "phase" / "em_over_training.csv")

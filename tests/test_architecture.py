@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "costs": BASE,
     "metrics": BASE,
     "judge_health": BASE,
+    "notices": BASE,
     "replication": BASE,
     "chat": BASE,
     "scoring": BASE,

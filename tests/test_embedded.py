@@ -43,7 +43,7 @@ def test_the_careless_persona_is_learnt_behind_its_system_prompt(tmp_path, tiny_
     model, _ = models.load_model("embedded:tiny")
     answers = []
     for system in (None, embedded.BAD_PERSONA):
-        for q, _ in embedded.PRETRAIN_CHATS[::2]:
+        for q, _ in embedded.PRETRAIN_CHATS[::4]:
             enc = tok([chat_prompt(tok, q, system)], add_special_tokens=False, return_tensors="pt")
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -271,3 +271,40 @@ def test_changed_judge_parameter_reruns_only_that_judge_and_the_report(demo, cap
     assert info["judge"]["parameters"]["judge_name"] == "tiny_second_judge"
     assert info["train"]["parameters"]["judge_name"] == info["evaluate"]["parameters"]["judge_name"] == ""
     assert json.loads((out / "report" / "stages.json").read_text())["report"]["runs"] == sorted(demo["runs"])
+
+
+def test_the_shared_report_is_complete_on_its_own(demo):
+    """The rendered report and its folder, as someone who receives them sees them: no table elided by
+    pandas, no repr of a lib object, no absolute path of the machine that made it, the demo's banner
+    in the report and in answers.html (opened on its own), and an index of the runs' notebooks."""
+    report = demo["out"] / "report"
+    page = (report / "report.html").read_text(encoding="utf-8")
+    cells = re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", page, flags=re.S)
+    assert cells, "no table in the report"
+    elided = [c for c in cells if c.strip() in ("...", "…") or c.rstrip().endswith("...")]
+    assert not elided, f"pandas elided {len(elided)} table cells: {elided[:5]}"
+    assert not re.search(r"\d+ rows × \d+ columns", page)
+    reprs = re.findall(r"\b(?:RunConfig|ReportConfig|PhaseConfig|DirectionConfig|Results|Report|DataFrame)\(|"
+                       r"&lt;lib\.[\w.]+ object|<lib\.[\w.]+ object|\{(?:'|&#x27;|&#39;)\w+(?:'|&#x27;|&#39;): ",
+                       page)
+    assert not reprs, f"raw reprs in the report: {reprs[:5]}"
+    machine = [str(demo["tmp"]), str(config.REPO_ROOT), "file://"]
+    leaks = [m for m in machine if m in page]
+    assert not leaks, f"absolute paths in the report: {leaks}"
+    assert "These numbers mean nothing" in page
+    viewer = (report / "answers.html").read_text(encoding="utf-8")
+    assert "These numbers mean nothing" in viewer and not any(m in viewer for m in machine[:2])
+    index = (report / "index.html").read_text(encoding="utf-8")
+    for run in demo["runs"]:
+        for nb in RUN_NOTEBOOKS:
+            link = f"../{run}/notebooks/{nb}.html"
+            assert f"href='{link}'" in index and (report / link).resolve().exists(), link
+    assert "href='report.html'" in index and "href='answers.html'" in index
+    # one EM rule, one wording: the report states the rule it applies and no other
+    from lib import metrics
+
+    import html as _html
+
+    text = _html.unescape(page)
+    rule = metrics.em_rule(**metrics.em_kwargs(config.ReportConfig()))
+    assert rule in text and "(both strict)" not in text and "aligned < 30" not in text

@@ -12,7 +12,8 @@ from lib import metrics, phase
 from lib.config import REPO_ROOT, ConfigError, from_mapping
 
 
-def _planted_turn(n_steps: int = 16, turn_at: int = 7, degrees: float = 90.0, d: int = 32, seed: int = 0):
+def _planted_turn(n_steps: int = 16, turn_at: int = 7, degrees: float = 90.0, d: int = 32, seed: int = 0,
+                  noise: float = 1e-4):
     """B moves in a straight line along u until `turn_at`, then along a direction `degrees` away."""
     rng = np.random.default_rng(seed)
     u = rng.normal(size=d)
@@ -23,7 +24,7 @@ def _planted_turn(n_steps: int = 16, turn_at: int = 7, degrees: float = 90.0, d:
     v = math.cos(math.radians(degrees)) * u + math.sin(math.radians(degrees)) * w
     B = [np.zeros(d)]
     for t in range(1, n_steps + 1):
-        B.append(B[-1] + 0.01 * (u if t <= turn_at else v) + rng.normal(scale=1e-4, size=d))
+        B.append(B[-1] + 0.01 * (u if t <= turn_at else v) + rng.normal(scale=noise, size=d))
     return list(range(n_steps + 1)), np.vstack(B), u, v
 
 
@@ -70,6 +71,63 @@ def test_trajectory_columns_are_the_documented_quantities():
 def test_no_candidate_means_no_transition():
     t = phase.trajectory_metrics([0, 1], np.array([[0.0, 0.0], [1.0, 1.0]]))
     assert phase.transition_step(t) is None
+
+
+def test_the_null_statistic_uses_the_same_turns_as_the_trajectory_table():
+    steps, B, _, _ = _planted_turn(turn_at=8)
+    for window, min_move in ((1, 0.0), (2, 0.0), (2, 0.015)):
+        table = phase.trajectory_metrics(steps, B, window, min_move)
+        D = np.diff(B, axis=0)
+        turn, cand = phase._turns_from_gram(D @ D.T, window, min_move)
+        inner = table.iloc[window:len(table) - window]
+        assert turn == pytest.approx(inner["turn_deg"].to_numpy(), abs=1e-6)
+        assert cand.tolist() == inner["candidate"].tolist()
+
+
+def test_a_planted_turn_is_declared_against_shuffled_checkpoints():
+    steps, B, _, _ = _planted_turn(turn_at=7, degrees=90.0)
+    t = phase.transition_test(steps, B, n_permutations=199)
+    assert t.declared and t.transition_step == 7 and t.largest_turn_deg == pytest.approx(90.0, abs=2.0)
+    assert t.p_value == pytest.approx(1 / 200)  # no shuffle concentrates the turning as much
+    assert t.share > t.null_quantile(0.95) and len(t.null_shares) == 199
+    rec = t.record()
+    assert rec["transition_step"] == 7 and rec["transition_p"] == t.p_value and rec["n_permutations"] == 199
+
+
+def test_without_a_transition_the_largest_turn_is_not_declared_and_the_null_keeps_its_level():
+    """Random walks and noisy straight lines have exchangeable displacements: the test declares a transition
+    in about alpha of them (here 5%; 300 trajectories, binomial sd 1.3 points), never in most."""
+    rng = np.random.default_rng(3)
+    declared = 0
+    for r in range(300):
+        if r % 2:
+            inc = rng.normal(size=(14, 12))
+        else:
+            inc = np.eye(12)[0] * 0.01 + rng.normal(scale=3e-3, size=(14, 12))
+        B = np.vstack([np.zeros(12), np.cumsum(inc, axis=0)])
+        t = phase.transition_test(list(range(15)), B, window=2, n_permutations=99, min_turn_deg=0.0, seed=r)
+        assert t.largest_turn_step is not None and 0 < t.p_value <= 1
+        declared += t.declared
+    assert 3 <= declared <= 27  # 1% .. 9%: the level is 5%
+
+
+def test_a_small_turn_is_not_called_a_transition_whatever_its_p_value():
+    steps, B, _, _ = _planted_turn(turn_at=7, degrees=6.0, noise=1e-6)  # a clean 6-degree kink
+    t = phase.transition_test(steps, B, n_permutations=99, min_turn_deg=10.0)
+    assert t.largest_turn_step == 7 and t.p_value <= 0.05 and not t.declared and t.transition_step is None
+    assert phase.transition_test(steps, B, n_permutations=99, min_turn_deg=5.0).transition_step == 7
+
+
+def test_no_candidate_means_no_transition_found():
+    t = phase.transition_test([0, 1], np.array([[0.0, 0.0], [1.0, 1.0]]))
+    assert t.largest_turn_step is None and t.p_value == 1.0 and not t.declared
+
+
+def test_the_null_needs_enough_shuffles_to_reach_alpha():
+    with pytest.raises(ConfigError, match="n_permutations"):
+        phase.PhaseConfig(n_permutations=10, transition_alpha=0.05)
+    with pytest.raises(ConfigError, match="transition_alpha"):
+        phase.PhaseConfig(transition_alpha=1.5)
 
 
 def test_effect_size_is_the_mean_norm_of_the_adapter_output():

@@ -31,6 +31,27 @@ def test_notebooks_have_no_outputs_and_one_parameters_cell():
         assert len(tagged) == 1, f"{nb_path.name}: expected exactly one 'parameters' cell"
 
 
+def test_every_notebook_shows_tables_whole():
+    """A shared notebook never elides a table ("..."): each one's first code cell sets pandas' display
+    options before any table is shown, and the options really lift pandas' limits."""
+    import pandas as pd
+
+    from lib import plots
+
+    for nb_path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        nb = json.loads(nb_path.read_text())
+        first = next(c for c in nb["cells"] if c["cell_type"] == "code")
+        assert "plots.display_options()" in "".join(first["source"]), nb_path.name
+    wide = pd.DataFrame({f"column_{i}": range(80) for i in range(30)})
+    wide["reason"] = "x" * 300
+    with pd.option_context("display.max_rows", 10):
+        plots.display_options()
+        text = repr(wide)
+        assert "..." not in text and "column_29" in text and "x" * 300 in text
+    for key in ("display.max_rows", "display.max_columns", "display.max_colwidth", "display.width"):
+        pd.reset_option(key)
+
+
 def test_cpu_lock_pins_cpu_torch_and_no_cuda_packages():
     lock = (REPO / "requirements" / "cpu.lock").read_text().splitlines()
     assert "torch==2.13.0+cpu" in lock
