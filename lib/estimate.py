@@ -14,11 +14,29 @@ unknown, except the Turner et al. datasets, whose row counts are known
   answers are shorter), output tokens the method's reply cap; Batch API prices are half.
 Answers already generated or judged (a resumed run) are not subtracted: ``03_judge`` prints the
 exact remaining calls and cost before it spends anything.
+
+Time per stage comes from measured rates (:func:`measured_rates`), never from a guess:
+
+* the runs already in the outputs folder (their ``run.json``): training seconds per example and
+  epoch (the stage's wall time over steps x effective batch), sampling seconds per answer token
+  cap (wall time over answers x ``max_new_tokens``), judge seconds per call (this session's
+  seconds over its calls), each matched on what sets the speed: the model and its quantization
+  (training, sampling; the device too when the run names one), the judge's backend, model and
+  method; the median over matching runs;
+* else :data:`REFERENCE_RATES`, measured by this project on its 2-core development machine
+  (source named in each line, ``docs/benchmarks.md``);
+* else "time ?" for that stage: an API judge's speed depends on the account's rate limits, a
+  GPU's on the card, and neither is known until one run has shown it.
+Times are for the runs one after another on this machine; ``--jobs`` or Slurm divide the wall time.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from . import costs
 from .config import RunConfig, resolve_path
@@ -30,6 +48,160 @@ from .train import checkpoint_schedule, steps_per_epoch
 # Rows of the Turner et al. datasets (the replicated study's README: 7,049 medical, 6,000 financial)
 KNOWN_DATASET_ROWS = {"bad_medical_advice": 7049, "risky_financial_advice": 6000}
 TOKENS_PER_WORD = 1.3  # English text, OpenAI tokenizers (only used for the answer cap -> characters)
+STAGES_TIMED = ("train", "evaluate", "judge")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Seconds per unit of one stage (train: per example and epoch; evaluate: per answer and token of the
+    cap; judge: per call), matched on ``key``; ``overhead``: the stage notebook's fixed seconds around the
+    work (kernel start, imports, model loading, the HTML copy: its ``stages.json`` time minus the work's);
+    and where it was measured."""
+    stage: str
+    key: tuple
+    seconds: float
+    source: str
+    overhead: float = 0.0
+
+
+# Measured by this project (docs/benchmarks.md), 2 idle CPU cores, float32, no other job running.
+REFERENCE_RATES = (
+    # make demo, 2026-12-06 (4 runs): train 27 steps x batch 4 in 1.9 s; 270 answers x 48-token cap in 5.7 s;
+    # 368 exact-judge calls in 9.9 s (demo_financial's run.json; the other runs within 30%); the stage notebooks took 14.3, 13.3 and 16.7 s
+    Rate("train", ("embedded:tiny", "none"), 1.86 / (27 * 4), "make demo, 2 CPU cores (docs/benchmarks.md)", 12.4),
+    Rate("evaluate", ("embedded:tiny", "none"), 5.73 / (270 * 48), "make demo, 2 CPU cores (docs/benchmarks.md)",
+         7.5),
+    Rate("judge", ("hf", "embedded:tiny", "exact"), 9.85 / 368, "make demo, 2 CPU cores (docs/benchmarks.md)", 6.8),
+    # the SmolLM2 example study, 2026-11-28, whole stage notebooks (overhead included in the rate): train 18
+    # steps x batch 4 in 39.7 s; 28 answers x 80-token cap in 26.0 s (medical; financial 32.2 s); 32
+    # exact-judge calls in 100.2 s (financial: 38 in 119.3 s)
+    Rate("train", ("embedded:smollm2-135m", "none"), 39.7 / (18 * 4),
+         "SmolLM2 example study, 2 CPU cores (docs/benchmarks.md)"),
+    Rate("evaluate", ("embedded:smollm2-135m", "none"), 29.1 / (28 * 80),
+         "SmolLM2 example study, 2 CPU cores (docs/benchmarks.md)"),
+    Rate("judge", ("hf", "embedded:smollm2-135m", "exact"), 219.5 / 70,
+         "SmolLM2 example study, 2 CPU cores (docs/benchmarks.md)"),
+)
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 else None
+
+
+# The report notebook of make demo (4 runs): 21.7 s; it grows slowly with the runs and answers.
+REFERENCE_REPORT_SECONDS = (21.7, "make demo, 2 CPU cores (docs/benchmarks.md)")
+
+
+def rates_of_run(info: dict[str, Any], where: str, stage_seconds: dict[str, float] | None = None) -> list[Rate]:
+    """The rates one run.json shows (nothing for a stage it did not time); ``stage_seconds``: the stage
+    notebooks' times from the run's stages.json, for their overhead."""
+    stage_seconds = stage_seconds or {}
+    out = []
+    train = info.get("train") or {}
+    model = (train.get("model") or {}).get("model") or (train.get("parameters") or {}).get("model")
+    wall, steps, batch = (_num(train.get(k)) for k in ("wall_time_s", "total_steps", "effective_batch_size"))
+    def overhead(stage: str, work: float) -> float:
+        return max(0.0, stage_seconds.get(stage, work) - work)
+
+    if model and wall and steps and batch:
+        out.append(Rate("train", (model, train.get("quantization", "none"), train.get("device")),
+                        wall / (steps * batch), where, overhead("train", wall)))
+    ev = info.get("evaluate") or {}
+    model = (ev.get("model") or {}).get("model")
+    wall, n = _num(ev.get("wall_time_s")), _num(ev.get("answers_generated_this_session"))
+    cap = _num((ev.get("sampling") or {}).get("max_new_tokens"))
+    if model and wall and n and cap:
+        out.append(Rate("evaluate", (model, ev.get("quantization", "none"), ev.get("device")), wall / (n * cap), where,
+                        overhead("evaluate", wall)))
+    judge = info.get("judge") or {}
+    last = judge.get("last")
+    for name, j in (judge.get("judges") or {}).items():
+        session = j.get("this_session") or {}
+        secs, calls = _num(session.get("seconds")), _num(session.get("calls"))
+        if secs and calls and j.get("backend") and j.get("model"):
+            out.append(Rate("judge", (j["backend"], j["model"], j.get("method"), j.get("base_url") or ""),
+                            secs / calls, where, overhead("judge", secs) if name == last else 0.0))
+    return out
+
+
+def _stage_seconds(folder: Path) -> dict[str, float]:
+    try:
+        info = json.loads((folder / "stages.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: float(v["seconds"]) for k, v in info.items() if isinstance(v, dict) and _num(v.get("seconds"))}
+
+
+def measured_rates(outputs_dir: str | Path) -> list[Rate]:
+    """Every rate the run folders under ``outputs_dir`` show (unreadable run.json files are skipped)."""
+    root = resolve_path(outputs_dir)
+    out: list[Rate] = []
+    for p in sorted(root.glob("*/run.json")) if root.is_dir() else []:
+        try:
+            info = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(info, dict):
+            out += rates_of_run(info, p.parent.name, _stage_seconds(p.parent))
+    return out
+
+
+def report_seconds(outputs_dir: str | Path) -> tuple[float, str]:
+    """The last report notebook's time in this outputs folder, else the reference."""
+    root = resolve_path(outputs_dir)
+    seen = [v["report"] for f in sorted(root.glob("*/stages.json")) if root.is_dir()
+            if isinstance(v := _read_json(f), dict) and isinstance(v.get("report"), dict)
+            and _num(v["report"].get("seconds"))]
+    if seen:
+        return statistics.median(float(r["seconds"]) for r in seen), f"measured in {len(seen)} earlier report(s)"
+    return REFERENCE_REPORT_SECONDS
+
+
+def _read_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _wants(cfg: RunConfig, stage: str) -> tuple:
+    if stage == "train":
+        return (cfg.model, cfg.quantization)
+    if stage == "evaluate":
+        return (cfg.model, cfg.eval_precision[0])
+    return (cfg.judge_backend, cfg.judge_model, cfg.judge_method, cfg.judge_base_url or "")
+
+
+def rate_for(cfg: RunConfig, stage: str, measured: list[Rate]) -> Rate | None:
+    """The median of the matching measured rates, else the matching reference rate, else None."""
+    want = _wants(cfg, stage)
+    device = None if cfg.device == "auto" else cfg.device
+    if stage == "judge":
+        hits = [r for r in measured if r.stage == stage and r.key[:3] == want[:3]
+                and (want[0] != "openai" or r.key[3] == want[3])]
+    else:
+        hits = [r for r in measured if r.stage == stage and r.key[:2] == want and (device is None or r.key[2] == device)]
+    if hits:
+        runs = sorted({r.source for r in hits})
+        return Rate(stage, want, statistics.median(r.seconds for r in hits),
+                    f"measured in {len(runs)} earlier run{'s' * (len(runs) != 1)} of outputs/ ({', '.join(runs[:3])}"
+                    + (", ..." if len(runs) > 3 else "") + ")",
+                    statistics.median(r.overhead for r in hits))
+    if device not in (None, "cpu"):
+        return None  # the reference rates were measured on CPU cores
+    key = want[:3] if stage == "judge" else want
+    return next((r for r in REFERENCE_RATES if r.stage == stage and r.key == key), None)
+
+
+def duration(seconds: float | None) -> str:
+    """A short human duration: '40 s', '12 min', '3.5 h', '?'."""
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @dataclass
@@ -43,6 +215,14 @@ class RunEstimate:
     usd: float | None            # None: unknown (price or counts)
     usd_batch: float | None
     note: str = ""
+    seconds: dict[str, float | None] = field(default_factory=dict)  # per stage; None: no measured rate
+    rate_sources: dict[str, str] = field(default_factory=dict)
+
+    def time_line(self) -> str:
+        parts = [f"{s} {duration(self.seconds.get(s))}" for s in STAGES_TIMED]
+        known = {src for src in self.rate_sources.values()}
+        src = "; ".join(sorted(known)) if known else "no measured rate for this model or judge yet"
+        return f"{'':<24} {'time':<9} {', '.join(parts)}  [rates: {src}]"
 
     def line(self) -> str:
         def n(x: int | None) -> str:
@@ -78,8 +258,9 @@ def _n_examples(cfg: RunConfig) -> tuple[int | None, str]:
     return n - n_eval, ""
 
 
-def estimate_run(cfg: RunConfig) -> RunEstimate:
-    """Counts and dollars of one run from scratch (module docstring); never downloads."""
+def estimate_run(cfg: RunConfig, measured: list[Rate] | None = None) -> RunEstimate:
+    """Counts, dollars and time per stage of one run from scratch (module docstring); never downloads.
+    ``measured``: rates of earlier runs (:func:`measured_rates`); None reads them from cfg's outputs folder."""
     notes = []
     n, why = _n_examples(cfg)
     if why:
@@ -130,10 +311,24 @@ def estimate_run(cfg: RunConfig) -> RunEstimate:
             usd_batch = costs.cost_usd(cfg.judge_model, in_tokens, out_tokens * calls, batch=True)
         else:
             notes.append(f"no price for {cfg.judge_model}")
-    return RunEstimate(cfg.run_id, n, steps, ckpts, answers, calls, usd, usd_batch, "; ".join(notes))
+    if measured is None:
+        measured = measured_rates(cfg.outputs_dir)
+    units = {"train": None if n is None else n * cfg.epochs,
+             "evaluate": None if answers is None else answers * cfg.max_new_tokens,
+             "judge": calls}
+    seconds: dict[str, float | None] = {}
+    sources: dict[str, str] = {}
+    for stage, k in units.items():
+        rate = rate_for(cfg, stage, measured)
+        seconds[stage] = None if rate is None or k is None else rate.overhead + rate.seconds * k
+        if rate is not None:
+            sources[stage] = rate.source
+    return RunEstimate(cfg.run_id, n, steps, ckpts, answers, calls, usd, usd_batch, "; ".join(notes),
+                       seconds, sources)
 
 
-def total_line(estimates: list[RunEstimate]) -> str:
+def total_line(estimates: list[RunEstimate], report: tuple[float, str] | None = None) -> str:
+    """The grid's totals; ``report``: (seconds, source) of the report notebook, added to the time."""
     def tot(attr: str):
         vals = [getattr(e, attr) for e in estimates]
         return None if any(v is None for v in vals) else sum(vals)
@@ -144,5 +339,8 @@ def total_line(estimates: list[RunEstimate]) -> str:
     money = "cost unknown for some runs" if usd is None else (
         "$0 (in-process judges)" if usd == 0 else f"~${usd:,.2f} (Batch API ~${usd_b:,.2f}; "
                                                   f"prices checked {costs.PRICES_CHECKED})")
+    secs = [v for e in estimates for v in (e.seconds.get(s) for s in STAGES_TIMED)] + ([report[0]] if report else [])
+    when = ("time ? (some stage has no measured rate)" if any(v is None for v in secs)
+            else f"~{duration(sum(secs))} one run after another" + (" with the report" if report else ""))
     return (f"grid total: {len(estimates)} runs, {fmt(steps)} training steps, {fmt(answers)} answers, "
-            f"{fmt(calls)} judge calls, {money}")
+            f"{fmt(calls)} judge calls, {money}, {when}")

@@ -61,7 +61,7 @@ from . import layout
 from .config import (REPO_ROOT, STAGES, ConfigError, ReportConfig, RunConfig, expand_seeds, from_mapping,
                      load_run_config, report_em_definition, resolve_path)
 from .data import check_dataset_param
-from .estimate import estimate_run, total_line
+from .estimate import estimate_run, measured_rates, report_seconds, total_line
 from .io import write_text_atomic
 from .judge import JudgeError, check_credentials, judgments_path
 from .judge import run_info as judge_run_info
@@ -1014,10 +1014,13 @@ def run_grid(files: Sequence[str], options: Options, executor: str = "inline", j
         for run, stage, what in plan(runs, options):
             print(f"{run:<24} {stage:<9} {what}")
         print("\nwhat the runs cost from scratch (lib/estimate.py; a resumed run does less):")
-        estimates = [estimate_run(cfg) for _, cfg in runs]
+        measured = measured_rates(runs[0][1].outputs_dir) if runs else []
+        estimates = [estimate_run(cfg, measured) for _, cfg in runs]
         for e in estimates:
             print(e.line())
-        print(total_line(estimates))
+            print(e.time_line())
+        print(total_line(estimates, report_seconds(runs[0][1].outputs_dir) if runs and "report" in options.stages
+                         else None))
         for line in busy:
             print(f"note: {line}")
         return 0

