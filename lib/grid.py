@@ -69,7 +69,7 @@ from .lock import ENV_HELD, LOCK_NAME, FolderLock, LockError, is_stale, read_hol
 from .models import ModelUnavailable, check_model, pick_device
 from .progress import Tail
 from .questions import NotCached, QuestionError, check_question_sources, load_judge_prompts
-from .report import export_html as report_export_html
+from .notebook_html import export_html
 from .secrets import ENV_URL_SECRETS, mask_parameters, mask_url_credentials, redact
 from .train import check_train_config
 
@@ -376,20 +376,6 @@ def execute_notebook(nb_in: Path, nb_out: Path, parameters: dict[str, Any], opti
     return None
 
 
-def export_html(nb_path: Path, html_path: Path, stage: str) -> None:
-    """An HTML export of a rendered notebook (images embedded, opens without a server)."""
-    if stage == "report":
-        report_export_html(nb_path, html_path)
-        return
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    nb = nbformat.read(nb_path, as_version=4)
-    body, _ = HTMLExporter(template_name="lab", embed_images=True).from_notebook_node(
-        nb, resources={"metadata": {"path": str(nb_path.parent)}})
-    write_text_atomic(html_path, body)
-
-
 def outputs_present(stage: str, cfg: RunConfig) -> bool:
     """The stage's main output still exists (a recorded fingerprint alone is not enough)."""
     run_dir = cfg.run_dir
@@ -445,7 +431,7 @@ def _run_notebook_stage(run: str, stage: str, folder: Path, finger: str, present
         html = nb_out.with_suffix(".html")
         if nb_out.exists():
             try:
-                export_html(nb_out, html, stage)
+                export_html(nb_out, html, hide_code=stage == "report")
             except Exception as e:  # the notebook is still there; the export is a convenience
                 log(run, stage, f"warning: HTML export failed: {_one_line(f'{type(e).__name__}: {e}')}")
         seconds = time.monotonic() - t0

@@ -24,7 +24,7 @@ re-judge them, and the judge-agreement table compares the file's original scores
 Outputs (``ReportConfig.report_dir``): ``figures/<name>.png|.svg|.html`` (the html works
 offline: the Vega libraries are inlined), ``data/<name>.csv`` (the numbers behind every
 figure and table). The notebook's rendered copy and its HTML export are written by the grid
-runner with papermill and :func:`export_html`.
+runner with papermill and :func:`lib.notebook_html.export_html`.
 """
 from __future__ import annotations
 
@@ -1112,11 +1112,6 @@ def show_responses(rep: Report) -> None:
         print("note:", note)
 
 
-def build_report(rcfg: ReportConfig) -> Path:
-    """Write every figure and CSV of the report; returns the report folder."""
-    return make_report(rcfg, progress=False).report_dir
-
-
 # ------------------------------------------------------------------------------------------
 # Answer browser (ipywidgets) and its static stand-in
 # ------------------------------------------------------------------------------------------
@@ -1229,30 +1224,3 @@ def answers_table_html(answers: pd.DataFrame, n: int = 12, em_first: bool = True
                    "aligned_label"]].copy()
     t["answer"] = t["answer"].astype(str).map(lambda s: s if len(s) <= max_chars else s[:max_chars] + " ...")
     return t.to_html(index=False, escape=True, na_rep="None", float_format=lambda x: f"{x:.1f}")
-
-
-# ------------------------------------------------------------------------------------------
-# HTML export
-# ------------------------------------------------------------------------------------------
-
-def export_html(ipynb_path: str | Path, html_path: str | Path, hide_code: bool = True) -> Path:
-    """Export a rendered notebook to one self-contained HTML file.
-
-    ``hide_code``: the shared report shows the narrative, tables and figures without the code
-    cells and their prompts (it reads like a short paper); the rendered ``.ipynb`` beside it keeps
-    the code.
-
-    Charts in the report notebook are PNG images (base64 inside the file), so they show with
-    no network. nbconvert's lab template still links require.js and MathJax from a CDN; the
-    charts do not use them (offline, the page only loses LaTeX rendering and widget views,
-    which the report replaces with static tables).
-    """
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    ipynb_path, html_path = Path(ipynb_path), Path(html_path)
-    nb = nbformat.read(ipynb_path, as_version=4)
-    exporter = HTMLExporter(template_name="lab", embed_images=True, exclude_input=hide_code,
-                            exclude_input_prompt=hide_code, exclude_output_prompt=hide_code)
-    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"path": str(ipynb_path.parent)}})
-    return write_text_atomic(html_path, body)

@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "lock": BASE,
     "references": BASE,
     "progress": BASE,
+    "notebook_html": BASE,
     # loaders: models, the embedded models (tiny, SmolLM2), training data, question sets
     "models": LOADERS,
     "embedded": LOADERS,

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import config, plots, report
+from lib import config, notebook_html, plots, report
 from tests.fakes import synthetic_runs as synth
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,9 +136,9 @@ def test_training_chart_averages_long_logs_in_windows():
     assert plots.training_chart(logs.iloc[:0])[0] is None
 
 
-def test_build_report_returns_the_folder(rcfg, tmp_path):
+def test_make_report_writes_into_the_report_folder(rcfg, tmp_path):
     other = config.ReportConfig(**{**rcfg.to_dict(), "report_dir": str(tmp_path / "r"), "external_csv": []})
-    out = report.build_report(other)
+    out = report.make_report(other, progress=False).report_dir
     assert out == tmp_path / "r" and (out / "figures" / "em_trajectories.png").exists()
 
 
@@ -322,7 +322,7 @@ def rendered(synth_dir) -> Path:
                         parameters={"outputs_dir": str(synth_dir / "outputs"), "report_dir": str(out_dir),
                                     "n_bootstrap": 200, "external_csv": [str(synth_dir / "course_judged.csv")]},
                         kernel_name="python3", progress_bar=False, cwd=str(out_dir))
-    html = report.export_html(nb_out, out_dir / "report.html")
+    html = notebook_html.export_html(nb_out, out_dir / "report.html", hide_code=True)
     return html
 
 
