@@ -32,7 +32,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 
-STAGES = ("train", "evaluate", "judge", "report")
+
 
 
 class ConfigError(ValueError):

@@ -48,7 +48,7 @@ from .judge import check_credentials, judge_run, judgments_path
 from .lock import FolderLock
 from .models import load_model, load_tokenizer, model_revision_info
 from .questions import load_question_sets
-from .layout import generations_meta_path, generations_path, list_checkpoints
+from .layout import ADAPTER_WEIGHTS, generations_meta_path, generations_path, list_checkpoints
 from .runinfo import git_commit, package_versions, read_run_json, stage_parameters
 from .schema import GENERATION_COLUMNS, answer_id
 
@@ -357,7 +357,7 @@ def source_run(outputs_dir: str, run_id: str, step: int = -1) -> Source:
     jp = judgments_path(cfg)
     if not jp.exists() or not generations_path(run_dir).exists():
         raise DirectionError(f"{jp}: not found; run 02_evaluate and 03_judge for run '{run_id}' first")
-    return Source(cfg, step, ckpts[step], sha256_file(ckpts[step] / "adapter_model.safetensors"), jp)
+    return Source(cfg, step, ckpts[step], sha256_file(ckpts[step] / ADAPTER_WEIGHTS), jp)
 
 
 def provenance_base(kind: str) -> dict[str, Any]:

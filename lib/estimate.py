@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from . import costs
+from .layout import RUN_STAGES
 from .config import RunConfig, resolve_path
 from .data import DEMO_DATASETS, DEMO_DIR, DOMAINS, archive_source, cached_archive, load_chat_jsonl
 from .questions import NotCached, QuestionError, load_judge_prompts, load_question_set
@@ -48,7 +49,7 @@ from .train import checkpoint_schedule, steps_per_epoch
 # Rows of the Turner et al. datasets (the replicated study's README: 7,049 medical, 6,000 financial)
 KNOWN_DATASET_ROWS = {"bad_medical_advice": 7049, "risky_financial_advice": 6000}
 TOKENS_PER_WORD = 1.3  # English text, OpenAI tokenizers (only used for the answer cap -> characters)
-STAGES_TIMED = ("train", "evaluate", "judge")
+STAGES_TIMED = RUN_STAGES
 
 
 @dataclass(frozen=True)

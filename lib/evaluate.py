@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import layout
+from .layout import ADAPTER_WEIGHTS
 from .chat import chat_prompt, stop_token_ids
 from .config import ConfigError, RunConfig
 from .decoding import (SAMPLER_VERSION, Answer, ContinuousDecoder, DecodeStats, SeededLogitsProcessor,
@@ -105,8 +106,7 @@ def select_targets(cfg: RunConfig) -> list[Target]:
         targets.append(Target(0, 0.0, None, None))
     for s in sorted(set(wanted)):
         e, p = by_step[s]
-        targets.append(Target(s, e, p, sha256_file(p / "adapter_model.safetensors")
-                              if (p / "adapter_model.safetensors").exists() else None))
+        targets.append(Target(s, e, p, sha256_file(p / ADAPTER_WEIGHTS) if (p / ADAPTER_WEIGHTS).exists() else None))
     if not targets:
         raise ConfigError(f"key 'include_base_model': nothing to evaluate (no checkpoints under "
                           f"{layout.checkpoints_dir(cfg.run_dir)} and include_base_model is false)")

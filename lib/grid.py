@@ -58,7 +58,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import fingerprint as fp
 from . import layout
-from .config import (REPO_ROOT, STAGES, ConfigError, ReportConfig, RunConfig, expand_seeds, from_mapping,
+from .layout import RUN_STAGES, STAGES
+from .config import (REPO_ROOT, ConfigError, ReportConfig, RunConfig, expand_seeds, from_mapping,
                      load_run_config, report_em_definition, resolve_path)
 from .data import check_dataset_param
 from .estimate import estimate_run, measured_rates, report_seconds, total_line
@@ -73,7 +74,6 @@ from .notebook_html import export_html
 from .secrets import ENV_URL_SECRETS, mask_parameters, mask_url_credentials, redact
 from .train import check_train_config
 
-RUN_STAGES = ("train", "evaluate", "judge")
 NOTEBOOKS = layout.NOTEBOOKS
 REPORT_NOTEBOOK = layout.REPORT_NOTEBOOK  # the rendered 04_report inside report_dir (outputs/report/report.ipynb)
 EXECUTORS = ("inline", "local", "slurm")

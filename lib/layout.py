@@ -4,8 +4,8 @@
 
     run.json                          what makes the run reproducible (lib.runinfo)
     stages.json, .grid/               the grid runner's record of each stage (lib.fingerprint)
-    checkpoints/checkpoint-<step>/    LoRA adapters of one step; checkpoint.json, written last,
-                                      marks it complete
+    checkpoints/checkpoint-<step>/    LoRA adapters of one step (ADAPTER_WEIGHTS, ADAPTER_CONFIG);
+                                      checkpoint.json, written last, marks it complete
     checkpoints/TRAINING_COMPLETE.json  the train stage finished
     train_log.csv                     one row per optimizer step (TRAIN_LOG_COLUMNS)
     eval_log.csv                      held-out loss at each checkpoint, eval_fraction > 0 (EVAL_LOG_COLUMNS)
@@ -15,6 +15,12 @@
     notebooks/<NN_stage>.ipynb|.html  the rendered notebooks
     figures/<name>.png|.svg|.html     the stages' charts
     progress.jsonl                    the stages' progress lines, appended while they run (lib.progress)
+    .lock                             one writer per run folder (lib.lock)
+    phase/                            05_phase_transition's trajectory files (lib.phase)
+    direction/step<S>-<fingerprint>/  06_misalignment_direction's activations and directions (lib.direction)
+
+``<outputs_dir>/.judge_cache/`` holds the judge's call cache (lib.judge), shared by every run of the
+folder; ``<outputs_dir>/.cache/`` the downloaded datasets and question files (lib.data, lib.questions).
 
 The report folder (``ReportConfig.report_dir``) holds ``report.ipynb|.html``, ``figures/`` and
 ``data/``. The evaluate stage's file keeps its first name, ``generations.parquet``.
@@ -25,6 +31,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+# the stages of a run, in order, and the grid's last stage over all runs
+RUN_STAGES = ("train", "evaluate", "judge")
+STAGES = RUN_STAGES + ("report",)
 RUN_JSON = "run.json"
 STAGES_JSON = "stages.json"
 GRID_DIR = ".grid"
@@ -32,6 +41,8 @@ CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_MARKER = "checkpoint.json"       # written last into each checkpoint folder
 COMPLETE_MARKER = "TRAINING_COMPLETE.json"  # written into checkpoints/ when training has finished
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's names inside a checkpoint folder
+ADAPTER_CONFIG = "adapter_config.json"
 TRAIN_LOG = "train_log.csv"
 EVAL_LOG_NAME = "eval_log.csv"              # held-out loss at each checkpoint (eval_fraction > 0)
 # train_log.csv: step, fractional epoch, mean training loss of the step (assistant tokens), the

@@ -59,7 +59,7 @@ from .config import ConfigError, RunConfig, _f, check_fields, from_mapping, shar
 from .evaluate import evaluate_run
 from .io import read_safetensors, sha256_file, sha256_text, write_safetensors_atomic, write_text_atomic
 from .judge import check_credentials, judge_run
-from .layout import list_checkpoints
+from .layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, list_checkpoints
 from .models import load_model, load_tokenizer, model_revision_info, resolve_model
 from .questions import load_question_sets
 from .runinfo import git_commit, package_versions, update_run_json
@@ -398,9 +398,9 @@ def load_adapter_vectors(run_dir: str | Path, module: str, layer: int) -> Adapte
         raise PhaseError(f"{Path(run_dir) / 'checkpoints'}: no complete checkpoints; train the adapter first")
     As, Bs, shas, scaling, name = [], [], [None], None, ""
     for step, _, folder in ckpts:
-        f = folder / "adapter_model.safetensors"
+        f = folder / ADAPTER_WEIGHTS
         if not f.exists():
-            raise PhaseError(f"{folder}: no adapter_model.safetensors")
+            raise PhaseError(f"{folder}: no {ADAPTER_WEIGHTS}")
         t = load_file(str(f))
         ka, kb = (_adapter_key(list(t), layer, module, p, f) for p in ("A", "B"))
         a, b = t[ka].float().numpy(), t[kb].float().numpy()
@@ -409,7 +409,7 @@ def load_adapter_vectors(run_dir: str | Path, module: str, layer: int) -> Adapte
         As.append(a[0])
         Bs.append(b[:, 0])
         shas.append(sha256_file(f))
-        acfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        acfg = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         r = acfg.get("r", 1)
         scaling = acfg["lora_alpha"] / (math.sqrt(r) if acfg.get("use_rslora") else r)
         name = ka.split(".lora_A")[0]

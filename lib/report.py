@@ -1053,7 +1053,7 @@ def write_index(report_dir: Path, results: Results, rcfg: ReportConfig) -> Path:
     rows = []
     for run_id in sorted(results.runs):
         links = []
-        for stage in ("train", "evaluate", "judge"):
+        for stage in layout.RUN_STAGES:
             nb = layout.notebooks_dir(outputs / run_id) / Path(layout.NOTEBOOKS[stage]).with_suffix(".html").name
             if nb.exists():
                 rel = Path(os.path.relpath(nb, report_dir)).as_posix()

@@ -23,10 +23,9 @@ from typing import Any, TypedDict
 
 from .config import REPO_ROOT, RunConfig
 from .io import write_json_atomic
-from .layout import run_json_path
+from .layout import RUN_STAGES, run_json_path
 from .secrets import mask_parameters
 
-RUN_STAGES = ("train", "evaluate", "judge")
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers",
             "bitsandbytes", "openai", "pandas", "pyarrow", "papermill", "altair", "em-lab")
