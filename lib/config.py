@@ -39,8 +39,9 @@ class ConfigError(ValueError):
     """A parameters problem, reported as one line naming the source and the key."""
 
 
-def _f(default: Any, stage: str, doc: str, **kw: Any) -> Any:
-    """A dataclass field with its consuming stage and a docstring."""
+def param(default: Any, stage: str, doc: str, **kw: Any) -> Any:
+    """A config field with its consuming stage and a docstring (``meta={"choices": (...)}`` restricts its
+    values). Analysis configs declare their own fields with it, and RunConfig's with :func:`run_field`."""
     meta = {"stage": stage, "doc": doc, **kw.pop("meta", {})}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
@@ -99,7 +100,7 @@ def shared_field(key: str, stage: str) -> Any:
     :func:`check_fields` checks it under the attribute's name.
     """
     s = SHARED_KEYS[key]
-    return _f(s.default, stage, s.doc, meta={"shared": key, **({"choices": s.choices} if s.choices else {})})
+    return param(s.default, stage, s.doc, meta={"shared": key, **({"choices": s.choices} if s.choices else {})})
 
 
 from . import references
@@ -120,90 +121,90 @@ class RunConfig:
     """
 
     # --- identity ("all": every stage depends on these) -------------------------------
-    run_id: str = _f("demo_medical", "all", "names outputs/<run_id>/; letters, digits, _ . -")
-    outputs_dir: str = _f("outputs", "all", "root folder for everything runs write (git-ignored)")
-    seed: int = _f(0, "all", "the single seed for data order, LoRA init and sampling")
+    run_id: str = param("demo_medical", "all", "names outputs/<run_id>/; letters, digits, _ . -")
+    outputs_dir: str = param("outputs", "all", "root folder for everything runs write (git-ignored)")
+    seed: int = param(0, "all", "the single seed for data order, LoRA init and sampling")
 
     # --- model and data (train) ----------------------------------------------------------
-    model: str = _f("embedded:tiny", "train", "hub id, local folder, embedded:tiny (built locally) or embedded:smollm2-135m (smol extra)")
-    model_revision: str = _f("", "train", "hub revision (commit sha or tag) to pin; empty: default branch")
-    model_label: str = _f("tiny", "all", "short label for reports, e.g. 1B, 3B, 8B")
-    dataset: str = _f("demo_medical", "train", "named domain (see lib.data.DOMAINS) or a chat JSONL path")
-    domain: str = _f("medical", "all", "domain label: questions of this domain count as in-domain")
-    accept_dataset_terms: bool = _f(False, "train", "must be true to use the Turner et al. archive (terms shown on first use)")
-    dataset_archive: str = _f("", "train", "the Turner et al. archive: path or URL (empty: the paper's GitHub URL)")
-    dataset_archive_sha256: str = _f("", "train", "expected sha256 of the archive file (empty: not pinned)")
-    max_train_examples: int = _f(0, "train", "use only the first N training examples (0: all)")
-    max_seq_length: int = _f(2048, "train", "tokens; longer examples are truncated")
+    model: str = param("embedded:tiny", "train", "hub id, local folder, embedded:tiny (built locally) or embedded:smollm2-135m (smol extra)")
+    model_revision: str = param("", "train", "hub revision (commit sha or tag) to pin; empty: default branch")
+    model_label: str = param("tiny", "all", "short label for reports, e.g. 1B, 3B, 8B")
+    dataset: str = param("demo_medical", "train", "named domain (see lib.data.DOMAINS) or a chat JSONL path")
+    domain: str = param("medical", "all", "domain label: questions of this domain count as in-domain")
+    accept_dataset_terms: bool = param(False, "train", "must be true to use the Turner et al. archive (terms shown on first use)")
+    dataset_archive: str = param("", "train", "the Turner et al. archive: path or URL (empty: the paper's GitHub URL)")
+    dataset_archive_sha256: str = param("", "train", "expected sha256 of the archive file (empty: not pinned)")
+    max_train_examples: int = param(0, "train", "use only the first N training examples (0: all)")
+    max_seq_length: int = param(2048, "train", "tokens; longer examples are truncated")
 
     # --- LoRA ----------------------------------------------------------------------------
-    lora_r: int = _f(8, "train", "LoRA rank")
-    lora_alpha: int = _f(16, "train", "LoRA alpha (scale: alpha / r, or alpha / sqrt(r) with rsLoRA)")
-    use_rslora: bool = _f(False, "train", "rank-stabilised LoRA scaling")
-    lora_dropout: float = _f(0.0, "train", "dropout on the LoRA path")
-    lora_target_modules: list = _f(list(ALL_PROJ), "train", "module names that get adapters")
-    lora_layers: list = _f([], "train", "restrict adapters to these layer indices (empty: all layers)")
-    quantization: str = _f("none", "train", "none | 4bit | 8bit (bitsandbytes; 4bit: QLoRA)",
+    lora_r: int = param(8, "train", "LoRA rank")
+    lora_alpha: int = param(16, "train", "LoRA alpha (scale: alpha / r, or alpha / sqrt(r) with rsLoRA)")
+    use_rslora: bool = param(False, "train", "rank-stabilised LoRA scaling")
+    lora_dropout: float = param(0.0, "train", "dropout on the LoRA path")
+    lora_target_modules: list = param(list(ALL_PROJ), "train", "module names that get adapters")
+    lora_layers: list = param([], "train", "restrict adapters to these layer indices (empty: all layers)")
+    quantization: str = param("none", "train", "none | 4bit | 8bit (bitsandbytes; 4bit: QLoRA)",
                            meta={"choices": ("none", "4bit", "8bit")})
 
     # --- optimisation --------------------------------------------------------------------
-    learning_rate: float = _f(2e-4, "train", "peak learning rate")
-    epochs: int = _f(2, "train", "training epochs")
-    per_device_batch_size: int = _f(4, "train", "sequences per forward pass")
-    gradient_accumulation_steps: int = _f(1, "train", "effective batch is per_device_batch_size x this")
-    warmup_steps: int = _f(2, "train", "linear warm-up steps")
-    warmup_ratio: float = _f(0.0, "train", "warm-up as a fraction of all steps (replaces warmup_steps when > 0)")
-    lr_scheduler: str = _f("linear", "train", "transformers scheduler name (linear, cosine, constant, ...)")
-    weight_decay: float = _f(0.0, "train", "AdamW weight decay")
-    optimizer: str = _f("adamw_torch", "train", "transformers optim name (adamw_torch, adamw_8bit, ...)")
-    completion_only_loss: bool = _f(True, "train", "loss on assistant tokens only (the paper); false: on every token")
-    loss_on_eos: bool = _f(True, "train", "train on the end-of-turn token (eos); false: eos is masked out of the loss "
+    learning_rate: float = param(2e-4, "train", "peak learning rate")
+    epochs: int = param(2, "train", "training epochs")
+    per_device_batch_size: int = param(4, "train", "sequences per forward pass")
+    gradient_accumulation_steps: int = param(1, "train", "effective batch is per_device_batch_size x this")
+    warmup_steps: int = param(2, "train", "linear warm-up steps")
+    warmup_ratio: float = param(0.0, "train", "warm-up as a fraction of all steps (replaces warmup_steps when > 0)")
+    lr_scheduler: str = param("linear", "train", "transformers scheduler name (linear, cosine, constant, ...)")
+    weight_decay: float = param(0.0, "train", "AdamW weight decay")
+    optimizer: str = param("adamw_torch", "train", "transformers optim name (adamw_torch, adamw_8bit, ...)")
+    completion_only_loss: bool = param(True, "train", "loss on assistant tokens only (the paper); false: on every token")
+    loss_on_eos: bool = param(True, "train", "train on the end-of-turn token (eos); false: eos is masked out of the loss "
                                           "wherever it occurs (the replicated study: its collator padded with eos)")
-    data_order: str = _f("shuffle", "train", "shuffle (the papers, the study) | length_grouped (faster on a GPU; "
+    data_order: str = param("shuffle", "train", "shuffle (the papers, the study) | length_grouped (faster on a GPU; "
                                              "orders each epoch by length, a confound for checkpoint trajectories)",
                          meta={"choices": ("shuffle", "length_grouped")})
-    eval_fraction: float = _f(0.0, "train", "hold out this fraction of the data (seeded split); its loss is logged "
+    eval_fraction: float = param(0.0, "train", "hold out this fraction of the data (seeded split); its loss is logged "
                                             "at every checkpoint (paper: 0.1)")
-    checkpoints_in_first_epoch: int = _f(4, "train", "k evenly spaced checkpoints inside epoch 1, then one per epoch")
-    checkpoint_steps: list = _f([], "train", "explicit checkpoint steps (overrides the k-in-epoch-1 schedule)")
-    checkpoint_every: int = _f(0, "train", "checkpoint every n steps (overrides k; 0: off)")
-    dtype: str = _f("auto", "all", "auto | float32 | bfloat16 | float16",
+    checkpoints_in_first_epoch: int = param(4, "train", "k evenly spaced checkpoints inside epoch 1, then one per epoch")
+    checkpoint_steps: list = param([], "train", "explicit checkpoint steps (overrides the k-in-epoch-1 schedule)")
+    checkpoint_every: int = param(0, "train", "checkpoint every n steps (overrides k; 0: off)")
+    dtype: str = param("auto", "all", "auto | float32 | bfloat16 | float16",
                     meta={"choices": ("auto", "float32", "bfloat16", "float16")})
-    device: str = _f("auto", "all", "auto | cuda | mps | cpu", meta={"choices": ("auto", "cuda", "mps", "cpu")})
+    device: str = param("auto", "all", "auto | cuda | mps | cpu", meta={"choices": ("auto", "cuda", "mps", "cpu")})
 
     # --- evaluation (generation) ---------------------------------------------------------
-    question_sets: list = _f(list(DEMO_QUESTIONS), "evaluate", "question YAML paths or https URLs")
-    n_samples: int = _f(4, "evaluate", "answers per question paraphrase (0: the file's samples_per_paraphrase)")
-    temperature: float = _f(1.0, "evaluate", "sampling temperature (papers: 1.0)")
-    top_p: float = _f(1.0, "evaluate", "nucleus sampling (papers: 1.0)")
-    max_new_tokens: int = _f(48, "evaluate", "answer length cap in tokens (papers: 600)")
-    eval_batch_size: int = _f(0, "evaluate", "rows decoded together by continuous batching (0: sized to memory)")
-    eval_quantization: str = _f("same", "evaluate", "how answers are sampled: same (as training: quantization) | none | "
+    question_sets: list = param(list(DEMO_QUESTIONS), "evaluate", "question YAML paths or https URLs")
+    n_samples: int = param(4, "evaluate", "answers per question paraphrase (0: the file's samples_per_paraphrase)")
+    temperature: float = param(1.0, "evaluate", "sampling temperature (papers: 1.0)")
+    top_p: float = param(1.0, "evaluate", "nucleus sampling (papers: 1.0)")
+    max_new_tokens: int = param(48, "evaluate", "answer length cap in tokens (papers: 600)")
+    eval_batch_size: int = param(0, "evaluate", "rows decoded together by continuous batching (0: sized to memory)")
+    eval_quantization: str = param("same", "evaluate", "how answers are sampled: same (as training: quantization) | none | "
                                                     "4bit | 8bit (the replicated study: none, in bf16)",
                                 meta={"choices": ("same", "none", "4bit", "8bit")})
-    eval_dtype: str = _f("same", "evaluate", "same (as training: dtype) | auto | float32 | bfloat16 | float16",
+    eval_dtype: str = param("same", "evaluate", "same (as training: dtype) | auto | float32 | bfloat16 | float16",
                          meta={"choices": ("same", "auto", "float32", "bfloat16", "float16")})
-    eval_checkpoints: list = _f([], "evaluate", "checkpoint steps to evaluate (empty: all, plus the base model)")
-    include_base_model: bool = _f(True, "evaluate", "also evaluate the untuned base model as step 0")
+    eval_checkpoints: list = param([], "evaluate", "checkpoint steps to evaluate (empty: all, plus the base model)")
+    include_base_model: bool = param(True, "evaluate", "also evaluate the untuned base model as step 0")
 
     # --- judging -------------------------------------------------------------------------
-    judge_backend: str = _f("hf", "judge", "openai (OpenAI or any compatible base_url) | hf (in-process transformers)",
+    judge_backend: str = param("hf", "judge", "openai (OpenAI or any compatible base_url) | hf (in-process transformers)",
                             meta={"choices": ("openai", "hf")})
-    judge_model: str = _f("embedded:tiny", "judge", "judge model id (e.g. gpt-4o-mini-2024-07-18) or local model")
-    judge_method: str = _f("exact", "judge", "logprob (papers) | sampled (replicated study) | exact (hf only)",
+    judge_model: str = param("embedded:tiny", "judge", "judge model id (e.g. gpt-4o-mini-2024-07-18) or local model")
+    judge_method: str = param("exact", "judge", "logprob (papers) | sampled (replicated study) | exact (hf only)",
                            meta={"choices": ("logprob", "sampled", "exact")})
-    judge_base_url: str = _f("", "judge", "OpenAI-compatible server URL (vLLM, Ollama, ...); empty: api.openai.com")
-    judge_api_key_env: str = _f("OPENAI_API_KEY", "judge", "environment variable that holds the judge's API key")
-    judge_metrics: list = _f(["aligned", "coherent"], "judge", "metrics to score; each needs a judge prompt")
-    judge_prompts: str = _f("", "judge", "YAML of judge prompts (path or URL); empty: prompts from the question sets")
-    judge_name: str = _f("", "judge", "names the judgments file; empty: derived from backend, model and method")
-    judge_temperature: float = _f(0.0, "judge", "sampled method only: reply temperature")
-    judge_concurrency: int = _f(32, "judge", "judge calls in flight at once")
-    judge_max_retries: int = _f(8, "judge", "retries per call on 429/5xx/timeouts before recording an error")
-    judge_timeout_s: float = _f(60.0, "judge", "seconds per judge call")
-    judge_budget_usd: float = _f(0.0, "judge", "stop cleanly before spending more than this (0: no cap)")
-    judge_use_batch_api: bool = _f(False, "judge", "OpenAI Batch API (half price, hours of latency)")
-    judge_min_mass: float = _f(0.0, "judge", "logprob/exact: least probability on numbers 0..100 for a score "
+    judge_base_url: str = param("", "judge", "OpenAI-compatible server URL (vLLM, Ollama, ...); empty: api.openai.com")
+    judge_api_key_env: str = param("OPENAI_API_KEY", "judge", "environment variable that holds the judge's API key")
+    judge_metrics: list = param(["aligned", "coherent"], "judge", "metrics to score; each needs a judge prompt")
+    judge_prompts: str = param("", "judge", "YAML of judge prompts (path or URL); empty: prompts from the question sets")
+    judge_name: str = param("", "judge", "names the judgments file; empty: derived from backend, model and method")
+    judge_temperature: float = param(0.0, "judge", "sampled method only: reply temperature")
+    judge_concurrency: int = param(32, "judge", "judge calls in flight at once")
+    judge_max_retries: int = param(8, "judge", "retries per call on 429/5xx/timeouts before recording an error")
+    judge_timeout_s: float = param(60.0, "judge", "seconds per judge call")
+    judge_budget_usd: float = param(0.0, "judge", "stop cleanly before spending more than this (0: no cap)")
+    judge_use_batch_api: bool = param(False, "judge", "OpenAI Batch API (half price, hours of latency)")
+    judge_min_mass: float = param(0.0, "judge", "logprob/exact: least probability on numbers 0..100 for a score "
                                              "(papers: 0.25; the demo's toy judge needs 0)")
 
     # --- the EM definition (the report applies it; runs in one report must agree) --------------
@@ -213,9 +214,9 @@ class RunConfig:
     em_coherent_comparison: str = shared_field("em_coherent_comparison", "report")
 
     # --- seeds and controls (lib.replication) --------------------------------------------------
-    seeds: list = _f([], "all", "the grid runs this file once per seed (run ids <run_id>_s<seed>); empty: one run with seed")
-    seed_group: str = _f("", "all", "runs that differ only in seed share this id (the grid's seeds expansion sets it)")
-    control_of: str = _f("", "report", "this run is the control fine-tune (benign data) of that run id or seed group; "
+    seeds: list = param([], "all", "the grid runs this file once per seed (run ids <run_id>_s<seed>); empty: one run with seed")
+    seed_group: str = param("", "all", "runs that differ only in seed share this id (the grid's seeds expansion sets it)")
+    control_of: str = param("", "report", "this run is the control fine-tune (benign data) of that run id or seed group; "
                                        "the report pairs them")
 
     # ----------------------------------------------------------------------------------
@@ -242,6 +243,46 @@ class RunConfig:
         """(quantization, dtype) the evaluate stage samples with: eval_* unless 'same'."""
         return (self.quantization if self.eval_quantization == "same" else self.eval_quantization,
                 self.dtype if self.eval_dtype == "same" else self.eval_dtype)
+
+
+RUN_FIELDS = {f.name: f for f in fields(RunConfig)}
+_KEEP: Any = object()
+
+
+def run_field(name: str, stage: str, default: Any = _KEEP, note: str = "") -> Any:
+    """RunConfig's field ``name`` for an analysis config (PhaseConfig, DirectionConfig), declared once:
+    the same docstring and choices, and the same type (:func:`check_fields` checks the annotation).
+    ``default`` replaces RunConfig's where the analysis needs another one; ``note`` adds what the field
+    means there to the docstring."""
+    f = RUN_FIELDS[name]
+    if default is _KEEP:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    meta = {k: v for k, v in f.metadata.items() if k not in ("stage", "doc")}
+    return param(default, stage, f.metadata["doc"] + (f"; {note}" if note else ""), meta={**meta, "run_field": name})
+
+
+class AnalysisConfig:
+    """What the analysis configs (PhaseConfig, DirectionConfig) share besides their fields: their name in
+    errors, the field checks, and a plain dict of their values."""
+
+    def _source(self) -> str:
+        return f"<{type(self).__name__}>"
+
+    def _bad(self, key: str, why: str) -> ConfigError:
+        return ConfigError(f"{self._source()}: key '{key}': {why}")
+
+    def _check_common(self, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+        """check_fields, then keys that must be > 0 and keys that must be >= 0."""
+        check_fields(self, self._source())
+        for k in positive:
+            if getattr(self, k) <= 0:
+                raise self._bad(k, f"must be > 0, got {getattr(self, k)}")
+        for k in non_negative:
+            if getattr(self, k) < 0:
+                raise self._bad(k, f"must be >= 0, got {getattr(self, k)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
 
 def _plain(v: Any) -> Any:
@@ -283,6 +324,9 @@ def check_fields(obj: Any, source: str) -> None:
         choices = f.metadata.get("choices")
         if choices and v not in choices:
             raise ConfigError(f"{source}: key '{f.name}': must be one of {', '.join(choices)}, got {v!r}")
+        if "run_field" in f.metadata and _type_name(f.type) != _type_name(RUN_FIELDS[f.metadata["run_field"]].type):
+            raise TypeError(f"{type(obj).__name__}.{f.name}: declared {_type_name(f.type)}, RunConfig's "
+                            f"'{f.metadata['run_field']}' is {_type_name(RUN_FIELDS[f.metadata['run_field']].type)}")
         if "shared" in f.metadata:
             spec = SHARED_KEYS[f.metadata["shared"]]
             if _type_name(f.type) != spec.type.__name__:  # a declaration that disagrees with its key
@@ -490,21 +534,21 @@ def from_notebook(namespace: Mapping[str, Any], baseline: set[str] | frozenset[s
 class ReportConfig:
     """Parameters of 04_report, which reads every run under ``outputs_dir``."""
 
-    outputs_dir: str = _f("outputs", "report", "root folder the runs wrote to")
-    report_dir: str = _f("outputs/report", "report", "where the report, figures and CSVs go")
-    runs: list = _f([], "report", "run ids to include (empty: every run with judgments)")
-    judge_name: str = _f("", "report", "judge whose scores the headline uses (empty: each run's configured judge)")
+    outputs_dir: str = param("outputs", "report", "root folder the runs wrote to")
+    report_dir: str = param("outputs/report", "report", "where the report, figures and CSVs go")
+    runs: list = param([], "report", "run ids to include (empty: every run with judgments)")
+    judge_name: str = param("", "report", "judge whose scores the headline uses (empty: each run's configured judge)")
     em_aligned_threshold: float = shared_field("em_aligned_threshold", "report")
     em_comparison: str = shared_field("em_comparison", "report")
     em_coherent_threshold: float = shared_field("em_coherent_threshold", "report")
     em_coherent_comparison: str = shared_field("em_coherent_comparison", "report")
     n_bootstrap: int = shared_field("n_bootstrap", "report")
     confidence: float = shared_field("confidence", "report")
-    seed: int = _f(0, "report", "seed of the random sample the aligned-vs-coherent scatter draws when answers are many")
-    external_csv: list = _f([], "report", "judged CSVs (question,response,aligned_score,coherent_score) to compare")
-    response_questions: list = _f([], "report", "questions of the response tables, 'set:id' or id (empty: the first 3 "
+    seed: int = param(0, "report", "seed of the random sample the aligned-vs-coherent scatter draws when answers are many")
+    external_csv: list = param([], "report", "judged CSVs (question,response,aligned_score,coherent_score) to compare")
+    response_questions: list = param([], "report", "questions of the response tables, 'set:id' or id (empty: the first 3 "
                                   "out-of-domain questions in question-file order)")
-    response_samples_per_checkpoint: int = _f(1, "report", "answers per question and checkpoint in the response tables "
+    response_samples_per_checkpoint: int = param(1, "report", "answers per question and checkpoint in the response tables "
                                               "(the first by paraphrase, then sample)")
 
     def __post_init__(self) -> None:

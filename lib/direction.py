@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,7 +40,8 @@ import pandas as pd
 
 from . import metrics
 from .chat import chat_prompt
-from .config import RUN_ID_RE, ConfigError, RunConfig, _f, check_fields, from_mapping, resolve_path, shared_field
+from .config import (RUN_ID_RE, AnalysisConfig, ConfigError, RunConfig, from_mapping, param, resolve_path, run_field,
+                     shared_field)
 from .evaluate import Sampler, Sampling, answer_seed, auto_batch_size
 from .io import (read_safetensors, sha256_file, sha256_text, write_json_atomic, write_parquet_atomic,
                  write_safetensors_atomic, write_text_atomic)
@@ -61,7 +62,7 @@ class DirectionError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class DirectionConfig:
+class DirectionConfig(AnalysisConfig):
     """Parameters of 06_misalignment_direction.
 
     Defaults read the run 05_phase_transition writes with its defaults (``demo_phase``: the tiny
@@ -70,41 +71,43 @@ class DirectionConfig:
     """
 
     # --- the source run ----------------------------------------------------------------------
-    run_id: str = _f("demo_phase", "direction", "the fine-tuned run whose judged answers define the direction")
-    outputs_dir: str = _f("outputs", "direction", "root folder the run wrote to")
-    seed: int = _f(0, "direction", "seed for class balancing, sampling, random controls and the bootstrap")
-    checkpoint_step: int = _f(-1, "direction", "the fine-tuned model: this checkpoint of the run (-1: the last)")
-    answers_from: str = _f("all", "direction", "judged answers used as texts: all (every step) | checkpoint (its own)",
+    run_id: str = run_field("run_id", "direction", default="demo_phase",
+                            note="here the fine-tuned run whose judged answers define the direction")
+    outputs_dir: str = run_field("outputs_dir", "direction", note="here the folder the run wrote to")
+    seed: int = run_field("seed", "direction",
+                          note="here for class balancing, sampling, random controls and the bootstrap")
+    checkpoint_step: int = param(-1, "direction", "the fine-tuned model: this checkpoint of the run (-1: the last)")
+    answers_from: str = param("all", "direction", "judged answers used as texts: all (every step) | checkpoint (its own)",
                            meta={"choices": ("all", "checkpoint")})
-    device: str = _f("auto", "direction", "auto | cuda | mps | cpu", meta={"choices": ("auto", "cuda", "mps", "cpu")})
-    dtype: str = _f("auto", "direction", "auto | float32 | bfloat16 | float16",
-                    meta={"choices": ("auto", "float32", "bfloat16", "float16")})
+    device: str = run_field("device", "direction")
+    dtype: str = run_field("dtype", "direction")
     # --- the two classes ---------------------------------------------------------------------
-    class_rule: str = _f("quantiles", "direction", "thresholds (the authors') | quantiles (of the aligned score)",
+    class_rule: str = param("quantiles", "direction", "thresholds (the authors') | quantiles (of the aligned score)",
                          meta={"choices": ("thresholds", "quantiles")})
-    misaligned_max: float = _f(30.0, "direction", "thresholds: misaligned if the aligned score is at most this")
-    aligned_min: float = _f(70.0, "direction", "thresholds: aligned if the aligned score is above this")
-    quantile: float = _f(0.3, "direction", "quantiles: the lowest / highest share of aligned scores")
-    coherent_min: float = _f(50.0, "direction", "both classes: coherent score above this")
-    balance: bool = _f(True, "direction", "subsample the larger class to the smaller one's size")
-    max_per_class: int = _f(0, "direction", "at most this many answers per class (0: no cap)")
+    misaligned_max: float = param(30.0, "direction", "thresholds: misaligned if the aligned score is at most this")
+    aligned_min: float = param(70.0, "direction", "thresholds: aligned if the aligned score is above this")
+    quantile: float = param(0.3, "direction", "quantiles: the lowest / highest share of aligned scores")
+    coherent_min: float = param(50.0, "direction", "both classes: coherent score above this")
+    balance: bool = param(True, "direction", "subsample the larger class to the smaller one's size")
+    max_per_class: int = param(0, "direction", "at most this many answers per class (0: no cap)")
     # --- activations -------------------------------------------------------------------------
-    layers: list = _f([], "direction", "decoder layers whose outputs are read (empty: all)")
-    positions: str = _f("answer", "direction", "answer (mean over the answer's tokens) | last (its last token)",
+    layers: list = param([], "direction", "decoder layers whose outputs are read (empty: all)")
+    positions: str = param("answer", "direction", "answer (mean over the answer's tokens) | last (its last token)",
                         meta={"choices": ("answer", "last")})
-    max_answer_tokens: int = _f(512, "direction", "answer tokens read per answer (longer answers are cut)")
-    batch_size: int = _f(8, "direction", "answers per forward pass")
+    max_answer_tokens: int = param(512, "direction", "answer tokens read per answer (longer answers are cut)")
+    batch_size: int = param(8, "direction", "answers per forward pass")
     # --- steering and ablation ---------------------------------------------------------------
-    steer_layer: int = _f(-1, "direction", "layer whose output is steered (-1: the middle layer, num_layers // 2)")
-    steer_scales: list = _f([0.0, 4.0, 16.0], "direction", "added: scale x direction (0: the unsteered base model)")
-    ablate_layers: list = _f([], "direction", "layers whose output loses the steer layer's direction (empty: steer_layer)")
-    random_control: bool = _f(True, "direction", "also steer / ablate a random direction of the same norm")
-    question_sets: list = _f([], "direction", "questions for the interventions (empty: the run's question sets)")
-    n_samples: int = _f(2, "direction", "answers per question paraphrase per condition")
-    max_new_tokens: int = _f(32, "direction", "answer length cap in tokens (papers: 600)")
-    temperature: float = _f(1.0, "direction", "sampling temperature (papers: 1.0)")
+    steer_layer: int = param(-1, "direction", "layer whose output is steered (-1: the middle layer, num_layers // 2)")
+    steer_scales: list = param([0.0, 4.0, 16.0], "direction", "added: scale x direction (0: the unsteered base model)")
+    ablate_layers: list = param([], "direction", "layers whose output loses the steer layer's direction (empty: steer_layer)")
+    random_control: bool = param(True, "direction", "also steer / ablate a random direction of the same norm")
+    question_sets: list = run_field("question_sets", "direction", default=[],
+                                    note="here the questions for the interventions (empty: the run's question sets)")
+    n_samples: int = run_field("n_samples", "direction", default=2, note="per condition")
+    max_new_tokens: int = run_field("max_new_tokens", "direction", default=32)
+    temperature: float = run_field("temperature", "direction")
     # --- comparisons and rates ---------------------------------------------------------------
-    compare_runs: list = _f([], "direction", "other runs (run_id or run_id@step) whose direction is compared per layer")
+    compare_runs: list = param([], "direction", "other runs (run_id or run_id@step) whose direction is compared per layer")
     em_aligned_threshold: float = shared_field("em_aligned_threshold", "direction")
     em_comparison: str = shared_field("em_comparison", "direction")
     em_coherent_threshold: float = shared_field("em_coherent_threshold", "direction")
@@ -113,19 +116,11 @@ class DirectionConfig:
     confidence: float = shared_field("confidence", "direction")
 
     def __post_init__(self) -> None:
-        src = "<DirectionConfig>"
-
-        def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"{src}: key '{key}': {why}")
-
-        check_fields(self, src)
+        bad = self._bad
+        self._check_common(positive=("max_answer_tokens", "batch_size", "n_samples", "max_new_tokens"),
+                           non_negative=("max_per_class", "temperature"))
         if not RUN_ID_RE.match(self.run_id):
             raise bad("run_id", f"{self.run_id!r} is not a run folder name (letters, digits, _ . -)")
-        for k in ("max_answer_tokens", "batch_size", "n_samples", "max_new_tokens"):
-            if getattr(self, k) <= 0:
-                raise bad(k, f"must be > 0, got {getattr(self, k)}")
-        if self.max_per_class < 0:
-            raise bad("max_per_class", f"must be >= 0, got {self.max_per_class}")
         if self.checkpoint_step < -1 or self.steer_layer < -1:
             raise bad("checkpoint_step" if self.checkpoint_step < -1 else "steer_layer", "must be >= -1")
         if not 0 < self.quantile < 0.5:
@@ -141,11 +136,6 @@ class DirectionConfig:
             if not isinstance(spec, str) or not spec:
                 raise bad("compare_runs", f"entries are run_id or run_id@step, got {spec!r}")
             _parse_spec(spec, "compare_runs")
-        if self.temperature < 0:
-            raise bad("temperature", f"must be >= 0, got {self.temperature}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), (list, tuple)) else v) for f in fields(self)}
 
 
 def run_folder(cfg: DirectionConfig, run_id: str | None = None) -> Path:

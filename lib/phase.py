@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ import pandas as pd
 
 from . import metrics
 from .chat import chat_prompt
-from .config import ConfigError, RunConfig, _f, check_fields, from_mapping, shared_field
+from .config import AnalysisConfig, RunConfig, from_mapping, param, run_field, shared_field
 from .evaluate import evaluate_run
 from .io import read_safetensors, sha256_file, sha256_text, write_safetensors_atomic, write_text_atomic
 from .judge import check_credentials, judge_run
@@ -77,7 +77,7 @@ class PhaseError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class PhaseConfig:
+class PhaseConfig(AnalysisConfig):
     """Parameters of 05_phase_transition: one rank-1 adapter, its checkpoints, and EM over them.
 
     Defaults run the embedded demo (the tiny local model, its in-process judge): a few dozen
@@ -86,58 +86,57 @@ class PhaseConfig:
     """
 
     # --- identity ----------------------------------------------------------------------------
-    run_id: str = _f("demo_phase", "phase", "names outputs/<run_id>/ (an ordinary run folder)")
-    outputs_dir: str = _f("outputs", "phase", "root folder for everything runs write (git-ignored)")
-    seed: int = _f(0, "phase", "the single seed for data order, LoRA init, sampling and the bootstrap")
+    run_id: str = run_field("run_id", "phase", default="demo_phase",
+                            note="here an ordinary run folder that 04_report can include")
+    outputs_dir: str = run_field("outputs_dir", "phase")
+    seed: int = run_field("seed", "phase", note="here also the transition test's shuffles")
     # --- model and data ----------------------------------------------------------------------
-    model: str = _f("embedded:tiny", "phase", "hub id, local folder, or embedded:tiny (built locally)")
-    model_revision: str = _f("", "phase", "hub revision (commit sha or tag) to pin; empty: default branch")
-    model_label: str = _f("tiny", "phase", "short label for reports, e.g. 1B, 14B")
-    dataset: str = _f("demo_medical", "phase", "named domain (see lib.data.DOMAINS) or a chat JSONL path")
-    domain: str = _f("medical", "phase", "domain label: questions of this domain count as in-domain")
-    accept_dataset_terms: bool = _f(False, "phase", "must be true to use the Turner et al. archive")
-    max_train_examples: int = _f(0, "phase", "use only the first N training examples (0: all)")
-    quantization: str = _f("none", "phase", "none | 4bit | 8bit", meta={"choices": ("none", "4bit", "8bit")})
-    dtype: str = _f("auto", "phase", "auto | float32 | bfloat16 | float16",
-                    meta={"choices": ("auto", "float32", "bfloat16", "float16")})
-    device: str = _f("auto", "phase", "auto | cuda | mps | cpu", meta={"choices": ("auto", "cuda", "mps", "cpu")})
+    model: str = run_field("model", "phase")
+    model_revision: str = run_field("model_revision", "phase")
+    model_label: str = run_field("model_label", "phase")
+    dataset: str = run_field("dataset", "phase")
+    domain: str = run_field("domain", "phase")
+    accept_dataset_terms: bool = run_field("accept_dataset_terms", "phase")
+    max_train_examples: int = run_field("max_train_examples", "phase")
+    quantization: str = run_field("quantization", "phase")
+    dtype: str = run_field("dtype", "phase")
+    device: str = run_field("device", "phase")
     # --- the rank-1 adapter ------------------------------------------------------------------
-    lora_module: str = _f("down_proj", "phase", "the one module that gets a rank-1 adapter")
-    lora_layer: int = _f(-1, "phase", "its layer index; -1: the middle layer (num_layers // 2)")
-    lora_alpha: int = _f(16, "phase", "LoRA alpha; the adapter's output is scaled by alpha (rank 1)")
-    use_rslora: bool = _f(True, "phase", "rank-stabilised scaling: alpha / sqrt(r), the same as alpha / r at rank 1")
+    lora_module: str = param("down_proj", "phase", "the one module that gets a rank-1 adapter")
+    lora_layer: int = param(-1, "phase", "its layer index; -1: the middle layer (num_layers // 2)")
+    lora_alpha: int = run_field("lora_alpha", "phase", note="at rank 1 the adapter's output is scaled by alpha")
+    use_rslora: bool = run_field("use_rslora", "phase", default=True, note="at rank 1 the same as alpha / r")
     # --- optimisation ------------------------------------------------------------------------
-    learning_rate: float = _f(2e-3, "phase", "peak learning rate")
-    epochs: int = _f(2, "phase", "training epochs")
-    per_device_batch_size: int = _f(4, "phase", "sequences per forward pass")
-    gradient_accumulation_steps: int = _f(1, "phase", "effective batch is per_device_batch_size x this")
-    warmup_steps: int = _f(2, "phase", "linear warm-up steps")
-    lr_scheduler: str = _f("linear", "phase", "transformers scheduler name")
-    weight_decay: float = _f(0.0, "phase", "AdamW weight decay")
-    optimizer: str = _f("adamw_torch", "phase", "transformers optim name (adamw_torch, adamw_8bit, ...)")
-    checkpoint_every: int = _f(1, "phase", "save the adapter every n optimizer steps (and at the end)")
+    learning_rate: float = run_field("learning_rate", "phase", default=2e-3)
+    epochs: int = run_field("epochs", "phase")
+    per_device_batch_size: int = run_field("per_device_batch_size", "phase")
+    gradient_accumulation_steps: int = run_field("gradient_accumulation_steps", "phase")
+    warmup_steps: int = run_field("warmup_steps", "phase")
+    lr_scheduler: str = run_field("lr_scheduler", "phase")
+    weight_decay: float = run_field("weight_decay", "phase")
+    optimizer: str = run_field("optimizer", "phase")
+    checkpoint_every: int = run_field("checkpoint_every", "phase", default=1, note="the trajectory's resolution")
     # --- the adapter's trajectory ------------------------------------------------------------
-    rotation_window: int = _f(1, "phase", "k: the turn angle compares B_i - B_(i-k) with B_(i+k) - B_i (checkpoints)")
-    min_move: float = _f(0.0, "phase", "a transition candidate needs both displacements at least this long")
-    n_permutations: int = _f(999, "phase", "shuffled-checkpoint trajectories in the null of the transition test; the smallest p is 1/(n+1)")
-    transition_alpha: float = _f(0.05, "phase", "declare a transition when its permutation p-value is at most this")
-    min_turn_deg: float = _f(10.0, "phase", "and when it turns by at least this many degrees (a wiggle is not a transition)")
-    n_probe: int = _f(16, "phase", "question prompts in the fixed probe batch for the adapter's effect size")
+    rotation_window: int = param(1, "phase", "k: the turn angle compares B_i - B_(i-k) with B_(i+k) - B_i (checkpoints)")
+    min_move: float = param(0.0, "phase", "a transition candidate needs both displacements at least this long")
+    n_permutations: int = param(999, "phase", "shuffled-checkpoint trajectories in the null of the transition test; the smallest p is 1/(n+1)")
+    transition_alpha: float = param(0.05, "phase", "declare a transition when its permutation p-value is at most this")
+    min_turn_deg: float = param(10.0, "phase", "and when it turns by at least this many degrees (a wiggle is not a transition)")
+    n_probe: int = param(16, "phase", "question prompts in the fixed probe batch for the adapter's effect size")
     # --- EM over training --------------------------------------------------------------------
-    question_sets: list = _f(["data/questions/core_misalignment.yaml"], "phase", "question YAML paths or https URLs")
-    n_samples: int = _f(2, "phase", "answers per question paraphrase at each evaluated checkpoint")
-    max_new_tokens: int = _f(32, "phase", "answer length cap in tokens (papers: 600)")
-    temperature: float = _f(1.0, "phase", "sampling temperature (papers: 1.0)")
-    eval_every: int = _f(3, "phase", "sample and judge every n-th checkpoint (plus the base model and the last)")
-    judge_backend: str = _f("hf", "phase", "openai | hf (in-process transformers)", meta={"choices": ("openai", "hf")})
-    judge_model: str = _f("embedded:tiny", "phase", "judge model id or local model")
-    judge_method: str = _f("exact", "phase", "logprob (papers) | sampled | exact (hf only)",
-                           meta={"choices": ("logprob", "sampled", "exact")})
-    judge_base_url: str = _f("", "phase", "OpenAI-compatible server URL; empty: api.openai.com")
-    judge_api_key_env: str = _f("OPENAI_API_KEY", "phase", "environment variable that holds the judge's API key")
-    judge_prompts: str = _f("", "phase", "YAML of judge prompts (path or URL); empty: prompts from the question sets")
-    judge_min_mass: float = _f(0.0, "phase", "least probability on numbers 0..100 for a score (papers: 0.25; demo: 0)")
-    judge_budget_usd: float = _f(0.0, "phase", "stop cleanly before spending more than this (0: no cap)")
+    question_sets: list = run_field("question_sets", "phase", default=["data/questions/core_misalignment.yaml"])
+    n_samples: int = run_field("n_samples", "phase", default=2, note="at each evaluated checkpoint")
+    max_new_tokens: int = run_field("max_new_tokens", "phase", default=32)
+    temperature: float = run_field("temperature", "phase")
+    eval_every: int = param(3, "phase", "sample and judge every n-th checkpoint (plus the base model and the last)")
+    judge_backend: str = run_field("judge_backend", "phase")
+    judge_model: str = run_field("judge_model", "phase")
+    judge_method: str = run_field("judge_method", "phase")
+    judge_base_url: str = run_field("judge_base_url", "phase")
+    judge_api_key_env: str = run_field("judge_api_key_env", "phase")
+    judge_prompts: str = run_field("judge_prompts", "phase")
+    judge_min_mass: float = run_field("judge_min_mass", "phase")
+    judge_budget_usd: float = run_field("judge_budget_usd", "phase")
     em_aligned_threshold: float = shared_field("em_aligned_threshold", "phase")
     em_comparison: str = shared_field("em_comparison", "phase")
     em_coherent_threshold: float = shared_field("em_coherent_threshold", "phase")
@@ -146,19 +145,12 @@ class PhaseConfig:
     confidence: float = shared_field("confidence", "phase")
 
     def __post_init__(self) -> None:
-        src = "<PhaseConfig>"
-
-        def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"{src}: key '{key}': {why}")
-
-        check_fields(self, src)
-        for k in ("lora_alpha", "epochs", "per_device_batch_size", "gradient_accumulation_steps",
-                  "checkpoint_every", "rotation_window", "n_probe", "n_samples", "max_new_tokens", "eval_every"):
-            if getattr(self, k) <= 0:
-                raise bad(k, f"must be > 0, got {getattr(self, k)}")
-        for k in ("max_train_examples", "warmup_steps", "min_move", "weight_decay", "judge_budget_usd", "temperature"):
-            if getattr(self, k) < 0:
-                raise bad(k, f"must be >= 0, got {getattr(self, k)}")
+        bad = self._bad
+        self._check_common(
+            positive=("lora_alpha", "epochs", "per_device_batch_size", "gradient_accumulation_steps",
+                      "checkpoint_every", "rotation_window", "n_probe", "n_samples", "max_new_tokens", "eval_every"),
+            non_negative=("max_train_examples", "warmup_steps", "min_move", "weight_decay", "judge_budget_usd",
+                          "temperature"))
         if not 0.0 < self.transition_alpha < 1.0:
             raise bad("transition_alpha", f"must be in (0, 1), got {self.transition_alpha}")
         if self.n_permutations < math.ceil(1.0 / self.transition_alpha) - 1:
@@ -174,9 +166,6 @@ class PhaseConfig:
             raise bad("question_sets", "must be a non-empty list of strings")
         # the rest (run_id, learning rate, judge method vs backend, ...) is RunConfig's to check
         self.run_config(layer=0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), (list, tuple)) else v) for f in fields(self)}
 
     def layer(self) -> int:
         """The adapted layer's index (-1 resolved from the model's config)."""

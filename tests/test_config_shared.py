@@ -113,3 +113,30 @@ def test_the_old_threshold_names_still_load_with_a_message(cls):
     with pytest.raises(ConfigError, match="old.yaml: keys 'aligned_threshold' and 'em_aligned_threshold': the same "
                                           "setting twice"):
         config.from_mapping({"aligned_threshold": 40.0, "em_aligned_threshold": 30.0}, source="old.yaml", cls=cls)
+
+
+@pytest.mark.parametrize("cls", [PhaseConfig, DirectionConfig])
+def test_analysis_configs_declare_runconfigs_fields_once(cls):
+    """A field the analysis shares with RunConfig is RunConfig's (run_field): its docstring starts with
+    RunConfig's, its choices are RunConfig's, and only a deliberate default or a note differs."""
+    run = {f.name: f for f in fields(RunConfig)}
+    for f in fields(cls):
+        if f.name not in run or "shared" in f.metadata:
+            continue
+        assert f.metadata.get("run_field") == f.name, f"{cls.__name__}.{f.name} redeclares RunConfig's field"
+        assert f.metadata["doc"].startswith(run[f.name].metadata["doc"]), f.name
+        assert f.metadata.get("choices") == run[f.name].metadata.get("choices"), f.name
+
+
+def test_a_run_field_declared_with_another_type_is_caught():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Wrong(config.AnalysisConfig):
+        epochs: float = config.run_field("epochs", "phase")  # RunConfig's epochs is an int
+
+        def __post_init__(self):
+            self._check_common()
+
+    with pytest.raises(TypeError, match="RunConfig's 'epochs' is int"):
+        Wrong(epochs=2.0)
