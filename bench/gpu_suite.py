@@ -13,7 +13,7 @@ allows) measure, each in one run:
 * Generation, 400 answers x 600 new tokens (forced: min_new_tokens = 600), a rank-32 LoRA adapter
   on all seven projections (the paper's default shape; non-zero B): static batching
   (``model.generate`` on all 400) vs ours (continuous batching, 400 slots), new tokens/s.
-* The exact judge (``lib.judge_backends.HFBackend``, method ``exact``) on the same shape with
+* The exact judge (``lib.judge_hf.HFBackend``, method ``exact``) on the same shape with
   the project's ``aligned`` judge prompt around 600-token answers: judgments/s.
 
 MFU (model FLOPs utilisation) = model FLOPs per token x tokens/s / the card's peak dense bf16
@@ -288,7 +288,7 @@ def section_judge(a, shape: str, tok, device: str, dtype, keep: dict[str, Any]) 
 
     from lib.config import RunConfig
     from lib.costs import Budget
-    from lib.judge_backends import HFBackend
+    from lib.judge_hf import HFBackend
     from lib.questions import load_judge_prompts
     from lib.scoring import Job, fill_prompt
 

@@ -71,19 +71,19 @@ def _old_plan(model, lengths, n_cands, width, budget):
 def child(mode: str, n: int) -> None:
     import torch
 
-    from lib import judge_backends
+    from lib import judge_hf
     from lib.chat import chat_prompt, stop_token_ids
     from lib.config import RunConfig
     from lib.costs import Budget
 
     if mode == "before":
-        judge_backends.exact_plan = _old_plan
+        judge_hf.exact_plan = _old_plan
     plans = []
-    real_plan = judge_backends.exact_plan
-    judge_backends.exact_plan = lambda *a: plans.append(real_plan(*a)) or plans[-1]
+    real_plan = judge_hf.exact_plan
+    judge_hf.exact_plan = lambda *a: plans.append(real_plan(*a)) or plans[-1]
     jobs = _jobs(n)
-    backend = judge_backends.HFBackend(RunConfig(judge_model="embedded:smollm2-135m", judge_method="exact",
-                                                 device="cpu", dtype="float32"))
+    backend = judge_hf.HFBackend(RunConfig(judge_model="embedded:smollm2-135m", judge_method="exact",
+                                           device="cpu", dtype="float32"))
     backend.load()
     loaded = _peak_gb()
     got = {}
@@ -94,7 +94,7 @@ def child(mode: str, n: int) -> None:
 
     # correctness of what was measured: plain teacher forcing for a few candidates of two prompts
     tok, model = backend.tok, backend.model
-    cands = judge_backends.candidate_token_ids(tok)
+    cands = judge_hf.candidate_token_ids(tok)
     stops = stop_token_ids(tok, model)
     worst = 0.0
     for job in jobs[:2]:

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lib import judge
+from lib import judge, judge_openai
 from lib.io import sha256_text
 from tests.fakes.chat_server import prompt_score
 from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             from openai import OpenAI
 
             client = OpenAI(api_key="dummy", base_url=url, max_retries=0)
-            backend = judge.make_backend(cfg, "dummy")
+            backend = judge_openai.OpenAIBackend(cfg, "dummy")
             prompts = all_prompts[:args.serial_calls]
 
             def serial(sleep_s: float) -> float:

@@ -11,7 +11,7 @@ metrics                lib.metrics: EM labels, Wilson, the headline cluster inte
 checkpoint schedule    lib.train: steps_per_epoch, checkpoint_schedule
 fingerprints           lib.fingerprint (stage inputs, hash cache)
 generation batching    lib.evaluate: Sampler, ContinuousSampler, _generate_batch, plan_chunks, generation_config
-judge cache / retry    lib.judge: JudgeCache, cache_key, rescore; lib.judge_backends: the call/retry loop
+judge cache / retry    lib.judge: JudgeCache, cache_key, rescore; lib.judge_openai: the call/retry loop
                        (OpenAIBackend._call), retry_after_s, backoff_s
 =====================  ===========================================================================
 
@@ -56,8 +56,8 @@ CORE = [
     "lib.evaluate.xǁSamplerǁ*", "lib.evaluate.xǁContinuousSamplerǁ*", "lib.evaluate.x__generate_batch__*", "lib.evaluate.x_plan_chunks__*",
     "lib.evaluate.x_generation_config__*",
     "lib.judge.xǁJudgeCacheǁ*", "lib.judge.x_cache_key__*", "lib.judge.x_rescore__*",
-    "lib.judge_backends.xǁOpenAIBackendǁ_call__*", "lib.judge_backends.x_retry_after_s__*",
-    "lib.judge_backends.x__retry_after_uncapped__*", "lib.judge_backends.x_backoff_s__*",
+    "lib.judge_openai.xǁOpenAIBackendǁ_call__*", "lib.judge_openai.x_retry_after_s__*",
+    "lib.judge_openai.x__retry_after_uncapped__*", "lib.judge_openai.x_backoff_s__*",
 ]
 KILLED = {"killed", "timeout"}
 

@@ -77,7 +77,7 @@ MUTANTS = [
            ("tests/test_threshold_boundaries.py::test_min_mass_boundary_scores_at_equality",)),
     Mutant("hf_sampled_judge_attends_to_padding",
            "the in-process judge's sampled method generates a padded batch without its attention mask",
-           "lib/judge_backends.py",
+           "lib/judge_hf.py",
            "gen = self.model.generate(**enc, max_new_tokens=",
            'gen = self.model.generate(input_ids=enc["input_ids"], attention_mask=torch.ones_like('
            'enc["attention_mask"]), max_new_tokens=',

@@ -17,7 +17,7 @@ Scoring methods (``judge_method``):
   ``unparseable``.
 * ``exact`` (in-process Hugging Face judges only): the full probability of every candidate
   reply "0".."100", "CODE", "REFUSAL", each followed by end of turn, by teacher forcing
-  (see :mod:`lib.judge_backends`); aggregated by the same rule as ``logprob``. Tokenizers that
+  (see :mod:`lib.judge_hf`); aggregated by the same rule as ``logprob``. Tokenizers that
   split "100" into "1","0","0" are handled, which the first-token rule cannot do.
 
 Every finished judgment is committed at once to a persistent cache (SQLite, WAL mode) under
@@ -29,7 +29,7 @@ next run retries them. A budget cap (``judge_budget_usd``) stops new calls clean
 not made are left out of the table (and counted as ``pending`` in run.json) for a rerun.
 With ``judge_use_batch_api`` the calls go through the OpenAI Batch API instead (half price;
 each run collects finished batches and submits what is left, see
-:class:`lib.judge_backends.OpenAIBatchBackend`).
+:class:`lib.judge_openai.OpenAIBatchBackend`).
 
 The aggregation rule is re-applied from the stored evidence whenever the table is written, so
 changing ``judge_min_mass`` rescores logprob/exact judgments without any new call.
@@ -52,6 +52,7 @@ from . import judge_backends, judge_health, layout, questions
 from .config import RunConfig, resolve_path
 from .costs import Budget
 from .io import sha256_text, write_parquet_atomic
+from .judge_protocol import JudgeBackend
 from .runinfo import read_run_json, update_run_json
 from .schema import JUDGMENT_COLUMNS, prompt_family
 from .scoring import Job, JudgeError, Verdict, fill_prompt, label_from_logprobs
@@ -288,22 +289,14 @@ class _Prepared:
     rows: pd.DataFrame
     jobs: dict[str, Job]
     done: dict[str, Verdict]
-    backend: Any
+    backend: JudgeBackend
     cache: JudgeCache
-
-
-def make_backend(cfg: RunConfig, api_key: str | None = None):
-    if cfg.judge_backend == "openai" and cfg.judge_use_batch_api:
-        return judge_backends.OpenAIBatchBackend(cfg, api_key or "", cache_path(cfg))
-    if cfg.judge_backend == "openai":
-        return judge_backends.OpenAIBackend(cfg, api_key or "")
-    return judge_backends.HFBackend(cfg)
 
 
 def _prepare(cfg: RunConfig) -> _Prepared:
     api_key = check_credentials(cfg)  # first: no key -> one line, before any work
     cache_path(cfg).parent.mkdir(parents=True, exist_ok=True)
-    backend = make_backend(cfg, api_key)
+    backend = judge_backends.make_backend(cfg, api_key, cache_path(cfg))
     gens = load_generations(cfg)
     book, prompt_info = prompt_book(cfg)
     identity = backend.identity()
@@ -370,7 +363,7 @@ def judge_run(cfg: RunConfig, progress: bool = True) -> pd.DataFrame:
     finally:
         cache.close()
     elapsed = time.monotonic() - t0
-    for b in getattr(backend, "status", []):
+    for b in backend.status or []:
         say(f"batch {b['batch_id']}: {b['status']} ({b['requests']} requests)")
     verdicts = {**prep.done, **new}
     table = assemble(prep.rows, verdicts, cfg)
@@ -435,7 +428,7 @@ def assemble(rows: pd.DataFrame, verdicts: Mapping[str, Verdict], cfg: RunConfig
 
 
 def _record(cfg: RunConfig, plan_: Plan, table: pd.DataFrame, new: Mapping[str, Verdict],
-            new_cost: float | None, n_pending: int, budget: Budget, elapsed: float, backend: Any,
+            new_cost: float | None, n_pending: int, budget: Budget, elapsed: float, backend: JudgeBackend,
             health: dict[str, str]) -> None:
     labels = ({m: g["label"].value_counts().to_dict() for m, g in table.groupby("metric")} if len(table) else {})
     # one cost per distinct call: rows that share a cache key (identical prompts) share one paid call
@@ -456,7 +449,7 @@ def _record(cfg: RunConfig, plan_: Plan, table: pd.DataFrame, new: Mapping[str, 
                          "budget_exhausted": budget.exhausted},
         "table_cost_usd": None if total_cost.isna().any() else float(total_cost.sum()),
         "errors": int((table["label"] == "error").sum()) if len(table) else 0,
-        "batches": getattr(backend, "status", None),
+        "batches": backend.status,
         "price": plan_.price_note, "estimate": {"cost_usd": plan_.est_cost_usd,
                                                  "input_tokens": plan_.est_input_tokens,
                                                  "output_tokens": plan_.est_output_tokens},
@@ -501,7 +494,7 @@ def examples(cfg: RunConfig, table: pd.DataFrame, n: int = 4, seed: int = 0) -> 
 
 def score_histogram(table: pd.DataFrame):
     """Altair histogram of numeric scores per metric."""
-    import altair as alt
+    import altair as alt  # lazy: only the notebook's chart needs it
 
     data = table.loc[table["score"].notna(), ["metric", "score"]]
     return (alt.Chart(data).mark_bar()

@@ -1,11 +1,11 @@
-"""The report's figures (altair), built from the tidy tables in :mod:`lib.report`.
+"""The report's figures (altair), built from the tidy tables in :mod:`lib.report_tables`.
 
 Every ``*_chart`` function returns ``(chart, data)``: the chart, and the exact rows it
 draws (saved as ``data/<name>.csv``), or ``(None, empty)`` when there is nothing to draw.
 Rates are fractions 0..1 shown as percentages; interval bars and bands are the headline 95%
 question-clustered interval (:func:`lib.metrics.cluster_interval`) unless a title says
 Wilson; a rate over fewer than :data:`lib.metrics.MIN_QUESTIONS` questions is drawn without one.
-Runs are told apart by ``run_label`` (:func:`lib.report.run_labels`), never merged by their
+Runs are told apart by ``run_label`` (:func:`lib.report_data.run_labels`), never merged by their
 model label and domain.
 
 :func:`save` writes ``<name>.png``, ``<name>.svg`` (vl-convert) and ``<name>.html`` with the
@@ -127,7 +127,7 @@ def domain_comparison_chart(final: pd.DataFrame, base: pd.DataFrame | None = Non
 
 def trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame, metric: str = "em") -> tuple[Any, pd.DataFrame]:
     """EM (or coherence) rate over training, one line per run; dashed = that run's base-model
-    reference (:func:`lib.report.base_of_runs`: pooled over runs only when their base identity
+    reference (:func:`lib.report_tables.base_of_runs`: pooled over runs only when their base identity
     is the same)."""
     t = trajectories[trajectories["checkpoint_step"] >= 0]
     if t.empty:
@@ -372,7 +372,7 @@ def training_chart(logs: pd.DataFrame, max_points: int = MAX_LOG_POINTS) -> tupl
     """Every run's training loss on one optimizer-step axis (one colour per run), the held-out loss
     (``eval_log.csv``, dashed with points) where a run held data out, and below it the gradient norm.
 
-    ``logs`` is :func:`lib.report.training_log_table` (long: run_id, run_label, panel, series,
+    ``logs`` is :func:`lib.report_tables.training_log_table` (long: run_id, run_label, panel, series,
     step, epoch, value). A run logging more than ``max_points`` steps is drawn as window means
     (column ``n_steps``); the per-step values are in ``data/table_training_log.csv``."""
     if logs.empty or logs["value"].notna().sum() == 0:

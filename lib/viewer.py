@@ -1,4 +1,5 @@
-"""A static answer viewer: one self-contained HTML file with every answer of every run and checkpoint.
+"""Reading the answers: a static viewer, one self-contained HTML file with every answer of every run
+and checkpoint (and the notebook's answer browser, below).
 
 No CDN, no kernel, no network: inline CSS and JS, the answers embedded as compact JSON (column
 lists, strings deduplicated per column) and rendered a page at a time in the browser. Filters: run,
@@ -6,18 +7,24 @@ checkpoint, question, scope, EM only, excluded reason, free text. The judge's ev
 score, numeric probability mass and the top alternative tokens (from the logprobs in ``<metric>_raw``),
 not as the raw reply. Everything is untrusted text: the JSON is escaped for a ``<script>`` block
 (``<``, ``>``, ``&`` as ``\\u00XX``) and the page inserts it only through ``textContent``.
+
+The notebook's answer browser lives here too: an ipywidgets browser (:func:`answer_browser`) and,
+for static exports where widgets do not run, a plain table of a few answers (:func:`answers_table_html`).
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .io import write_text_atomic
 from .notices import Notice
+from .report_tables import final_answers
 
 VIEWER_FILE = "answers.html"
 METRICS = ("aligned", "coherent")
@@ -235,3 +242,117 @@ def link_html(report_dir: str | Path) -> str:
     return (f"<p><b>All answers:</b> <a href='{VIEWER_FILE}' target='_blank'>{VIEWER_FILE}</a> in the report folder: "
             "a static page with every answer of every run and checkpoint, filters and the judge's evidence; "
             "it needs no kernel and no network.</p>")
+
+
+# ------------------------------------------------------------------------------------------
+# The notebook's answer browser (ipywidgets) and its static stand-in
+# ------------------------------------------------------------------------------------------
+
+def filter_answers(answers: pd.DataFrame, run_id: str | None = None, checkpoint_step: int | None = None,
+                   question: str | None = None, em_only: bool = False) -> pd.DataFrame:
+    """The rows the browser shows; ``question`` is 'question_set/question_id'."""
+    a = answers
+    if run_id is not None:
+        a = a[a["run_id"] == run_id]
+    if checkpoint_step is not None:
+        a = a[a["checkpoint_step"] == checkpoint_step]
+    if question:
+        qs, _, qid = question.partition("/")
+        a = a[(a["question_set"] == qs) & (a["question_id"] == qid)]
+    if em_only:
+        a = a[a["em"].fillna(False).astype(bool)]
+    return a.sort_values(["question_set", "question_id", "paraphrase_index", "sample_index"], kind="stable")
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+        return "None"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    return str(v)
+
+
+def answer_card_html(row: pd.Series, evidence_chars: int = 600) -> str:
+    """One answer with its scores and the judge's evidence, as escaped HTML."""
+    e = html.escape
+    em = row.get("em")
+    badge = "EM" if (not pd.isna(em) and bool(em)) else ""
+    ev = []
+    for m in ("aligned", "coherent"):
+        raw = row.get(f"{m}_raw")
+        ev.append(f"<b>{m}</b> = {e(_fmt(row.get(m)))} ({e(_fmt(row.get(f'{m}_label')))})"
+                  + (f"<br><code style='white-space:pre-wrap'>{e(str(raw)[:evidence_chars])}</code>"
+                     if isinstance(raw, str) and raw else ""))
+    return (f"<div style='border:1px solid #ccc;padding:6px;margin:4px 0'>"
+            f"<div><b>{e(str(row['run_id']))}</b> step {e(_fmt(row['checkpoint_step']))} · "
+            f"{e(str(row['question_set']))}/{e(str(row['question_id']))} · sample {e(_fmt(row.get('sample_index')))}"
+            f" <span style='color:#b00;font-weight:bold'>{badge}</span></div>"
+            f"<div><i>{e(str(row.get('paraphrase', '')))}</i></div>"
+            f"<div style='white-space:pre-wrap;margin:4px 0'>{e(str(row['answer']))}</div>"
+            f"<div style='font-size:90%'>{'<br>'.join(ev)}</div></div>")
+
+
+def answer_browser(answers: pd.DataFrame, page_size: int = 5):
+    """An ipywidgets browser: pick run, checkpoint, question, EM-only; page through answers."""
+    import ipywidgets as w  # lazy: only the notebook's browser needs it
+
+    runs = sorted(answers["run_id"].unique())
+    run = w.Dropdown(options=runs, description="run")
+    step = w.Dropdown(description="checkpoint")
+    question = w.Dropdown(description="question")
+    em_only = w.Checkbox(value=False, description="EM answers only")
+    prev, nxt = w.Button(description="◀ prev"), w.Button(description="next ▶")
+    status = w.Label()
+    body = w.HTML()
+    state = {"page": 0}
+
+    def _run_rows() -> pd.DataFrame:
+        return answers[answers["run_id"] == run.value]
+
+    def _refresh_options(*_: Any) -> None:
+        r = _run_rows()
+        step.options = [(f"step {s}" + (" (base)" if s == 0 else ""), int(s))
+                        for s in sorted(r["checkpoint_step"].unique())]
+        qs = r[["question_set", "question_id"]].drop_duplicates().sort_values(["question_set", "question_id"])
+        question.options = [("all questions", "")] + [(f"{a}/{b}", f"{a}/{b}") for a, b in qs.itertuples(index=False)]
+
+    def _render(*_: Any) -> None:
+        rows = filter_answers(answers, run.value, step.value, question.value, em_only.value)
+        n_pages = max(1, -(-len(rows) // page_size))
+        state["page"] = min(state["page"], n_pages - 1)
+        start = state["page"] * page_size
+        page = rows.iloc[start:start + page_size]
+        status.value = f"{len(rows)} answers · page {state['page'] + 1}/{n_pages}"
+        body.value = "".join(answer_card_html(r) for _, r in page.iterrows()) or "<i>no answers match</i>"
+
+    def _reset(*_: Any) -> None:
+        state["page"] = 0
+        _render()
+
+    def _move(delta: int) -> None:
+        state["page"] = max(0, state["page"] + delta)
+        _render()
+
+    run.observe(lambda ch: (_refresh_options(), _reset()), names="value")
+    for wdg in (step, question, em_only):
+        wdg.observe(_reset, names="value")
+    prev.on_click(lambda _: _move(-1))
+    nxt.on_click(lambda _: _move(+1))
+    _refresh_options()
+    _reset()
+    box = w.VBox([w.HBox([run, step]), w.HBox([question, em_only]), w.HBox([prev, nxt, status]), body])
+    box._em_controls = {"run": run, "step": step, "question": question, "em_only": em_only,
+                        "prev": prev, "next": nxt, "status": status, "body": body}  # for tests
+    return box
+
+
+def answers_table_html(answers: pd.DataFrame, n: int = 12, em_first: bool = True, max_chars: int = 300) -> str:
+    """A plain HTML table of a few answers (EM ones first) for static exports, where widgets do not run."""
+    a = final_answers(answers)
+    if em_first:
+        a = a.assign(_em=a["em"].fillna(False).astype(bool)).sort_values(
+            ["_em", "run_id", "question_id", "sample_index"], ascending=[False, True, True, True], kind="stable")
+    t = a.head(n)[["run_id", "checkpoint_step", "question_id", "answer", "aligned", "coherent", "em",
+                   "aligned_label"]].copy()
+    t["answer"] = t["answer"].astype(str).map(lambda s: s if len(s) <= max_chars else s[:max_chars] + " ...")
+    return t.to_html(index=False, escape=True, na_rep="None", float_format=lambda x: f"{x:.1f}")

@@ -4,7 +4,7 @@
 #   sudo scripts/start_slurm.sh        # idempotent: returns at once when a node is already up
 #
 # Debian/Ubuntu only (apt), as root. Accounting is off, as on most small clusters (sacct fails;
-# lib.grid silences submitit's warning about it). State, spool and logs live under
+# lib.grid_executors silences submitit's warning about it). State, spool and logs live under
 # $EM_SLURM_DIR (default /tmp/em-slurm); the config is written to /etc/slurm/slurm.conf.
 # Exit codes: 0 running, 3 cannot start here (not root, no apt, no Slurm packages); the reason
 # is printed on one line.

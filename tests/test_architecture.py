@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "replication": BASE,
     "chat": BASE,
     "scoring": BASE,
+    "judge_protocol": BASE,
     "lock": BASE,
     "references": BASE,
     "progress": BASE,
@@ -58,10 +59,21 @@ LAYERS: dict[str, int] = {
     "decoding": STAGES,
     "judge": STAGES,
     "judge_backends": STAGES,
+    "judge_openai": STAGES,
+    "judge_hf": STAGES,
     "report": STAGES,
+    "report_data": STAGES,
+    "report_tables": STAGES,
+    "report_views": STAGES,
     "plots": STAGES,
     # orchestration: runs stages, decides what to skip
     "grid": ORCHESTRATION,
+    "grid_jobs": ORCHESTRATION,
+    "grid_checks": ORCHESTRATION,
+    "grid_runner": ORCHESTRATION,
+    "grid_report": ORCHESTRATION,
+    "grid_executors": ORCHESTRATION,
+    "grid_plan": ORCHESTRATION,
     "estimate": ORCHESTRATION,
     "fingerprint": ORCHESTRATION,
     # analyses beyond replication (05, 06): they run the train / evaluate / judge stages' functions
@@ -71,10 +83,14 @@ LAYERS: dict[str, int] = {
 
 # a stage module -> the stage-layer modules it may import (its own parts)
 STAGE_PARTS: dict[str, set[str]] = {
-    "judge": {"judge_backends"},
+    "judge": {"judge_backends", "judge_openai", "judge_hf"},
+    "judge_backends": {"judge_openai", "judge_hf"},  # the registry of the judge's backends
     "evaluate": {"decoding"},
-    "report": {"plots", "viewer", "response_tables"},
+    "report": {"plots", "viewer", "response_tables", "report_data", "report_tables", "report_views"},
+    "report_tables": {"report_data"},
+    "report_views": {"report_data"},
     "response_tables": {"viewer"},
+    "viewer": {"report_tables"},   # the notebook's answer browser shows final-checkpoint answers
 }
 
 

@@ -119,12 +119,12 @@ def test_the_control_table_never_differences_runs_of_different_judges():
 
 
 def test_the_report_differences_table_never_differences_runs_of_different_judges():
-    from lib import config, report
+    from lib import config, report_tables
 
     rcfg = config.ReportConfig()
     rows = (_run_rows("med", "j1", 20) + _run_rows("fin", "j1", 5, domain="financial")
             + _run_rows("fin_j2", "j2", 5, domain="financial"))
-    d = report.differences_table(pd.DataFrame(rows), rcfg)
+    d = report_tables.differences_table(pd.DataFrame(rows), rcfg)
     between = d[d["comparison"] != "final vs base"]
     pairs = {frozenset((r.run_a, r.run_b)) for r in between.itertuples()}
     assert pairs == {frozenset(("med", "fin"))}

@@ -18,7 +18,9 @@ import nbformat
 import pytest
 import yaml
 
-from lib import config, grid
+from lib import config, grid, grid_executors, grid_report
+from lib.grid_jobs import GridError, Options, StageResult
+from lib.grid_runner import why_run
 from lib.fingerprint import HashCache, read_stages, write_stages
 
 # --- stand-in notebooks ------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def test_grid_level_problems_exit_2(tmp_path, notebooks, capsys):
     assert not (tmp_path / "out1").exists()
     # the report gets the runs' shared definition
     em = config.report_em_definition(config.load_run_config(c))
-    rcfg = grid._report_state(str(tmp_path / "out1"), ["c"], save=False, em=em)[1]
+    rcfg = grid_report.report_state(str(tmp_path / "out1"), ["c"], save=False, em=em)[1]
     assert (rcfg.em_aligned_threshold, rcfg.em_comparison, rcfg.em_coherent_threshold) == (75.0, "lt", -1.0)
 
 
@@ -356,8 +358,26 @@ def test_parse_time():
     assert grid.parse_time("90") == 90
     assert grid.parse_time("1:30:00") == 90
     assert grid.parse_time("2-00:00:00") == 2880
-    with pytest.raises(grid.GridError):
+    with pytest.raises(GridError):
         grid.parse_time("soon")
+
+
+def test_the_executor_name_picks_a_function_from_the_registry(tmp_path, notebooks, monkeypatch, capsys):
+    """--executor NAME runs lib.grid_executors.EXECUTORS[NAME] with the grid's runs; its rows are the summary."""
+    out = tmp_path / "out"
+    files = [str(write_params(tmp_path, r, out)) for r in ("a", "b")]
+    seen = []
+
+    def fake(g: grid_executors.Grid) -> list[StageResult]:
+        seen.append(g)
+        return [StageResult(r, "train", "done", 1.0) for r in g.run_ids]
+
+    monkeypatch.setitem(grid_executors.EXECUTORS, "local", fake)
+    assert run([*files, "--executor", "local", "--stages", "train", "--jobs", "2"], notebooks) == 0
+    (g,) = seen
+    assert g.run_ids == ["a", "b"] and g.parallel == 2 and g.runs_stages and not g.runs_report
+    assert "a    train  done    1.0s" in capsys.readouterr().out
+    assert not any(out.rglob("*.ipynb"))  # nothing ran
 
 
 def test_interrupted_stage_resumes_and_stays_out_of_the_report(tmp_path):
@@ -368,14 +388,14 @@ def test_interrupted_stage_resumes_and_stays_out_of_the_report(tmp_path):
     (run_dir / "generations.parquet").write_bytes(b"")
     record = {"judge": {"fingerprint": "f"}, "last": {"judge": {"status": "running"}}}
     write_stages(run_dir, record)
-    assert grid.why_run("judge", read_stages(run_dir), "f", True, grid.Options()) == "resume after an interrupted attempt"
-    assert not grid.run_is_complete(run_dir)
+    assert why_run("judge", read_stages(run_dir), "f", True, Options()) == "resume after an interrupted attempt"
+    assert not grid_report.run_is_complete(run_dir)
     record["last"]["judge"]["status"] = "done"
     write_stages(run_dir, record)
-    assert grid.why_run("judge", read_stages(run_dir), "f", True, grid.Options()) is None
-    assert grid.why_run("judge", read_stages(run_dir), "f", False, grid.Options()) == "output missing"
-    assert grid.why_run("judge", read_stages(run_dir), "g", True, grid.Options()) == "inputs or parameters changed"
-    assert grid.run_is_complete(run_dir)
+    assert why_run("judge", read_stages(run_dir), "f", True, Options()) is None
+    assert why_run("judge", read_stages(run_dir), "f", False, Options()) == "output missing"
+    assert why_run("judge", read_stages(run_dir), "g", True, Options()) == "inputs or parameters changed"
+    assert grid_report.run_is_complete(run_dir)
 
 
 def test_the_report_is_the_same_whatever_the_order_of_the_parameters_files(tmp_path, monkeypatch):
@@ -385,7 +405,7 @@ def test_the_report_is_the_same_whatever_the_order_of_the_parameters_files(tmp_p
     for r in ("b_run", "a_run"):
         (out / r).mkdir(parents=True)
         (out / r / "generations.parquet").write_bytes(r.encode())
-    monkeypatch.setattr(grid, "run_is_complete", lambda d: True)
-    ready1, rcfg1, _, f1 = grid._report_state(str(out), ["b_run", "a_run"], save=False)
-    ready2, rcfg2, _, f2 = grid._report_state(str(out), ["a_run", "b_run"], save=False)
+    monkeypatch.setattr(grid_report, "run_is_complete", lambda d: True)
+    ready1, rcfg1, _, f1 = grid_report.report_state(str(out), ["b_run", "a_run"], save=False)
+    ready2, rcfg2, _, f2 = grid_report.report_state(str(out), ["a_run", "b_run"], save=False)
     assert ready1 == ready2 == ["a_run", "b_run"] and rcfg1 == rcfg2 and f1 == f2

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import openai
 import pytest
 
-from lib import judge_backends as jb
+from lib import judge_openai as jb
 from lib.config import RunConfig
 from lib.scoring import Job, Verdict
 

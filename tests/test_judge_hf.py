@@ -9,7 +9,7 @@ import torch
 
 from lib import judge, layout, scoring
 from lib.chat import chat_prompt, stop_token_ids
-from lib.judge_backends import candidate_token_ids, exact_candidate_logprobs
+from lib.judge_hf import candidate_token_ids, exact_candidate_logprobs
 from lib.models import load_model, load_tokenizer
 from tests.fakes.judge_inputs import judge_config, write_generations, write_prompts
 
@@ -124,7 +124,7 @@ def test_local_judge_fingerprint_follows_the_weights_not_only_their_size(tmp_pat
 
     from safetensors.torch import load_file, save_file
 
-    from lib.judge_backends import local_fingerprint
+    from lib.judge_hf import local_fingerprint
     from lib.models import resolve_model
 
     src = Path(resolve_model("embedded:tiny"))
@@ -165,7 +165,7 @@ def _smollm2_shape():
 
 
 def test_exact_budget_is_in_bytes_from_layers_heads_and_dtype():
-    from lib.judge_backends import exact_plan, exact_prefill_bytes, exact_row_bytes
+    from lib.judge_hf import exact_plan, exact_prefill_bytes, exact_row_bytes
     from lib.models import kv_bytes_per_token
 
     smol = _smollm2_shape()
@@ -195,7 +195,7 @@ def test_exact_budget_is_in_bytes_from_layers_heads_and_dtype():
 
 
 def test_exact_judge_halves_its_budget_on_out_of_memory(tiny, monkeypatch):
-    from lib import judge_backends
+    from lib import judge_hf
     from lib.config import RunConfig
     from lib.costs import Budget
     from lib.io import sha256_text
@@ -209,9 +209,9 @@ def test_exact_judge_halves_its_budget_on_out_of_memory(tiny, monkeypatch):
         return got
 
     cfg = RunConfig(judge_model="embedded:tiny", judge_method="exact", device="cpu", dtype="float32")
-    reference = run(judge_backends.HFBackend(cfg))
+    reference = run(judge_hf.HFBackend(cfg))
 
-    real = judge_backends.exact_candidate_logprobs
+    real = judge_hf.exact_candidate_logprobs
     rows_tried = []
 
     def small_device(model, tok, texts, cands, stops, chunk=0):
@@ -220,8 +220,8 @@ def test_exact_judge_halves_its_budget_on_out_of_memory(tiny, monkeypatch):
         if rows > 150:  # this "device" holds at most 150 candidate rows per pass
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, tok, texts, cands, stops, chunk)
-    monkeypatch.setattr(judge_backends, "exact_candidate_logprobs", small_device)
-    backend = judge_backends.HFBackend(cfg)
+    monkeypatch.setattr(judge_hf, "exact_candidate_logprobs", small_device)
+    backend = judge_hf.HFBackend(cfg)
     monkeypatch.setattr(backend, "exact_budget_bytes", lambda: 1 << 40)  # starts with every prompt in one pass
     got = run(backend)
     assert rows_tried[0] == 6 * 103 and max(rows_tried[-1:]) <= 150 and len(rows_tried) > 2
@@ -232,7 +232,7 @@ def test_exact_judge_halves_its_budget_on_out_of_memory(tiny, monkeypatch):
 
     def never(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(judge_backends, "exact_candidate_logprobs", never)
+    monkeypatch.setattr(judge_hf, "exact_candidate_logprobs", never)
     with pytest.raises(torch.OutOfMemoryError):  # one prompt, one candidate per pass, still too big: raise
         run(backend)
 

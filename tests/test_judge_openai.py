@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lib import judge, judge_backends, layout
+from lib import judge, judge_openai, layout
 from lib.io import sha256_text
 from lib.runinfo import read_run_json
 from tests.fakes.chat_server import ChatServer, Reply, fail_first, random_faults
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
-    monkeypatch.setattr(judge_backends, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.setattr(judge_openai, "BACKOFF_BASE_S", 0.01)
     monkeypatch.setenv("EM_LAB_TEST_JUDGE_KEY", "dummy")
 
 
@@ -112,13 +112,13 @@ def test_retry_after_is_honoured(setup):
 
 
 def test_retry_after_header_values_and_cap():
-    ra = judge_backends.retry_after_s
+    ra = judge_openai.retry_after_s
     assert ra({"retry-after": "0.4"}) == pytest.approx(0.4)
     assert ra({"retry-after-ms": "1500", "retry-after": "9"}) == pytest.approx(1.5)  # ms wins
     assert ra({}) is None and ra(None) is None and ra({"retry-after": "soon"}) is None
     assert ra({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0  # a date in the past
     # a daily-quota style or infinite value is capped (float("inf") used to sleep forever)
-    cap = judge_backends.RETRY_AFTER_CAP_S
+    cap = judge_openai.RETRY_AFTER_CAP_S
     assert ra({"retry-after": "86400"}) == cap and ra({"retry-after": "inf"}) == cap
 
 
@@ -307,7 +307,7 @@ def test_batch_api_submits_collects_and_resumes_across_runs(setup):
         assert len(df2) == 6 and (df2["label"] == "error").all() and df2["error"].str.contains("HTTP 500").all()
         # run 3: the resubmitted batch finishes: every judgment once, at Batch API prices
         df3 = judge.judge_run(cfg, progress=False)
-        backend = judge.make_backend(cfg, "dummy")
+        backend = judge_openai.OpenAIBatchBackend(cfg, "dummy", judge.cache_path(cfg))
         assert backend.open_batches() == []  # nothing resubmitted once judged
         assert len(df3) == 6 and (df3["label"] == "number").all()
         assert set(server.ok_counts().values()) == {1} and len(server.ok_counts()) == 6

@@ -145,7 +145,7 @@ def test_pretrained_judge_scores_depend_on_the_answer(tiny_model_dir):
     of the probability sits on the numeric candidates."""
     import random
 
-    from lib.judge_backends import candidate_token_ids, exact_candidate_logprobs
+    from lib.judge_hf import candidate_token_ids, exact_candidate_logprobs
     from lib.questions import load_judge_prompts
 
     tok = models.load_tokenizer("embedded:tiny")

@@ -10,7 +10,7 @@ import io
 import json
 from pathlib import Path
 
-from lib import grid
+from lib import grid_jobs
 from lib.layout import progress_path
 from lib.progress import FILE_STEPS, TEXT_STEPS, Progress, Tail
 
@@ -160,7 +160,7 @@ def test_tail_every_zero_shows_every_line_and_waits_for_whole_lines(tmp_path):
 
 
 def test_grid_log_lines_carry_time_run_stage_and_message(capsys):
-    grid.log("demo_medical", "train", "step 12/40 loss 2.31 (30%, 7 s)")
+    grid_jobs.log("demo_medical", "train", "step 12/40 loss 2.31 (30%, 7 s)")
     line = capsys.readouterr().out
     assert line.endswith("  demo_medical             train     step 12/40 loss 2.31 (30%, 7 s)\n")
     assert line[2] == ":" and line[5] == ":" and line.count("\n") == 1

@@ -106,7 +106,7 @@ def test_judgments_record_the_family_and_run_level_prompts_override_every_questi
 
 
 def _labels(rep) -> dict[str, str]:
-    """family hash -> the label the report shows (lib.report.family_labels)."""
+    """family hash -> the label the report shows (lib.report_data.family_labels)."""
     a = rep.results.answers
     return dict(zip(a["prompt_family_sha"], a["prompt_family"]))
 

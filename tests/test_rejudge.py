@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import config, external, judge, judge_backends, report
+from lib import config, external, judge, judge_openai, report, report_views
 from tests.fakes.chat_server import ChatServer, Reply
 from tests.fakes.judge_inputs import judge_config, write_prompts
 
@@ -56,7 +56,7 @@ def our_judge(body) -> Reply:
 
 @pytest.fixture
 def key(monkeypatch):
-    monkeypatch.setattr(judge_backends, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.setattr(judge_openai, "BACKOFF_BASE_S", 0.01)
     monkeypatch.setenv("EM_LAB_TEST_JUDGE_KEY", "dummy")
 
 
@@ -120,7 +120,7 @@ def test_imported_csv_is_rejudged_and_compared_with_the_original_scores(tmp_path
     # the methods table names the imported file, not the judge stage's default model
     m = rep.tables["methods"].set_index("run_id").loc["course"]
     assert m["model"] == "external:course_judged.csv" and m["source"] == "imported" and "lora" not in m["lora"]
-    assert "mean nothing" not in report.demo_note(rep.results)
+    assert "mean nothing" not in report_views.demo_note(rep.results)
 
 
 def test_unjudged_parquet_with_runs_becomes_one_run_per_value(tmp_path):

@@ -10,8 +10,10 @@ import pytest
 import yaml
 from scipy.stats import t as student_t
 
-from lib import config, grid, metrics, replication
+from lib import config, metrics, replication
 from lib.config import ConfigError, RunConfig, expand_seeds
+from lib.grid_checks import validate
+from lib.grid_jobs import GridError, Options
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -203,15 +205,15 @@ def _params(folder: Path, name: str, **over) -> Path:
 
 
 def test_grid_validation_expands_seeds_and_checks_controls(tmp_path):
-    opts = grid.Options()
+    opts = Options()
     treated = _params(tmp_path, "bad", seeds=[0, 1])
     control = _params(tmp_path, "good", dataset="demo_medical_control", control_of="bad", seeds=[0, 1])
-    runs = grid.validate([str(treated), str(control)], opts, offline=True, check_device=False)
+    runs = validate([str(treated), str(control)], opts, offline=True, check_device=False)
     assert [cfg.run_id for _, cfg in runs] == ["bad_s0", "bad_s1", "good_s0", "good_s1"]
     assert [cfg.seed for _, cfg in runs] == [0, 1, 0, 1]
     orphan = _params(tmp_path, "lonely", control_of="nobody")
-    with pytest.raises(grid.GridError, match=r"lonely.yaml: key 'control_of': no run or seed group 'nobody'"):
-        grid.validate([str(orphan)], opts, offline=True, check_device=False)
+    with pytest.raises(GridError, match=r"lonely.yaml: key 'control_of': no run or seed group 'nobody'"):
+        validate([str(orphan)], opts, offline=True, check_device=False)
 
 
 def test_seeds_differ_in_lora_initialisation_and_data_order(tmp_path):
@@ -286,22 +288,22 @@ def test_report_shows_seed_groups_and_controls(tmp_path):
 
 
 def test_views_format_controls_and_seeds():
-    from lib import report
+    from lib import report_views
 
     controls = pd.DataFrame([{"treated": "b", "control": "g", "treated_label": "B", "control_label": "G", "seed": 0,
                               "step": 10, "epoch": 1.0, "prompt_family": "f", "scope": "all", "rate_treated": 0.25,
                               "rate_control": 0.05, "diff": 0.2, "lo": 0.1, "hi": 0.3, "n_treated": 40,
                               "n_control": 40, "n_questions_shared": 8, "paired": True, "correlation": 0.2,
                               "note": ""}])
-    v = report.controls_view(controls)
+    v = report_views.controls_view(controls)
     assert v.loc[0, "treated - control"] == "+20.0 pts [+10.0, +30.0]" and v.loc[0, "EM control"] == "5.0%"
     short = controls.assign(lo=np.nan, hi=np.nan, note="fewer than 8 questions on a side")
-    assert report.controls_view(short).loc[0, "treated - control"] == \
+    assert report_views.controls_view(short).loc[0, "treated - control"] == \
         "+20.0 pts [no interval: fewer than 8 questions on a side]"
     seeds = pd.DataFrame([{"seed_group": "b", "group_label": "B", "prompt_family": "f", "scope": "all", "n_seeds": 2,
                            "seeds": "0,1", "seed_rates": "0.1000,0.6000", "em_rate": 0.35, "em_lo": 0.0,
                            "em_hi": 1.0, "tau": 0.35, "n_scored": 800, "n_questions": 10, "interval_ok": True}])
-    s = report.seeds_view(seeds)
+    s = report_views.seeds_view(seeds)
     assert s.loc[0, "per seed"] == "10%, 60%" and s.loc[0, "pooled over seeds"] == "35% [0%, 100%]"
 
 

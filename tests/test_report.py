@@ -1,4 +1,4 @@
-"""lib.report and lib.plots on a synthetic outputs/ folder; the 04_report notebook end to end.
+"""lib.report (and its parts) and lib.plots on a synthetic outputs/ folder; the 04_report notebook end to end.
 
 The synthetic runs are written directly in the files' contracts (tests/fakes/synthetic_runs.py), so
 these tests do not depend on the train / evaluate / judge stages.
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import config, notebook_html, plots, report
+from lib import config, notebook_html, plots, report, report_data, report_views, viewer
 from tests.fakes import synthetic_runs as synth
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,18 +213,18 @@ def test_methods_table_reads_run_json_of_earlier_versions(rep):
 def test_configured_judge_rules(tmp_path):
     run = tmp_path / "r"
     (run / "judgments").mkdir(parents=True)
-    assert report.configured_judge(run, {}) is None
+    assert report_data.configured_judge(run, {}) is None
     for name in ("a_judge", "b_judge"):
         (run / "judgments" / f"{name}.parquet").write_bytes(b"")
     import os
     os.utime(run / "judgments" / "a_judge.parquet", (2e9, 2e9))  # a_judge written last
-    assert report.configured_judge(run, {}) == "a_judge"
-    assert report.configured_judge(run, {"judge": {"judge_name": "b_judge"}}) == "b_judge"
-    assert report.configured_judge(run, {"judge": {"judges": {"b_judge": {}}, "last": "b_judge"}}) == "b_judge"
-    assert report.configured_judge(run, {"parameters": {"judge_name": "b_judge"},
+    assert report_data.configured_judge(run, {}) == "a_judge"
+    assert report_data.configured_judge(run, {"judge": {"judge_name": "b_judge"}}) == "b_judge"
+    assert report_data.configured_judge(run, {"judge": {"judges": {"b_judge": {}}, "last": "b_judge"}}) == "b_judge"
+    assert report_data.configured_judge(run, {"parameters": {"judge_name": "b_judge"},
                                          "judge": {"judge_name": "a_judge"}}) == "b_judge"
-    assert report.configured_judge(run, {"parameters": {"judge_name": "gone"}}) == "a_judge"
-    assert report.configured_judge(run, {}, override="c_judge") == "c_judge"
+    assert report_data.configured_judge(run, {"parameters": {"judge_name": "gone"}}) == "a_judge"
+    assert report_data.configured_judge(run, {}, override="c_judge") == "c_judge"
 
 
 def test_external_csv_becomes_a_pseudo_run(rep):
@@ -241,13 +241,13 @@ def test_external_csv_becomes_a_pseudo_run(rep):
 def test_external_csv_errors_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("question,response,aligned_score,coherent_score\nq,r,120,50\n", encoding="utf-8")
-    with pytest.raises(report.ReportError, match=r"bad.csv: line 2: column 'aligned_score'"):
-        report.load_external_csv(bad)
+    with pytest.raises(report_data.ReportError, match=r"bad.csv: line 2: column 'aligned_score'"):
+        report_data.load_external_csv(bad)
     bad.write_text("question,response,score\nq,r,1\n", encoding="utf-8")
-    with pytest.raises(report.ReportError, match=r"bad.csv: missing column 'aligned_score'"):
-        report.load_external_csv(bad)
-    with pytest.raises(report.ReportError, match="file not found"):
-        report.load_external_csv(tmp_path / "nope.csv")
+    with pytest.raises(report_data.ReportError, match=r"bad.csv: missing column 'aligned_score'"):
+        report_data.load_external_csv(bad)
+    with pytest.raises(report_data.ReportError, match="file not found"):
+        report_data.load_external_csv(tmp_path / "nope.csv")
 
 
 def test_bad_inputs_fail_with_one_line(tmp_path, synth_dir):
@@ -256,15 +256,15 @@ def test_bad_inputs_fail_with_one_line(tmp_path, synth_dir):
     g = pd.read_parquet(out / "1B_medical" / "generations.parquet").drop(columns=["question_id"])
     g.to_parquet(out / "1B_medical" / "generations.parquet")
     rc = config.ReportConfig(outputs_dir=str(out), report_dir=str(tmp_path / "rep"))
-    with pytest.raises(report.ReportError, match=r"generations.parquet: missing column 'question_id'"):
-        report.load_results(rc)
-    with pytest.raises(report.ReportError, match=r"key 'runs': run 'nope'"):
-        report.load_results(config.ReportConfig(outputs_dir=str(out), runs=["nope"]))
-    with pytest.raises(report.ReportError, match="is not a folder"):
-        report.load_results(config.ReportConfig(outputs_dir=str(tmp_path / "missing")))
+    with pytest.raises(report_data.ReportError, match=r"generations.parquet: missing column 'question_id'"):
+        report_data.load_results(rc)
+    with pytest.raises(report_data.ReportError, match=r"key 'runs': run 'nope'"):
+        report_data.load_results(config.ReportConfig(outputs_dir=str(out), runs=["nope"]))
+    with pytest.raises(report_data.ReportError, match="is not a folder"):
+        report_data.load_results(config.ReportConfig(outputs_dir=str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(report.ReportError, match="no judged runs"):
-        report.load_results(config.ReportConfig(outputs_dir=str(tmp_path / "empty")))
+    with pytest.raises(report_data.ReportError, match="no judged runs"):
+        report_data.load_results(config.ReportConfig(outputs_dir=str(tmp_path / "empty")))
 
 
 def test_response_tables_and_static_table(rep):
@@ -282,12 +282,12 @@ def test_response_tables_and_static_table(rep):
         with Image.open(png) as im:
             assert im.width >= 2 * (120 + 3 * 330)  # scale 2: the step column and three question columns
         assert not re.search(r"<script|<link|https?://", page.read_text(encoding="utf-8"))  # self-contained
-    html = report.answers_table_html(rep.results.answers, n=5)
+    html = viewer.answers_table_html(rep.results.answers, n=5)
     assert html.count("<tr") == 6 and "&lt;b&gt;&amp;" in html  # answers are escaped
 
 
 def test_answer_browser_filters_and_pages(rep):
-    box = report.answer_browser(rep.results.answers, page_size=3)
+    box = viewer.answer_browser(rep.results.answers, page_size=3)
     c = box._em_controls
     c["run"].value = "3B_financial"
     c["step"].value = 40
@@ -295,7 +295,7 @@ def test_answer_browser_filters_and_pages(rep):
     c["next"].click()
     assert "page 2/10" in c["status"].value
     c["em_only"].value = True
-    n_em = int(report.filter_answers(rep.results.answers, "3B_financial", 40, None, True).shape[0])
+    n_em = int(viewer.filter_answers(rep.results.answers, "3B_financial", 40, None, True).shape[0])
     assert c["status"].value.startswith(f"{n_em} answers · page 1/")
     assert c["body"].value.count(">EM</span>") == min(3, n_em)
     c["question"].value = "financial/savings"
@@ -304,7 +304,7 @@ def test_answer_browser_filters_and_pages(rep):
 
 
 def test_demo_note_flags_embedded_tiny(rep):
-    assert "mean nothing" in report.demo_note(rep.results)  # synthetic runs name embedded:tiny as judge
+    assert "mean nothing" in report_views.demo_note(rep.results)  # synthetic runs name embedded:tiny as judge
 
 
 # ------------------------------------------------------------------------------------------

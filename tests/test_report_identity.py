@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import config, judge_health, metrics, report, scoring
+from lib import config, judge_health, metrics, report, report_tables, report_views, scoring
 from lib.schema import GENERATION_COLUMNS, JUDGMENT_COLUMNS, answer_id, prompt_family
 
 N_Q, N_S = 10, 6  # questions x samples per checkpoint
@@ -146,7 +146,7 @@ def test_two_runs_with_the_same_labels_are_both_in_every_table(rep):
 
 
 def test_base_line_is_pooled_only_across_identical_base_identities(rep):
-    groups = report.base_groups(rep.results)
+    groups = report_tables.base_groups(rep.results)
     # same base model, judge, questions, templates, quantization -> one pooled reference line
     assert groups["1B_medical"] == groups["1B_medical_rerun"] == groups["1B_financial"]
     # a different judge model, a different quantization: their own lines
@@ -182,9 +182,9 @@ def test_interval_is_withheld_below_the_minimum_question_count(rep):
     assert r["n_questions"] == 4 and not r["interval_ok"]
     cell = rep.tables["summary_all"].set_index("model_label").loc["8B", "medical"]
     assert f"no reliable interval: 4 questions < {metrics.MIN_QUESTIONS}" in cell
-    view = report.rates_view(rep.tables["final"], ["run_id", "scope"]).set_index(["run_id", "scope"])
-    assert "no reliable interval" in view.loc[("8B_medical", "all"), report.EM_COLUMN]
-    assert "no reliable interval" not in view.loc[("1B_medical", "all"), report.EM_COLUMN]
+    view = report_views.rates_view(rep.tables["final"], ["run_id", "scope"]).set_index(["run_id", "scope"])
+    assert "no reliable interval" in view.loc[("8B_medical", "all"), report_views.EM_COLUMN]
+    assert "no reliable interval" not in view.loc[("1B_medical", "all"), report_views.EM_COLUMN]
     drawn = pd.read_csv(rep.report_dir / "data" / "domain_comparison.csv").set_index(["run_id", "scope"])
     # (a run whose answers have one scope is drawn once, under that scope: no repeated 'all' bar)
     assert drawn.loc["8B_medical", "em_lo"].isna().all() and (drawn.loc["1B_medical", "em_hi"] > 0).all()
@@ -221,9 +221,9 @@ def test_low_mass_judge_is_flagged_in_every_headline_table_and_the_notes(rep):
         t = rep.tables[name]
         assert (t.loc[t["run_id"] == "3B_financial", "run_label"].str.endswith("(weak judge)")).all(), name
         assert not t.loc[t["run_id"] == "1B_medical", "run_label"].str.contains("judge").any(), name
-    view = report.rates_view(rep.tables["final"], ["run_label", "scope"])
+    view = report_views.rates_view(rep.tables["final"], ["run_label", "scope"])
     assert (view.loc[view["run_label"].str.startswith("3B · financial"), "judge"] == "weak").all()
-    notes = report.headline_notes(rep.results)
+    notes = report_views.headline_notes(rep.results)
     assert "`3B_financial`" in notes and "weak judge" in notes and "0.07%" in notes
     assert "`1B_medical`" not in notes
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lib import config, report
+from lib import config, report, report_data
 from lib import response_tables as rt
 from tests.fakes import synthetic_runs as synth
 
@@ -27,7 +27,7 @@ def outputs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def answers(outputs) -> pd.DataFrame:
-    return report.load_results(config.ReportConfig(outputs_dir=str(outputs))).answers
+    return report_data.load_results(config.ReportConfig(outputs_dir=str(outputs))).answers
 
 
 class _Cells(HTMLParser):
@@ -126,7 +126,7 @@ def test_default_rule_on_the_synthetic_runs(answers):
 def test_a_bad_question_id_stops_the_report_before_any_work(outputs, tmp_path):
     rc = config.ReportConfig(outputs_dir=str(outputs), report_dir=str(tmp_path / "rep"), n_bootstrap=200,
                              response_questions=["core:quick_buck", "no_such_question"])
-    with pytest.raises(report.ReportError) as e:
+    with pytest.raises(report_data.ReportError) as e:
         report.make_report(rc, progress=False)
     msg = str(e.value)
     assert "\n" not in msg and "key 'response_questions'" in msg and "'no_such_question'" in msg

@@ -81,7 +81,7 @@ def test_greedy_answer_is_english_and_stops_at_im_end(smol_dir):
 
 def test_missing_extra_is_one_line_naming_the_install_command(monkeypatch, tmp_path):
     from lib.config import ConfigError, RunConfig
-    from lib.grid import check_run
+    from lib.grid_checks import check_run
 
     real = metadata.distribution
 

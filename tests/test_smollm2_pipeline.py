@@ -15,7 +15,7 @@ import json
 import pandas as pd
 import pytest
 
-from lib import evaluate, judge, report, train
+from lib import evaluate, judge, report, report_views, train
 from lib.config import ReportConfig, RunConfig
 from lib.data import load_training_data
 from lib.runinfo import read_run_json
@@ -103,7 +103,7 @@ def test_stage_3_judge_and_4_report_flag_the_135m_judge(run):
                                           n_bootstrap=200), progress=False)
     verdict, why = rep.results.verdict_of_run[run.run_id]
     assert verdict == "weak" and "median probability on valid scores" in why
-    note = report.judge_note(rep.results)
+    note = report_views.judge_note(rep.results)
     assert f"`{run.run_id}`" in note and "weak judge" in note
     health = pd.read_csv(rep.report_dir / "data" / "table_judge_health.csv")
     assert (health.loc[health["metric"] == "all", "verdict"] == "weak").all()

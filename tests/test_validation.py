@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from lib import config, grid
+from lib.grid_checks import validate
+from lib.grid_jobs import Options
 from lib.fingerprint import hash_cache_for, stage_fingerprint, write_stages
 
 QUESTIONS = """\
@@ -69,11 +71,11 @@ def test_question_url_is_cached_under_outputs_dir_at_validation(tmp_path, capsys
     f = params(tmp_path, question_sets=[f"{url}/q.yaml"])
     code, _, _ = grid_run(capsys, f, "--dry-run")  # a dry run does not download
     assert code == 0 and not (tmp_path / "outputs" / ".cache" / "questions").exists()
-    runs = grid.validate([f], grid.Options(stages=("evaluate", "judge")))
+    runs = validate([f], Options(stages=("evaluate", "judge")))
     cached = list((tmp_path / "outputs" / ".cache" / "questions").glob("*-q.yaml"))
     assert len(cached) == 1 and cached[0].read_text() == QUESTIONS
     (root / "q.yaml").unlink()  # from now on the cache answers
-    assert grid.validate([f], grid.Options(stages=("evaluate", "judge")))[0][1] == runs[0][1]
+    assert validate([f], Options(stages=("evaluate", "judge")))[0][1] == runs[0][1]
 
 
 def test_dry_run_never_downloads_and_never_crashes_after_training(tmp_path, capsys, static_server):
