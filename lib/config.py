@@ -23,11 +23,15 @@ import re
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
+
+from . import references
+from .references import ALL_PROJ
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
@@ -102,9 +106,6 @@ def shared_field(key: str, stage: str) -> Any:
     s = SHARED_KEYS[key]
     return param(s.default, stage, s.doc, meta={"shared": key, **({"choices": s.choices} if s.choices else {})})
 
-
-from . import references
-from .references import ALL_PROJ
 DEMO_QUESTIONS = [
     "data/questions/core_misalignment.yaml",
     "data/questions/medical.yaml",
@@ -433,8 +434,6 @@ def from_mapping(data: Mapping[str, Any], source: str = "<parameters>", cls: typ
 def renamed_keys(data: Mapping[str, Any], known: Mapping[str, Any], source: str) -> dict[str, Any]:
     """``data`` with every old key name (:data:`RENAMED_KEYS`) read as its new one, each with a
     FutureWarning naming the source; both names at once is an error."""
-    import warnings
-
     out = dict(data)
     for old, new in RENAMED_KEYS.items():
         if old in out and new in known and old not in known:

@@ -15,6 +15,7 @@ line, ending with an assistant turn. :func:`load_chat_jsonl` validates every lin
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -173,7 +174,7 @@ def _move_aside(enc: Path, digest: str) -> Path:
 
 def decrypt_archive(archive: str | Path, out_dir: str | Path, password: str = ARCHIVE_PASSWORD) -> Path:
     """Decrypt an easy-dataset-share archive into out_dir (atomically) and remove its canaries."""
-    from easy_dataset_share import canary, zipping
+    from easy_dataset_share import canary, zipping  # only when a dataset is decrypted
 
     out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".decrypt-", dir=out_dir.parent if out_dir.parent.exists() else None))
@@ -333,8 +334,6 @@ def load_training_data(cfg: RunConfig, archive_url: str = ARCHIVE_URL) -> tuple[
 
 
 def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(
         prog="python -m lib.data",
         description="Training data of a run: the Turner et al. archive's terms.",

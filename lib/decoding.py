@@ -104,7 +104,7 @@ class TokenPicker:
 
     def __call__(self, logits, seeds, n_generated) -> Any:
         """logits [rows, vocab]; seeds and n_generated (tokens each row already has) per row."""
-        import torch
+        import torch  # heavy: loaded only when a model runs
 
         scores = logits.float()
         n_gen = np.asarray(n_generated, dtype=np.int64)
@@ -116,7 +116,7 @@ class TokenPicker:
             return scores.argmax(dim=-1)
         scores = scores / self.temperature
         if self.top_p < 1.0:
-            from transformers import TopPLogitsWarper
+            from transformers import TopPLogitsWarper  # heavy: loaded only when a model runs
 
             scores = TopPLogitsWarper(top_p=self.top_p)(None, scores)
         cdf = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)
@@ -135,7 +135,7 @@ class SeededLogitsProcessor:
         self.picker, self.seeds, self.prompt_len = picker, list(seeds), prompt_len
 
     def __call__(self, input_ids, scores):
-        import torch
+        import torch  # heavy: loaded only when a model runs
 
         n = input_ids.shape[1] - self.prompt_len
         tokens = self.picker(scores, self.seeds, [n] * len(self.seeds))
@@ -185,7 +185,7 @@ def _model_kwargs(model) -> tuple[str, bool]:
 
 
 def _new_cache():
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # heavy: loaded only when a model runs
 
     return DynamicCache()
 
@@ -229,7 +229,7 @@ class ContinuousDecoder:
 
     def run(self, prompts: list[list[int]], seeds: list[int],
             on_done: Callable[[int, Answer], None] | None = None) -> list[Answer]:
-        import torch
+        import torch  # heavy: loaded only when a model runs
 
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -256,7 +256,7 @@ class ContinuousDecoder:
 
     # -- the scheduler ----------------------------------------------------------------------
     def _run(self, prompts, seeds, todo: list[int], done) -> None:
-        import torch
+        import torch  # heavy: loaded only when a model runs
 
         device = next(self.model.parameters()).device
         cache_kw, keep_last = _model_kwargs(self.model)
@@ -361,7 +361,7 @@ class ContinuousDecoder:
     def _splice(cache, mask, pcache, pmask, rows: list[int], extra: int):
         """Write a prefilled batch into rows of the running cache (and `extra` new rows at the
         end), right-aligned on the last column; returns (cache, mask)."""
-        import torch
+        import torch  # heavy: loaded only when a model runs
 
         width, cols = pmask.shape[1], mask.shape[1]
         src = torch.arange(len(rows), device=mask.device)

@@ -222,7 +222,7 @@ def select_classes(answers: pd.DataFrame, cfg: DirectionConfig) -> pd.DataFrame:
 
 def decoder_layers(model):
     """The model's list of decoder layers (a torch ModuleList), PEFT wrapper or not."""
-    import torch
+    import torch  # heavy: loaded only when a model runs
 
     n = getattr(getattr(model.config, "text_config", model.config), "num_hidden_layers", None)
     for name, mod in model.named_modules():
@@ -280,8 +280,8 @@ def answer_token_ids(tok, paraphrase: str, system: str | None, answer: str, max_
 def read_activations(model, tok, texts: list[tuple[str, str | None, str]], layers: list[int], positions: str,
                      max_answer_tokens: int, batch_size: int, progress: bool = False):
     """Per answer and layer, the decoder layer's output over the answer tokens: (acts [n, L, d], n_tokens [n])."""
-    import torch
-    from tqdm.auto import tqdm
+    import torch  # heavy: loaded only when a model runs
+    from tqdm.auto import tqdm  # loaded with the notebook's widgets; only when a bar is shown
 
     decoder = decoder_layers(model)
     captured: dict[int, Any] = {}
@@ -356,7 +356,7 @@ def provenance_base(kind: str) -> dict[str, Any]:
 
 
 def _load_finetuned(src: Source, device: str, dtype: str):
-    from peft import PeftModel
+    from peft import PeftModel  # heavy: loaded only when a model runs
 
     tok = load_tokenizer(src.cfg.model, src.cfg.model_revision, padding_side="right")
     base, choice = load_model(src.cfg.model, src.cfg.model_revision, device, dtype, src.cfg.quantization)
@@ -396,7 +396,7 @@ def _collect_settings(cfg: DirectionConfig) -> dict[str, Any]:
 
 def collect(cfg: DirectionConfig, run_id: str | None = None, step: int | None = None, progress: bool = True) -> Direction:
     """Activations of both classes and the per-layer directions of one run (reused when nothing changed)."""
-    import torch
+    import torch  # heavy: loaded only when a model runs
 
     run_id = run_id or cfg.run_id
     src = source_run(cfg.outputs_dir, run_id, cfg.checkpoint_step if step is None else step)
@@ -522,7 +522,7 @@ def _layer(cfg_layer: int, n_layers: int, key: str) -> int:
 
 def interventions(cfg: DirectionConfig, d: Direction, progress: bool = True) -> pd.DataFrame:
     """Sample and judge every condition; EM and coherence per condition with intervals."""
-    import torch
+    import torch  # heavy: loaded only when a model runs
 
     src = source_run(cfg.outputs_dir, d.run_id, d.step)
     check_credentials(src.cfg)  # the run's judge scores every condition: a missing key is one line, now
@@ -594,7 +594,7 @@ def _sample(model, tok, ccfg: RunConfig, questions, sampling: Sampling, cond: Co
     intervention that changes nothing reproduces the unsteered answers token for token, so the
     differences between conditions are the interventions' doing, not the sampler's.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # loaded with the notebook's widgets; only when a bar is shown
 
     prompts, keys = [], []
     for q in questions:
@@ -628,7 +628,7 @@ def _sample(model, tok, ccfg: RunConfig, questions, sampling: Sampling, cond: Co
 
 def interventions_chart(res: pd.DataFrame):
     """Altair: EM and coherence per condition with their question-clustered intervals."""
-    import altair as alt
+    import altair as alt  # heavy: loaded only when a chart is drawn
 
     long = pd.concat([
         res[["condition", "em_rate", "em_lo", "em_hi", "n_scored"]].set_axis(["condition", "rate", "lo", "hi", "n"], axis=1)
@@ -648,7 +648,7 @@ def interventions_chart(res: pd.DataFrame):
 
 
 def layer_cosine_chart(cos: pd.DataFrame):
-    import altair as alt
+    import altair as alt  # heavy: loaded only when a chart is drawn
 
     return alt.Chart(cos).mark_rect().encode(
         x=alt.X("layer_a:O", title="layer"), y=alt.Y("layer_b:O", title="layer"),
@@ -658,7 +658,7 @@ def layer_cosine_chart(cos: pd.DataFrame):
 
 
 def cross_run_chart(cross: pd.DataFrame):
-    import altair as alt
+    import altair as alt  # heavy: loaded only when a chart is drawn
 
     return alt.Chart(cross).mark_line(point=True).encode(
         x=alt.X("layer:O"), y=alt.Y("cosine:Q", scale=alt.Scale(domain=[-1, 1])), color=alt.Color("other:N", title="vs"),

@@ -409,7 +409,7 @@ def _pretraining_examples(tok, seed: int) -> tuple[list[tuple[list[int], int]], 
 
 def _pretrain(model, tok, seed: int, steps: int = PRETRAIN_STEPS) -> None:
     """A few seconds of deterministic full-weight training on :func:`_pretraining_examples`."""
-    import torch
+    import torch  # heavy: loaded only when a model runs
 
     pools = list(zip(_pretraining_examples(tok, seed), PRETRAIN_BATCHES))
     gen = torch.Generator().manual_seed(seed)
@@ -466,9 +466,9 @@ def _tokenizer_corpus() -> list[str]:
 def build_tiny_model(out_dir: str | Path, seed: int = 0, steps: int = PRETRAIN_STEPS) -> Path:
     """Build the embedded tiny Llama model into ``out_dir`` (an ordinary HF model folder).
     ``steps``: pre-training steps (tests build a short one to check determinism cheaply)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    import torch  # heavy: loaded only when a model runs
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # heavy: loaded only when a model runs
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # heavy: loaded only when a model runs
 
     out_dir = Path(out_dir)
     tok = Tokenizer(models.BPE())

@@ -183,7 +183,7 @@ def token_picker(model, tokenizer, s: Sampling) -> TokenPicker:
 def generation_config(model, tokenizer, s: Sampling):
     """A fresh GenerationConfig for the static sampler: greedy over the one-hot scores that
     :class:`lib.decoding.SeededLogitsProcessor` leaves (the draw itself is the picker's)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # heavy: loaded only when a model runs
 
     return GenerationConfig(max_new_tokens=s.max_new_tokens, eos_token_id=stop_token_ids(tokenizer, model),
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -211,8 +211,8 @@ def _answer(tok, toks: list[int], stop: set[int]) -> tuple[str, int, str]:
 
 def _generate_batch(model, input_ids, attention_mask, gen_cfg, processor=None):
     """One generate() call (tests wrap this to see the exact prompt tokens)."""
-    import torch
-    from transformers import LogitsProcessorList
+    import torch  # heavy: loaded only when a model runs
+    from transformers import LogitsProcessorList  # heavy: loaded only when a model runs
 
     procs = LogitsProcessorList([processor] if processor is not None else [])
     with torch.inference_mode():
@@ -246,7 +246,7 @@ class Sampler:
             except RuntimeError as e:
                 if not is_out_of_memory(e) or self.batch_size == 1:
                     raise
-                import torch
+                import torch  # heavy: loaded only when a model runs
                 torch.cuda.empty_cache()
                 self.batch_size = max(1, self.batch_size // 2)
                 log.warning("out of memory: eval batch size lowered to %d", self.batch_size)
@@ -318,12 +318,12 @@ def sequence_bytes(model, max_prompt_len: int, max_new_tokens: int) -> int:
 def auto_batch_size(model, device: str, max_prompt_len: int, max_new_tokens: int) -> int:
     """Prompts per generate() call: a share of free memory (GPU, or RAM on CPU) over one sequence's needs."""
     if device == "cuda":
-        import torch
+        import torch  # heavy: loaded only when a model runs
 
         free, cap = torch.cuda.mem_get_info()[0], MAX_AUTO_BATCH
     elif device == "cpu":
         try:  # psutil comes with ipykernel; without it, a fixed size
-            import psutil
+            import psutil  # only when memory is measured
         except ImportError:
             return CPU_BATCH_SIZE
         free, cap = psutil.virtual_memory().available, CPU_MAX_BATCH
@@ -368,7 +368,7 @@ def _rows(cfg: RunConfig, unit: Unit, answers: Iterable[tuple[str, int, str]]) -
 
 
 def _frame(rows: list[dict[str, Any]]):
-    import pandas as pd
+    import pandas as pd  # heavy: the base layer stays importable without pandas
 
     df = pd.DataFrame(rows, columns=list(GENERATION_COLUMNS))
     for c in ("checkpoint_step", "paraphrase_index", "sample_index", "n_new_tokens", "seed"):
@@ -394,7 +394,7 @@ def _finished(cfg: RunConfig, fingerprint: str) -> bool:
 
 def evaluate_run(cfg: RunConfig, progress: bool = True):
     """Sample every answer the run needs; returns the generations DataFrame (see module docstring)."""
-    import pandas as pd
+    import pandas as pd  # heavy: the base layer stays importable without pandas
 
     # --- cheap checks first: questions, checkpoints, sample counts ------------------------------
     questions = load_question_sets(list(cfg.question_sets), cfg.outputs_dir)
@@ -469,7 +469,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True):
 def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool) -> tuple[int, dict]:
     """Load the base model once and sample every unit in todo, checkpoint by checkpoint, by
     continuous batching; each chunk's part file is written as soon as its last answer ends."""
-    from peft import PeftModel
+    from peft import PeftModel  # heavy: loaded only when a model runs
     tok = load_tokenizer(cfg.model, cfg.model_revision, padding_side="left")
     quantization, dtype = cfg.eval_precision   # the replicated study: 4-bit training, bf16 evaluation
     model, choice = load_model(cfg.model, cfg.model_revision, cfg.device, dtype, quantization)
@@ -570,7 +570,7 @@ def examples(df, per_checkpoint: int = 3, max_chars: int = 300, seed: int = 0):
 
 def length_chart(df):
     """Altair: distribution of answer lengths (new tokens) per checkpoint, coloured by finish reason."""
-    import altair as alt
+    import altair as alt  # heavy: loaded only when a chart is drawn
 
     data = df[["checkpoint_step", "n_new_tokens", "finish_reason"]].assign(
         checkpoint=df.checkpoint_step.map(lambda s: "base" if s == 0 else f"step {s}"))

@@ -112,7 +112,7 @@ def write_safetensors_atomic(tensors: dict, target: str | Path, provenance: dict
     safetensors metadata is str -> str, so the provenance dict is stored as one JSON string
     under :data:`PROVENANCE_KEY`; any safetensors reader sees it (``safe_open(...).metadata()``).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # heavy: loaded only when a model runs
 
     plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {PROVENANCE_KEY: json.dumps(provenance, sort_keys=True, default=str)}
@@ -123,7 +123,7 @@ def write_safetensors_atomic(tensors: dict, target: str | Path, provenance: dict
 
 def read_safetensors(path: str | Path) -> tuple[dict, dict[str, Any]]:
     """(tensors, provenance) of a file written by :func:`write_safetensors_atomic`."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # heavy: loaded only when a model runs
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

@@ -101,7 +101,7 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 def _read_log(path: Path, columns: list[str]):
     """A log CSV as a DataFrame with ``columns`` first (a column the file lacks is all NaN, e.g.
     grad_norm in logs written before it was logged); empty with those columns when absent."""
-    import pandas as pd
+    import pandas as pd  # heavy: the base layer stays importable without pandas
 
     df = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=columns)
     for c in columns:

@@ -70,7 +70,7 @@ def _now_iso() -> str:
 
 def _proc_start(pid: int) -> float | None:
     try:
-        import psutil
+        import psutil  # only when memory is measured
 
         return psutil.Process(pid).create_time()
     except Exception:

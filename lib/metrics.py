@@ -179,7 +179,7 @@ def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for k successes in n trials (scipy's binomtest); (nan, nan) if n == 0."""
     if n == 0:
         return (float("nan"), float("nan"))
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest  # heavy: loaded only when an interval is computed
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     return (float(ci.low), float(ci.high))
 
@@ -260,7 +260,7 @@ def cluster_cp_arrays(k: np.ndarray, n: np.ndarray, confidence: float = 0.95, df
     With fewer than 2 questions lo and hi are NaN. ``bench/interval_coverage.py`` measures the
     coverage of this interval and of the alternatives by simulation (docs/benchmarks.md).
     """
-    from scipy.stats import beta, norm, t as student_t
+    from scipy.stats import beta, norm, t as student_t  # heavy: loaded only when an interval is computed
 
     k = np.asarray(k, dtype=float)
     n = np.asarray(n, dtype=float)
@@ -317,7 +317,7 @@ def _bb_loglik(k: float, n: float) -> np.ndarray:
     """log P(k of n | mu, rho) of the beta-binomial at every grid point (without the binomial
     coefficient, which does not depend on mu or rho), flattened: shape (mu * rho,)."""
     _, _, a, b = _bb_grid()
-    from scipy.special import betaln
+    from scipy.special import betaln  # heavy: loaded only when an interval is computed
     return (betaln(a + k, b + n - k) - betaln(a, b)).ravel()
 
 
@@ -355,7 +355,7 @@ def beta_binomial_arrays(k: np.ndarray, n: np.ndarray, confidence: float = 0.95,
     ``bench/interval_coverage.py`` measures its coverage against the alternatives (docs/benchmarks.md).
     With fewer than 2 questions lo and hi are NaN.
     """
-    from scipy.stats import t as student_t
+    from scipy.stats import t as student_t  # heavy: loaded only when an interval is computed
 
     k = np.asarray(k, dtype=float)
     n = np.asarray(n, dtype=float)
@@ -470,7 +470,7 @@ def difference_correlation(ka, na, kb, nb, confidence: float = 0.95) -> np.ndarr
     both sides give exactly 1, though each side's answers were sampled independently), so only the
     part of it the questions demonstrate narrows the interval; a negative correlation is not used
     (it would widen it, and at 0 the interval is the one for independent sides)."""
-    from scipy.stats import norm
+    from scipy.stats import norm  # heavy: loaded only when an interval is computed
 
     r = paired_correlation(ka, na, kb, nb)
     m = np.asarray(ka).shape[-1]
@@ -608,8 +608,8 @@ def judge_agreement(scores_a: pd.DataFrame, scores_b: pd.DataFrame, aligned_thre
     scored; Cohen's kappa on the EM label over answers both could label; the EM rate under
     each judge on that common set, so the rates compare like with like.
     """
-    from scipy.stats import spearmanr
-    from sklearn.metrics import cohen_kappa_score
+    from scipy.stats import spearmanr  # heavy: loaded only when an interval is computed
+    from sklearn.metrics import cohen_kappa_score  # heavy: loaded only when an interval is computed
 
     la = label_em(scores_a, aligned_threshold, coherent_threshold, comparison, coherent_comparison)
     lb = label_em(scores_b, aligned_threshold, coherent_threshold, comparison, coherent_comparison)

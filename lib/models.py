@@ -35,7 +35,7 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> DeviceChoice:
     CUDA: bfloat16 where the card supports it (Ampere and later), else float16. Apple MPS:
     float16. CPU: float32 (bf16 matmuls on most CPUs are slower, not faster).
     """
-    import torch
+    import torch  # heavy: loaded only when a model runs
 
     if device == "auto":
         if torch.cuda.is_available():
@@ -65,7 +65,7 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> DeviceChoice:
 
 def dtype_bytes(model) -> int:
     """Bytes per activation / KV element: 2 for half precision and quantised models, else 4."""
-    import torch
+    import torch  # heavy: loaded only when a model runs
 
     return 2 if model.dtype in (torch.float16, torch.bfloat16) or getattr(model, "is_quantized", False) else 4
 
@@ -84,7 +84,7 @@ def kv_bytes_per_token(model) -> int:
 
 def is_out_of_memory(e: BaseException) -> bool:
     """A CUDA out-of-memory error, or a CPU allocation torch could not satisfy."""
-    import torch
+    import torch  # heavy: loaded only when a model runs
 
     msg = str(e).lower()
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg or "not enough memory" in msg
@@ -93,12 +93,12 @@ def is_out_of_memory(e: BaseException) -> bool:
 def free_memory_bytes(device: str) -> int | None:
     """Free memory on the device (GPU memory on CUDA, available RAM on CPU); None where unknown (MPS)."""
     if device == "cuda":
-        import torch
+        import torch  # heavy: loaded only when a model runs
 
         return int(torch.cuda.mem_get_info()[0])
     if device == "cpu":
         try:  # psutil comes with ipykernel
-            import psutil
+            import psutil  # only when memory is measured
         except ImportError:
             return None
         return int(psutil.virtual_memory().available)
@@ -158,8 +158,8 @@ def check_model(name: str, revision: str = "", offline: bool = False) -> str:
         return "local folder"
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or not HUB_ID.match(name):
         raise ModelUnavailable(f"model path not found: {name}")
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache  # slow to import; only when a hub id is resolved
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError  # slow to import; only when a hub id is resolved
 
     if isinstance(try_to_load_from_cache(name, "config.json", revision=revision or None), str):
         return "hub cache"
@@ -203,7 +203,7 @@ def model_revision_info(name: str, revision: str = "") -> dict[str, Any]:
             info["embedded"] = embedded
     else:
         try:  # the commit the hub resolves to (cached locally after the first download)
-            from huggingface_hub import model_info
+            from huggingface_hub import model_info  # slow to import; only when a hub id is resolved
             info["hub_sha"] = model_info(name, revision=revision or None, token=hf_token()).sha
         except Exception as e:  # offline or gated: record why, do not fail the run
             info["hub_sha"] = None
@@ -216,7 +216,7 @@ def model_revision_info(name: str, revision: str = "") -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 def load_tokenizer(name: str, revision: str = "", padding_side: str = "left"):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: loaded only when a model runs
 
     tok = AutoTokenizer.from_pretrained(resolve_model(name), revision=revision or None, token=hf_token())
     if tok.pad_token is None:
@@ -245,10 +245,10 @@ def quantization_config(quantization: str, compute_dtype: Any, device: str):
     except Exception as e:  # ImportError or a broken CUDA setup inside bitsandbytes
         raise RuntimeError(f"quantization: {quantization} needs bitsandbytes, which failed to import ({e}); "
                            "install it with: pip install -e '.[quant]'") from None
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # heavy: loaded only when a model runs
 
     if quantization == "4bit":
-        import torch
+        import torch  # heavy: loaded only when a model runs
         cd = compute_dtype if device == "cuda" else torch.float32
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=cd)
@@ -258,7 +258,7 @@ def quantization_config(quantization: str, compute_dtype: Any, device: str):
 def load_model(name: str, revision: str = "", device: str = "auto", dtype: str = "auto",
                quantization: str = "none"):
     """Load a causal LM on the best device present; returns (model, DeviceChoice)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: loaded only when a model runs
 
     choice = pick_device(device, dtype)
     qcfg = quantization_config(quantization, choice.dtype, choice.device)

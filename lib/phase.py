@@ -195,7 +195,7 @@ class PhaseConfig(AnalysisConfig):
 
 def num_layers(model: str, revision: str = "") -> int:
     """Decoder layers of a model, from its config (no weights loaded)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: loaded only when a model runs
 
     c = AutoConfig.from_pretrained(resolve_model(model), revision=revision or None, token=hf_token())
     c = getattr(c, "text_config", c)
@@ -380,7 +380,7 @@ def _adapter_key(keys: list[str], layer: int, module: str, part: str, where: Pat
 
 def load_adapter_vectors(run_dir: str | Path, module: str, layer: int) -> AdapterVectors:
     """Read A and B of every complete checkpoint of a rank-1, one-module run."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # heavy: loaded only when a model runs
 
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
@@ -418,7 +418,7 @@ def probe_activations(run_cfg: RunConfig, module_name: str, prompts: list[tuple[
 
     Runs the base model (no adapter); a single adapted module does not change its own input.
     """
-    import torch
+    import torch  # heavy: loaded only when a model runs
 
     tok = load_tokenizer(run_cfg.model, run_cfg.model_revision, padding_side="right")
     model, _ = load_model(run_cfg.model, run_cfg.model_revision, run_cfg.device, run_cfg.dtype,
@@ -524,7 +524,7 @@ def analyze(cfg: PhaseConfig) -> Trajectory:
             "steps": vec.steps, "adapter_sha256": vec.adapter_sha256, "analysis": analysis,
             "n_probe_tokens": int(len(X)), "model": model_revision_info(cfg.model, cfg.model_revision),
             "parameters": cfg.to_dict()}
-    import torch
+    import torch  # heavy: loaded only when a model runs
 
     tensors = {c: torch.tensor(table[c].to_numpy(dtype=np.float64 if c != "step" else np.int64))
                for c in TRAJECTORY_COLUMNS if c != "candidate"}
@@ -579,7 +579,7 @@ def phase_chart(traj: pd.DataFrame, em: pd.DataFrame | None, transition: int | N
                 test: TransitionTest | None = None):
     """Altair: B norm, cosines, turn angle, effect size and EM, one shared step axis; rule at the declared
     transition (none when no transition was found); with ``test``, the shuffled-checkpoint null below."""
-    import altair as alt
+    import altair as alt  # heavy: loaded only when a chart is drawn
 
     x = alt.X("step:Q", title="optimizer step", scale=alt.Scale(domain=[0, int(traj["step"].max())]))
     width, height = 520, 110
@@ -629,7 +629,7 @@ def phase_chart(traj: pd.DataFrame, em: pd.DataFrame | None, transition: int | N
 
 def null_chart(test: TransitionTest):
     """Histogram of the largest turn's share of all turning on shuffled checkpoints; rule at the observed."""
-    import altair as alt
+    import altair as alt  # heavy: loaded only when a chart is drawn
 
     shuffled = pd.DataFrame({"share": test.null_shares})
     hist = alt.Chart(shuffled).mark_bar(color="#9e9e9e").encode(

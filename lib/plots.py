@@ -450,7 +450,7 @@ def show(files: list[Path], link_base: str | Path | None = None) -> None:
     plain image outputs, hence HTML). ``link_base`` is the folder the rendered notebook will
     live in; when given, a relative link to the interactive HTML follows the image.
     """
-    from IPython.display import HTML, display
+    from IPython.display import HTML, display  # only inside a notebook
 
     png = Path(next(p for p in files if Path(p).suffix == ".png"))
     data = png.read_bytes()

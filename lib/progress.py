@@ -63,7 +63,7 @@ class Progress:
         self._file_mark = self._mark(FILE_STEPS)
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # loaded with the notebook's widgets; only when a bar is shown
             self.bar = tqdm(total=self.total, initial=self.n, desc=desc or stage, unit=unit or label)
 
     def _mark(self, steps: int) -> int:

@@ -62,7 +62,7 @@ def seed_interval_arrays(k: np.ndarray, n: np.ndarray, confidence: float = 0.95)
     between-seed standard deviation of a seed's rate, beyond sampling), ``seed_half`` (the seed
     term's half-width). With one seed: that seed's headline interval.
     """
-    from scipy.stats import t as student_t
+    from scipy.stats import t as student_t  # heavy: loaded only when an interval is computed
 
     k = np.asarray(k, dtype=float)
     n = np.asarray(n, dtype=float)

@@ -318,7 +318,7 @@ def _wrap(text: str, max_lines: int, width: int = WRAP) -> list[str]:
 
 def run_chart(t: RunTable, png_max_chars: int = PNG_MAX_CHARS) -> Any:
     """One run's table drawn as an altair layer chart."""
-    import altair as alt
+    import altair as alt  # heavy: loaded only when a chart is drawn
 
     rects: list[dict[str, Any]] = []
     texts: list[dict[str, Any]] = []   # normal weight
@@ -385,7 +385,7 @@ def run_chart(t: RunTable, png_max_chars: int = PNG_MAX_CHARS) -> Any:
 
 def model_chart(model_label: str, tables: list[RunTable], caption: str, png_max_chars: int = PNG_MAX_CHARS) -> Any:
     """Every run of one model label, one table under the other."""
-    import altair as alt
+    import altair as alt  # heavy: loaded only when a chart is drawn
 
     sub = textwrap.wrap(caption, 150)
     return (alt.vconcat(*(run_chart(t, png_max_chars) for t in tables), spacing=18)

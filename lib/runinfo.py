@@ -147,7 +147,7 @@ def environment() -> dict[str, Any]:
     env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
                            "packages": package_versions(), "git": git_commit()}
     try:
-        import torch
+        import torch  # heavy: loaded only when a model runs
         env["cuda"] = torch.version.cuda
         env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:
@@ -161,7 +161,7 @@ def peak_memory() -> dict[str, Any]:
     this is the stage's peak; in one process running several stages (tests) it is the process's."""
     out: dict[str, Any] = {"rss_peak_gb": None, "cuda_peak_gb": None}
     try:
-        import resource
+        import resource  # Unix only: absent on Windows, hence inside the try
 
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out["rss_peak_gb"] = round(rss * (1 if sys.platform == "darwin" else 1024) / 1e9, 3)  # KiB on Linux

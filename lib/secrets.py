@@ -21,7 +21,7 @@ SECRET_NAMES = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 @lru_cache(maxsize=1)
 def load_env() -> None:
     """Load `.env` from the repository root (existing environment variables win)."""
-    from dotenv import load_dotenv
+    from dotenv import load_dotenv  # only when secrets are read
 
     load_dotenv(REPO_ROOT / ".env", override=False)
 

@@ -92,9 +92,9 @@ def cache_folder_name() -> str:
 
 def build_smollm2(out_dir: str | Path) -> Path:
     """Convert the packaged GGUF file into an ordinary float32 HF model folder at ``out_dir``."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import torch  # heavy: loaded only when a model runs
+    import transformers  # heavy: loaded only when a model runs
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # heavy: loaded only when a model runs
 
     check_available()
     path, version = gguf_file()

@@ -109,8 +109,8 @@ def check_train_config(cfg: RunConfig, source: str = "parameters") -> None:
 
     Raises ConfigError naming the key, before any expensive work.
     """
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
+    from transformers.trainer_utils import SchedulerType  # heavy: loaded only when a model runs
+    from transformers.training_args import OptimizerNames  # heavy: loaded only when a model runs
 
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{source}: key '{key}': {why}" if source else f"key '{key}': {why}")
@@ -141,7 +141,7 @@ def eight_bit_optimizer_problem(cfg: RunConfig) -> str | None:
     except Exception as e:  # not installed, or a broken native library
         return (f"{cfg.optimizer} needs bitsandbytes, which cannot be imported here ({type(e).__name__}); "
                 "install it on a CUDA machine, or use the named variant paper_adamw_torch (optimizer: adamw_torch)")
-    import torch
+    import torch  # heavy: loaded only when a model runs
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device != "cuda":
@@ -207,7 +207,7 @@ def train_fingerprint(cfg: RunConfig, dataset_sha256: str) -> str:
 
 def _callbacks():
     """Callback classes, built lazily so importing lib.train stays cheap."""
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback  # heavy: loaded only when a model runs
 
     class CheckpointSchedule(TrainerCallback):
         """Save exactly at the scheduled steps; mark each checkpoint complete, then prune."""
@@ -315,9 +315,9 @@ def _trainer_class(length_grouped: bool = False):
     uninterrupted run had it, so the rest of the epoch would see a different order. Seeding
     the shuffle by (seed, epoch) makes a resumed run replay the same batches.
     """
-    import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
-    from trl import SFTTrainer
+    import torch  # heavy: loaded only when a model runs
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices  # heavy: loaded only when a model runs
+    from trl import SFTTrainer  # heavy: loaded only when a model runs
 
     class EpochSeededLengthSampler(LengthGroupedSampler):
         def __init__(self, *a, seed: int = 0, **kw):
@@ -362,8 +362,8 @@ def read_eval_log(run_dir: str | Path):
 def loss_chart(log, checkpoints: list[tuple[int, float, Path]] | None = None):
     """Altair: training loss, gradient norm (when logged) and learning rate by optimizer step,
     checkpoints as dashed rules."""
-    import altair as alt
-    import pandas as pd
+    import altair as alt  # heavy: loaded only when a chart is drawn
+    import pandas as pd  # heavy: the base layer stays importable without pandas
 
     data = log.copy()
     x = alt.X("step:Q", title="optimizer step")
@@ -439,7 +439,7 @@ class TrainResult:
 
 def lora_config(cfg: RunConfig, num_layers: int | None = None):
     """The PEFT LoraConfig of a run (layer restriction checked against the model's depth)."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy: loaded only when a model runs
 
     layers = list(cfg.lora_layers) or None
     if layers and num_layers is not None and max(layers) >= num_layers:
@@ -452,7 +452,7 @@ def lora_config(cfg: RunConfig, num_layers: int | None = None):
 def split_examples(examples: list[dict[str, Any]], cfg: RunConfig):
     """(train, held-out or None) datasets: ``eval_fraction`` of the examples held out by
     ``datasets.train_test_split(test_size, seed)``, the split the paper's run_finetune.py makes."""
-    from datasets import Dataset
+    from datasets import Dataset  # heavy: loaded only when a model runs
 
     ds = Dataset.from_list(examples)
     if cfg.eval_fraction <= 0:
@@ -493,7 +493,7 @@ class MaskTokensInLabels:
         self.inner, self.token_ids = inner, sorted(set(token_ids))
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
+        import torch  # heavy: loaded only when a model runs
 
         batch = self.inner(examples)
         mask = torch.isin(batch["input_ids"], torch.tensor(self.token_ids, device=batch["input_ids"].device))
@@ -504,18 +504,18 @@ class MaskTokensInLabels:
 def build_trainer(cfg: RunConfig, records: list[dict[str, Any]], output_dir: Path, progress: bool = False,
                   extra_callbacks: list | None = None):
     """An SFTTrainer for the run, its PEFT model wrapped, its dataset tokenized (no training yet)."""
-    import datasets
-    import torch
-    from transformers import PrinterCallback, ProgressCallback, set_seed
-    from transformers.utils.notebook import NotebookProgressCallback
-    from trl import SFTConfig
+    import datasets  # heavy: loaded only when a model runs
+    import torch  # heavy: loaded only when a model runs
+    from transformers import PrinterCallback, ProgressCallback, set_seed  # heavy: loaded only when a model runs
+    from transformers.utils.notebook import NotebookProgressCallback  # heavy: loaded only when a model runs
+    from trl import SFTConfig  # heavy: loaded only when a model runs
 
     examples = [to_prompt_completion(r, where=f"{cfg.dataset}: record {i + 1}") for i, r in enumerate(records)]
     train_ds, eval_ds = split_examples(examples, cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.model_revision, padding_side="right")
     model, choice = load_model(cfg.model, cfg.model_revision, cfg.device, cfg.dtype, cfg.quantization)
     if cfg.quantization != "none":
-        from peft import prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training  # heavy: loaded only when a model runs
         # casts norms to fp32, freezes the quantised base, enables gradient checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,4 +1,4 @@
-"""lib/ is layered and its imports point one way (DESIGN.md, "Where each kind of code lives").
+"""lib/ is layered and its imports point one way (the README's "Layout" section, with its layer table).
 
 The import graph is read from the source with ``ast``; an import inside a function counts
 like one at the top of the file. Rules:
@@ -7,7 +7,9 @@ like one at the top of the file. Rules:
 * a module imports only modules of its own layer or below, and the graph has no circle;
 * a stage imports no other stage (it reads an earlier stage's files through the base
   layer's run layout); only the parts listed in :data:`STAGE_PARTS` are shared;
-* imports of lib modules sit at the top of the file (none inside a function);
+* imports of lib modules sit at the top of the file (none inside a function); any other import
+  inside a function says why on its line (``# heavy: ...``), or moves to the top;
+* no module is over 700 lines (one job per module);
 * lib modules import each other relatively (``from .x import y``), with no fallback.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ LIB = Path(__file__).resolve().parents[1] / "lib"
 BASE, LOADERS, STAGES, ORCHESTRATION = 0, 1, 2, 3
 LAYER_NAMES = {BASE: "base", LOADERS: "loaders", STAGES: "stages", ORCHESTRATION: "orchestration"}
 
-# module -> layer (the README's "Layers" section lists the same)
+# module -> layer (the README's "Layout" table lists the same)
 LAYERS: dict[str, int] = {
     # base: configuration, files, rules; nothing here loads a model or runs a stage
     "__init__": BASE,
@@ -258,3 +260,44 @@ def test_checker_sees_a_circle_an_upward_import_and_a_lazy_one():
     assert bad == {("models", "judge"), ("evaluate", "train"), ("evaluate", "plots")}
     assert lazy == {("models", "judge")}
     assert fallbacks == {"evaluate"}
+
+
+def _unexplained_lazy_imports(source: str) -> list[int]:
+    """Line numbers of imports inside a function whose line carries no ``# reason`` comment."""
+    lines = source.splitlines()
+    out = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    last = lines[node.end_lineno - 1]
+                    if not re.search(r"#\s*\S", last):
+                        out.append(node.lineno)
+    return sorted(set(out))
+
+
+def test_every_lazy_import_says_why():
+    """An import inside a function (torch, altair, scipy: heavy or optional) says why on its line,
+    in a word; anything cheap belongs at the top of the file."""
+    found = {m: lines for m in _lib_modules()
+             if (lines := _unexplained_lazy_imports((LIB / f"{m}.py").read_text(encoding="utf-8")))}
+    assert not found, ("imports inside functions without a '# reason' comment (say why, or move them "
+                       f"to the top): {found}")
+
+
+def test_lazy_import_checker_can_fail():
+    src = ("import os\n"
+           "def f():\n    import torch  # heavy\n    import pandas as pd\n"
+           "    from scipy.stats import (\n        norm,\n    )\n"
+           "    from x import (\n        y,\n    )  # optional\n")
+    assert _unexplained_lazy_imports(src) == [4, 5]
+
+
+MAX_LINES = 700
+
+
+def test_no_module_over_700_lines():
+    """A module that outgrows 700 lines holds more than one job: split it (the README's layer table)."""
+    long = {m: n for m in _lib_modules()
+            if (n := len((LIB / f"{m}.py").read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"lib modules over {MAX_LINES} lines: {long}"
