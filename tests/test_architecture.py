@@ -53,6 +53,7 @@ LAYERS: dict[str, int] = {
     "data": LOADERS,
     "questions": LOADERS,
     "external": LOADERS,
+    "vllm_env": LOADERS,
     # stages: one module per stage (plus the parts in STAGE_PARTS)
     "train": STAGES,
     "evaluate": STAGES,
