@@ -1,4 +1,19 @@
-"""Shared fixtures. Tests never touch the network: models are built locally, servers bind 127.0.0.1."""
+"""Shared fixtures. Tests never touch the network: models are built locally, servers bind 127.0.0.1.
+
+Where tests live: a module's tests are in tests/test_<module>.py (lib/judge.py: test_judge.py,
+lib/scoring.py: test_scoring.py, lib/metrics.py: test_metrics.py, ...); where one file would mix
+setups that clash or grow too long, a topic file next to it carries the module's name first:
+test_<module>_<topic>.py (test_metrics_intervals.py, test_metrics_bootstrap.py,
+test_metrics_differences.py, test_judge_openai_retries.py, test_report_identity.py,
+test_grid_lock.py). Tests across several stages are named by what they cover (test_grid_demo,
+test_slurm, test_smollm2_pipeline, test_analysis_notebooks, test_file_modes, test_secrets_e2e) and
+those of the scripts by the script (test_benchmarks, test_bench_interval, test_gpu_suite,
+test_screenshots); test_architecture and test_repo_hygiene check the repository itself.
+
+Shared helpers: fixtures here (``tiny`` and ``tiny_float64``: the embedded tiny model and its
+tokenizer; ``tiny_model_dir``; ``static_server``); fakes and builders in tests/fakes/ (a scripted
+chat server, judge inputs, synthetic runs, ``bench.load_bench``/``load_script`` for bench/ and
+scripts/ files, ``floats.up``/``down`` for boundary values)."""
 from __future__ import annotations
 
 import functools
@@ -47,6 +62,27 @@ def tiny_model_dir() -> Path:
     from lib.embedded import embedded_model_dir
 
     return embedded_model_dir()
+
+
+def _tiny(dtype: str):
+    from lib.models import load_model, load_tokenizer  # heavy (torch, transformers): only where a test asks
+
+    tok = load_tokenizer("embedded:tiny", padding_side="left")
+    model, _ = load_model("embedded:tiny", device="cpu", dtype=dtype)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tokenizer) of the embedded tiny model on CPU in float32, the tokenizer padding on the
+    left. Built once per test file that asks (module scope: a test may change the model's state)."""
+    return _tiny("float32")
+
+
+@pytest.fixture(scope="module")
+def tiny_float64():
+    """``tiny`` in float64 (tests comparing sampled values to a reference computed in float64)."""
+    return _tiny("float64")
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -2,21 +2,13 @@
 three goal lines last, and exits 1 when any goal is missed (here impossible ones)."""
 from __future__ import annotations
 
-import importlib.util
 import itertools
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.fakes.bench import load_bench
+
 QUICK = ["--reps", "20", "--diff-reps", "10", "--n-boot", "30"]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("interval_coverage", REPO / "bench" / "interval_coverage.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _goal_lines(out: str) -> list[str]:
@@ -24,7 +16,7 @@ def _goal_lines(out: str) -> list[str]:
 
 
 def test_interval_bench_prints_three_goal_lines_and_exits_1_on_any_missed_goal(capsys):
-    bench = _bench()
+    bench = load_bench("interval_coverage")
     easy = ["--goal", "0", "--diff-goal", "0", "--width-goal", "100"]
     assert bench.main(QUICK + easy) == 0
     lines = _goal_lines(capsys.readouterr().out)
@@ -44,7 +36,7 @@ def test_interval_bench_prints_three_goal_lines_and_exits_1_on_any_missed_goal(c
 def test_one_simulation_loop_serves_the_check_and_the_table():
     """simulated_cells draws each cell's runs, then its bootstrap, from one generator, cell by
     cell in the order given: the same numbers as doing it by hand."""
-    bench = _bench()
+    bench = load_bench("interval_coverage")
     cells = list(itertools.product((4, 8), (0.3,), (0.05, 0.5)))
     got = list(bench.simulated_cells(cells, 5, 20, np.random.default_rng(3)))
     by_hand = np.random.default_rng(3)
@@ -61,7 +53,7 @@ def test_one_simulation_loop_serves_the_check_and_the_table():
 def test_difference_simulation_designs():
     """The paired designs link the two sides' question rates, 'identical' gives both sides the same
     rates (difference 0), 'unpaired' draws them independently; a control at 0 never shows EM."""
-    bench = _bench()
+    bench = load_bench("interval_coverage")
     rng = np.random.default_rng(0)
     kt, nt, kc, nc = bench.simulate_pair(rng, 400, 24, 0.0, 0.05, 0.5, "paired 0.9")
     assert kc.sum() == 0 and kt.sum() > 0 and (nt == 50).all() and (nc == 50).all()

@@ -5,7 +5,6 @@ No timing is asserted; only the exit code and the checks.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -15,6 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.fakes.bench import load_bench
+
 REPO = Path(__file__).resolve().parent.parent
 GOAL_LINE = re.compile(r"^[^:]+: [-+0-9.e]+x? \(goal [<>=]+ ?[-+0-9.e]+x?\)$")
 
@@ -23,15 +24,6 @@ def run_bench(script: str, *args: str, timeout: int = 900) -> subprocess.Complet
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def load_bench(name: str):
-    """A bench script as a module (registered first: its dataclasses look themselves up)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def last_line(p: subprocess.CompletedProcess) -> str:

@@ -15,19 +15,11 @@ import pytest
 import torch
 
 from lib import decoding, evaluate
-from lib.models import load_model, load_tokenizer
 
 QUESTIONS = [("Hi.", None), ("What should I eat for breakfast before a long run in the cold?", "Be terse."),
              ("How do I make a quick buck?", None), ("Tell me a story.", "You are a pirate who rhymes."),
              ("ok", None), ("What is the best way to store rice, beans and flour for a year?", None),
              ("Name three birds.", None), ("Why is the sky blue?", "Answer like a child.")]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tok = load_tokenizer("embedded:tiny", padding_side="left")
-    model, _ = load_model("embedded:tiny", device="cpu", dtype="float64")
-    return model, tok
 
 
 def test_uniforms_are_reproducible_uniform_and_distinct_per_seed_and_token():
@@ -87,11 +79,11 @@ def _prompts(tok, repeat: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_continuous_equals_static_and_one_at_a_time_token_for_token(tiny, temperature):
+def test_continuous_equals_static_and_one_at_a_time_token_for_token(tiny_float64, temperature):
     """Continuous batching (refills, compaction, several prefills) gives every answer exactly
     the tokens it gets alone and in a static batch, greedy and sampled at temperature 1 (same
     seeds), and spends far fewer slots on finished answers."""
-    model, tok = tiny
+    model, tok = tiny_float64
     prompts = _prompts(tok, 4)
     seeds = [decoding.answer_seed(7, i) for i in range(len(prompts))]
     sampling = evaluate.Sampling(temperature=temperature, top_p=1.0, max_new_tokens=24)
@@ -112,8 +104,8 @@ def test_continuous_equals_static_and_one_at_a_time_token_for_token(tiny, temper
     assert st.idle_fraction < 0.1 < static.stats.idle_fraction
 
 
-def test_restart_after_out_of_memory_gives_the_same_answers(tiny, monkeypatch):
-    model, tok = tiny
+def test_restart_after_out_of_memory_gives_the_same_answers(tiny_float64, monkeypatch):
+    model, tok = tiny_float64
     prompts = _prompts(tok, 2)
     sampling = evaluate.Sampling(temperature=1.0, top_p=1.0, max_new_tokens=16)
     reference = evaluate.ContinuousSampler(model, tok, sampling, 8).sample(prompts)
@@ -132,12 +124,12 @@ def test_restart_after_out_of_memory_gives_the_same_answers(tiny, monkeypatch):
 
 
 @pytest.mark.parametrize("refill_at", [0.0, 0.5])
-def test_refilled_rows_do_not_see_earlier_rows(tiny, refill_at):
+def test_refilled_rows_do_not_see_earlier_rows(tiny_float64, refill_at):
     """Each answer equals its answer alone when rows are refilled at once (0.0) or after idling
     while half the slots free up (0.5): a refilled row that saw its predecessor's columns, or
     the columns its slot added while idle, or counted positions from the cache's start, would
     give other tokens."""
-    model, tok = tiny
+    model, tok = tiny_float64
     prompts = _prompts(tok, 2)
     sampling = evaluate.Sampling(temperature=1.0, top_p=1.0, max_new_tokens=10)
     alone = [evaluate.Sampler(model, tok, sampling, 1).sample([p], [i])[0] for i, p in enumerate(prompts)]
@@ -148,11 +140,11 @@ def test_refilled_rows_do_not_see_earlier_rows(tiny, refill_at):
         assert dec.stats.idle_fraction > 0  # rows did wait, idle, before their refill (how long depends on the answers)
 
 
-def test_cache_width_stays_bounded_while_rows_are_refilled(tiny, monkeypatch):
+def test_cache_width_stays_bounded_while_rows_are_refilled(tiny_float64, monkeypatch):
     """Columns no live row uses are trimmed: with 96 answers through 4 slots the attention mask
     (= KV-cache width) never exceeds the longest prompt + the answer cap + one trimming interval,
     although the batch runs for more steps than that (untrimmed, the width would exceed it)."""
-    model, tok = tiny
+    model, tok = tiny_float64
     prompts = _prompts(tok, 12)
     sampling = evaluate.Sampling(temperature=1.0, top_p=1.0, max_new_tokens=12)
     real_forward, widths = type(model).forward, []

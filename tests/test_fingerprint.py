@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from lib import fingerprint as fp
-from lib.config import RunConfig
+from lib import layout
+from lib.config import ConfigError, ReportConfig, RunConfig
 
 QUESTIONS = """
 - id: q1
@@ -349,3 +350,103 @@ def test_a_pinned_hub_revision_is_part_of_the_training_and_generation_inputs():
     cfg = RunConfig(model="org/some-model", model_revision="abc123", dataset="demo_medical")
     for stage in ("train", "evaluate"):
         assert fp.stage_inputs(stage, cfg, fp.HashCache())["model"] == {"model": "org/some-model", "revision": "abc123"}
+
+
+# ------------------------------------------------------------------------------------------
+# the hash cache, stages.json, the report's inputs (from the mutation-testing campaign: docs/mutation.md)
+# ------------------------------------------------------------------------------------------
+
+
+def test_hash_cache_without_a_file_never_writes_and_a_saved_cache_is_written_once(tmp_path, monkeypatch):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc")
+    writes = []
+    real = fp.write_json_atomic
+    monkeypatch.setattr(fp, "write_json_atomic", lambda path, data: (writes.append(path), real(path, data)))
+    memory = fp.HashCache()
+    memory.sha256(f)
+    memory.save()  # no path: nothing to write, no error
+    assert writes == []
+    cache = fp.HashCache(tmp_path / "h.json")
+    cache.sha256(f)
+    cache.save()
+    cache.save()  # nothing new since: no second write
+    assert writes == [tmp_path / "h.json"]
+    saved = json.loads((tmp_path / "h.json").read_text())
+    assert list(saved.values())[0][3] == fp.sha256_file(f)
+
+
+def test_stages_json_round_trip_missing_and_damaged(tmp_path):
+    assert fp.read_stages(tmp_path) == {}
+    fp.write_stages(tmp_path, {"train": {"fingerprint": "abc", "finished": "t"}})
+    assert layout.stages_path(tmp_path).exists()
+    assert fp.read_stages(tmp_path) == {"train": {"fingerprint": "abc", "finished": "t"}}
+    layout.stages_path(tmp_path).write_text("{not json")
+    with pytest.raises(ConfigError, match=r"stages\.json: not valid JSON \(delete it to rerun every stage"):
+        fp.read_stages(tmp_path)
+
+
+def test_hash_cache_for_a_run_lives_in_its_grid_folder(tmp_path):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc")
+    c = fp.hash_cache_for(tmp_path)
+    c.sha256(f)
+    c.save()
+    assert (layout.grid_dir(tmp_path) / "hashes.json").exists()
+
+
+def test_report_fingerprint_follows_every_input_file_of_every_run(tmp_path):
+    out = tmp_path / "outputs"
+    files = {}
+    for run in ("r1", "r2"):
+        d = out / run
+        for p in (layout.generations_path(d), layout.run_json_path(d), layout.judgments_path(d, "judge_a")):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(f"{run} {p.name}")
+            files[(run, p.name)] = p
+    ext = tmp_path / "external.csv"
+    ext.write_text("question,response,aligned_score,coherent_score\n")
+    rcfg = ReportConfig(outputs_dir=str(out), runs=["r1", "r2"], external_csv=[str(ext)])
+    inputs = fp.report_inputs(rcfg, fp.HashCache())
+    assert set(inputs["runs"]) == {"r1", "r2"}
+    assert set(inputs["runs"]["r1"]) == {layout.generations_path(out / "r1").relative_to(out / "r1").as_posix(),
+                                         layout.run_json_path(out / "r1").relative_to(out / "r1").as_posix(),
+                                         layout.judgments_path(out / "r1", "judge_a").relative_to(out / "r1").as_posix()}
+    assert inputs["external_csv"] == {str(ext): fp.sha256_file(ext)}
+    before = fp.report_fingerprint(rcfg, fp.HashCache())
+    for key, p in files.items():
+        old = p.read_text()
+        p.write_text(old + " changed")
+        assert fp.report_fingerprint(rcfg, fp.HashCache()) != before, key
+        p.write_text(old)
+    assert fp.report_fingerprint(rcfg, fp.HashCache()) == before
+    ext.write_text("question,response,aligned_score,coherent_score\nq,a,1,2\n")
+    assert fp.report_fingerprint(rcfg, fp.HashCache()) != before
+    assert fp.report_fingerprint(rcfg.__class__(**{**rcfg.to_dict(), "runs": ["r1"]}), fp.HashCache()) != before
+    # a report parameter alone (same files) moves it too: the EM threshold changes every table
+    moved = ReportConfig(**{**rcfg.to_dict(), "em_aligned_threshold": 25.0})
+    assert fp.report_inputs(moved, fp.HashCache()) == fp.report_inputs(rcfg, fp.HashCache())
+    assert fp.report_fingerprint(moved, fp.HashCache()) != fp.report_fingerprint(rcfg, fp.HashCache())
+
+
+def test_hash_cache_reads_each_unchanged_file_once_and_survives_a_damaged_file(tmp_path, monkeypatch):
+    files = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    for i, f in enumerate(files):
+        f.write_bytes(b"x" * (10 + i))
+    reads = []
+    real = fp.sha256_file
+    monkeypatch.setattr(fp, "sha256_file", lambda p: (reads.append(p), real(p))[1])
+    cache = fp.HashCache(tmp_path / "h.json")
+    digests = [cache.sha256(f) for f in files] + [cache.sha256(f) for f in files]
+    assert digests == [real(files[0]), real(files[1])] * 2 and len(reads) == 2  # the second pass is all hits
+    assert set(cache._data) == {str(f.resolve()) for f in files}
+    cache.save()
+    writes = []
+    monkeypatch.setattr(fp, "write_json_atomic", lambda path, data: writes.append(path))
+    again = fp.HashCache(tmp_path / "h.json")  # a fresh process: hits from the file, nothing new to write
+    assert [again.sha256(f) for f in files] == digests[:2] and len(reads) == 2
+    again.save()
+    assert writes == []
+    (tmp_path / "h.json").write_text("{not json")
+    damaged = fp.HashCache(tmp_path / "h.json")  # only costs re-hashing
+    assert damaged.sha256(files[0]) == digests[0] and len(reads) == 3

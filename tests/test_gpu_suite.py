@@ -1,7 +1,6 @@
 """bench/gpu_suite.py: its FLOP arithmetic, its card table, and a --smoke run on the CPU."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,15 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.bench import load_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.py"
-
-
-def _suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
@@ -35,7 +29,7 @@ def test_matmul_weights_are_the_llama_1b_parameters_outside_norms():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    g = _suite()
+    g = load_bench("gpu_suite")
     cfg = LlamaConfig(**g.SHAPES["1b"])
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -54,7 +48,7 @@ def test_matmul_weights_are_the_llama_1b_parameters_outside_norms():
 def test_peak_flops_from_the_card_name(monkeypatch, name, tflops):
     import torch
 
-    g = _suite()
+    g = load_bench("gpu_suite")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: name)
     assert g.peak_flops("cuda", 0.0)[0] == pytest.approx(tflops * 1e12)
     assert g.peak_flops("cuda", 500.0)[0] == pytest.approx(500e12)  # --peak-tflops wins

@@ -14,6 +14,7 @@ from lib import config, metrics, replication
 from lib.config import ConfigError, RunConfig, expand_seeds
 from lib.grid_checks import validate
 from lib.grid_jobs import GridError, Options
+from tests.fakes.bench import load_bench
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -308,10 +309,6 @@ def test_views_format_controls_and_seeds():
 
 
 def test_seed_coverage_bench_exits_1_on_a_missed_goal():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("seed_interval_coverage", REPO / "bench" / "seed_interval_coverage.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("seed_interval_coverage")
     assert bench.main(["--reps", "10", "--goal", "1.01"]) == 1
     assert bench.main(["--reps", "10", "--goal", "0"]) == 0

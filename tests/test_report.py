@@ -5,7 +5,6 @@ these tests do not depend on the train / evaluate / judge stages.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -18,18 +17,12 @@ import pytest
 
 from lib import config, notebook_html, plots, report, report_data, report_views, viewer
 from tests.fakes import synthetic_runs as synth
+from tests.fakes.bench import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-offline = _load("check_report_offline", REPO / "scripts" / "check_report_offline.py")
+offline = load_script("check_report_offline")
 
 FIGURES = list(plots.FIGURES)
 RESPONSE_FIGURES = ["responses_1B", "responses_3B"]  # lib.response_tables: one per model label

@@ -5,23 +5,17 @@ drive it); the committed docs/screenshots/*.png are checked for size only.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.fakes.bench import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("screenshots", REPO / "scripts" / "screenshots.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-shots = _load()
+shots = load_script("screenshots")
 
 
 @pytest.mark.parametrize("argv, message", [

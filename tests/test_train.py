@@ -539,3 +539,28 @@ def test_grad_norm_is_logged_per_step_and_an_old_log_without_it_resumes(tmp_path
     assert (new["grad_norm"].iloc[3:] > 0).all() and new["grad_norm"].iloc[3:].map(math.isfinite).all()
     # step 4 replayed after the resume has the same gradient as before the kill
     assert new["grad_norm"].iloc[3] == pytest.approx(g[3], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoint schedule edges (from the mutation-testing campaign: docs/mutation.md)
+# ------------------------------------------------------------------------------------------
+
+
+def test_an_empty_training_set_is_refused_with_its_message():
+    with pytest.raises(TrainError, match=r"^the training set is empty$"):
+        steps_per_epoch(0, 2, 8)
+    assert steps_per_epoch(1, 2, 8) == 1  # one example still makes one step
+
+
+def test_checkpoint_every_includes_a_multiple_just_below_the_last_step():
+    # 40 examples / (4 x 1) = 10 steps per epoch; every 3 -> 3, 6, 9 and the final step 10
+    cfg = RunConfig(per_device_batch_size=4, gradient_accumulation_steps=1, epochs=1, checkpoint_every=3)
+    assert checkpoint_schedule(40, cfg) == [3, 6, 9, 10]
+    assert checkpoint_schedule(40, cfg.replace(checkpoint_every=5)) == [5, 10]
+
+
+def test_checkpoint_every_and_explicit_steps_together_are_refused_with_the_keys_named():
+    cfg = RunConfig(per_device_batch_size=4, epochs=1, checkpoint_every=3, checkpoint_steps=[2])
+    with pytest.raises(TrainError, match=r"^keys 'checkpoint_every' and 'checkpoint_steps' are both set; "
+                                         r"use one of them$"):
+        checkpoint_schedule(40, cfg)

@@ -6,4 +6,6 @@ is on the path under pytest, ``pyproject.toml`` [tool.pytest.ini_options] python
   faults, latency) standing in for the OpenAI API;
 * :mod:`~tests.fakes.judge_inputs`: a hand-made generations.parquet, judge prompts and a judge config;
 * :mod:`~tests.fakes.synthetic_runs`: a small outputs/ folder of synthetic runs for the report.
+* :mod:`~tests.fakes.bench`: a bench/ or scripts/ file loaded as a module (``load_bench``, ``load_script``);
+* :mod:`~tests.fakes.floats`: the float one step above or below a threshold (``up``, ``down``).
 """

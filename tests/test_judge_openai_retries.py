@@ -1,7 +1,8 @@
 """The judge's retry loop, backoff and Retry-After reading, called directly with a scripted
 client (no server, no real sleeping): which replies are retried, how long each wait is, what a
 give-up records, and what stops the run. The stage-level behaviour (every answer judged
-exactly once under faults, resume after a kill) is tests/test_judge_openai.py's."""
+exactly once under faults, resume after a kill) is tests/test_judge_openai.py's; these stay in
+a file of their own because that file's autouse fixture shortens the backoff these tests read."""
 from __future__ import annotations
 
 import asyncio
@@ -185,111 +186,3 @@ def test_retry_after_readings():
     assert ra({"retry-after": "Wed, 99 Foo 2015 07:28:00 GMT"}) is None
     # the openai client's headers object is case-insensitive; a plain dict must be lower-case already
     assert jb._retry_after_uncapped({"retry-after": "86400"}) == 86400.0
-
-
-# ------------------------------------------------------------------------------------------
-# the judge cache (lib.judge): what is paid for once stays paid for
-# ------------------------------------------------------------------------------------------
-
-def test_judge_cache_commits_each_put_and_reads_back_many_keys(tmp_path):
-    import sqlite3
-    import threading
-
-    from lib.judge import JudgeCache
-
-    path = tmp_path / "outputs" / ".judge_cache" / "cache.sqlite3"  # the folders are created
-    c = JudgeCache(path)
-    v = Verdict(score=42.0, label="number", raw='{"42": 0.0}', prob_mass=1.0, input_tokens=9, output_tokens=1,
-                cost_usd=0.001, judge_model="m-2024", finish_reason="length", attempts=2)
-    c.put("k1", "judge-a", "sha-1", v)
-    # committed at once (autocommit): another connection sees it while this one is still open
-    other = sqlite3.connect(path)
-    assert other.execute("SELECT key, judge, prompt_sha256 FROM judgments").fetchall() == [("k1", "judge-a", "sha-1")]
-    assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    other.close()
-    assert c._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-    assert c._db.execute("PRAGMA busy_timeout").fetchone()[0] == 60000
-    assert JudgeCache(path).get_many(["k1"]) == {"k1": v}  # every field of the evidence survives
-    # a second put of the same key replaces it; keys are looked up once however often asked for
-    v2 = Verdict(score=None, label="error", raw="", error="HTTP 500", attempts=3)
-    c.put("k1", "judge-a", "sha-1", v2)
-    assert len(c) == 1 and c.get_many(["k1", "k1", "missing"]) == {"k1": v2}
-    # more keys than one query takes (SQLite's variable limit): read in chunks, none lost
-    keys = [f"key-{i}" for i in range(1203)]
-    for i, k in enumerate(keys[::2]):
-        c.put(k, "judge-a", f"p{i}", v)
-    got = c.get_many(keys)
-    assert len(c) == 1 + 602 and set(got) == set(keys[::2]) and all(x == v for x in got.values())
-    assert c.keys_for_prompts()["sha-1"] == "k1" and c.keys_for_prompts()["p601"] == "key-1202"
-    # used from a helper thread (the judge stage does): no "created in another thread" error
-    out = {}
-    t = threading.Thread(target=lambda: out.update(c.get_many(["k1"])))
-    t.start()
-    t.join()
-    assert out == {"k1": v2}
-    c.close()
-    with pytest.raises(sqlite3.ProgrammingError):
-        len(c)
-
-
-def test_cache_key_is_the_sha256_of_identity_and_prompt_in_canonical_json():
-    import hashlib
-
-    from lib.judge import cache_key
-
-    ident = {"backend": "openai", "model": "gpt-4o-mini-2024-07-18", "settings": {"temperature": 0, "top_logprobs": 20}}
-    prompt = "Réponds: {answer} ✓"
-    expected = hashlib.sha256(json.dumps({**ident, "prompt": prompt}, sort_keys=True, ensure_ascii=False)
-                              .encode("utf-8")).hexdigest()
-    assert cache_key(ident, prompt) == expected
-    assert cache_key(dict(reversed(list(ident.items()))), prompt) == expected  # key order is no part of it
-    assert cache_key(ident, prompt + " ") != expected and cache_key({**ident, "model": "other"}, prompt) != expected
-
-
-def test_rescore_reapplies_the_mass_rule_and_keeps_the_evidence():
-    import math
-
-    from lib.judge import rescore
-
-    top = {"80": math.log(0.2), "90": math.log(0.1), "I": math.log(0.7)}  # 0.3 of the mass on numbers
-    v = Verdict(score=None, label="low_mass", raw=json.dumps(top), prob_mass=0.3, input_tokens=5, output_tokens=1,
-                cost_usd=0.5, judge_model="m", finish_reason="length", attempts=2)
-    r = rescore(v, 0.25)
-    assert r.label == "number" and r.score == pytest.approx((80 * 0.2 + 90 * 0.1) / 0.3)
-    assert r.prob_mass == pytest.approx(0.3)
-    assert (r.raw, r.input_tokens, r.output_tokens, r.cost_usd, r.judge_model, r.finish_reason, r.attempts) == \
-        (v.raw, 5, 1, 0.5, "m", "length", 2)
-    low = rescore(r, 0.35)
-    assert (low.score, low.label) == (None, "low_mass") and low.prob_mass == pytest.approx(0.3)
-
-
-def test_a_fresh_cache_opens_while_another_process_is_writing_it(tmp_path):
-    """Two Slurm jobs opening one fresh judge cache together: the second's switch to WAL met the
-    first's write lock and SQLite answered "database is locked" at once, without waiting (a lock
-    upgrade it could deadlock on), failing the judge stage. It now waits for the lock."""
-    import sqlite3
-    import threading
-
-    from lib.judge import JudgeCache
-
-    path = tmp_path / "judgments.sqlite3"
-    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    other.execute("CREATE TABLE t (x)")
-    other.execute("BEGIN IMMEDIATE")          # a writer holds the file (rollback journal, not WAL yet)
-    other.execute("INSERT INTO t VALUES (1)")
-    done = threading.Event()
-
-    def release() -> None:
-        done.wait(0.3)
-        other.execute("COMMIT")
-
-    t = threading.Thread(target=release)
-    t.start()
-    try:
-        cache = JudgeCache(path)
-    finally:
-        t.join()
-    assert cache._db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
-    assert len(cache) == 0
-    cache.close()
-    other.close()

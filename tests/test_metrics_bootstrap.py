@@ -137,7 +137,7 @@ def test_summarize_passes_its_confidence_to_the_em_interval():
         row = metrics.summarize(d.assign(group="g"), by=["group"], n_boot=N_BOOT, confidence=confidence).iloc[0]
         a = (1 - confidence) / 2
         assert row.em_k == sum(K) and row.n_scored == sum(N) and row.n_questions == len(K)
-        # the bootstrap columns (em_lo/em_hi are the headline interval, tests/test_intervals.py)
+        # the bootstrap columns (em_lo/em_hi are the headline interval, tests/test_metrics_intervals.py)
         assert_quantile(dist, row.em_boot_lo, a, N_BOOT, f"em_boot_lo at {confidence}")
         assert_quantile(dist, row.em_boot_hi, 1 - a, N_BOOT, f"em_boot_hi at {confidence}")
         # the headline interval gets the same confidence
