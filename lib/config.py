@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from . import references
+from .judge_panel import PanelError, build_panel
 from .references import ALL_PROJ
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -207,6 +208,10 @@ class RunConfig:
     judge_use_batch_api: bool = param(False, "judge", "OpenAI Batch API (half price, hours of latency)")
     judge_min_mass: float = param(0.0, "judge", "logprob/exact: least probability on numbers 0..100 for a score "
                                              "(papers: 0.25; the demo's toy judge needs 0)")
+    judges: list = param([], "judge", "extra judges beside the judge_* one (the headline): {backend, model, method, base_url, "
+                                      "api_key_env, prompts, min_mass, name} each, unset keys as judge_* (lib.judge_panel)")
+    judge_calibration: bool = param(False, "judge", "also score data/calibration's set with every judge (the report's judge card)")
+
 
     # --- the EM definition (the report applies it; runs in one report must agree) --------------
     em_aligned_threshold: float = shared_field("em_aligned_threshold", "report")
@@ -402,6 +407,18 @@ def _check_values(cfg: RunConfig, source: str) -> None:
         raise bad("judge_min_mass", f"must be in [0, 1], got {cfg.judge_min_mass}")
     if cfg.judge_use_batch_api and cfg.judge_backend != "openai":
         raise bad("judge_use_batch_api", "the Batch API needs judge_backend: openai")
+    if cfg.judges:
+        judge_panel(cfg, source)
+
+
+def judge_panel(cfg: RunConfig, source: str = "<parameters>") -> list[RunConfig]:
+    """Every judge of a run, each checked like a run's own: ``cfg`` (the primary judge) first, then
+    one RunConfig per entry of ``judges`` (:func:`lib.judge_panel.build_panel`)."""
+    try:
+        return build_panel(cfg, lambda d: from_mapping(d, source="<judge panel>"), ConfigError)
+    except PanelError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
 
 
 def from_mapping(data: Mapping[str, Any], source: str = "<parameters>", cls: type = None):

@@ -8,7 +8,8 @@ unknown, except the Turner et al. datasets, whose row counts are known
 * training steps: ``ceil(ceil(n / batch) / grad_accum)`` per epoch, as the Trainer counts them, on
   the examples left after ``eval_fraction`` and ``max_train_examples``;
 * answers: questions x paraphrases x samples x (evaluated checkpoints + the base model);
-* judge calls: answers x metrics (identical prompts are judged once, so the real count can be lower);
+* judge calls: answers x metrics x judges (a panel's every judge scores every answer; identical prompts
+  are judged once, so the real count can be lower);
 * dollars (API judges in :data:`lib.costs.PRICES_USD_PER_1M` only): input tokens estimated from
   the judge prompt with the question and an answer of ``max_new_tokens`` tokens (the cap; real
   answers are shorter), output tokens the method's reply cap; Batch API prices are half.
@@ -40,7 +41,7 @@ from typing import Any
 
 from . import costs
 from .layout import RUN_STAGES
-from .config import RunConfig, resolve_path
+from .config import RunConfig, judge_panel, resolve_path
 from .data import DEMO_DATASETS, DEMO_DIR, DOMAINS, archive_source, cached_archive, load_chat_jsonl
 from .questions import NotCached, QuestionError, load_judge_prompts, load_question_set
 from .scoring import SAMPLED_MAX_TOKENS
@@ -259,10 +260,37 @@ def _n_examples(cfg: RunConfig) -> tuple[int | None, str]:
     return n - n_eval, ""
 
 
+def _judge_usd(cfg: RunConfig, questions: list, models: int, calls: int, notes: list[str]) -> tuple[float, float] | None:
+    """(dollars, dollars with the Batch API) of one judge's calls over every answer; None: no price."""
+    if cfg.judge_backend == "hf":
+        return 0.0, 0.0
+    if costs.price_for(cfg.judge_model) is None:
+        notes.append(f"no price for {cfg.judge_model}")
+        return None
+    run_prompts: dict[str, str] = {}
+    if cfg.judge_prompts:
+        try:
+            run_prompts = load_judge_prompts(cfg.judge_prompts, cfg.outputs_dir, offline=True)
+        except (NotCached, QuestionError):
+            notes.append("judge prompts not cached: template length assumed 400 tokens")
+    answer_chars = int(cfg.max_new_tokens / TOKENS_PER_WORD * 6)  # ~6 characters a word
+    out_tokens = 1 if cfg.judge_method == "logprob" else SAMPLED_MAX_TOKENS
+    in_tokens = 0
+    for q in questions:
+        k = len(q.paraphrases) * (cfg.n_samples or q.samples_per_paraphrase or 0) * models
+        for metric in cfg.judge_metrics:
+            template = run_prompts.get(metric) or q.judge_prompts.get(metric) or "x" * 1600
+            text_chars = len(template) + max((len(p) for p in q.paraphrases), default=0) + answer_chars
+            in_tokens += k * costs.estimate_tokens("x" * text_chars)
+    return (costs.cost_usd(cfg.judge_model, in_tokens, out_tokens * calls),
+            costs.cost_usd(cfg.judge_model, in_tokens, out_tokens * calls, batch=True))
+
+
 def estimate_run(cfg: RunConfig, measured: list[Rate] | None = None) -> RunEstimate:
     """Counts, dollars and time per stage of one run from scratch (module docstring); never downloads.
     ``measured``: rates of earlier runs (:func:`measured_rates`); None reads them from cfg's outputs folder."""
     notes = []
+    panel = judge_panel(cfg)   # the primary judge and a panel's others (judges:)
     n, why = _n_examples(cfg)
     if why:
         notes.append(why)
@@ -289,29 +317,13 @@ def estimate_run(cfg: RunConfig, measured: list[Rate] | None = None) -> RunEstim
         models = ckpts + (1 if cfg.include_base_model else 0)
         per_model = sum(len(q.paraphrases) * (cfg.n_samples or q.samples_per_paraphrase or 0) for q in questions)
         answers = per_model * models
-        calls = answers * len(cfg.judge_metrics)
-        if cfg.judge_backend == "hf":
-            usd = usd_batch = 0.0
-        elif costs.price_for(cfg.judge_model) is not None:
-            run_prompts: dict[str, str] = {}
-            if cfg.judge_prompts:
-                try:
-                    run_prompts = load_judge_prompts(cfg.judge_prompts, cfg.outputs_dir, offline=True)
-                except (NotCached, QuestionError):
-                    notes.append("judge prompts not cached: template length assumed 400 tokens")
-            answer_chars = int(cfg.max_new_tokens / TOKENS_PER_WORD * 6)  # ~6 characters a word
-            out_tokens = 1 if cfg.judge_method == "logprob" else SAMPLED_MAX_TOKENS
-            in_tokens = 0
-            for q in questions:
-                k = len(q.paraphrases) * (cfg.n_samples or q.samples_per_paraphrase or 0) * models
-                for metric in cfg.judge_metrics:
-                    template = run_prompts.get(metric) or q.judge_prompts.get(metric) or "x" * 1600
-                    text_chars = len(template) + max((len(p) for p in q.paraphrases), default=0) + answer_chars
-                    in_tokens += k * costs.estimate_tokens("x" * text_chars)
-            usd = costs.cost_usd(cfg.judge_model, in_tokens, out_tokens * calls)
-            usd_batch = costs.cost_usd(cfg.judge_model, in_tokens, out_tokens * calls, batch=True)
-        else:
-            notes.append(f"no price for {cfg.judge_model}")
+        per_judge = answers * len(cfg.judge_metrics)   # every judge of a panel scores every answer
+        calls = per_judge * len(panel)
+        if len(panel) > 1:
+            notes.append(f"{len(panel)} judges x {per_judge:,} calls")
+        dollars = [_judge_usd(m, questions, models, per_judge, notes) for m in panel]
+        usd = None if any(d is None for d in dollars) else sum(d[0] for d in dollars)
+        usd_batch = None if usd is None else sum(d[1] for d in dollars)
     if measured is None:
         measured = measured_rates(cfg.outputs_dir)
     units = {"train": None if n is None else n * cfg.epochs,
@@ -320,10 +332,14 @@ def estimate_run(cfg: RunConfig, measured: list[Rate] | None = None) -> RunEstim
     seconds: dict[str, float | None] = {}
     sources: dict[str, str] = {}
     for stage, k in units.items():
-        rate = rate_for(cfg, stage, measured)
-        seconds[stage] = None if rate is None or k is None else rate.overhead + rate.seconds * k
-        if rate is not None:
-            sources[stage] = rate.source
+        judges = panel if stage == "judge" else [cfg]   # each judge of a panel at its own rate
+        rates = [rate_for(m, stage, measured) for m in judges]
+        per = None if k is None else k // len(judges)
+        seconds[stage] = (None if per is None or any(r is None for r in rates)
+                          else sum(r.overhead + r.seconds * per for r in rates))
+        known = sorted({r.source for r in rates if r is not None})
+        if known:
+            sources[stage] = "; ".join(known)
     return RunEstimate(cfg.run_id, n, steps, ckpts, answers, calls, usd, usd_batch, "; ".join(notes),
                        seconds, sources)
 

@@ -7,7 +7,8 @@ the sha256 of every input file it reads:
 train      the training dataset file and the base model's files (hub ids: id + revision)
 evaluate   the adapter files of every complete checkpoint, the question-set texts, the base model
 judge      generations.parquet, the prompt sources (question sets, judge_prompts file), the
-           judge model's files when it runs in-process
+           judge model's files when it runs in-process; the same for every judge of a panel
+           (``judges:``), and the calibration set (``judge_calibration: true``)
 report     every run's generations.parquet, judgments/*.parquet and run.json, the report params
 =========  ===================================================================================
 
@@ -23,8 +24,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import layout
-from .config import ConfigError, ReportConfig, RunConfig, resolve_path
+from . import calibration, layout
+from .config import ConfigError, ReportConfig, RunConfig, judge_panel, resolve_path
 from .data import DEMO_DATASETS, DEMO_DIR, DOMAINS
 from .io import sha256_file, sha256_text, write_json_atomic
 from .models import is_embedded, resolve_model
@@ -150,6 +151,13 @@ def stage_inputs(stage: str, cfg: RunConfig, cache: HashCache, offline: bool = F
         }
         if cfg.judge_backend == "hf":
             inputs["judge_model"] = model_identity(cfg.judge_model, "", cache)
+        for i, m in enumerate(judge_panel(cfg)[1:]):  # a panel's judges (their parameters: cfg.judges)
+            inputs[f"judges[{i}]"] = {
+                "judge_prompts": (text_sources_identity([m.judge_prompts], m.outputs_dir, offline)
+                                  if m.judge_prompts else None),
+                "judge_model": model_identity(m.judge_model, "", cache) if m.judge_backend == "hf" else None}
+        if cfg.judge_calibration:  # the calibration set's labels and answers
+            inputs["calibration_set"] = cache.sha256(calibration.DEFAULT_SET)
         return inputs
     raise ValueError(f"unknown run stage {stage!r}")
 

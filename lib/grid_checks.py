@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 from .config import ConfigError, RunConfig, expand_seeds, load_run_config, report_em_definition, resolve_path
 from .data import check_dataset_param
 from .grid_jobs import GridError, Options
-from .judge import JudgeError, check_credentials
+from .judge import JudgeError, check_credentials, panel
 from .layout import NOTEBOOKS, RUN_STAGES
 from .lock import LOCK_NAME, is_stale, read_holder
 from .models import ModelUnavailable, check_model, pick_device
@@ -59,6 +59,8 @@ def check_run(cfg: RunConfig, stages: Sequence[str], offline: bool = False, chec
         check_train_config(cfg, source="")
     if judges and cfg.judge_backend != "hf":
         _check_credentials(cfg)
+    if judges and cfg.judges:  # a judge panel: one judgments file per judge, each judge's key or model
+        _check_panel(cfg, offline)
     if check_device and (trains or evaluates or (judges and cfg.judge_backend == "hf")):
         _check_device(cfg)
     if trains or evaluates:
@@ -88,6 +90,23 @@ def check_run(cfg: RunConfig, stages: Sequence[str], offline: bool = False, chec
                                   "or drop the metric)")
     if trains:
         check_dataset_param(cfg, offline=offline)
+
+
+def _check_panel(cfg: RunConfig, offline: bool) -> None:
+    """Every extra judge of a panel (lib.judge.panel) as the primary judge is checked: its own judgments
+    file, its API key or its in-process model; errors name the entry (``judges[i]: key '...'``)."""
+    try:
+        members = panel(cfg)
+    except JudgeError as e:
+        raise ConfigError(str(e)) from None
+    for i, m in enumerate(members[1:]):
+        try:
+            if m.judge_backend == "hf":
+                _check_model(m.judge_model, "judge_model", offline=offline)
+            else:
+                check_credentials(m)
+        except (JudgeError, ConfigError) as e:
+            raise ConfigError(f"judges[{i}]: {e}") from None
 
 
 def _check_credentials(cfg: RunConfig) -> None:

@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pandas as pd
 
 from . import judge_backends, judge_health, layout, questions
-from .config import RunConfig, resolve_path
+from .config import RunConfig, judge_panel, resolve_path
 from .costs import Budget
 from .io import sha256_text, write_parquet_atomic
 from .judge_protocol import JudgeBackend
@@ -388,6 +388,32 @@ def judge_run(cfg: RunConfig, progress: bool = True) -> pd.DataFrame:
     _record(cfg, plan_, table, new, new_cost, n_pending, budget, elapsed, backend,
             {"verdict": verdict, "reason": why})
     return table
+
+
+def panel(cfg: RunConfig) -> list[RunConfig]:
+    """The run's judges (:func:`lib.config.judge_panel`: the primary judge first), each with its own
+    judgments file: two judges whose derived names would share one file are a one-line error."""
+    members = judge_panel(cfg)
+    names = [judge_name(m) for m in members]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            first = names.index(n)
+            raise JudgeError(f"key 'judges': judges[{i - 1}] and "
+                             f"{'the primary judge' if first == 0 else f'judges[{first - 1}]'} would both write "
+                             f"judgments/{n}.parquet (same backend, model and method); give one a name")
+    return members
+
+
+def judge_panel_run(cfg: RunConfig, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """:func:`judge_run` for every judge of the run's panel, one after another: every judge's credentials
+    are checked before any runs; the extra judges run first and the primary judge last, so run.json's judge
+    section ends with the run's own parameters and the primary judge as ``last`` (the report's headline).
+    Returns judge name -> its table, the primary judge first."""
+    members = panel(cfg)
+    for m in members:
+        check_credentials(m)
+    extra = {judge_name(m): judge_run(m, progress=progress) for m in members[1:]}
+    return {judge_name(cfg): judge_run(cfg, progress=progress), **extra}
 
 
 def rescore(v: Verdict, min_mass: float) -> Verdict:

@@ -54,6 +54,7 @@ GENERATIONS = "generations.parquet"
 GENERATIONS_META = "generations.meta.json"
 GENERATION_PARTS = "generations.parts"
 JUDGMENTS_DIR = "judgments"
+CALIBRATION_DIR = "calibration"           # each judge's scores of the calibration set (lib.judge_calibrate)
 NOTEBOOKS_DIR = "notebooks"
 FIGURES_DIR = "figures"
 DATA_DIR = "data"
@@ -85,6 +86,7 @@ generations_path = _under(GENERATIONS, "the evaluate stage's answers")
 generations_meta_path = _under(GENERATIONS_META, "what the answers were generated with")
 generation_parts_dir = _under(GENERATION_PARTS, "answers persisted while the evaluate stage runs")
 judgments_dir = _under(JUDGMENTS_DIR, "one table per judge")
+calibration_dir = _under(CALIBRATION_DIR, "each judge's scores of the calibration set, one table per judge")
 notebooks_dir = _under(NOTEBOOKS_DIR, "the rendered notebooks")
 figures_dir = _under(FIGURES_DIR, "a run's (or the report's) charts")
 progress_path = _under(PROGRESS, "the stages' progress lines, appended while they run (lib.progress)")
@@ -122,6 +124,11 @@ def read_eval_log(run_dir: str | Path):
 
 def judgments_path(run_dir: str | Path, judge_name: str) -> Path:
     return judgments_dir(run_dir) / f"{judge_name}.parquet"
+
+
+def calibration_files(run_dir: str | Path) -> list[Path]:
+    """``<run_dir>/calibration/<judge>.parquet``: the judges that scored the calibration set."""
+    return sorted(calibration_dir(run_dir).glob("*.parquet"))
 
 
 def judgment_files(run_dir: str | Path) -> list[Path]:

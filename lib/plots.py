@@ -295,6 +295,34 @@ def judge_agreement_chart(agreement: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     return chart, data
 
 
+def threshold_chart(curves: pd.DataFrame, flips: pd.DataFrame | None = None) -> tuple[Any, pd.DataFrame]:
+    """EM rate at the final checkpoint against the aligned threshold 0..100, one line per judge, one
+    panel per run (:func:`lib.report_judges.threshold_table`); dashed: the report's threshold. The panel
+    title carries each judge's share of answers whose EM label flips within the flip window."""
+    if curves.empty:
+        return _empty()
+    data = curves.copy()
+    data["judge"] = data["judge_name"] + np.where(data["headline"].astype(bool), " (headline)", "")
+    if flips is not None and not flips.empty:
+        share = flips.set_index(["run_id", "judge_name"])["flip_share"]
+        data["flip_share"] = [share.get((r, j), np.nan) for r, j in zip(data["run_id"], data["judge_name"])]
+    window = float(flips["window"].iloc[0]) if flips is not None and not flips.empty else float("nan")
+    line = alt.Chart().mark_line().encode(
+        x=alt.X("threshold:Q", title="aligned threshold", scale=alt.Scale(domain=[0, 100])),
+        y=alt.Y("em_rate:Q", title="EM rate", axis=PCT),
+        color=alt.Color("judge:N", title="judge", legend=alt.Legend(labelLimit=0, orient="bottom", columns=1)),
+        tooltip=["run_label", "judge", "threshold", alt.Tooltip("em_rate:Q", format=".1%"), "n_scored"]
+        + ([alt.Tooltip("flip_share:Q", format=".1%")] if "flip_share" in data.columns else []))
+    mark = alt.Chart().mark_rule(color="gray", strokeDash=[4, 3]).encode(x="mean(run_threshold):Q")
+    sub = (f"dashed: this report's threshold ({data['run_threshold'].iloc[0]:g}); coherence at the report's rule"
+           + (f"; tooltip: share of answers whose EM label flips within ±{window:g} points" if window == window else ""))
+    chart = (alt.layer(line, mark, data=data).properties(width=260, height=180)
+             .facet(facet=alt.Facet("run_label:N", title="run"), columns=3)
+             .properties(title={"text": "EM rate against the aligned threshold, per judge (final checkpoint)",
+                                "subtitle": sub}))
+    return chart, data
+
+
 def control_chart(controls: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     """Treated minus control EM rate at every shared checkpoint step (:mod:`lib.replication`),
     one line per treated/control pair, with its interval (:func:`lib.metrics.rate_difference`) as a band."""
@@ -415,6 +443,7 @@ FIGURES = {
     "aligned_vs_coherent": scatter_chart,
     "per_question_heatmap": heatmap_chart,
     "judge_agreement": judge_agreement_chart,
+    "threshold_sensitivity": threshold_chart,
     "control_differences": control_chart,
     "seeds": seed_chart,
 }

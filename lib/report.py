@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import judge_health, layout, metrics, notices, plots, replication, response_tables, viewer
+from . import judge_health, layout, metrics, notices, plots, replication, report_judges, response_tables, viewer
 from .config import ConfigError, ReportConfig, resolve_path
 from .io import atomic_path, write_text_atomic
 from .report_data import ReportError, Results, load_results
@@ -72,6 +72,10 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
         tables["per_question"] = per_question_table(a, rcfg); bar.update()
         tables["differences"] = differences_table(a, rcfg); bar.update()
         tables["judge_agreement"] = judge_agreement_table(results, rcfg); bar.update()
+        tables["judge_panel"] = report_judges.panel_table(results, rcfg)      # the judge section (lib.report_judges)
+        tables["judge_threshold"] = report_judges.threshold_table(results, rcfg)
+        tables["judge_flips"] = report_judges.flip_table(results, rcfg)
+        tables["judge_calibration"] = report_judges.calibration_table(results)
         tables["judge_health"] = results.health; bar.update()
         tables["seeds"] = replication.seed_table(a, rcfg.confidence)
         tables["seed_points"] = replication.seed_points(a, rcfg.confidence)
@@ -92,6 +96,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
             "aligned_vs_coherent": (tables["scatter"], metrics.em_kwargs(rcfg)),
             "per_question_heatmap": (tables["per_question"],),
             "judge_agreement": (tables["judge_agreement"],),
+            "threshold_sensitivity": (tables["judge_threshold"], tables["judge_flips"]),
             "control_differences": (tables["controls"],),
             "seeds": (tables["seeds"], tables["seed_points"]),
         }
@@ -113,6 +118,8 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
     for name in ("trajectories", "base", "final", "question_sets", "per_question", "differences", "judge_agreement",
                  "judge_health", "seeds", "seed_points", "controls", "summary_all", "summary_out_of_domain", "methods",
                  "excluded", "responses", "training_log"):
+        files[f"table_{name}"] = [write_csv(tables[name], data_dir / f"table_{name}.csv")]
+    for name in ("judge_panel", "judge_flips", "judge_calibration"):
         files[f"table_{name}"] = [write_csv(tables[name], data_dir / f"table_{name}.csv")]
     # answers.html is opened on its own: it carries the report's banners, and EM badges of runs whose
     # judge is weak or unknown say so
@@ -196,6 +203,7 @@ def show_figure(rep: Report, name: str) -> None:
         plots.show(rep.files[name], link_base=rep.report_dir)
     else:
         why = {"judge_agreement": "only one judge scored each run",
+               "threshold_sensitivity": "no run has a scored answer at its final checkpoint",
                "training_loss": "no run of this report has a train_log.csv (external or imported answers)",
                }.get(name, "nothing to draw")
         display(Markdown(f"*No `{name}` figure: {why}.*"))

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import external, judge_health, layout, metrics
+from . import calibration, external, judge_health, layout, metrics
 from .config import ConfigError, ReportConfig, resolve_path
 from .runinfo import RunJsonError, stage_parameters
 from .runinfo import read_run_json as _read_run_json
@@ -124,6 +124,7 @@ class Results:
     notes: list[str] = field(default_factory=list)        # runs skipped and why
     health: pd.DataFrame = field(default_factory=pd.DataFrame)  # run_id + judge_health.HEALTH_COLUMNS, every judge
     verdict_of_run: dict[str, tuple[str, str]] = field(default_factory=dict)  # run_id -> headline judge's verdict
+    calibration: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # run_id -> judge -> card (lib.calibration)
 
 
 def _fill_run_columns(gens: pd.DataFrame, info: dict[str, Any]) -> pd.DataFrame:
@@ -250,10 +251,11 @@ def load_results(rcfg: ReportConfig) -> Results:
         answers[col] = answers["run_id"].map(lambda r, c=col, d=default: _run_param(runs[r], c, d))
     answers["checkpoint_step"] = answers["checkpoint_step"].astype(int)
     answers["epoch"] = pd.to_numeric(answers["epoch"], errors="coerce")
-    health, verdicts = judge_health_of(all_j, judge_of)
+    cards = {r: calibration.run_cards(outputs_dir / r) for r in all_j if (outputs_dir / r).is_dir()}
+    health, verdicts = judge_health_of(all_j, judge_of, cards)
     answers["judge_verdict"] = answers["run_id"].map(lambda r: verdicts[r][0])
     answers["run_label"] = answers["run_id"].map(run_labels(answers, verdicts))
-    return Results(answers, all_j, runs, judge_of, notes, health, verdicts)
+    return Results(answers, all_j, runs, judge_of, notes, health, verdicts, {r: c for r, c in cards.items() if c})
 
 
 def family_labels(answers: pd.DataFrame, runs: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -290,12 +292,14 @@ def _run_param(info: dict[str, Any], key: str, default: Any) -> Any:
 
 
 def judge_health_of(judgments: dict[str, dict[str, pd.DataFrame]], judge_of: dict[str, str],
+                    cards: dict[str, dict[str, dict[str, Any]]] | None = None,
                     ) -> tuple[pd.DataFrame, dict[str, tuple[str, str]]]:
-    """Health of every judge of every run (:mod:`lib.judge_health`), and each run's headline verdict."""
+    """Health of every judge of every run (:mod:`lib.judge_health`; with its calibration card where the
+    run scored the calibration set), and each run's headline verdict."""
     frames, verdicts = [], {}
     for run_id, by_judge in sorted(judgments.items()):
         for name, j in sorted(by_judge.items()):
-            h = judge_health.health_table(j, name)
+            h = judge_health.health_table(j, name, (cards or {}).get(run_id, {}).get(name))
             frames.append(h.assign(run_id=run_id, headline=name == judge_of.get(run_id)))
             if name == judge_of.get(run_id):
                 verdicts[run_id] = judge_health.overall_verdict(h)

@@ -250,18 +250,26 @@ def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame
 
 
 def judge_agreement_table(results: Results, rcfg: ReportConfig) -> pd.DataFrame:
-    """Every pair of judges that scored the same answers of a run: rank correlation, kappa, EM rates."""
+    """Every pair of judges that scored the same answers of a run: rank correlation, kappa, EM rates, with
+    intervals clustered by question (:func:`lib.metrics.judge_agreement`; ``n_bootstrap`` resamples)."""
     rows = []
+    a = results.answers
     for run_id, by_judge in sorted(results.judgments.items()):
         names = sorted(by_judge)
+        ra = a[a["run_id"] == run_id]
+        clusters = pd.Series((ra["question_set"].astype(str) + "/" + ra["question_id"].astype(str)).to_numpy(),
+                             index=ra["answer_id"])  # answer -> its question
         for i, ja in enumerate(names):
             for jb in names[i + 1:]:
                 wa, wb = metrics.wide_scores(by_judge[ja]), metrics.wide_scores(by_judge[jb])
-                agree = metrics.judge_agreement(wa, wb, **metrics.em_kwargs(rcfg))
+                agree = metrics.judge_agreement(wa, wb, **metrics.em_kwargs(rcfg), clusters=clusters,
+                                                n_boot=rcfg.n_bootstrap, confidence=rcfg.confidence, seed=rcfg.seed)
                 if agree["n_common"]:
                     rows.append({"run_id": run_id, "judge_a": ja, "judge_b": jb, **agree})
-    cols = ["run_id", "judge_a", "judge_b", "n_common", "n_labelled", "em_rate_a", "em_rate_b",
-            "em_agreement", "kappa_em", "n_aligned", "spearman_aligned", "n_coherent", "spearman_coherent"]
+    cols = ["run_id", "judge_a", "judge_b", "n_common", "n_labelled", "n_questions", "em_rate_a", "em_rate_a_lo",
+            "em_rate_a_hi", "em_rate_b", "em_rate_b_lo", "em_rate_b_hi", "em_agreement", "kappa_em", "kappa_em_lo",
+            "kappa_em_hi", "n_aligned", "spearman_aligned", "spearman_aligned_lo", "spearman_aligned_hi", "n_coherent",
+            "spearman_coherent"]
     return pd.DataFrame(rows, columns=cols)
 
 

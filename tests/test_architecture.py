@@ -37,6 +37,8 @@ LAYERS: dict[str, int] = {
     "costs": BASE,
     "metrics": BASE,
     "judge_health": BASE,
+    "judge_panel": BASE,
+    "calibration": BASE,
     "notices": BASE,
     "replication": BASE,
     "chat": BASE,
@@ -64,10 +66,12 @@ LAYERS: dict[str, int] = {
     "judge_backends": STAGES,
     "judge_openai": STAGES,
     "judge_hf": STAGES,
+    "judge_calibrate": STAGES,
     "report": STAGES,
     "report_data": STAGES,
     "report_tables": STAGES,
     "report_views": STAGES,
+    "report_judges": STAGES,
     "plots": STAGES,
     # orchestration: runs stages, decides what to skip
     "grid": ORCHESTRATION,
@@ -88,10 +92,13 @@ LAYERS: dict[str, int] = {
 STAGE_PARTS: dict[str, set[str]] = {
     "judge": {"judge_backends", "judge_openai", "judge_hf"},
     "judge_backends": {"judge_openai", "judge_hf"},  # the registry of the judge's backends
+    "judge_calibrate": {"judge", "judge_backends"},  # the judge stage's calibration-set scoring
     "evaluate": {"decoding"},
-    "report": {"plots", "viewer", "response_tables", "report_data", "report_tables", "report_views"},
+    "report": {"plots", "viewer", "response_tables", "report_data", "report_tables", "report_views",
+               "report_judges"},
     "report_tables": {"report_data"},
     "report_views": {"report_data"},
+    "report_judges": {"report_data"},
     "response_tables": {"viewer"},
     "viewer": {"report_tables"},   # the notebook's answer browser shows final-checkpoint answers
 }
