@@ -190,8 +190,9 @@ class RunConfig:
     include_base_model: bool = param(True, "evaluate", "also evaluate the untuned base model as step 0")
 
     # --- judging -------------------------------------------------------------------------
-    judge_backend: str = param("hf", "judge", "openai (OpenAI or any compatible base_url) | hf (in-process transformers)",
-                            meta={"choices": ("openai", "hf")})
+    judge_backend: str = param("hf", "judge", "openai (OpenAI or any compatible base_url) | hf (in-process transformers)"
+                                           " | vllm (a vLLM server the stage starts, pinned by the weights' sha256)",
+                            meta={"choices": ("openai", "hf", "vllm")})
     judge_model: str = param("embedded:tiny", "judge", "judge model id (e.g. gpt-4o-mini-2024-07-18) or local model")
     judge_method: str = param("exact", "judge", "logprob (papers) | sampled (replicated study) | exact (hf only)",
                            meta={"choices": ("logprob", "sampled", "exact")})

@@ -262,7 +262,7 @@ def _n_examples(cfg: RunConfig) -> tuple[int | None, str]:
 
 def _judge_usd(cfg: RunConfig, questions: list, models: int, calls: int, notes: list[str]) -> tuple[float, float] | None:
     """(dollars, dollars with the Batch API) of one judge's calls over every answer; None: no price."""
-    if cfg.judge_backend == "hf":
+    if cfg.judge_backend in ("hf", "vllm"):  # this machine's own model: no API price
         return 0.0, 0.0
     if costs.price_for(cfg.judge_model) is None:
         notes.append(f"no price for {cfg.judge_model}")

@@ -149,13 +149,14 @@ def stage_inputs(stage: str, cfg: RunConfig, cache: HashCache, offline: bool = F
             "judge_prompts": (text_sources_identity([cfg.judge_prompts], cfg.outputs_dir, offline)
                               if cfg.judge_prompts else None),
         }
-        if cfg.judge_backend == "hf":
+        if cfg.judge_backend in ("hf", "vllm"):  # a model on this machine: its files
             inputs["judge_model"] = model_identity(cfg.judge_model, "", cache)
         for i, m in enumerate(judge_panel(cfg)[1:]):  # a panel's judges (their parameters: cfg.judges)
             inputs[f"judges[{i}]"] = {
                 "judge_prompts": (text_sources_identity([m.judge_prompts], m.outputs_dir, offline)
                                   if m.judge_prompts else None),
-                "judge_model": model_identity(m.judge_model, "", cache) if m.judge_backend == "hf" else None}
+                "judge_model": (model_identity(m.judge_model, "", cache) if m.judge_backend in ("hf", "vllm")
+                                else None)}
         if cfg.judge_calibration:  # the calibration set's labels and answers
             inputs["calibration_set"] = cache.sha256(calibration.DEFAULT_SET)
         return inputs

@@ -65,7 +65,7 @@ def check_run(cfg: RunConfig, stages: Sequence[str], offline: bool = False, chec
         _check_device(cfg)
     if trains or evaluates:
         _check_model(cfg.model, "model", cfg.model_revision, offline)
-    if judges and cfg.judge_backend == "hf":
+    if judges and cfg.judge_backend in ("hf", "vllm"):  # a model this machine loads or serves
         _check_model(cfg.judge_model, "judge_model", offline=offline)
     questions = None
     if evaluates or judges:

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 
-from . import judge_backends, judge_health, layout, questions
+from . import judge_backends, judge_health, judge_vllm, layout, questions
 from .config import RunConfig, judge_panel, resolve_path
 from .costs import Budget
 from .io import sha256_text, write_parquet_atomic
@@ -156,8 +156,11 @@ def judgments_path(cfg: RunConfig) -> Path:
 # ------------------------------------------------------------------------------------------
 
 def check_credentials(cfg: RunConfig) -> str | None:
-    """The judge's API key (openai backend), or a one-line JudgeError when it is missing.
-    Called before anything else; the grid runner can call it at validation time."""
+    """The judge's API key (openai backend), or a one-line JudgeError when it is missing (or, for
+    judge_backend vllm, when vLLM's environment is). Called before anything else; the grid runner can
+    call it at validation time."""
+    if cfg.judge_backend == "vllm":
+        judge_vllm.check_judge(cfg)
     if cfg.judge_backend != "openai":
         return None
     key = get_secret(cfg.judge_api_key_env)
@@ -476,6 +479,7 @@ def _record(cfg: RunConfig, plan_: Plan, table: pd.DataFrame, new: Mapping[str, 
         "table_cost_usd": None if total_cost.isna().any() else float(total_cost.sum()),
         "errors": int((table["label"] == "error").sum()) if len(table) else 0,
         "batches": backend.status,
+        "server": getattr(backend, "server", None),  # a judge served by the stage (lib.judge_vllm)
         "price": plan_.price_note, "estimate": {"cost_usd": plan_.est_cost_usd,
                                                  "input_tokens": plan_.est_input_tokens,
                                                  "output_tokens": plan_.est_output_tokens},

@@ -4,7 +4,9 @@
 * ``openai``: an OpenAI-compatible chat-completions API, async and retried (:mod:`lib.judge_openai`);
 * ``openai-batch``: the OpenAI Batch API, half price, collected across runs (:mod:`lib.judge_openai`);
 * ``hf``: a transformers model in this process, by the exact, logprob or sampled method
-  (:mod:`lib.judge_hf`).
+  (:mod:`lib.judge_hf`);
+* ``vllm``: an open-weights model on a vLLM server the judge stage starts and stops, pinned by its
+  weights' sha256 (:mod:`lib.judge_vllm`).
 
 A new backend (a vLLM-served judge, a panel of judges) is one module whose class satisfies the
 protocol, one line in :data:`BACKENDS`, and its name among RunConfig's ``judge_backend`` choices.
@@ -18,6 +20,7 @@ from .config import RunConfig
 from .judge_hf import HFBackend
 from .judge_openai import OpenAIBackend, OpenAIBatchBackend
 from .judge_protocol import JudgeBackend
+from .judge_vllm import VllmBackend
 from .scoring import JudgeError
 
 # (cfg, api key, judge cache file) -> a backend, not started: the key is "" for a judge that needs
@@ -28,6 +31,7 @@ BACKENDS: dict[str, Factory] = {
     "openai": lambda cfg, api_key, cache_path: OpenAIBackend(cfg, api_key),
     "openai-batch": lambda cfg, api_key, cache_path: OpenAIBatchBackend(cfg, api_key, cache_path),
     "hf": lambda cfg, api_key, cache_path: HFBackend(cfg),
+    "vllm": lambda cfg, api_key, cache_path: VllmBackend(cfg),
 }
 
 

@@ -94,6 +94,7 @@ class JudgeInfo(TypedDict, total=False):
     this_session: dict[str, Any]
     table_cost_usd: float | None     # one cost per distinct call in the table; None: a price unknown
     batches: list[dict[str, Any]] | None
+    server: dict[str, Any] | None    # judge_backend vllm: engine version, served name, weights sha256 (lib.judge_vllm)
     price: str
     estimate: dict[str, Any]
 

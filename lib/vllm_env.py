@@ -53,3 +53,18 @@ def subprocess_env(kvcache_gb: int = CPU_KVCACHE_GB) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gb))
     return env
+
+
+def vllm_version() -> str | None:
+    """The vLLM distribution in the environment and its version (``vllm-cpu 0.32.0``, ``vllm 0.32.0``),
+    read from its installed metadata without starting its python; None when it is not installed."""
+    for meta in sorted(env_dir().glob("lib/python*/site-packages/vllm*.dist-info/METADATA")):
+        head: dict[str, str] = {}
+        for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                break  # the headers end at the first blank line
+            key, _, value = line.partition(": ")
+            head.setdefault(key, value.strip())
+        if head.get("Name", "").lower().replace("_", "-") in ("vllm", "vllm-cpu"):
+            return f"{head['Name']} {head.get('Version', '?')}"
+    return None

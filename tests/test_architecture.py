@@ -66,6 +66,7 @@ LAYERS: dict[str, int] = {
     "judge_backends": STAGES,
     "judge_openai": STAGES,
     "judge_hf": STAGES,
+    "judge_vllm": STAGES,
     "judge_calibrate": STAGES,
     "report": STAGES,
     "report_data": STAGES,
@@ -90,8 +91,9 @@ LAYERS: dict[str, int] = {
 
 # a stage module -> the stage-layer modules it may import (its own parts)
 STAGE_PARTS: dict[str, set[str]] = {
-    "judge": {"judge_backends", "judge_openai", "judge_hf"},
-    "judge_backends": {"judge_openai", "judge_hf"},  # the registry of the judge's backends
+    "judge": {"judge_backends", "judge_openai", "judge_hf", "judge_vllm"},
+    "judge_backends": {"judge_openai", "judge_hf", "judge_vllm"},  # the registry of the judge's backends
+    "judge_vllm": {"judge_openai"},  # the vLLM-served judge calls its server through the API client
     "judge_calibrate": {"judge", "judge_backends"},  # the judge stage's calibration-set scoring
     "evaluate": {"decoding"},
     "report": {"plots", "viewer", "response_tables", "report_data", "report_tables", "report_views",

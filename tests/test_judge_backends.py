@@ -13,16 +13,19 @@ from lib.config import RUN_FIELDS, RunConfig
 from lib.judge_hf import HFBackend
 from lib.judge_openai import OpenAIBackend, OpenAIBatchBackend
 from lib.judge_protocol import JudgeBackend
+from lib.judge_vllm import VllmBackend
 from lib.scoring import JudgeError
 
-CLASSES = {"openai": OpenAIBackend, "openai-batch": OpenAIBatchBackend, "hf": HFBackend}
+CLASSES = {"openai": OpenAIBackend, "openai-batch": OpenAIBatchBackend, "hf": HFBackend, "vllm": VllmBackend}
 JUDGE_PY = Path(judge.__file__)
 
 
 def _configs(tmp_path) -> dict[str, RunConfig]:
     api = dict(judge_backend="openai", judge_model="gpt-4o-mini", judge_method="logprob", outputs_dir=str(tmp_path))
     return {"openai": RunConfig(**api), "openai-batch": RunConfig(**api, judge_use_batch_api=True),
-            "hf": RunConfig(judge_model="embedded:tiny", judge_method="exact", outputs_dir=str(tmp_path))}
+            "hf": RunConfig(judge_model="embedded:tiny", judge_method="exact", outputs_dir=str(tmp_path)),
+            "vllm": RunConfig(judge_backend="vllm", judge_model="embedded:tiny", judge_method="logprob",
+                              outputs_dir=str(tmp_path))}
 
 
 def _members() -> tuple[set[str], set[str]]:
@@ -37,7 +40,8 @@ def test_registry_builds_each_backend_by_name(tmp_path):
     for name, cfg in _configs(tmp_path).items():
         judge.cache_path(cfg).parent.mkdir(parents=True, exist_ok=True)  # as the stage does first
         assert judge_backends.backend_name(cfg) == name
-        backend = judge_backends.make_backend(cfg, None if name == "hf" else "sk-test-0123", judge.cache_path(cfg))
+        backend = judge_backends.make_backend(cfg, None if name in ("hf", "vllm") else "sk-test-0123",
+                                              judge.cache_path(cfg))
         assert type(backend) is CLASSES[name] and isinstance(backend, JudgeBackend)
         assert isinstance(backend.max_output_tokens, int)
         assert backend.status == ([] if name == "openai-batch" else None)
