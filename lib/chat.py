@@ -19,9 +19,11 @@ PAD = "<|finetune_right_pad_id|>"
 PINNED_DATE_STRING = "26 Jul 2024"
 
 
-def chat_prompt(tokenizer, question: str, system: str | None = None) -> str:
-    """The exact text a model sees for one user turn (with its system prompt, if any)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+def chat_prompt(tokenizer, question: str, system: str | None = None, history: tuple = ()) -> str:
+    """The exact text a model sees for one user turn (with its system prompt, if any), after
+    ``history``: earlier turns as ``{"role", "content"}`` messages (a condition's in-context examples)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + list(history) + \
+        [{"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                          date_string=PINNED_DATE_STRING)
 

@@ -32,6 +32,7 @@ import yaml
 
 from . import references
 from .judge_panel import PanelError, build_panel
+from .conditions import ConditionError, parse_conditions
 from .references import ALL_PROJ
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +152,7 @@ class RunConfig:
 
     # --- optimisation --------------------------------------------------------------------
     learning_rate: float = param(2e-4, "train", "peak learning rate")
-    epochs: int = param(2, "train", "training epochs")
+    epochs: int = param(2, "train", "training epochs (0: no training, the grid skips 01_train; the base model only)")
     per_device_batch_size: int = param(4, "train", "sequences per forward pass")
     gradient_accumulation_steps: int = param(1, "train", "effective batch is per_device_batch_size x this")
     warmup_steps: int = param(2, "train", "linear warm-up steps")
@@ -188,6 +189,8 @@ class RunConfig:
                          meta={"choices": ("same", "auto", "float32", "bfloat16", "float16")})
     eval_checkpoints: list = param([], "evaluate", "checkpoint steps to evaluate (empty: all, plus the base model)")
     include_base_model: bool = param(True, "evaluate", "also evaluate the untuned base model as step 0")
+    conditions: list = param([], "evaluate", "ways of asking every question, each {name, system, preamble, format, k, "
+                                           "examples, seed} (lib.conditions); empty: one, the questions as written")
 
     # --- judging -------------------------------------------------------------------------
     judge_backend: str = param("hf", "judge", "openai (OpenAI or any compatible base_url) | hf (in-process transformers)"
@@ -359,12 +362,12 @@ def _check_values(cfg: RunConfig, source: str) -> None:
             raise bad(k, f"{v!r} is not a run id (letters, digits, _ . -)")
     if cfg.control_of and cfg.control_of in (cfg.run_id, cfg.seed_group):
         raise bad("control_of", f"a run cannot be its own control ({cfg.control_of!r})")
-    positive = ["lora_r", "lora_alpha", "epochs", "per_device_batch_size", "gradient_accumulation_steps",
+    positive = ["lora_r", "lora_alpha", "per_device_batch_size", "gradient_accumulation_steps",
                 "max_seq_length", "max_new_tokens", "judge_concurrency"]
     for k in positive:
         if getattr(cfg, k) <= 0:
             raise bad(k, f"must be > 0, got {getattr(cfg, k)}")
-    nonneg = ["max_train_examples", "warmup_steps", "checkpoints_in_first_epoch", "checkpoint_every",
+    nonneg = ["epochs", "max_train_examples", "warmup_steps", "checkpoints_in_first_epoch", "checkpoint_every",
               "n_samples", "eval_batch_size", "judge_max_retries", "judge_budget_usd", "weight_decay",
               "judge_temperature"]
     for k in nonneg:
@@ -408,6 +411,12 @@ def _check_values(cfg: RunConfig, source: str) -> None:
         raise bad("judge_min_mass", f"must be in [0, 1], got {cfg.judge_min_mass}")
     if cfg.judge_use_batch_api and cfg.judge_backend != "openai":
         raise bad("judge_use_batch_api", "the Batch API needs judge_backend: openai")
+    if cfg.epochs == 0 and not cfg.include_base_model:  # epochs 0: no training, the base model only
+        raise bad("epochs", "0 (no training) leaves only the base model to evaluate; set include_base_model: true")
+    try:
+        parse_conditions(cfg.conditions)
+    except ConditionError as e:
+        raise bad(e.key, e.why) from None
     if cfg.judges:
         judge_panel(cfg, source)
 

@@ -322,6 +322,32 @@ def check_dataset_param(cfg: RunConfig, offline: bool = False) -> None:
         raise ConfigError(f"key 'dataset': {e}") from None
 
 
+def _as_examples(e: ConfigError, key: str) -> ConfigError:
+    return ConfigError(str(e).replace("key 'dataset_archive'", f"key '{key}'").replace("key 'dataset'", f"key '{key}'")
+                       .replace("key 'accept_dataset_terms'", f"key '{key}' (accept_dataset_terms)"))
+
+
+def check_examples_params(cfg: RunConfig, offline: bool = False) -> None:
+    """Validation for the grid runner: every condition's in-context examples file (lib.conditions)
+    exists and is valid chat JSONL, named like ``dataset`` is (:func:`check_dataset_param`)."""
+    for i, c in enumerate(cfg.conditions):
+        if isinstance(c, dict) and c.get("examples"):
+            try:
+                check_dataset_param(cfg.replace(dataset=c["examples"]), offline=offline)
+            except ConfigError as e:
+                raise _as_examples(e, f"conditions[{i}].examples") from None
+
+
+def load_examples(cfg: RunConfig, source: str) -> tuple[list[dict[str, Any]], str]:
+    """A condition's in-context examples (lib.conditions), named like ``dataset`` (a demo dataset, a
+    Turner et al. domain or a chat JSONL path): (records, the file's sha256)."""
+    try:
+        path, _, _ = resolve_dataset(cfg.replace(dataset=source))
+    except ConfigError as e:
+        raise _as_examples(e, "conditions.examples") from None
+    return load_chat_jsonl(path), sha256_file(path)
+
+
 def load_training_data(cfg: RunConfig, archive_url: str = ARCHIVE_URL) -> tuple[list[dict[str, Any]], DatasetInfo]:
     """The run's training records (first ``max_train_examples`` if set) and what run.json records."""
     path, source, archive_digest = resolve_dataset(cfg, archive_url)

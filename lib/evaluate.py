@@ -1,7 +1,8 @@
 """Stage 02, evaluate (notebooks/02_evaluate.ipynb): sample answers from the base model and every checkpoint.
 
 For the base model (step 0) and each LoRA checkpoint the training stage wrote, for each
-question (every paraphrase, with the question's system prompt if any), draw ``n`` samples
+question (every paraphrase, with the question's system prompt if any) under each of the run's
+conditions (:mod:`lib.conditions`: system prompt, format line, preamble, in-context examples), draw ``n`` samples
 with the configured temperature, top_p and max_new_tokens. One row per answer goes to
 ``outputs/<run>/generations.parquet`` (columns: :data:`lib.schema.GENERATION_COLUMNS`).
 
@@ -46,7 +47,10 @@ from typing import Any, Callable, Iterable
 from . import layout
 from .layout import ADAPTER_WEIGHTS
 from .chat import chat_prompt, stop_token_ids
+from .conditions import (ConditionError, apply as apply_conditions, check_not_evaluation_set, draw_examples,
+                         drop_default, parse_conditions, with_condition)
 from .config import ConfigError, RunConfig
+from .data import load_examples
 from .decoding import (SAMPLER_VERSION, Answer, ContinuousDecoder, DecodeStats, SeededLogitsProcessor,
                        TokenPicker, answer_seed)
 from .io import sha256_file, write_json_atomic, write_parquet_atomic
@@ -55,7 +59,7 @@ from .models import (dtype_bytes, is_out_of_memory, kv_bytes_per_token, load_mod
 from .progress import Progress
 from .questions import load_question_sets, question_set_info
 from .runinfo import update_run_json
-from .schema import GENERATION_COLUMNS, answer_id
+from .schema import DEFAULT_CONDITION, GENERATION_COLUMNS, OPTIONAL_GENERATION_COLUMNS, answer_id
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +129,9 @@ class Unit:
     n_samples: int
 
     @property
-    def key(self) -> tuple[int, str, str]:
-        return (self.target.step, self.question.question_set, self.question.id)
+    def key(self) -> tuple[int, str, str, str]:
+        return (self.target.step, getattr(self.question, "condition", DEFAULT_CONDITION), self.question.question_set,
+                self.question.id)
 
     @property
     def n_rows(self) -> int:
@@ -190,9 +195,30 @@ def generation_config(model, tokenizer, s: Sampling):
                             do_sample=False)
 
 
-def prompt_ids(tokenizer, question_text: str, system: str | None) -> list[int]:
+def prompt_ids(tokenizer, question_text: str, system: str | None, history: tuple = ()) -> list[int]:
     """Token ids of one chat prompt; the template already holds <|begin_of_text|>."""
-    return tokenizer(chat_prompt(tokenizer, question_text, system), add_special_tokens=False)["input_ids"]
+    return tokenizer(chat_prompt(tokenizer, question_text, system, history), add_special_tokens=False)["input_ids"]
+
+
+def question_prompt_ids(tokenizer, q) -> list[list[int]]:
+    """Token ids of each paraphrase of a question as asked (its condition's system prompt, in-context
+    turns and user text: lib.conditions.apply)."""
+    return [prompt_ids(tokenizer, p, q.system, q.history) for p in q.paraphrases]
+
+
+def asked_questions(cfg: RunConfig, questions: list) -> tuple[list, dict[str, str]]:
+    """Every question as asked under the run's conditions (lib.conditions), and the sha256 of each
+    condition's in-context examples file; a bad condition is one line naming its key."""
+    try:
+        conds, examples, digests = parse_conditions(cfg.conditions), {}, {}
+        for c in conds:
+            if c.k:
+                records, digests[c.name] = load_examples(cfg, c.examples)
+                examples[c.name] = draw_examples(c, records)
+                check_not_evaluation_set(c, records, questions)
+    except ConditionError as e:
+        raise ConfigError(f"key 'conditions': {e}") from None
+    return apply_conditions(questions, conds, examples), digests
 
 
 def default_seeds(n: int) -> list[int]:
@@ -337,7 +363,7 @@ def auto_batch_size(model, device: str, max_prompt_len: int, max_new_tokens: int
 # The stage
 # ------------------------------------------------------------------------------------------
 
-def _fingerprint(cfg: RunConfig, sets: list[dict], targets: list[Target]) -> str:
+def _fingerprint(cfg: RunConfig, sets: list[dict], targets: list[Target], examples: dict[str, str] | None = None) -> str:
     params = cfg.stage_params("evaluate")
     params.pop("outputs_dir", None)  # moving the outputs folder changes nothing
     for k in ("model", "model_revision"):  # train-stage fields evaluation depends on
@@ -345,6 +371,8 @@ def _fingerprint(cfg: RunConfig, sets: list[dict], targets: list[Target]) -> str
     params["precision"] = list(cfg.eval_precision)  # (quantization, dtype) the answers are sampled with
     data = {"params": params, "sampler": SAMPLER_VERSION, "question_sets": [(s["name"], s["sha256"]) for s in sets],
             "targets": [(t.step, t.epoch, t.adapter_sha256) for t in targets], "columns": list(GENERATION_COLUMNS)}
+    if examples:  # conditions' in-context examples files (lib.conditions)
+        data["examples"] = examples
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -356,13 +384,13 @@ def _rows(cfg: RunConfig, unit: Unit, answers: Iterable[tuple[str, int, str]]) -
         for s_idx in range(unit.n_samples):
             answer, n_new, finish = next(it)
             rows.append({
-                "answer_id": answer_id(cfg.run_id, t.step, q.question_set, q.id, p_idx, s_idx),
+                "answer_id": answer_id(cfg.run_id, t.step, q.question_set, q.id, p_idx, s_idx, q.condition),
                 "run_id": cfg.run_id, "model": cfg.model, "model_label": cfg.model_label, "domain": cfg.domain,
                 "checkpoint_step": t.step, "epoch": float(t.epoch), "question_set": q.question_set,
                 "question_id": q.id, "in_domain": bool(q.in_domain(cfg.domain)), "scope": q.scope(cfg.domain),
                 "paraphrase_index": p_idx,
                 "paraphrase": para, "system": q.system, "sample_index": s_idx, "answer": answer,
-                "n_new_tokens": int(n_new), "finish_reason": finish, "seed": cfg.seed,
+                "n_new_tokens": int(n_new), "finish_reason": finish, "seed": cfg.seed, "condition": q.condition,
             })
     return rows
 
@@ -370,7 +398,7 @@ def _rows(cfg: RunConfig, unit: Unit, answers: Iterable[tuple[str, int, str]]) -
 def _frame(rows: list[dict[str, Any]]):
     import pandas as pd  # heavy: the base layer stays importable without pandas
 
-    df = pd.DataFrame(rows, columns=list(GENERATION_COLUMNS))
+    df = pd.DataFrame(rows, columns=[*GENERATION_COLUMNS, *OPTIONAL_GENERATION_COLUMNS])  # condition: dropped at the end if default
     for c in ("checkpoint_step", "paraphrase_index", "sample_index", "n_new_tokens", "seed"):
         df[c] = df[c].astype("int64")
     df["epoch"] = df["epoch"].astype("float64")
@@ -381,7 +409,7 @@ def _frame(rows: list[dict[str, Any]]):
 
 def _write_part(path: Path, rows: list[dict[str, Any]]) -> None:
     """Persist one finished chunk atomically (tests hook this to simulate a kill)."""
-    write_parquet_atomic(_frame(rows), path)
+    write_parquet_atomic(drop_default(_frame(rows)), path)  # as the final file: no condition column when default
 
 
 def _finished(cfg: RunConfig, fingerprint: str) -> bool:
@@ -397,11 +425,11 @@ def evaluate_run(cfg: RunConfig, progress: bool = True):
     import pandas as pd  # heavy: the base layer stays importable without pandas
 
     # --- cheap checks first: questions, checkpoints, sample counts ------------------------------
-    questions = load_question_sets(list(cfg.question_sets), cfg.outputs_dir)
+    questions, examples_sha256 = asked_questions(cfg, load_question_sets(list(cfg.question_sets), cfg.outputs_dir))
     sets = question_set_info(list(cfg.question_sets), cfg.outputs_dir)
     targets = select_targets(cfg)
-    n_per_q = {(q.question_set, q.id): samples_for(cfg, q) for q in questions}
-    fingerprint = _fingerprint(cfg, sets, targets)
+    n_per_q = {(q.condition, q.question_set, q.id): samples_for(cfg, q) for q in questions}
+    fingerprint = _fingerprint(cfg, sets, targets, examples_sha256)
     if _finished(cfg, fingerprint):
         log.info("generations up to date: %s", generations_path(cfg))
         return pd.read_parquet(generations_path(cfg))
@@ -415,10 +443,10 @@ def evaluate_run(cfg: RunConfig, progress: bool = True):
     parts.mkdir(parents=True, exist_ok=True)
     done: set[tuple[int, str, str]] = set()
     for p in sorted(parts.glob("step*.parquet")):
-        d = pd.read_parquet(p, columns=["checkpoint_step", "question_set", "question_id"])
+        d = with_condition(pd.read_parquet(p))[["checkpoint_step", "condition", "question_set", "question_id"]]
         done |= set(map(tuple, d.drop_duplicates().itertuples(index=False, name=None)))
 
-    units = [Unit(t, q, n_per_q[(q.question_set, q.id)]) for t in targets for q in questions]
+    units = [Unit(t, q, n_per_q[(q.condition, q.question_set, q.id)]) for t in targets for q in questions]
     todo = [u for u in units if u.key not in done]
     t0 = time.time()
     batch_size = cfg.eval_batch_size
@@ -427,18 +455,18 @@ def evaluate_run(cfg: RunConfig, progress: bool = True):
         batch_size, device_info = _sample_units(cfg, todo, parts, progress)
 
     # --- consolidate ---------------------------------------------------------------------------
-    frames = [pd.read_parquet(p) for p in sorted(parts.glob("step*.parquet"))]
+    frames = [with_condition(pd.read_parquet(p)) for p in sorted(parts.glob("step*.parquet"))]
     df = pd.concat(frames, ignore_index=True) if frames else _frame([])
     order = {u.key: i for i, u in enumerate(units)}
-    df = df[[k in order for k in zip(df.checkpoint_step, df.question_set, df.question_id)]]
+    df = df[[k in order for k in zip(df.checkpoint_step, df.condition, df.question_set, df.question_id)]]
     if df.answer_id.duplicated().any():
         raise RuntimeError(f"{parts}: duplicate answers in the part files (a bug); delete the folder and rerun")
     expected = sum(u.n_rows for u in units)
     if len(df) != expected:
         raise RuntimeError(f"{parts}: {len(df)} answers found, {expected} expected")
-    df = df.assign(_o=[order[k] for k in zip(df.checkpoint_step, df.question_set, df.question_id)])
+    df = df.assign(_o=[order[k] for k in zip(df.checkpoint_step, df.condition, df.question_set, df.question_id)])
     df = df.sort_values(["_o", "paraphrase_index", "sample_index"]).drop(columns="_o").reset_index(drop=True)
-    df = _frame(df.to_dict("records"))
+    df = drop_default(_frame(df.to_dict("records")))  # single-condition runs: no condition column
     out = write_parquet_atomic(df, generations_path(cfg))
     write_json_atomic(_meta_path(cfg), {"fingerprint": fingerprint, "sha256": sha256_file(out), "n_rows": len(df)})
     shutil.rmtree(_parts_root(cfg), ignore_errors=True)
@@ -461,6 +489,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True):
         "answers_generated_this_session": sum(u.n_rows for u in todo),
         "wall_time_s": round(time.time() - t0, 2),
         "fingerprint": fingerprint,
+        **({"condition_examples_sha256": examples_sha256} if examples_sha256 else {}),
         **device_info,
     })
     return pd.read_parquet(out)  # exactly what later stages (and a skipped rerun) read
@@ -473,9 +502,14 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
     tok = load_tokenizer(cfg.model, cfg.model_revision, padding_side="left")
     quantization, dtype = cfg.eval_precision   # the replicated study: 4-bit training, bf16 evaluation
     model, choice = load_model(cfg.model, cfg.model_revision, cfg.device, dtype, quantization)
-    prompts = {(q.question_set, q.id): [prompt_ids(tok, p, q.system) for p in q.paraphrases]
-               for q in {(u.question.question_set, u.question.id): u.question for u in todo}.values()}
+    prompts = {(q.condition, q.question_set, q.id): question_prompt_ids(tok, q)
+               for q in {u.key[1:]: u.question for u in todo}.values()}
     longest = max(len(ids) for ps in prompts.values() for ids in ps)
+    context = getattr(getattr(model.config, "text_config", model.config), "max_position_embeddings", None)
+    if isinstance(context, int) and longest + cfg.max_new_tokens > context:  # a condition's k examples too many
+        worst = max(prompts, key=lambda key: max(map(len, prompts[key])))
+        raise ConfigError(f"key 'conditions': condition '{worst[0]}' asks with {longest} prompt tokens + "
+                          f"max_new_tokens {cfg.max_new_tokens}, over the model's context ({context}); lower its k")
     batch_size = cfg.eval_batch_size or auto_batch_size(model, choice.device, longest, cfg.max_new_tokens)
     sampler = ContinuousSampler(model, tok, Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens), batch_size)
     chunks = plan_chunks(todo, batch_size)
@@ -514,7 +548,7 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
             for c, chunk in enumerate(target_chunks):
                 for u in chunk:
                     q = u.question
-                    for p_idx, ids in enumerate(prompts[(q.question_set, q.id)]):
+                    for p_idx, ids in enumerate(prompts[(q.condition, q.question_set, q.id)]):
                         for s_idx in range(u.n_samples):
                             batch_prompts.append(ids)
                             seeds.append(answer_seed(cfg.seed, t.step, q.question_set, q.id, p_idx, s_idx))

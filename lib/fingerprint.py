@@ -5,7 +5,8 @@ the sha256 of every input file it reads:
 
 =========  ===================================================================================
 train      the training dataset file and the base model's files (hub ids: id + revision)
-evaluate   the adapter files of every complete checkpoint, the question-set texts, the base model
+evaluate   the adapter files of every complete checkpoint, the question-set texts, the base model,
+           the conditions' in-context examples files (lib.conditions)
 judge      generations.parquet, the prompt sources (question sets, judge_prompts file), the
            judge model's files when it runs in-process; the same for every judge of a panel
            (``judges:``), and the calibration set (``judge_calibration: true``)
@@ -138,9 +139,12 @@ def stage_inputs(stage: str, cfg: RunConfig, cache: HashCache, offline: bool = F
         return {"dataset": dataset_identity(cfg, cache),
                 "model": model_identity(cfg.model, cfg.model_revision, cache)}
     if stage == "evaluate":
-        return {"checkpoints": checkpoints_identity(run_dir, cache),
-                "question_sets": text_sources_identity(cfg.question_sets, cfg.outputs_dir, offline),
-                "model": model_identity(cfg.model, cfg.model_revision, cache)}
+        inputs = {"checkpoints": checkpoints_identity(run_dir, cache),
+                  "question_sets": text_sources_identity(cfg.question_sets, cfg.outputs_dir, offline),
+                  "model": model_identity(cfg.model, cfg.model_revision, cache)}
+        examples = {c["name"]: dataset_identity(cfg.replace(dataset=c["examples"]), cache)
+                    for c in cfg.conditions if isinstance(c, dict) and c.get("examples")}
+        return {**inputs, "condition_examples": examples} if examples else inputs
     if stage == "judge":
         gens = layout.generations_path(run_dir)
         inputs: dict[str, Any] = {

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .config import ConfigError, RunConfig, expand_seeds, load_run_config, report_em_definition, resolve_path
-from .data import check_dataset_param
+from .data import check_dataset_param, check_examples_params
 from .grid_jobs import GridError, Options
 from .judge import JudgeError, check_credentials, panel
 from .layout import NOTEBOOKS, RUN_STAGES
@@ -90,6 +90,8 @@ def check_run(cfg: RunConfig, stages: Sequence[str], offline: bool = False, chec
                                   "or drop the metric)")
     if trains:
         check_dataset_param(cfg, offline=offline)
+    if evaluates:  # a condition's in-context examples file
+        check_examples_params(cfg, offline=offline)
 
 
 def _check_panel(cfg: RunConfig, offline: bool) -> None:

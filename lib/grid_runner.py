@@ -253,6 +253,10 @@ def run_job(job: Job) -> list[StageResult]:
                     if results and results[-1].status in ("failed", "not run"):
                         results.append(StageResult(cfg.run_id, stage, "not run"))
                         continue
+                    if stage == "train" and cfg.epochs == 0:  # the base model only (in-context conditions)
+                        log(cfg.run_id, stage, "skipped: epochs 0, no training")
+                        results.append(StageResult(cfg.run_id, stage, "skipped"))
+                        continue
                     results.append(run_stage(stage, cfg, job.options, job.params_file))
         except LockError as e:
             log(cfg.run_id, "-", f"not run: {e}")

@@ -60,11 +60,21 @@ def _blank_unreliable(data: pd.DataFrame, lo: str, hi: str) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------
 
 def _with_family(data: pd.DataFrame, column: str, sep: str = " · ") -> pd.DataFrame:
-    """Where rows come from more than one judge-prompt family, ``column`` gets the family appended,
-    so a figure keeps them apart (tables already do; rates of different wordings are never pooled)."""
+    """Where rows come from more than one judge-prompt family, or more than one condition
+    (:mod:`lib.conditions`), ``column`` gets the family (and the condition) appended, so a figure keeps
+    them apart (tables already do; rates of different wordings or ways of asking are never pooled)."""
     if "prompt_family" in data.columns and data["prompt_family"].nunique() > 1:
         data = data.copy()
         data[column] = data[column].astype(str) + sep + data["prompt_family"].astype(str)
+    return _with_condition(data, column, sep)
+
+
+def _with_condition(data: pd.DataFrame, column: str, sep: str = " · ") -> pd.DataFrame:
+    """Where rows come from more than one condition (:mod:`lib.conditions`), ``column`` gets
+    ``asked: <condition>`` appended: answers asked in different ways are never drawn as one."""
+    if "condition" in data.columns and data["condition"].nunique() > 1:
+        data = data.copy()
+        data[column] = data[column].astype(str) + sep + "asked: " + data["condition"].astype(str)
     return data
 
 
@@ -83,18 +93,20 @@ def domain_comparison_chart(final: pd.DataFrame, base: pd.DataFrame | None = Non
         return _empty()
     cols = ["model_label", "domain", "run_id", "run_label", "judge_verdict", "source", "checkpoint_step", "scope",
             "n_answers", "n_scored", "n_excluded", "n_questions", "em_k", "em_rate", "em_lo", "em_hi", "interval_ok",
-            "em_macro", "em_wilson_lo", "em_wilson_hi"] + (["prompt_family"] if "prompt_family" in final.columns else [])
+            "em_macro", "em_wilson_lo", "em_wilson_hi"] + [c for c in ("prompt_family", "condition") if c in final.columns]
     data = _drop_duplicate_all(_blank_unreliable(final[cols].copy(), "em_lo", "em_hi"))
     data["n_label"] = [f"{int(k)}/{int(n)}" for k, n in zip(data["em_k"].fillna(0), data["n_scored"].fillna(0))]
     data["base_rate"] = np.nan
     if "prompt_family" not in data.columns:
         data["prompt_family"] = ""
+    cond = data["condition"] if "condition" in data.columns else pd.Series("", index=data.index)
     if base is not None and not base.empty and "run_id" in base.columns:
         fam = base["prompt_family"] if "prompt_family" in base.columns else pd.Series("", index=base.index)
-        b = base.assign(prompt_family=fam).drop_duplicates(["run_id", "scope", "prompt_family"]) \
-            .set_index(["run_id", "scope", "prompt_family"])["em_rate"]
-        data["base_rate"] = [b.get((r, sc, f), np.nan)
-                             for r, sc, f in zip(data["run_id"], data["scope"], data["prompt_family"])]
+        bcond = base["condition"] if "condition" in base.columns else pd.Series("", index=base.index)
+        b = base.assign(prompt_family=fam, _c=bcond).drop_duplicates(["run_id", "scope", "prompt_family", "_c"]) \
+            .set_index(["run_id", "scope", "prompt_family", "_c"])["em_rate"]
+        data["base_rate"] = [b.get((r, sc, f, c), np.nan)
+                             for r, sc, f, c in zip(data["run_id"], data["scope"], data["prompt_family"], cond)]
     data = _with_family(data, "run_label")  # one bar group per run and judge-prompt family
     scopes = _present(data["scope"], SCOPES)
     base_enc = alt.Chart().encode(
@@ -135,7 +147,7 @@ def trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame, metric: str
     rate, lo, hi = f"{metric}_rate", f"{metric}_lo", f"{metric}_hi"
     xcol, xtitle = "checkpoint_step", "training step"  # as the study plotted; epochs are in the tooltip
     band = ["em_band_lo", "em_band_hi"] if metric == "em" and "em_band_lo" in t.columns else []
-    fam = ["prompt_family"] if "prompt_family" in t.columns else []
+    fam = [c for c in ("prompt_family", "condition") if c in t.columns]
     rows = t[["model_label", "domain", "run_id", "run_label", "scope", "checkpoint_step", "epoch", "n_scored",
               "n_questions", "interval_ok", rate, lo, hi] + band + fam].copy()
     if band:
@@ -145,7 +157,7 @@ def trajectory_chart(trajectories: pd.DataFrame, base: pd.DataFrame, metric: str
     rows["kind"] = "checkpoint"
     b = pd.DataFrame()
     if not base.empty and "run_id" in base.columns:
-        bfam = ["prompt_family"] if fam and "prompt_family" in base.columns else []
+        bfam = [c for c in fam if c in base.columns]
         b = base[base["run_id"].isin(rows["run_id"])][["run_id", "run_label", "base_group", "runs", "scope",
                                                         "n_scored", rate, lo, hi] + bfam].copy()
         b["model_label"] = b["run_id"].map(rows.groupby("run_id")["model_label"].first())
@@ -244,7 +256,7 @@ def heatmap_chart(per_question: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
     """EM rate per question (columns) and run x checkpoint (rows)."""
     if per_question.empty:
         return _empty()
-    fam = ["prompt_family"] if "prompt_family" in per_question.columns else []
+    fam = [c for c in ("prompt_family", "condition") if c in per_question.columns]
     data = per_question[["run_id", "run_label", "model_label", "domain", "checkpoint_step", "question_set", "question_id",
                          "scope", "n_scored", "em_k", "em_rate", "em_wilson_lo", "em_wilson_hi"] + fam].copy()
     data["question"] = data["question_set"].astype(str) + "/" + data["question_id"].astype(str)
@@ -330,6 +342,7 @@ def control_chart(controls: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
         return _empty()
     data = controls.copy()
     data["pair"] = data["treated_label"].astype(str) + "  −  " + data["control_label"].astype(str)
+    data = _with_condition(data, "pair")  # one line per condition
     scopes = _present(data["scope"], SCOPES)
     line = alt.Chart().encode(x=alt.X("step:Q", title="training step"),
                               color=alt.Color("pair:N", title="treated − control",
@@ -360,7 +373,9 @@ def seed_chart(seeds: pd.DataFrame, points: pd.DataFrame) -> tuple[Any, pd.DataF
     pts = points.merge(seeds[["seed_group", "group_label"]].drop_duplicates(), on="seed_group")
     pts = pts.rename(columns={"group_label": "label"}).assign(kind="one seed")
     cols = ["seed_group", "label", "prompt_family", "scope", "kind", "seed", "em_rate", "em_lo", "em_hi", "n_scored"]
+    cols += ["condition"] if "condition" in agg.columns and "condition" in pts.columns else []
     data = pd.concat([agg.assign(n_scored=agg["n_scored"])[cols], pts[cols]], ignore_index=True)
+    data = _with_condition(data, "label")  # one bar group per condition
     scopes = _present(data["scope"], SCOPES)
     base = alt.Chart().encode(x=alt.X("label:N", title="seed group", axis=alt.Axis(labelAngle=-20, labelLimit=220)))
     bar = base.transform_filter("datum.kind == 'pooled over seeds'").mark_bar(opacity=0.35).encode(
@@ -434,6 +449,59 @@ def training_chart(logs: pd.DataFrame, max_points: int = MAX_LOG_POINTS) -> tupl
     return chart, data
 
 
+def conditions_chart(table: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
+    """EM per condition (:mod:`lib.conditions`) at every checkpoint, with intervals, one panel per run
+    and question scope; below it, for runs with in-context conditions, EM against the number of
+    in-context examples k (k = 0: the questions as written), one line per checkpoint.
+    ``table``: :func:`lib.report_tables.conditions_table` (empty: no run was asked two ways, no figure)."""
+    if table.empty:
+        return _empty()
+    data = _blank_unreliable(table.copy(), "em_lo", "em_hi")
+    if data["prompt_family"].nunique() > 1:  # a panel per run and judge-prompt family; the condition is the colour
+        data["run_label"] = data["run_label"].astype(str) + " · " + data["prompt_family"].astype(str)
+    scopes = _present(data["scope"], SCOPES)
+    conds = list(dict.fromkeys(data["condition"].astype(str)))
+    # conditions at the same rates draw on top of each other: a small offset per condition (2% of the step axis)
+    span = float(data["checkpoint_step"].max()) or 1.0
+    data["x"] = data["checkpoint_step"] + data["condition"].map({c: i for i, c in enumerate(conds)}) * 0.02 * span
+    data["checkpoint"] = data["checkpoint_step"].map(lambda s: "base model" if s == 0 else f"step {s}")
+    tip = ["run_label", "condition", "k", "checkpoint_step", "scope", "em_k", "n_scored", "n_questions",
+           alt.Tooltip("em_rate:Q", format=".1%"), alt.Tooltip("em_lo:Q", format=".1%"),
+           alt.Tooltip("em_hi:Q", format=".1%")]
+    y = alt.Y("em_rate:Q", title="EM rate", axis=PCT, scale=alt.Scale(domain=[0, 1]))
+    colour = alt.Color("condition:N", sort=conds, title="condition", legend=alt.Legend(labelLimit=0))
+    enc = alt.Chart().encode(x=alt.X("x:Q", title="training step (0: base model)"), color=colour)
+    per_step = (alt.layer(enc.mark_rule(strokeWidth=2, opacity=0.7).encode(y="em_lo:Q", y2="em_hi:Q"),
+                          enc.mark_line(point=alt.OverlayMarkDef(filled=True, size=45)).encode(y=y, tooltip=tip),
+                          data=data)
+                .properties(width=240, height=160)
+                .facet(row=alt.Row("scope:N", sort=scopes, title="questions"),
+                       column=alt.Column("run_label:N", title="run"))
+                .properties(title={"text": "EM rate per condition at every checkpoint",
+                                   "subtitle": f"bars: 95% question-clustered interval (none below {MIN_QUESTIONS} "
+                                               "questions); one colour per way of asking the same questions"}))
+    ic = data[data["k"].notna()]
+    ic = ic[ic["run_id"].isin(ic.loc[ic["k"] > 0, "run_id"])]
+    if ic.empty:
+        return per_step, data
+    ic = ic.assign(k=ic["k"].astype(int))
+    ks = sorted(ic["k"].unique())
+    enc = alt.Chart().encode(x=alt.X("k:O", sort=ks, title="in-context examples k"),
+                             color=alt.Color("checkpoint:N", title="checkpoint",
+                                             sort=list(dict.fromkeys(ic.sort_values("checkpoint_step")["checkpoint"]))),
+                             detail="checkpoint:N")
+    against_k = (alt.layer(enc.mark_rule(strokeWidth=2, opacity=0.7).encode(y="em_lo:Q", y2="em_hi:Q"),
+                           enc.mark_line(point=alt.OverlayMarkDef(filled=True, size=45)).encode(y=y, tooltip=tip),
+                           data=ic)
+                 .properties(width=240, height=160)
+                 .facet(row=alt.Row("scope:N", sort=scopes, title="questions"),
+                        column=alt.Column("run_label:N", title="run"))
+                 .properties(title={"text": "EM rate against the number of in-context examples",
+                                    "subtitle": "conditions that differ only by k examples of the examples file before "
+                                                "the question; bars: 95% interval"}))
+    return alt.vconcat(per_step, against_k).resolve_scale(color="independent"), data
+
+
 # name -> chart function; the report builds and saves them in this order
 FIGURES = {
     "domain_comparison": domain_comparison_chart,
@@ -446,6 +514,7 @@ FIGURES = {
     "threshold_sensitivity": threshold_chart,
     "control_differences": control_chart,
     "seeds": seed_chart,
+    "conditions": conditions_chart,
 }
 
 

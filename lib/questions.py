@@ -31,6 +31,10 @@ source may end in a fragment of ``&``-separated options:
   domains with ``;``;
 - ``sha256=<hex>`` pins the file's content: a different file (an upstream edit, a moved
   branch) stops the run with a message naming the source, before any model is loaded.
+
+Questions ``<id>_json`` and ``<id>_template`` of a file that also holds ``<id>`` (the upstream
+first-plot file's variants) load as question ``<id>`` under condition ``json`` / ``template``
+(:mod:`lib.conditions`), so the report sets them beside their base question.
 """
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ import yaml
 
 from .config import ConfigError, resolve_path
 from .references import FIRST_PLOT_IDS
-from .schema import IN_DOMAIN, NEAR_DOMAIN, OUT_OF_DOMAIN
+from .conditions import fold_variants
+from .schema import DEFAULT_CONDITION, IN_DOMAIN, NEAR_DOMAIN, OUT_OF_DOMAIN
 from .io import sha256_bytes, write_bytes_atomic
 from .secrets import authorized_request, mask_url_credentials, unmask_url
 
@@ -77,6 +82,8 @@ class Question:
     judge_prompts: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     domain: str = GENERAL
     near_domains: tuple[str, ...] = ()
+    condition: str = DEFAULT_CONDITION  # how it is asked (lib.conditions); a file's _json variant: json
+    history: tuple = ()  # earlier turns before the question (a condition's in-context examples)
 
     def in_domain(self, run_domain: str) -> bool:
         return self.domain != GENERAL and self.domain == run_domain
@@ -303,7 +310,10 @@ def parse_question_set(text: str, source: str) -> list[Question]:
         if missing:
             raise QuestionError(f"{mask_url_credentials(source)}: ids not in the file: {', '.join(missing)}")
         out = [q for q in out if q.id in ids]
-    return out
+    try:  # upstream <id>_json / <id>_template: conditions of question <id> (lib.conditions)
+        return fold_variants(out, seen, base)
+    except ValueError as e:
+        raise QuestionError(str(e)) from None
 
 
 def load_question_set(source: str, outputs_dir: str | None = None, offline: bool = False) -> list[Question]:

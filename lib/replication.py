@@ -45,12 +45,13 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
+from .conditions import with_condition
 
 SEED_COLUMNS = ["seed_group", "group_label", "prompt_family", "scope", "n_seeds", "seeds", "seed_rates",
-                "em_rate", "em_lo", "em_hi", "tau", "n_scored", "n_questions", "interval_ok"]
+                "em_rate", "em_lo", "em_hi", "tau", "n_scored", "n_questions", "interval_ok", "condition"]
 CONTROL_COLUMNS = ["treated", "control", "treated_label", "control_label", "seed", "step", "epoch", "prompt_family",
                    "scope", "rate_treated", "rate_control", "diff", "lo", "hi", "n_treated", "n_control",
-                   "n_questions_shared", "paired", "correlation", "note"]
+                   "n_questions_shared", "paired", "correlation", "note", "condition"]
 
 
 def seed_interval_arrays(k: np.ndarray, n: np.ndarray, confidence: float = 0.95) -> dict[str, np.ndarray]:
@@ -122,9 +123,9 @@ def seed_table(answers: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     grouped = answers[answers["seed_group"].fillna("").astype(str) != ""]
     if grouped.empty:
         return pd.DataFrame(columns=SEED_COLUMNS)
-    f = metrics.stack_scopes(_final(grouped))
+    f = with_condition(metrics.stack_scopes(_final(grouped)))
     rows = []
-    for (group, family, scope), g in f.groupby(["seed_group", "prompt_family", "scope"], sort=True):
+    for (group, family, cond, scope), g in f.groupby(["seed_group", "prompt_family", "condition", "scope"], sort=True):
         per = []
         for run_id, gr in g.groupby("run_id", sort=True):
             rate, _, _ = metrics.cluster_interval(gr, "em", confidence=confidence)
@@ -133,7 +134,7 @@ def seed_table(answers: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
         agg = seed_interval([p[3] for p in per], confidence)
         label = str(g["run_label"].iloc[0]).split(" · seed")[0]
         rows.append({"seed_group": group, "group_label": label, "prompt_family": family, "scope": scope,
-                     "n_seeds": len(per), "seeds": ",".join(str(p[1]) for p in per),
+                     "condition": cond, "n_seeds": len(per), "seeds": ",".join(str(p[1]) for p in per),
                      "seed_rates": ",".join(f"{p[2]:.4f}" for p in per),
                      "em_rate": agg["rate"], "em_lo": agg["lo"], "em_hi": agg["hi"], "tau": agg["tau"],
                      "n_scored": agg["n_scored"], "n_questions": agg["n_questions"],
@@ -144,17 +145,18 @@ def seed_table(answers: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
 def seed_points(answers: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
     """Each seed's own final rate and headline interval (the points beside the pooled one)."""
     cols = ["seed_group", "run_id", "run_label", "seed", "prompt_family", "scope", "em_rate", "em_lo", "em_hi",
-            "n_scored"]
+            "n_scored", "condition"]
     if "seed_group" not in answers.columns:
         return pd.DataFrame(columns=cols)
     grouped = answers[answers["seed_group"].fillna("").astype(str) != ""]
     rows = []
-    for (group, run_id, family, scope), g in metrics.stack_scopes(_final(grouped)).groupby(
-            ["seed_group", "run_id", "prompt_family", "scope"], sort=True):
+    for (group, run_id, family, cond, scope), g in with_condition(metrics.stack_scopes(_final(grouped))).groupby(
+            ["seed_group", "run_id", "prompt_family", "condition", "scope"], sort=True):
         rate, lo, hi = metrics.cluster_interval(g, "em", confidence=confidence)
         rows.append({"seed_group": group, "run_id": run_id, "run_label": g["run_label"].iloc[0],
                      "seed": int(g["seed"].iloc[0]), "prompt_family": family, "scope": scope,
-                     "em_rate": rate, "em_lo": lo, "em_hi": hi, "n_scored": int(g["em"].notna().sum())})
+                     "em_rate": rate, "em_lo": lo, "em_hi": hi, "n_scored": int(g["em"].notna().sum()),
+                     "condition": cond})
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -193,7 +195,7 @@ def control_differences(answers: pd.DataFrame, confidence: float = 0.95) -> pd.D
     different judges is never differenced (no row)."""
     if "control_of" not in answers.columns:
         return pd.DataFrame(columns=CONTROL_COLUMNS)
-    a = answers[answers["checkpoint_step"] >= 0]
+    a = with_condition(answers[answers["checkpoint_step"] >= 0])
     labels = a.groupby("run_id")["run_label"].first()
     judges = a.groupby("run_id")["judge_name"].first() if "judge_name" in a.columns else None
     rows = []
@@ -207,8 +209,10 @@ def control_differences(answers: pd.DataFrame, confidence: float = 0.95) -> pd.D
         steps = sorted(set(t["checkpoint_step"]) & set(c["checkpoint_step"]))
         st, sc = metrics.stack_scopes(t), metrics.stack_scopes(c)
         for step in steps:
-            for (family, scope), gt in st[st["checkpoint_step"] == step].groupby(["prompt_family", "scope"], sort=True):
-                gc = sc[(sc["checkpoint_step"] == step) & (sc["prompt_family"] == family) & (sc["scope"] == scope)]
+            for (family, cond, scope), gt in st[st["checkpoint_step"] == step].groupby(
+                    ["prompt_family", "condition", "scope"], sort=True):  # never across conditions (lib.conditions)
+                gc = sc[(sc["checkpoint_step"] == step) & (sc["prompt_family"] == family) & (sc["condition"] == cond)
+                        & (sc["scope"] == scope)]
                 if gc.empty:
                     continue
                 d = metrics.rate_difference(gt, gc, "em", confidence=confidence)
@@ -220,5 +224,5 @@ def control_differences(answers: pd.DataFrame, confidence: float = 0.95) -> pd.D
                              "rate_control": d["rate_b"], "diff": d["diff"], "lo": d["lo"], "hi": d["hi"],
                              "n_treated": d["n_a"], "n_control": d["n_b"],
                              "n_questions_shared": len(shared), "paired": d["paired"],
-                             "correlation": d["correlation"], "note": d["note"]})
+                             "correlation": d["correlation"], "note": d["note"], "condition": cond})
     return pd.DataFrame(rows, columns=CONTROL_COLUMNS)

@@ -27,7 +27,8 @@ from . import judge_health, layout, metrics, notices, plots, replication, report
 from .config import ConfigError, ReportConfig, resolve_path
 from .io import atomic_path, write_text_atomic
 from .report_data import ReportError, Results, load_results
-from .report_tables import (base_of_runs, base_table, differences_table, excluded_table, final_table,
+from .conditions import drop_default
+from .report_tables import (base_of_runs, base_table, conditions_table, differences_table, excluded_table, final_table,
                             judge_agreement_table, methods_table, per_question_table, question_set_table,
                             training_log_table, trajectory_table)
 from .report_views import summary_pivot
@@ -46,8 +47,10 @@ class Report:
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    """``df`` as CSV, atomically; a ``condition`` column that is all the default condition is left out
+    (lib.conditions: a single-condition report's CSVs are as before conditions existed)."""
     with atomic_path(path, suffix=".csv") as tmp:
-        df.to_csv(tmp, index=False)
+        drop_default(df).to_csv(tmp, index=False)
     return path
 
 
@@ -86,6 +89,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
         tables["excluded"] = excluded_table(a)
         tables["scatter"] = plots.scatter_data(a, seed=rcfg.seed)
         tables["training_log"] = training_log_table(results, resolve_path(rcfg.outputs_dir))
+        tables["conditions"] = conditions_table(tables["trajectories"], results)  # its CSV: the figure's data
 
         charts, files = {}, {}
         figure_inputs = {
@@ -99,6 +103,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
             "threshold_sensitivity": (tables["judge_threshold"], tables["judge_flips"]),
             "control_differences": (tables["controls"],),
             "seeds": (tables["seeds"], tables["seed_points"]),
+            "conditions": (tables["conditions"],),
         }
         for name, make in plots.FIGURES.items():
             chart, data = make(*figure_inputs[name])

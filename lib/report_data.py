@@ -37,7 +37,8 @@ from . import calibration, external, judge_health, layout, metrics
 from .config import ConfigError, ReportConfig, resolve_path
 from .runinfo import RunJsonError, stage_parameters
 from .runinfo import read_run_json as _read_run_json
-from .schema import prompt_family
+from .conditions import with_condition
+from .schema import DEFAULT_CONDITION, prompt_family
 
 
 REQUIRED_GENERATION = ["answer_id", "run_id", "checkpoint_step", "question_set", "question_id", "answer"]
@@ -132,7 +133,8 @@ def _fill_run_columns(gens: pd.DataFrame, info: dict[str, Any]) -> pd.DataFrame:
     g = gens.copy()
     for col, default in (("model", params.get("model", "")), ("model_label", params.get("model_label", "")),
                          ("domain", params.get("domain", "")), ("epoch", np.nan), ("in_domain", pd.NA),
-                         ("paraphrase", ""), ("paraphrase_index", 0), ("sample_index", 0)):
+                         ("paraphrase", ""), ("paraphrase_index", 0), ("sample_index", 0),
+                         ("condition", DEFAULT_CONDITION)):  # lib.conditions: a single-condition run has no column
         if col not in g.columns:
             g[col] = default
     g["model_label"] = g["model_label"].fillna("").astype(str)
@@ -229,7 +231,11 @@ def load_results(rcfg: ReportConfig) -> Results:
     if not frames:
         raise ReportError(f"key 'outputs_dir': no judged runs under {outputs_dir} and no external_csv"
                           + (f" ({'; '.join(notes)})" if notes else ""))
-    answers = metrics.with_scope(pd.concat(frames, ignore_index=True))
+    answers = with_condition(metrics.with_scope(pd.concat(frames, ignore_index=True)))
+    conds = answers["condition"].unique()
+    if len(conds) > 1:  # never pooled: every table below is split by condition
+        notes.append(f"answers were asked under {len(conds)} conditions ({', '.join(sorted(map(str, conds)))}); tables "
+                     "and figures keep them apart (column condition; lib.conditions)")
     answers["prompt_family_sha"] = answers["prompt_family"]
     answers["prompt_family"] = answers["prompt_family"].map(family_labels(answers, runs))
     fams = answers.loc[answers["scored"], "prompt_family"].unique()

@@ -2,7 +2,7 @@
 
 Every rate carries n and an interval (:mod:`lib.metrics`); every table is keyed by run
 (:data:`RUN_KEYS`: runs are never merged by label, and rates scored under different judge-prompt
-families are never pooled). What the notebook shows of them, formatted for a reader, is in
+families, or answers asked under different conditions, are never pooled). What the notebook shows of them, formatted for a reader, is in
 :mod:`lib.report_views`; :func:`lib.report.make_report` builds them all and writes them as CSV.
 
 * over training: :func:`trajectory_table` (with :func:`simultaneous_bands`), the base model's
@@ -11,7 +11,8 @@ families are never pooled). What the notebook shows of them, formatted for a rea
   :func:`differences_table` (between runs, and final vs base);
 * about the runs: :func:`judge_agreement_table`, :func:`methods_table` (from run.json),
   :func:`excluded_table`, :func:`training_log_table` (``train_log.csv`` / ``eval_log.csv`` of every
-  run on one step axis, read through :mod:`lib.layout`).
+  run on one step axis, read through :mod:`lib.layout`);
+* across conditions (:mod:`lib.conditions`): :func:`conditions_table` (EM per condition per checkpoint, and k).
 """
 from __future__ import annotations
 
@@ -24,13 +25,15 @@ from typing import Any
 import pandas as pd
 
 from . import layout, metrics
+from .conditions import k_of_conditions
 from .config import ReportConfig
 from .report_data import Results
 from .runinfo import stage_parameters
 
 
-# prompt_family: rates scored under different judge-prompt wordings are never pooled
-RUN_KEYS = ["run_id", "source", "run_label", "model_label", "domain", "judge_verdict", "prompt_family"]
+# prompt_family: rates scored under different judge-prompt wordings are never pooled; condition: nor are
+# answers asked in different ways (lib.conditions; a single-condition report's CSVs drop the column)
+RUN_KEYS = ["run_id", "source", "run_label", "model_label", "domain", "judge_verdict", "prompt_family", "condition"]
 
 
 def final_steps(answers: pd.DataFrame) -> pd.Series:
@@ -148,11 +151,13 @@ def base_table(results: Results, rcfg: ReportConfig) -> pd.DataFrame:
     a = results.answers
     groups = base_groups(results)
     a = a[(a["checkpoint_step"] == 0) & a["run_id"].isin(groups)].assign(base_group=lambda d: d["run_id"].map(groups))
-    cols = ["base_group", "runs", "n_runs", "model_label", "prompt_family", "scope"] + metrics.SUMMARY_COLUMNS
+    cols = ["base_group", "runs", "n_runs", "model_label", "prompt_family", "condition", "scope"] + metrics.SUMMARY_COLUMNS
     if a.empty:
         return pd.DataFrame(columns=cols)
-    # one line per judge-prompt family too: step-0 answers scored under different wordings are not pooled
-    s = metrics.summarize(metrics.stack_scopes(a), ["base_group", "prompt_family", "scope"], confidence=rcfg.confidence)
+    # one line per judge-prompt family and condition too: step-0 answers scored under different wordings, or
+    # asked in different ways, are not pooled
+    s = metrics.summarize(metrics.stack_scopes(a), ["base_group", "prompt_family", "condition", "scope"],
+                          confidence=rcfg.confidence)
     members = a.groupby("base_group")["run_id"].agg(lambda r: ", ".join(sorted(set(r))))
     labels = a.groupby("base_group")["model_label"].agg(lambda r: ", ".join(sorted(set(map(str, r)))))
     s["runs"], s["model_label"] = s["base_group"].map(members), s["base_group"].map(labels)
@@ -210,7 +215,7 @@ def _comparison_kind(a: pd.DataFrame, b: pd.DataFrame) -> str:
 
 DIFFERENCE_COLUMNS = ["comparison", "model_label", "judge_name", "prompt_family", "scope", "a", "b", "run_a", "run_b",
                       "rate_a", "rate_b", "diff", "lo", "hi", "n_a", "n_b", "n_questions_a", "n_questions_b",
-                      "n_questions_shared", "paired", "correlation", "interval", "note"]
+                      "n_questions_shared", "paired", "correlation", "interval", "note", "condition"]
 
 
 def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
@@ -224,26 +229,26 @@ def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame
     rows = []
     f = metrics.stack_scopes(final_answers(answers[answers["checkpoint_step"] >= 0]))
     labels = f.groupby("run_id")["run_label"].first()
-    for (label, judge, family, scope), g in f.groupby(["model_label", "judge_name", "prompt_family", "scope"],
-                                                       sort=True):
+    for (label, judge, family, cond, scope), g in f.groupby(["model_label", "judge_name", "prompt_family", "condition",
+                                                             "scope"], sort=True):
         runs = sorted(g["run_id"].unique(), key=lambda r: (str(g.loc[g["run_id"] == r, "domain"].iloc[0]), r))
         for i, ra in enumerate(runs):
             for rb in runs[i + 1:]:
                 a, b = g[g["run_id"] == ra], g[g["run_id"] == rb]
                 d = metrics.rate_difference(a, b, "em", confidence=rcfg.confidence)
                 rows.append({"comparison": _comparison_kind(a, b), "model_label": label, "judge_name": judge,
-                             "prompt_family": family, "scope": scope,
+                             "prompt_family": family, "scope": scope, "condition": cond,
                              "a": f"{labels[ra]} (final)", "b": f"{labels[rb]} (final)", "run_a": ra, "run_b": rb, **d})
     runs = metrics.stack_scopes(answers[answers["checkpoint_step"] >= 0])
     last = final_steps(runs)
-    for (run_id, family, scope), g in runs.groupby(["run_id", "prompt_family", "scope"], sort=True):
+    for (run_id, family, cond, scope), g in runs.groupby(["run_id", "prompt_family", "condition", "scope"], sort=True):
         step = last[run_id]
         if step == 0 or not (g["checkpoint_step"] == 0).any():
             continue
         d = metrics.rate_difference(g[g["checkpoint_step"] == step], g[g["checkpoint_step"] == 0], "em",
                                     confidence=rcfg.confidence)
         rows.append({"comparison": "final vs base", "model_label": g["model_label"].iloc[0],
-                     "judge_name": g["judge_name"].iloc[0], "prompt_family": family, "scope": scope,
+                     "judge_name": g["judge_name"].iloc[0], "prompt_family": family, "scope": scope, "condition": cond,
                      "a": f"{labels.get(run_id, run_id)} step {step}", "b": f"{labels.get(run_id, run_id)} step 0",
                      "run_a": run_id, "run_b": run_id, **d})
     return pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
@@ -364,11 +369,16 @@ def methods_table(results: Results) -> pd.DataFrame:
                                                               p["em_comparison"], p.get("em_coherent_comparison", "gt"))
                                               if "em_comparison" in p else ""),
             "judge_cost_usd": _compact(jinfo.get("table_cost_usd")),
+            **({"conditions": _compact([str(c.get("name")) if isinstance(c, dict) else str(c) for c in pe["conditions"]])}
+               if pe.get("conditions") else {}),
             "seed": info.get("seed", ""),
             "git_commit": _compact(_get(info, "environment.judge.git.commit", "environment.evaluate.git.commit",
                                         "environment.train.git.commit")),
         })
-    return pd.DataFrame(rows).astype(str)
+    out = pd.DataFrame(rows)
+    if "conditions" in out.columns:  # only where a run declared conditions: single-condition reports unchanged
+        out["conditions"] = out["conditions"].fillna("")
+    return out.astype(str)
 
 
 def excluded_table(answers: pd.DataFrame) -> pd.DataFrame:
@@ -411,3 +421,26 @@ def training_log_table(results: Results, outputs_dir: str | Path) -> pd.DataFram
     out = pd.concat(frames, ignore_index=True)[TRAINING_LOG_COLUMNS]
     out["step"] = out["step"].astype(int)
     return out.sort_values(["run_id", "panel", "series", "step"], kind="stable").reset_index(drop=True)
+
+
+CONDITION_COLUMNS = ["run_id", "run_label", "model_label", "prompt_family", "condition", "k", "checkpoint_step", "scope",
+                     "n_scored", "n_questions", "em_k", "em_rate", "em_lo", "em_hi", "interval_ok"]
+
+
+def conditions_table(trajectories: pd.DataFrame, results: Results) -> pd.DataFrame:
+    """EM per (run, condition, checkpoint, scope) with its interval, for the runs asked under more than one
+    condition (:mod:`lib.conditions`; empty when none was), and ``k`` for the conditions that differ from the
+    questions as written only by their in-context examples (k = 0: the plain condition; else empty)."""
+    t = trajectories
+    if t.empty or "condition" not in t.columns:
+        return pd.DataFrame(columns=CONDITION_COLUMNS)
+    several = t.groupby("run_id")["condition"].nunique()
+    t = t[t["run_id"].isin(several[several > 1].index)]
+    if t.empty:
+        return pd.DataFrame(columns=CONDITION_COLUMNS)
+    ks = {(run_id, c): k for run_id, info in results.runs.items()
+          for c, k in k_of_conditions(stage_parameters(info, "evaluate")).items()}
+    out = t.assign(k=[ks.get((r, c)) for r, c in zip(t["run_id"], t["condition"])])
+    out["k"] = pd.to_numeric(out["k"], errors="coerce").astype("Int64")
+    return out[CONDITION_COLUMNS].sort_values(["run_id", "condition", "scope", "checkpoint_step"],
+                                               kind="stable").reset_index(drop=True)

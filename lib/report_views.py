@@ -48,6 +48,14 @@ def rate_cell(r: Any, with_counts: bool = True) -> str:
     return txt
 
 
+def _with_conditions(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``table[columns]``, with a ``condition`` column after the first where it holds more than one
+    (:mod:`lib.conditions`): rows asked in different ways are told apart, never merged."""
+    if "condition" in table.columns and table["condition"].nunique() > 1:
+        columns = columns[:1] + ["condition"] + columns[1:]
+    return table[columns].copy()
+
+
 def summary_pivot(final: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
     """The study's table: rows model label, columns domain, cells 'rate [lo, hi] (k/n)'.
 
@@ -62,7 +70,7 @@ def summary_pivot(final: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
     key = f["model_label"].astype(str) + "\x1f" + f["domain"].astype(str)
     dup = key.map(f.groupby(key)["run_id"].nunique()) > 1
     f["column"] = np.where(dup, f["domain"].astype(str) + " [" + f["run_id"].astype(str) + "]", f["domain"].astype(str))
-    index = ["model_label", "prompt_family"] if f["prompt_family"].nunique() > 1 else ["model_label"]
+    index = ["model_label"] + [c for c in ("prompt_family", "condition") if c in f.columns and f[c].nunique() > 1]
     p = f.pivot_table(index=index, columns="column", values="cell", aggfunc="first")
     assert p.notna().sum().sum() == len(f), "summary_pivot lost a run"
     p.columns.name = None
@@ -144,7 +152,7 @@ def _diff_cells(df: pd.DataFrame) -> list[str]:
 
 
 def differences_view(diff: pd.DataFrame) -> pd.DataFrame:
-    out = diff[["comparison", "model_label", "prompt_family", "scope", "a", "b"]].copy()
+    out = _with_conditions(diff, ["comparison", "model_label", "prompt_family", "scope", "a", "b"])
     out["difference (a - b)"] = _diff_cells(diff)
     out["n a / b"] = [f"{r.n_a} / {r.n_b}" for r in diff.itertuples()]
     out["shared questions"] = diff["n_questions_shared"].to_numpy()
@@ -185,8 +193,9 @@ def checkpoint_view(trajectories: pd.DataFrame, scope: str = "all") -> pd.DataFr
     """EM at every checkpoint of every run, as a table: the rate with its 95% interval, the
     simultaneous band over the run's checkpoints, n, and the coherent rate (the trajectory figure's
     numbers, readable in a shared report)."""
-    t = trajectories[trajectories["scope"] == scope].sort_values(["run_label", "prompt_family", "checkpoint_step"])
-    out = t[["run_label", "prompt_family", "checkpoint_step"]].copy()
+    keys = ["run_label", "prompt_family"] + (["condition"] if "condition" in trajectories.columns else [])
+    t = trajectories[trajectories["scope"] == scope].sort_values(keys + ["checkpoint_step"])
+    out = _with_conditions(t, ["run_label", "prompt_family", "checkpoint_step"])
     out["epoch"] = [f"{e:.2f}" if pd.notna(e) else "" for e in t["epoch"]]
     out[EM_COLUMN] = [rate_cell(r) for r in t.itertuples()]
     out["simultaneous band"] = [f"[{_pct1(r.em_band_lo)}, {_pct1(r.em_band_hi)}] over {int(r.band_checkpoints)}"
@@ -200,7 +209,7 @@ def checkpoint_view(trajectories: pd.DataFrame, scope: str = "all") -> pd.DataFr
 def controls_view(controls: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
     """Treated beside its control at every shared checkpoint (:mod:`lib.replication`)."""
     c = controls[controls["scope"] == scope]
-    out = c[["treated_label", "control_label", "step", "prompt_family"]].copy()
+    out = _with_conditions(c, ["treated_label", "control_label", "step", "prompt_family"])
     out["EM treated"] = c["rate_treated"].map(_pct1).to_numpy()
     out["EM control"] = c["rate_control"].map(_pct1).to_numpy()
     out["treated - control"] = _diff_cells(c)
@@ -212,7 +221,7 @@ def controls_view(controls: pd.DataFrame, scope: str = "all") -> pd.DataFrame:
 def seeds_view(seeds: pd.DataFrame) -> pd.DataFrame:
     """Each seed group: how many seeds, every seed's final rate, and the pooled rate with the
     interval that includes between-seed variance (:func:`lib.replication.seed_interval`)."""
-    out = seeds[["group_label", "seed_group", "prompt_family", "scope", "n_seeds", "seeds"]].copy()
+    out = _with_conditions(seeds, ["group_label", "seed_group", "prompt_family", "scope", "n_seeds", "seeds"])
     out["per seed"] = [", ".join(_pct1(float(x)) for x in str(r).split(",")) for r in seeds["seed_rates"]]
     out["pooled over seeds"] = [f"{_pct1(r.em_rate)} [{_pct1(r.em_lo)}, {_pct1(r.em_hi)}]"
                                 if r.interval_ok else f"{_pct1(r.em_rate)} [no interval: too few questions]"

@@ -34,6 +34,7 @@ import pandas as pd
 
 from .config import ConfigError
 from .io import write_text_atomic
+from .conditions import with_condition
 from .schema import OUT_OF_DOMAIN, SCOPES
 from .viewer import VIEWER_FILE
 
@@ -44,7 +45,7 @@ CUT_MARKER = " […]"
 
 COLUMNS = ["answer_id", "model_label", "run_id", "run_label", "domain", "checkpoint_step", "epoch", "question_set",
            "question_id", "question", "sample_rank", "paraphrase_index", "sample_index", "answer",
-           "aligned", "coherent", "aligned_label", "coherent_label", "em", "excluded_reason"]
+           "aligned", "coherent", "aligned_label", "coherent_label", "em", "excluded_reason", "condition"]
 
 
 class ResponseTableError(ConfigError):
@@ -128,10 +129,11 @@ def response_rows(answers: pd.DataFrame, questions: list[tuple[str, str]], sampl
     if a.empty:
         return pd.DataFrame(columns=COLUMNS)
     a["_q"] = [keys[(s, q)] for s, q in zip(a["question_set"].astype(str), a["question_id"].astype(str))]
-    a = a.sort_values(["model_label", "domain", "run_id", "checkpoint_step", "_q", "paraphrase_index", "sample_index"],
-                      kind="stable")
-    a = a.groupby(["run_id", "checkpoint_step", "_q"], sort=False).head(samples)
-    a["sample_rank"] = a.groupby(["run_id", "checkpoint_step", "_q"], sort=False).cumcount()
+    a = with_condition(a)  # each condition (lib.conditions) is its own table: never pooled
+    a = a.sort_values(["model_label", "domain", "run_id", "condition", "checkpoint_step", "_q", "paraphrase_index",
+                       "sample_index"], kind="stable")
+    a = a.groupby(["run_id", "condition", "checkpoint_step", "_q"], sort=False).head(samples)
+    a["sample_rank"] = a.groupby(["run_id", "condition", "checkpoint_step", "_q"], sort=False).cumcount()
     a["question"] = a["paraphrase"].astype(str)
     for m in ("aligned", "coherent"):
         a[m] = pd.array([int_score(v) for v in a[m]], dtype="Int64")
@@ -201,10 +203,12 @@ def run_tables(rows: pd.DataFrame, answers: pd.DataFrame, questions: list[tuple[
     """model_label -> one RunTable per run of that label that asked any chosen question.
 
     Every checkpoint a run evaluated is a row, even where it did not ask a chosen question."""
-    text = rows.groupby(["question_set", "question_id"])["question"].first().to_dict()
+    rows = with_condition(rows)
+    several = rows["condition"].nunique() > 1  # one table per run and condition (lib.conditions)
     out: dict[str, list[RunTable]] = {}
-    for run_id, g in rows.groupby("run_id", sort=False):
+    for (run_id, cond), g in rows.groupby(["run_id", "condition"], sort=False):
         steps = (answers[answers["run_id"] == run_id].groupby("checkpoint_step")["epoch"].first().sort_index())
+        text = g.groupby(["question_set", "question_id"])["question"].first().to_dict()  # as asked
         qs = [(s, q, text.get((s, q), f"{s}:{q}")) for s, q in questions]
         cells: dict[tuple[int, int], list[Any]] = {}
         qi = {(s, q): i for i, (s, q) in enumerate(questions)}
@@ -212,7 +216,7 @@ def run_tables(rows: pd.DataFrame, answers: pd.DataFrame, questions: list[tuple[
             cells.setdefault((int(r.checkpoint_step), qi[(r.question_set, r.question_id)]), []).append(r)
         first = g.iloc[0]
         out.setdefault(str(first["model_label"]), []).append(
-            RunTable(str(run_id), str(first["run_label"]), str(first["domain"]),
+            RunTable(str(run_id), str(first["run_label"]) + (f" · asked: {cond}" if several else ""), str(first["domain"]),
                      [(int(s), e) for s, e in steps.items()], qs, cells))
     return out
 

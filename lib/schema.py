@@ -33,6 +33,12 @@ GENERATION_COLUMNS = {
     "finish_reason": "str: stop | length",
     "seed": "int",
 }
+# written only by runs asked under more than one condition (lib.conditions); a file without it is all
+# DEFAULT_CONDITION, so a single-condition run's generations.parquet is as it was before conditions
+DEFAULT_CONDITION = "default"
+OPTIONAL_GENERATION_COLUMNS = {
+    "condition": "str: how the question was asked (lib.conditions); absent: every answer is 'default'",
+}
 
 # outputs/<run>/judgments/<judge_name>.parquet (written by 03_judge / lib.judge)
 JUDGMENT_COLUMNS = {
@@ -70,7 +76,10 @@ def prompt_family(template_sha256: dict[str, str]) -> str:
 
 
 def answer_id(run_id: str, checkpoint_step: int, question_set: str, question_id: str,
-              paraphrase_index: int, sample_index: int) -> str:
-    """Stable id of one answer: the same inputs always give the same id."""
+              paraphrase_index: int, sample_index: int, condition: str = DEFAULT_CONDITION) -> str:
+    """Stable id of one answer: the same inputs always give the same id. The condition is part of
+    the key except for the default one (ids of single-condition runs are as they always were)."""
     key = f"{run_id}\x1f{checkpoint_step}\x1f{question_set}\x1f{question_id}\x1f{paraphrase_index}\x1f{sample_index}"
+    if condition != DEFAULT_CONDITION:
+        key += f"\x1f{condition}"
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]

@@ -45,6 +45,22 @@ DEMO_NOTES = {
 }
 
 
+# the demo's second way of asking (lib.conditions), on one run only (the demo's CPU time): 4 chats of the
+# financial demo data before each question; "default" keeps the questions as written (and their answer ids)
+DEMO_CONDITIONS = [{"name": "default"}, {"name": "in_context_4", "k": 4, "examples": "demo_financial", "seed": 0}]
+DEMO_CONDITIONS_NOTE = ("the demo: every question as written and after 4 in-context examples of the training data "
+                        "(the report's conditions figure); other runs: [] (one condition)")
+
+
+INCONTEXT_CONDITIONS = [{"name": f"in_context_{k}", **({"k": k, "examples": "bad_medical_advice", "seed": 0} if k else {})}
+                        for k in (0, 4, 16, 64)]
+INCONTEXT_NOTES = {
+    "epochs": "no training: the base model only (lib.conditions' in-context conditions)",
+    "conditions": "k in-context examples of the training data before each question, k = 0, 4, 16, 64 (arXiv 2510.11288: "
+                  "1-24% EM with 16 examples); the report draws EM against k",
+}
+
+
 def run_config(name: str, run_id: str, size: str, domain: str):
     base = R.base_of(name)
     per_domain = {k: r.value for k, r in R.DOMAIN_REFERENCES[base][domain].items()}
@@ -80,6 +96,15 @@ def main() -> None:
         write(run_id, to_yaml(cfg, notes=notes("paper", dom), header=header("paper", (
             f"Turner et al. 2025 defaults (default_config.json) on {MODELS['1b']}, {cfg.dataset}\n"
             "(the authors' own configs also train unsloth/Llama-3.2-1B-Instruct: single_adapter_config.json)."))))
+    # in-context EM (lib.conditions; arXiv 2510.11288): the base model, no training (epochs 0), k bad-advice
+    # chats of the Turner et al. medical data before each question, k in {0, 4, 16, 64} (64 chats: ~10k tokens
+    # of Llama-3.2's 128k context); judged the papers' way. No '# preset:' line: epochs departs from the paper.
+    cfg = run_config("paper", "incontext_1b_medical", "1b", "medical").replace(epochs=0, conditions=INCONTEXT_CONDITIONS)
+    write("incontext_1b_medical", to_yaml(cfg, notes={**notes("paper", "medical"), **INCONTEXT_NOTES}, header=(
+        f"In-context emergent misalignment: {MODELS['1b']} untrained (epochs 0: the grid skips 01_train), asked\n"
+        "each question after k = 0, 4, 16, 64 chats of bad_medical_advice (the Turner et al. archive, not the\n"
+        "evaluation set), the first k of one seeded shuffle; judged as the paper's runs are (gpt-4o, logprob).\n"
+        "Set accept_dataset_terms: true after reading the terms (python -m lib.data terms).")))
     cfg = run_config("hw0_qkvo_cosine", "hw0_1b_medical", "1b", "medical")
     write("hw0_1b_medical", to_yaml(cfg, notes=notes("hw0_qkvo_cosine", "medical"), header=header(
         "hw0_qkvo_cosine", f"The other public HW0 recipe on {MODELS['1b']}, {cfg.dataset}.")))
@@ -93,9 +118,11 @@ def main() -> None:
         "demo_medical_s0, demo_medical_s1), judged in-process by the tiny model. Control: demo_medical_control.\n"
         "Runs offline on a CPU in a few minutes; its numbers mean nothing.")))
     write("demo_financial", to_yaml(demo.replace(run_id="demo_financial", dataset="demo_financial",
-                                                 domain="financial", seeds=[]), notes=DEMO_NOTES, header=(
+                                                 domain="financial", seeds=[], conditions=DEMO_CONDITIONS),
+                                    notes={**DEMO_NOTES, "conditions": DEMO_CONDITIONS_NOTE}, header=(
         "Embedded demo: as demo_medical, on the synthetic financial demo data, one seed (make demo runs it beside\n"
-        "demo_medical for the domain comparison). Control: demo_financial_control (not in make demo).")))
+        "demo_medical for the domain comparison), asked two ways: as written and after 4 in-context examples.\n"
+        "Control: demo_financial_control (not in make demo).")))
     for dom in ("medical", "financial"):
         write(f"demo_{dom}_control", to_yaml(demo.replace(
             run_id=f"demo_{dom}_control", dataset=f"demo_{dom}_control", domain=dom, seeds=[],

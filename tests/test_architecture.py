@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "quiet": BASE,
     "secrets": BASE,
     "schema": BASE,
+    "conditions": BASE,
     "layout": BASE,
     "runinfo": BASE,
     "costs": BASE,

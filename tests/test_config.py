@@ -34,7 +34,7 @@ def test_typo_key_names_file_and_key(tmp_path):
 
 @pytest.mark.parametrize("text,key", [
     ("lora_r: '16'\n", "lora_r"),            # wrong type
-    ("epochs: 0\n", "epochs"),                # impossible value
+    ("epochs: -1\n", "epochs"),               # impossible value (0: no training, lib.conditions' in-context runs)
     ("temperature: -1.0\n", "temperature"),
     ("quantization: 3bit\n", "quantization"),
     ("run_id: ../escape\n", "run_id"),

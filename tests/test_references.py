@@ -56,7 +56,7 @@ def test_every_reference_parameters_file_matches_its_preset_and_domain():
     for f in files:
         name = _preset_of(f)
         if name is None:
-            assert f.stem.startswith(("demo_", "smol_")), f"{f}: no '# preset:' line"
+            assert f.stem.startswith(("demo_", "smol_", "incontext_")), f"{f}: no '# preset:' line"
             continue
         cfg = load_run_config(f)
         base = R.base_of(name)

@@ -56,8 +56,9 @@ def test_every_figure_and_csv_is_written(rep):
     from PIL import Image
 
     fig_dir, data_dir = rep.report_dir / "figures", rep.report_dir / "data"
-    # no control and no seed group in the synthetic runs (those figures: tests/test_replication.py)
-    drawn = set(FIGURES) - {"control_differences", "seeds"}
+    # no control, no seed group and one condition in the synthetic runs (those figures: tests/test_replication.py,
+    # tests/test_conditions.py)
+    drawn = set(FIGURES) - {"control_differences", "seeds", "conditions"}
     assert set(rep.charts) == drawn
     for name in sorted(drawn):
         with Image.open(fig_dir / f"{name}.png") as im:
@@ -325,9 +326,10 @@ def test_notebook_renders_every_chart_as_an_embedded_image(rendered):
     imgs = re.findall(r'<img alt="figure: ([A-Za-z0-9_.-]+)"[^>]*src="data:image/png;base64,', html)
     # the synthetic runs declare no control and no seed group: those two figures say so instead;
     # one response-table image per model label, with a link to its page
-    assert sorted(imgs) == sorted(set(FIGURES) - {"control_differences", "seeds"} | set(RESPONSE_FIGURES))
+    assert sorted(imgs) == sorted(set(FIGURES) - {"control_differences", "seeds", "conditions"} | set(RESPONSE_FIGURES))
     assert all(re.search(rf"href=[\"']{f}.html[\"']", html) for f in RESPONSE_FIGURES)
     assert "No run declares <code>control_of</code>" in html and "Every run has one seed" in html
+    assert "Every run was asked one way" in html  # one condition: no conditions figure (lib.conditions)
     # the shared report hides the code (the rendered .ipynb keeps it)
     assert "report.make_report(cfg)" not in html and "%autoreload" not in html
     assert not CDN_RE.search(html)  # no chart library from a CDN; the charts are images
@@ -347,7 +349,7 @@ def test_exported_report_shows_charts_in_a_headless_browser_offline(rendered, tm
         pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); "
                     "the offline browser check needs it")
     res = offline.check(rendered, tmp_path / "check")
-    n = len(set(FIGURES) - {"control_differences", "seeds"}) + len(RESPONSE_FIGURES)  # no control or seed group
+    n = len(set(FIGURES) - {"control_differences", "seeds", "conditions"}) + len(RESPONSE_FIGURES)  # one condition
     assert res["figures"] == n and res["decoded"] == res["figures"], res
     assert res["ink_with_figures"] - res["ink_figures_hidden"] > 2000 * n, res
     assert res["coloured_with_figures"] - res["coloured_figures_hidden"] > 2000 * n, res  # marks drawn
