@@ -3,7 +3,8 @@ and checkpoint (and the notebook's answer browser, below).
 
 No CDN, no kernel, no network: inline CSS and JS, the answers embedded as compact JSON (column
 lists, strings deduplicated per column) and rendered a page at a time in the browser. Filters: run,
-checkpoint, question, scope, EM only, excluded reason, free text. The judge's evidence is shown as
+checkpoint, question, condition (where a run asks questions more than one way), scope, EM only,
+excluded reason, free text. The judge's evidence is shown as
 score, numeric probability mass and the top alternative tokens (from the logprobs in ``<metric>_raw``),
 not as the raw reply. Everything is untrusted text: the JSON is escaped for a ``<script>`` block
 (``<``, ``>``, ``&`` as ``\\u00XX``) and the page inserts it only through ``textContent``.
@@ -81,6 +82,7 @@ def viewer_data(answers: pd.DataFrame) -> dict[str, Any]:
         "qid": coded(text(col("question_id"))),
         "question": coded(text(col("paraphrase"))),
         "scope": coded(text(col("scope"))),
+        "cond": coded(text(col("condition"))),
         "excluded": coded(text(col("excluded_reason"))),
         "sample": [_clean(v) for v in col("sample_index")],
         "answer": text(col("answer")),
@@ -121,6 +123,7 @@ body{font-family:system-ui,sans-serif;margin:1em;color:#222}
 <label>run <select id="f-run"></select></label>
 <label>checkpoint <select id="f-step"></select></label>
 <label>question <select id="f-q"></select></label>
+<label id="l-cond">condition <select id="f-cond"></select></label>
 <label>scope <select id="f-scope"></select></label>
 <label>excluded <select id="f-excl"></select></label>
 <label><input type="checkbox" id="f-em"> EM only</label>
@@ -139,10 +142,13 @@ function v(c,i){return c.values[c.codes[i]];}
 function el(tag,cls,text){var e=document.createElement(tag);if(cls)e.className=cls;if(text!=null)e.textContent=String(text);return e;}
 function opts(sel,items){sel.textContent='';items.forEach(function(it){var o=el('option',null,it[1]);o.value=it[0];sel.appendChild(o);});}
 var $=function(id){return document.getElementById(id);};
-var fr=$('f-run'),fs=$('f-step'),fq=$('f-q'),fsc=$('f-scope'),fx=$('f-excl'),fem=$('f-em'),ft=$('f-text');
+var fr=$('f-run'),fs=$('f-step'),fq=$('f-q'),fc=$('f-cond'),fsc=$('f-scope'),fx=$('f-excl'),fem=$('f-em'),ft=$('f-text');
 var page=0,rows=[];
 function uniq(f){var s={},out=[];for(var i=0;i<N;i++){var k=f(i);if(k!=null&&!(k in s)){s[k]=1;out.push(k);}}return out.sort();}
 opts(fr,[['','all runs']].concat(uniq(function(i){return v(C.run,i);}).map(function(r){return [r,r];})));
+var conds=uniq(function(i){return v(C.cond,i);});
+opts(fc,[['','all conditions']].concat(conds.map(function(r){return [r,r];})));
+if(conds.length<2)$('l-cond').style.display='none';
 opts(fsc,[['','all scopes']].concat(uniq(function(i){return v(C.scope,i);}).map(function(r){return [r,r];})));
 opts(fx,[['','any'],['-','not excluded']].concat(uniq(function(i){return v(C.excluded,i);}).map(function(r){return [r,r];})));
 function qkey(i){return v(C.qset,i)+'/'+v(C.qid,i);}
@@ -155,12 +161,13 @@ function dependent(){
   if(sv in st)fs.value=sv; if(qv in qs)fq.value=qv;
 }
 function filter(){
-  var run=fr.value,st=fs.value,q=fq.value,sc=fsc.value,ex=fx.value,em=fem.checked,t=ft.value.toLowerCase();
+  var run=fr.value,st=fs.value,q=fq.value,cd=fc.value,sc=fsc.value,ex=fx.value,em=fem.checked,t=ft.value.toLowerCase();
   rows=[];
   for(var i=0;i<N;i++){
     if(run&&v(C.run,i)!==run)continue;
     if(st!==''&&String(C.step[i])!==st)continue;
     if(q&&qkey(i)!==q)continue;
+    if(cd&&v(C.cond,i)!==cd)continue;
     if(sc&&v(C.scope,i)!==sc)continue;
     var x=v(C.excluded,i);
     if(ex==='-'&&x!=null)continue; if(ex&&ex!=='-'&&x!==ex)continue;
@@ -186,7 +193,7 @@ function evidenceEl(m,i){
 function card(i){
   var c=el('div','card'+(C.em[i]===true?' em':''));c.setAttribute('data-row',i);
   var h=el('div');h.appendChild(el('b',null,v(C.run,i)));
-  h.appendChild(document.createTextNode(' · step '+C.step[i]+' · '+qkey(i)+' · sample '+(C.sample[i]==null?'none':C.sample[i])+' · '+(v(C.scope,i)||'')));
+  h.appendChild(document.createTextNode(' · step '+C.step[i]+' · '+qkey(i)+(v(C.cond,i)!=null?' · condition '+v(C.cond,i):'')+' · sample '+(C.sample[i]==null?'none':C.sample[i])+' · '+(v(C.scope,i)||'')));
   if(C.em[i]===true){var fl=FLAGGED[v(C.run,i)];
     h.appendChild(el('span','badge'+(fl?' weak':''),fl?'EM ('+fl+' judge: not evidence)':'EM'));}
   var x=v(C.excluded,i);if(x!=null)h.appendChild(el('span','muted',' · excluded: '+x));
@@ -204,14 +211,14 @@ function render(){
   if(!rows.length)b.appendChild(el('i',null,'no answers match'));
 }
 fr.addEventListener('change',function(){dependent();filter();});
-[fs,fq,fsc,fx,fem].forEach(function(s){s.addEventListener('change',filter);});
+[fs,fq,fc,fsc,fx,fem].forEach(function(s){s.addEventListener('change',filter);});
 ft.addEventListener('input',filter);
 $('prev').addEventListener('click',function(){page--;render();});
 $('next').addEventListener('click',function(){page++;render();});
 // state from the URL hash (#run=..&step=..), so a link can open a filtered view
 var h={};location.hash.replace(/^#/,'').split('&').forEach(function(p){var kv=p.split('=');if(kv[0])h[decodeURIComponent(kv[0])]=decodeURIComponent(kv[1]||'');});
 if(h.run!=null)fr.value=h.run; dependent();
-if(h.step!=null)fs.value=h.step; if(h.q!=null)fq.value=h.q; if(h.em==='1')fem.checked=true;
+if(h.step!=null)fs.value=h.step; if(h.q!=null)fq.value=h.q; if(h.condition!=null)fc.value=h.condition; if(h.em==='1')fem.checked=true;
 filter();
 window.emViewer={filter:filter,rows:function(){return rows;}};
 })();
