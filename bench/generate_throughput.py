@@ -21,8 +21,16 @@ What was timed is checked: every answer has exactly --tokens new tokens, and, un
 same two samplers at temperature 0 give token-for-token the same answers to the first
 --check-prompts prompts (a batch that attended to its left padding would not).
 
+vLLM (``evaluate_engine: vllm``, lib.evaluate_vllm) runs on the same prompts, seeds and sampling
+(forced length, temperature 1) when its environment is built and can run the model (``make vllm-env``; ``--vllm off``
+skips it): one engine in vLLM's own environment, the base model (``--shape llama-1b``: saved to a
+temporary folder, its adapter as a LoRA request), vLLM's batch size and scheduling, its start-up
+and a two-answer warm-up not timed. Its line, before the last, gives its tokens/s; no goal (on a
+CPU vLLM wins only in bf16 without LoRA; its case is the GPU: bench/gpu_suite.py).
+
 Last line: ``batched / one-at-a-time answers per second: <x>x (goal >= <goal>x)``; exit 1 when
-the goal (``--goal``) is missed or a check fails.
+the goal (``--goal``) is missed or a check fails (vLLM's: it ran and gave every answer --tokens tokens;
+a model vLLM's build cannot run, such as the tiny model's head size 16 on a CPU, is skipped with why).
 """
 from __future__ import annotations
 
@@ -30,14 +38,18 @@ import argparse
 import itertools
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from lib.config import DEMO_QUESTIONS
-from lib.evaluate import ContinuousSampler, Sampler, Sampling, auto_batch_size, prompt_ids
+from lib import evaluate_vllm
+from lib.config import DEMO_QUESTIONS, ConfigError, RunConfig
+from lib.evaluate import ContinuousSampler, Sampler, Sampling, auto_batch_size, default_seeds, prompt_ids
 from lib.models import load_model, load_tokenizer
 from lib.questions import load_question_sets
+from lib.vllm_env import vllm_python
 
 GOAL = 10.0
 
@@ -79,6 +91,46 @@ def greedy_agreement(model, tok, prompts: list[list[int]], batch_size: int, toke
     return sum(a != b for a, b in zip(alone, batched))
 
 
+def vllm_tokens_per_s(args, model, tok, prompts: list[list[int]]) -> tuple[float, dict, bool] | str:
+    """(new tokens/s, lib.evaluate_vllm's record, every answer of --tokens tokens) of vLLM on the same
+    prompts, seeds and sampling as the project's sampler; a string says why it did not run."""
+    if args.vllm == "off":
+        return "skipped (--vllm off)"
+    if vllm_python() is None:
+        return "skipped: its environment is not built (make vllm-env)"
+    with tempfile.TemporaryDirectory(prefix="generate_throughput_") as tmp:
+        folder, adapter = args.model, None
+        if args.shape == "llama-1b":  # the random model (and its adapter) as folders vLLM can load
+            folder, adapter = str(Path(tmp) / "base"), Path(tmp) / "adapter"
+            base = model.get_base_model()  # still holds the LoRA layers: saved without them
+            base.save_pretrained(folder, state_dict={k.replace(".base_layer", ""): v for k, v in base.state_dict().items()
+                                                     if "lora_" not in k})
+            tok.save_pretrained(folder)
+            model.save_pretrained(adapter)
+        cfg = RunConfig(model=folder, device=args.device, dtype=args.dtype, temperature=1.0, top_p=1.0,
+                        max_new_tokens=args.tokens, eval_batch_size=args.vllm_batch_size, evaluate_engine="vllm")
+        try:
+            evaluate_vllm.check_engine(cfg)
+        except ConfigError as e:  # e.g. the tiny model's head size on vLLM's CPU build
+            return "skipped: " + str(e).removeprefix("key 'evaluate_engine': ")
+        stop = evaluate_vllm.stop_ids(cfg, tok)
+        requests = [evaluate_vllm.Request(p, s, adapter) for p, s in zip(prompts, default_seeds(len(prompts)))]
+        longest = max(requests, key=lambda r: len(r.prompt))
+        lengths: list[int] = []
+        try:
+            with evaluate_vllm.shared_engine():  # one engine: started by the warm-up (same engine arguments)
+                evaluate_vllm.sample(cfg, [longest, longest], stop, Path(tmp), lambda i, t: None,
+                                     min_new_tokens=args.tokens)
+                t0 = time.perf_counter()
+                info = evaluate_vllm.sample(cfg, requests, stop, Path(tmp), lambda i, t: lengths.append(len(t)),
+                                            min_new_tokens=args.tokens)
+                dt = time.perf_counter() - t0
+        except evaluate_vllm.VllmEngineError as e:
+            return f"FAILED: {e}"
+    ok = len(lengths) == len(requests) and all(n == args.tokens for n in lengths)
+    return sum(lengths) / dt, info, ok
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded:tiny", help="model to load (with --shape model)")
@@ -97,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                          "2-core machine, multithreaded kernels mostly measure the other jobs")
     ap.add_argument("--goal", type=float, default=GOAL, help="least batched / one-at-a-time ratio that passes")
     ap.add_argument("--check-prompts", type=int, default=16, help="prompts in the untimed greedy check")
+    ap.add_argument("--vllm", choices=("auto", "off"), default="auto",
+                    help="auto: also time vLLM on the same prompts when its environment is built")
+    ap.add_argument("--vllm-batch-size", type=int, default=0,
+                    help="vLLM's max_num_seqs (0: lib.evaluate_vllm's default, %d)" % evaluate_vllm.MAX_NUM_SEQS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,12 +198,24 @@ def main(argv: list[str] | None = None) -> int:
     print("rounds (one-at-a-time, batched answers/s): " + ", ".join(f"({a:.1f}, {b:.1f})" for a, b in rounds))
     print(f"one prompt at a time (median): {serial:.2f} answers/s ({serial * args.tokens:.0f} tokens/s)")
     print(f"batched, batch size {bs} (median): {batched:.2f} answers/s ({batched * args.tokens:.0f} tokens/s)")
+    v = vllm_tokens_per_s(args, model, tok, prompts)  # before the check below turns the model to float32
     check = prompts[:args.check_prompts]
     if model.dtype != torch.float32:  # half-precision rounding differs with batch shape; the check is of the batching
         model = model.float()
     differ = greedy_agreement(model, tok, check, min(bs, len(check)), min(args.tokens, 16))
     print(f"check: every timed answer has {args.tokens} new tokens: {'yes' if lengths_ok else 'NO'}; greedy answers "
           f"batched vs one at a time, {len(check)} prompts: {len(check) - differ} identical, {differ} differ")
+    if isinstance(v, str):
+        print(f"vLLM: {v}")
+        lengths_ok &= not v.startswith("FAILED")
+    else:
+        e = v[1]["engine"]
+        lengths_ok &= v[2]
+        print(f"vLLM ({e['vllm_distribution']}, {v[1]['device']}, {v[1]['dtype']}, max_num_seqs {e['max_num_seqs']}"
+              f"{', LoRA' if e['max_lora_rank'] else ''}; start-up {e['load_s']} s not timed), same prompts: "
+              f"{v[0]:.0f} tokens/s vs the project's sampler {batched * args.tokens:.0f} tokens/s "
+              f"({v[0] / (batched * args.tokens):.2f}x; no goal); every answer {args.tokens} tokens: "
+              f"{'yes' if v[2] else 'NO'}")
     ratio = batched / serial
     print(f"batched / one-at-a-time answers per second: {ratio:.1f}x (goal >= {args.goal:g}x)")
     return 0 if ratio >= args.goal and lengths_ok and differ == 0 else 1

@@ -13,6 +13,12 @@ allows) measure, each in one run:
 * Generation, 400 answers x 600 new tokens (forced: min_new_tokens = 600), a rank-32 LoRA adapter
   on all seven projections (the paper's default shape; non-zero B): static batching
   (``model.generate`` on all 400) vs ours (continuous batching, 400 slots), new tokens/s.
+* The same generation on vLLM (``evaluate_engine: vllm``, lib.evaluate_vllm; section ``vllm``): the
+  same 400 prompts, seeds and forced length, spread over the base model and 7 adapters (the
+  paper's shape, different random B each: the study's base + checkpoints), one engine with every
+  adapter a LoRA request, in vLLM's own environment (``make vllm-env``); new tokens/s beside the
+  project's sampler, no goal. Skipped, with a message, where that environment is not built, and in
+  ``--smoke`` runs (an engine start takes minutes on a CPU).
 * The exact judge (``lib.judge_hf.HFBackend``, method ``exact``) on the same shape with
   the project's ``aligned`` judge prompt around 600-token answers: judgments/s.
 
@@ -61,11 +67,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
-from lib.config import DEMO_QUESTIONS  # noqa: E402
+from lib import evaluate_vllm  # noqa: E402
+from lib.config import DEMO_QUESTIONS, RunConfig  # noqa: E402
 from lib.decoding import answer_seed  # noqa: E402
 from lib.evaluate import ContinuousSampler, Sampler, Sampling, prompt_ids  # noqa: E402
 from lib.models import load_tokenizer  # noqa: E402
 from lib.questions import load_question_sets  # noqa: E402
+from lib.vllm_env import vllm_python  # noqa: E402
 
 # Llama-3.2 shapes (the models' config.json on the hub; RoPE scaling left out: it changes no cost)
 SHAPES: dict[str, dict[str, Any]] = {
@@ -283,6 +291,43 @@ def section_generate(a, shape: str, tok, device: str, dtype, keep: dict[str, Any
     return res
 
 
+def section_vllm(a, shape: str, tok, device: str, dtype, n_adapters: int = 7) -> dict[str, Any]:
+    """The generation section's prompts, seeds and forced length on vLLM: answer i from the base model
+    (i % 8 == 0) or adapter i % 8 (PAPER_LORA, random non-zero B), all in one engine."""
+    model = build_model(shape, tok, device, dtype)
+    prompts, seeds = demo_prompts(tok, a.answers)
+    with tempfile.TemporaryDirectory(prefix="gpu_suite_vllm_") as tmp:
+        base = Path(tmp) / "base"
+        model.save_pretrained(base)
+        tok.save_pretrained(base)
+        adapters: list[Path | None] = [None]
+        for k in range(n_adapters):
+            torch.manual_seed(k + 1)
+            pm = with_adapter(model, PAPER_LORA)
+            pm.save_pretrained(Path(tmp) / f"adapter-{k}")
+            model = pm.unload()
+            adapters.append(Path(tmp) / f"adapter-{k}")
+        del model
+        reset_mem(device)
+        cfg = RunConfig(model=str(base), device=device, dtype=str(dtype).replace("torch.", ""), temperature=1.0,
+                        top_p=1.0, max_new_tokens=a.tokens)
+        stop = evaluate_vllm.stop_ids(cfg, tok)
+        requests = [evaluate_vllm.Request(p, s, adapters[i % len(adapters)]) for i, (p, s) in enumerate(zip(prompts, seeds))]
+        longest = max(requests, key=lambda r: len(r.prompt))
+        warm = [evaluate_vllm.Request(longest.prompt, k, ad) for k, ad in enumerate(adapters)]
+        lengths: list[int] = []
+        with evaluate_vllm.shared_engine():  # started by the warm-up (same engine arguments), not timed
+            evaluate_vllm.sample(cfg, warm, stop, Path(tmp), lambda i, t: None, min_new_tokens=a.tokens)
+            t0 = time.perf_counter()
+            info = evaluate_vllm.sample(cfg, requests, stop, Path(tmp), lambda i, t: lengths.append(len(t)),
+                                        min_new_tokens=a.tokens)
+            dt = time.perf_counter() - t0
+    checks = {"all_answers": len(lengths) == a.answers, "all_forced_length": all(n == a.tokens for n in lengths)}
+    return {"shape": shape, "adapter": PAPER_LORA, "models": len(adapters), "answers": a.answers, "new_tokens": a.tokens,
+            "seconds": round(dt, 3), "new_tokens_per_s": round(sum(lengths) / dt, 1), **info, "checks": checks,
+            "ok": all(checks.values())}
+
+
 def section_judge(a, shape: str, tok, device: str, dtype, keep: dict[str, Any]) -> dict[str, Any]:
     import hashlib
 
@@ -345,7 +390,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default="gpu_suite.json", help="JSON file with every figure")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, small counts; no goals judged")
     ap.add_argument("--shapes", default="1b,3b", help="model shapes in order (1b, 3b); 3b runs only within the budget")
-    ap.add_argument("--sections", default="train,qlora,generate,judge", help="which sections to run")
+    ap.add_argument("--sections", default="train,qlora,generate,vllm,judge", help="which sections to run")
     ap.add_argument("--time-budget-s", type=float, default=420.0,
                     help="a shape after the first starts only if this much time is not yet spent x 0.5")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="the card's peak dense bf16 TFLOP/s (0: table)")
@@ -459,6 +504,22 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"generation, {label} shape + LoRA adapter, {a.answers} x {a.tokens}, continuous "
                              f"batching: {r['continuous']['new_tokens_per_s']:,.0f} new tokens/s "
                              + goal(r["continuous"]["new_tokens_per_s"], "gen_tokens_s", "tok/s"))
+        if "vllm" in sections:
+            why = ("smoke run (a vLLM engine start takes minutes on a CPU)" if a.smoke else
+                   None if vllm_python() is not None else "vLLM's environment is not built (make vllm-env)")
+            if why:
+                report["skipped"][f"{shape}/vllm_generate"] = why
+                print(f"vLLM generation: skipped: {why}")
+            else:
+                r = run(f"{shape}/vllm_generate", lambda: section_vllm(a, shape, tok, device, dtype))
+                ours = report["results"].get(f"{shape}/generate")
+                if r:
+                    lines.append(f"generation on vLLM ({r['engine']['vllm_distribution']}), {label} shape, base model + "
+                                 f"7 LoRA adapters in one engine, {a.answers} x {a.tokens}: "
+                                 f"{r['new_tokens_per_s']:,.0f} new tokens/s, "
+                                 + (f"{r['new_tokens_per_s'] / ours['continuous']['new_tokens_per_s']:.2f}x continuous "
+                                    "batching's (one adapter)" if ours else "continuous batching not run")
+                                 + " (no goal)")
         if "judge" in sections:
             r = run(f"{shape}/judge_exact", lambda: section_judge(a, shape, tok, device, dtype, keep))
             if r:

@@ -189,6 +189,9 @@ class RunConfig:
                          meta={"choices": ("same", "auto", "float32", "bfloat16", "float16")})
     eval_checkpoints: list = param([], "evaluate", "checkpoint steps to evaluate (empty: all, plus the base model)")
     include_base_model: bool = param(True, "evaluate", "also evaluate the untuned base model as step 0")
+    evaluate_engine: str = param("hf", "evaluate", "hf (the project's sampler, the reference) | vllm (one vLLM engine "
+                                                "in its own environment, make vllm-env; lib.evaluate_vllm)",
+                              meta={"choices": ("hf", "vllm")})
     conditions: list = param([], "evaluate", "ways of asking every question, each {name, system, preamble, format, k, "
                                            "examples, seed} (lib.conditions); empty: one, the questions as written")
 

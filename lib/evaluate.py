@@ -34,6 +34,7 @@ How it is seeded
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import layout
+from . import evaluate_vllm, layout
 from .layout import ADAPTER_WEIGHTS
 from .chat import chat_prompt, stop_token_ids
 from .conditions import (ConditionError, apply as apply_conditions, check_not_evaluation_set, draw_examples,
@@ -369,7 +370,8 @@ def _fingerprint(cfg: RunConfig, sets: list[dict], targets: list[Target], exampl
     for k in ("model", "model_revision"):  # train-stage fields evaluation depends on
         params[k] = getattr(cfg, k)
     params["precision"] = list(cfg.eval_precision)  # (quantization, dtype) the answers are sampled with
-    data = {"params": params, "sampler": SAMPLER_VERSION, "question_sets": [(s["name"], s["sha256"]) for s in sets],
+    sampler = SAMPLER_VERSION if cfg.evaluate_engine == "hf" else evaluate_vllm.sampler_identity()  # vLLM's version
+    data = {"params": params, "sampler": sampler, "question_sets": [(s["name"], s["sha256"]) for s in sets],
             "targets": [(t.step, t.epoch, t.adapter_sha256) for t in targets], "columns": list(GENERATION_COLUMNS)}
     if examples:  # conditions' in-context examples files (lib.conditions)
         data["examples"] = examples
@@ -451,8 +453,9 @@ def evaluate_run(cfg: RunConfig, progress: bool = True):
     t0 = time.time()
     batch_size = cfg.eval_batch_size
     device_info: dict[str, Any] = {}
-    if todo:
-        batch_size, device_info = _sample_units(cfg, todo, parts, progress)
+    if todo:  # evaluate_engine: hf (this module's sampler) or vllm (lib.evaluate_vllm)
+        sample = _sample_units_vllm if cfg.evaluate_engine == evaluate_vllm.ENGINE else _sample_units
+        batch_size, device_info = sample(cfg, todo, parts, progress)
 
     # --- consolidate ---------------------------------------------------------------------------
     frames = [with_condition(pd.read_parquet(p)) for p in sorted(parts.glob("step*.parquet"))]
@@ -489,10 +492,81 @@ def evaluate_run(cfg: RunConfig, progress: bool = True):
         "answers_generated_this_session": sum(u.n_rows for u in todo),
         "wall_time_s": round(time.time() - t0, 2),
         "fingerprint": fingerprint,
+        "engine": {"name": cfg.evaluate_engine},  # vLLM's run adds its version, device and timings (device_info)
         **({"condition_examples_sha256": examples_sha256} if examples_sha256 else {}),
         **device_info,
     })
     return pd.read_parquet(out)  # exactly what later stages (and a skipped rerun) read
+
+
+def _model_prompts(tok, todo: list[Unit]) -> dict[tuple[str, str, str], list[list[int]]]:
+    """Token ids of every paraphrase of each question in todo, by (condition, question set, question id)."""
+    return {(q.condition, q.question_set, q.id): question_prompt_ids(tok, q)
+            for q in {u.key[1:]: u.question for u in todo}.values()}
+
+
+def _by_model(chunks: list[list[Unit]]) -> list[list[list[Unit]]]:
+    """Consecutive chunks of one model, grouped."""
+    by_target: list[list[list[Unit]]] = []
+    for chunk in chunks:
+        if by_target and by_target[-1][0][0].target.step == chunk[0].target.step:
+            by_target[-1].append(chunk)
+        else:
+            by_target.append([chunk])
+    return by_target
+
+
+def _answer_plan(cfg: RunConfig, target_chunks: list[list[Unit]], prompts: dict, parts: Path
+                 ) -> tuple[list[list[int]], list[int], Callable[[int, tuple[str, int, str]], None]]:
+    """Every answer of one model's chunks, in order: its prompt's token ids, its own seed, and
+    ``done(i, row)``, which writes a chunk's part file as soon as its last answer is in."""
+    t = target_chunks[0][0].target
+    batch_prompts, seeds, chunk_of = [], [], []  # chunk_of[i]: the chunk of answer i
+    for c, chunk in enumerate(target_chunks):
+        for u in chunk:
+            q = u.question
+            for p_idx, ids in enumerate(prompts[(q.condition, q.question_set, q.id)]):
+                for s_idx in range(u.n_samples):
+                    batch_prompts.append(ids)
+                    seeds.append(answer_seed(cfg.seed, t.step, q.question_set, q.id, p_idx, s_idx))
+                    chunk_of.append(c)
+    answers: list[tuple[str, int, str] | None] = [None] * len(batch_prompts)
+    first = {c: chunk_of.index(c) for c in range(len(target_chunks))}
+    left = {c: chunk_of.count(c) for c in range(len(target_chunks))}
+
+    def done(i: int, row: tuple[str, int, str]) -> None:
+        answers[i] = row
+        c = chunk_of[i]
+        left[c] -= 1
+        if left[c] == 0:  # the chunk is complete: persist it now
+            chunk = target_chunks[c]
+            it = iter(answers[first[c]:first[c] + sum(u.n_rows for u in chunk)])
+            rows = [r for u in chunk for r in _rows(cfg, u, (next(it) for _ in range(u.n_rows)))]
+            _write_part(parts / _chunk_name(chunk), rows)
+    return batch_prompts, seeds, done
+
+
+def _sample_units_vllm(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool) -> tuple[int, dict]:
+    """The same answers from vLLM (lib.evaluate_vllm): this stage's prompts, seeds, chunks and part
+    files and the stop ids its model stops on; one engine, each checkpoint a LoRA adapter in it."""
+    evaluate_vllm.check_engine(cfg)  # its environment is there (the grid checked before any notebook)
+    tok = load_tokenizer(cfg.model, cfg.model_revision, padding_side="left")
+    stop = evaluate_vllm.stop_ids(cfg, tok)
+    prompts = _model_prompts(tok, todo)
+    size = cfg.eval_batch_size or evaluate_vllm.CHUNK_ANSWERS
+    requests, finish = [], []
+    for target_chunks in _by_model(plan_chunks(todo, size)):
+        batch_prompts, seeds, done = _answer_plan(cfg, target_chunks, prompts, parts)
+        path = target_chunks[0][0].target.path
+        requests += [evaluate_vllm.Request(ids, seed, path) for ids, seed in zip(batch_prompts, seeds)]
+        finish += [functools.partial(done, i) for i in range(len(batch_prompts))]
+    with Progress("evaluate", "answers", len(requests), run_dir=cfg.run_dir, enabled=progress,
+                  desc="generate (vLLM)", unit="answer") as bar:
+        def on_done(i: int, tokens: list[int]) -> None:
+            finish[i](_answer(tok, tokens, set(stop)))
+            bar.update(1)
+        info = evaluate_vllm.sample(cfg, requests, stop, parts, on_done)
+    return size, info
 
 
 def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool) -> tuple[int, dict]:
@@ -502,8 +576,7 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
     tok = load_tokenizer(cfg.model, cfg.model_revision, padding_side="left")
     quantization, dtype = cfg.eval_precision   # the replicated study: 4-bit training, bf16 evaluation
     model, choice = load_model(cfg.model, cfg.model_revision, cfg.device, dtype, quantization)
-    prompts = {(q.condition, q.question_set, q.id): question_prompt_ids(tok, q)
-               for q in {u.key[1:]: u.question for u in todo}.values()}
+    prompts = _model_prompts(tok, todo)
     longest = max(len(ids) for ps in prompts.values() for ids in ps)
     context = getattr(getattr(model.config, "text_config", model.config), "max_position_embeddings", None)
     if isinstance(context, int) and longest + cfg.max_new_tokens > context:  # a condition's k examples too many
@@ -512,13 +585,7 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
                           f"max_new_tokens {cfg.max_new_tokens}, over the model's context ({context}); lower its k")
     batch_size = cfg.eval_batch_size or auto_batch_size(model, choice.device, longest, cfg.max_new_tokens)
     sampler = ContinuousSampler(model, tok, Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens), batch_size)
-    chunks = plan_chunks(todo, batch_size)
-    by_target: list[list[list[Unit]]] = []  # consecutive chunks of one model
-    for chunk in chunks:
-        if by_target and by_target[-1][0][0].target.step == chunk[0].target.step:
-            by_target[-1].append(chunk)
-        else:
-            by_target.append([chunk])
+    by_target = _by_model(plan_chunks(todo, batch_size))
     bar = Progress("evaluate", "answers", sum(u.n_rows for u in todo), run_dir=cfg.run_dir, enabled=progress,
                    desc="generate", unit="answer")
     peft_model = None  # the base model wrapped once, on the first checkpoint
@@ -543,29 +610,7 @@ def _sample_units(cfg: RunConfig, todo: list[Unit], parts: Path, progress: bool)
                 ctx = nullcontext()
             bar.set_description(f"generate step {t.step}")
             bar.set_postfix(checkpoint=t.step)  # the lines say which model is answering (0: the base model)
-            # every answer of this model, in order, with its own seed; chunk_of[i] = its chunk
-            batch_prompts, seeds, chunk_of = [], [], []
-            for c, chunk in enumerate(target_chunks):
-                for u in chunk:
-                    q = u.question
-                    for p_idx, ids in enumerate(prompts[(q.condition, q.question_set, q.id)]):
-                        for s_idx in range(u.n_samples):
-                            batch_prompts.append(ids)
-                            seeds.append(answer_seed(cfg.seed, t.step, q.question_set, q.id, p_idx, s_idx))
-                            chunk_of.append(c)
-            answers: list[tuple[str, int, str] | None] = [None] * len(batch_prompts)
-            first = {c: chunk_of.index(c) for c in range(len(target_chunks))}
-            left = {c: chunk_of.count(c) for c in range(len(target_chunks))}
-
-            def done(i: int, row: tuple[str, int, str]) -> None:
-                answers[i] = row
-                c = chunk_of[i]
-                left[c] -= 1
-                if left[c] == 0:  # the chunk is complete: persist it now
-                    chunk = target_chunks[c]
-                    it = iter(answers[first[c]:first[c] + sum(u.n_rows for u in chunk)])
-                    rows = [r for u in chunk for r in _rows(cfg, u, (next(it) for _ in range(u.n_rows)))]
-                    _write_part(parts / _chunk_name(chunk), rows)
+            batch_prompts, seeds, done = _answer_plan(cfg, target_chunks, prompts, parts)
             with ctx:
                 sampler.sample(batch_prompts, seeds, progress=bar, on_done=done)
     finally:

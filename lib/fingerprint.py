@@ -6,6 +6,7 @@ the sha256 of every input file it reads:
 =========  ===================================================================================
 train      the training dataset file and the base model's files (hub ids: id + revision)
 evaluate   the adapter files of every complete checkpoint, the question-set texts, the base model,
+           the vLLM distribution and version (evaluate_engine: vllm),
            the conditions' in-context examples files (lib.conditions)
 judge      generations.parquet, the prompt sources (question sets, judge_prompts file), the
            judge model's files when it runs in-process; the same for every judge of a panel
@@ -32,6 +33,7 @@ from .io import sha256_file, sha256_text, write_json_atomic
 from .models import is_embedded, resolve_model
 from .questions import fetch_text
 from .secrets import mask_url_credentials
+from .vllm_env import vllm_version
 
 
 class HashCache:
@@ -142,6 +144,8 @@ def stage_inputs(stage: str, cfg: RunConfig, cache: HashCache, offline: bool = F
         inputs = {"checkpoints": checkpoints_identity(run_dir, cache),
                   "question_sets": text_sources_identity(cfg.question_sets, cfg.outputs_dir, offline),
                   "model": model_identity(cfg.model, cfg.model_revision, cache)}
+        if cfg.evaluate_engine == "vllm":  # the engine is a parameter; which vLLM samples is an input
+            inputs["engine"] = {"name": "vllm", "version": vllm_version()}
         examples = {c["name"]: dataset_identity(cfg.replace(dataset=c["examples"]), cache)
                     for c in cfg.conditions if isinstance(c, dict) and c.get("examples")}
         return {**inputs, "condition_examples": examples} if examples else inputs

@@ -2,11 +2,11 @@
 
 :func:`validate` loads every parameters file (a file with ``seeds`` gives one run per seed) and
 checks each run for the stages it will run (:func:`check_run`: training options, the judge's
-credentials, the device, the models, question sets and judge prompts, the training file), then
-what the runs of one grid must share (distinct run ids, one outputs_dir, one EM definition, the
-runs ``control_of`` names) and that each stage's notebook exists. Every problem is one
-:class:`~lib.grid_jobs.GridError` line naming the file and the key. :func:`busy_folders` lists the
-run (and report) folders another live process holds now (:mod:`lib.lock`).
+credentials, vLLM's environment when evaluate_engine is vllm, the device, the models, question sets
+and judge prompts, the training file), then what the runs of one grid must share (distinct run ids,
+one outputs_dir, one EM definition, the runs ``control_of`` names) and that each stage's notebook
+exists. Every problem is one :class:`~lib.grid_jobs.GridError` line naming the file and the key.
+:func:`busy_folders` lists the run (and report) folders another live process holds now (:mod:`lib.lock`).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 
 from .config import ConfigError, RunConfig, expand_seeds, load_run_config, report_em_definition, resolve_path
 from .data import check_dataset_param, check_examples_params
+from .evaluate_vllm import check_engine
 from .grid_jobs import GridError, Options
 from .judge import JudgeError, check_credentials, panel
 from .layout import NOTEBOOKS, RUN_STAGES
@@ -61,6 +62,8 @@ def check_run(cfg: RunConfig, stages: Sequence[str], offline: bool = False, chec
         _check_credentials(cfg)
     if judges and cfg.judges:  # a judge panel: one judgments file per judge, each judge's key or model
         _check_panel(cfg, offline)
+    if evaluates:  # evaluate_engine: vllm needs vLLM's own environment (make vllm-env)
+        check_engine(cfg)
     if check_device and (trains or evaluates or (judges and cfg.judge_backend == "hf")):
         _check_device(cfg)
     if trains or evaluates:

@@ -72,6 +72,7 @@ class EvaluateSection(TypedDict, total=False):
     answers_generated_this_session: int
     wall_time_s: float
     fingerprint: str
+    engine: dict[str, Any]             # name (hf | vllm); vllm: its version, device, load_s, generate_s
 
 
 class JudgeInfo(TypedDict, total=False):

@@ -63,6 +63,8 @@ LAYERS: dict[str, int] = {
     "viewer": STAGES,
     "response_tables": STAGES,
     "decoding": STAGES,
+    "evaluate_vllm": STAGES,
+    "evaluate_vllm_worker": STAGES,  # a script for vLLM's own environment: imports vLLM and the standard library only
     "judge": STAGES,
     "judge_backends": STAGES,
     "judge_openai": STAGES,
@@ -96,7 +98,7 @@ STAGE_PARTS: dict[str, set[str]] = {
     "judge_backends": {"judge_openai", "judge_hf", "judge_vllm"},  # the registry of the judge's backends
     "judge_vllm": {"judge_openai"},  # the vLLM-served judge calls its server through the API client
     "judge_calibrate": {"judge", "judge_backends"},  # the judge stage's calibration-set scoring
-    "evaluate": {"decoding"},
+    "evaluate": {"decoding", "evaluate_vllm"},
     "report": {"plots", "viewer", "response_tables", "report_data", "report_tables", "report_views",
                "report_judges"},
     "report_tables": {"report_data"},
