@@ -132,6 +132,15 @@ class Request:
     adapter: Path | None
 
 
+def _context_length(cfg: RunConfig) -> int | None:
+    """The model's context (max_position_embeddings) from its config, None where it names none."""
+    from transformers import AutoConfig  # heavy: loaded only when a model runs
+
+    c = AutoConfig.from_pretrained(resolve_model(cfg.model), revision=cfg.model_revision or None, token=hf_token())
+    n = getattr(getattr(c, "text_config", c), "max_position_embeddings", None)
+    return n if isinstance(n, int) else None
+
+
 def lora_rank(adapters: list[Path]) -> int:
     """vLLM's max_lora_rank for these checkpoints: the least value it accepts that holds every rank."""
     r = max(json.loads((p / ADAPTER_CONFIG).read_text(encoding="utf-8"))["r"] for p in adapters)
@@ -146,13 +155,17 @@ def engine_args(cfg: RunConfig, requests: list[Request], max_new_tokens: int) ->
     adapters = sorted({r.adapter for r in requests if r.adapter is not None})
     _, dtype = cfg.eval_precision
     model = resolve_model(cfg.model)
+    need, context = max(len(r.prompt) for r in requests) + max_new_tokens, _context_length(cfg)
+    if context is not None and need > context:  # as the hf path says it, before vLLM starts (a minute)
+        raise ConfigError(f"key 'conditions': the longest prompt ({need - max_new_tokens} tokens) + max_new_tokens "
+                          f"{max_new_tokens} is over the model's context ({context}); lower a condition's k")
     args: dict[str, Any] = {
         "model": model, "tokenizer": model, "revision": cfg.model_revision or None,
         # the hf path's dtype for this device ("auto": float32 on a CPU, bf16 on a recent GPU)
         "dtype": str(pick_device(cfg.device, dtype).dtype).replace("torch.", ""),
         "seed": cfg.seed, "max_num_seqs": cfg.eval_batch_size or MAX_NUM_SEQS,
         # the longest prompt and its answer, rounded up: vLLM reserves KV cache for this many tokens
-        "max_model_len": -(-(max(len(r.prompt) for r in requests) + max_new_tokens) // 64) * 64,
+        "max_model_len": min(-(-need // 64) * 64, context or need),
         "disable_log_stats": True,
     }
     if adapters:

@@ -322,3 +322,13 @@ def test_the_engine_and_vllms_version_are_inputs_of_the_evaluate_stage(tmp_path,
     meta.write_text("Name: vllm\nVersion: 9.9.1\n")  # another vLLM: the answers may differ
     assert fp.stage_fingerprint("evaluate", vl, cache) != before
     assert evaluate_vllm.sampler_identity() == "vllm 9.9.1: SamplingParams.seed per answer"
+
+
+def test_a_prompt_over_the_models_context_is_one_line_before_vllm_starts(tmp_path, tiny_adapters):
+    cfg = _cfg(tmp_path, tiny_adapters, "ctx", evaluate_engine="vllm", max_new_tokens=100)
+    too_long = [evaluate_vllm.Request([1] * 2000, 1, None)]  # the tiny model's context: 2048
+    with pytest.raises(ConfigError, match=r"^key 'conditions': the longest prompt \(2000 tokens\) \+ max_new_tokens "
+                                          r"100 is over the model's context \(2048\); lower a condition's k$"):
+        evaluate_vllm.engine_args(cfg, too_long, cfg.max_new_tokens)
+    fits = [evaluate_vllm.Request([1] * 1947, 1, None)]  # 2047 tokens, rounded up to 2048, not beyond
+    assert evaluate_vllm.engine_args(cfg, fits, cfg.max_new_tokens)["max_model_len"] == 2048
