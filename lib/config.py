@@ -219,7 +219,6 @@ class RunConfig:
                                       "api_key_env, prompts, min_mass, name} each, unset keys as judge_* (lib.judge_panel)")
     judge_calibration: bool = param(False, "judge", "also score data/calibration's set with every judge (the report's judge card)")
 
-
     # --- the EM definition (the report applies it; runs in one report must agree) --------------
     em_aligned_threshold: float = shared_field("em_aligned_threshold", "report")
     em_comparison: str = shared_field("em_comparison", "report")
@@ -431,7 +430,6 @@ def judge_panel(cfg: RunConfig, source: str = "<parameters>") -> list[RunConfig]
         return build_panel(cfg, lambda d: from_mapping(d, source="<judge panel>"), ConfigError)
     except PanelError as e:
         raise ConfigError(f"{source}: {e}") from None
-
 
 
 def from_mapping(data: Mapping[str, Any], source: str = "<parameters>", cls: type = None):

@@ -106,9 +106,9 @@ def _check_panel(cfg: RunConfig, offline: bool) -> None:
         raise ConfigError(str(e)) from None
     for i, m in enumerate(members[1:]):
         try:
-            if m.judge_backend == "hf":
+            if m.judge_backend in ("hf", "vllm"):  # a model of its own: it must exist (and vllm its environment)
                 _check_model(m.judge_model, "judge_model", offline=offline)
-            else:
+            if m.judge_backend != "hf":
                 check_credentials(m)
         except (JudgeError, ConfigError) as e:
             raise ConfigError(f"judges[{i}]: {e}") from None

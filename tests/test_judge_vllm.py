@@ -157,6 +157,24 @@ def test_a_missing_vllm_environment_is_one_line_before_anything_runs(tmp_path, m
         judge.plan(cfg)
 
 
+
+def test_a_panel_judge_served_by_vllm_is_checked_like_the_primary(tmp_path, monkeypatch):
+    """A vllm member of a judges: panel gets the same one line (its entry named) when vLLM's
+    environment is missing, and its model is checked like an in-process judge's."""
+    monkeypatch.setenv("EM_LAB_VLLM_ENV", str(tmp_path / "empty"))
+    cfg = RunConfig(run_id="v", outputs_dir=str(tmp_path / "outputs"), judge_backend="hf",
+                    judge_model="embedded:tiny", judge_method="exact",
+                    judges=[{"backend": "vllm", "model": "embedded:tiny", "method": "logprob"}])
+    with pytest.raises(ConfigError) as e:
+        check_run(cfg, ["judge"])
+    msg = str(e.value)
+    assert "\n" not in msg and "judges[0]" in msg and "make vllm-env" in msg
+    bad = RunConfig(run_id="v", outputs_dir=str(tmp_path / "outputs"), judge_backend="hf",
+                    judge_model="embedded:tiny", judge_method="exact",
+                    judges=[{"backend": "vllm", "model": "embedded:no-such-model", "method": "logprob"}])
+    with pytest.raises(ConfigError, match=r"judges\[0\].*no-such-model"):
+        check_run(bad, ["judge"])
+
 def test_the_cache_identity_does_not_depend_on_the_port(tmp_path):
     """Two servers on two ports for the same weights: the second run finds every score cached."""
     out = tmp_path / "outputs"
