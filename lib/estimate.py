@@ -22,7 +22,8 @@ Time per stage comes from measured rates (:func:`measured_rates`), never from a 
   epoch (the stage's wall time over steps x effective batch), sampling seconds per answer token
   cap (wall time over answers x ``max_new_tokens``), judge seconds per call (this session's
   seconds over its calls), each matched on what sets the speed: the model and its quantization
-  (training, sampling; the device too when the run names one), the judge's backend, model and
+  (training, sampling; the device too when the run names one; sampling: the engine, hf or vllm),
+  the judge's backend, model and
   method; the median over matching runs;
 * else :data:`REFERENCE_RATES`, measured by this project on its 2-core development machine
   (source named in each line, ``docs/benchmarks.md``);
@@ -113,7 +114,8 @@ def rates_of_run(info: dict[str, Any], where: str, stage_seconds: dict[str, floa
     wall, n = _num(ev.get("wall_time_s")), _num(ev.get("answers_generated_this_session"))
     cap = _num((ev.get("sampling") or {}).get("max_new_tokens"))
     if model and wall and n and cap:
-        out.append(Rate("evaluate", (model, ev.get("quantization", "none"), ev.get("device")), wall / (n * cap), where,
+        engine = (ev.get("engine") or {}).get("name") or "hf"  # the engine sets the speed as much as the model
+        out.append(Rate("evaluate", (model, ev.get("quantization", "none"), ev.get("device"), engine), wall / (n * cap), where,
                         overhead("evaluate", wall)))
     judge = info.get("judge") or {}
     last = judge.get("last")
@@ -182,7 +184,9 @@ def rate_for(cfg: RunConfig, stage: str, measured: list[Rate]) -> Rate | None:
         hits = [r for r in measured if r.stage == stage and r.key[:3] == want[:3]
                 and (want[0] != "openai" or r.key[3] == want[3])]
     else:
-        hits = [r for r in measured if r.stage == stage and r.key[:2] == want and (device is None or r.key[2] == device)]
+        engine = cfg.evaluate_engine if stage == "evaluate" else None
+        hits = [r for r in measured if r.stage == stage and r.key[:2] == want and (device is None or r.key[2] == device)
+                and (engine is None or (r.key[3] if len(r.key) > 3 else "hf") == engine)]
     if hits:
         runs = sorted({r.source for r in hits})
         return Rate(stage, want, statistics.median(r.seconds for r in hits),
@@ -191,6 +195,8 @@ def rate_for(cfg: RunConfig, stage: str, measured: list[Rate]) -> Rate | None:
                     statistics.median(r.overhead for r in hits))
     if device not in (None, "cpu"):
         return None  # the reference rates were measured on CPU cores
+    if stage == "evaluate" and cfg.evaluate_engine != "hf":
+        return None  # the reference rates are the project's own sampler's
     key = want[:3] if stage == "judge" else want
     return next((r for r in REFERENCE_RATES if r.stage == stage and r.key == key), None)
 

@@ -119,6 +119,9 @@ def test_stage_times_come_from_earlier_runs_in_the_outputs_folder(tmp_path):
     other = estimate_run(cfg.replace(model="some/other-model"))
     assert other.seconds["train"] is None and other.seconds["evaluate"] is None
     assert estimate_run(cfg.replace(device="cuda")).seconds["train"] is None
+    # nor do the project's sampler's runs for a run sampled by vLLM (another engine, another speed)
+    vllm = estimate_run(cfg.replace(evaluate_engine="vllm"))
+    assert vllm.seconds["evaluate"] is None and vllm.seconds["train"] == e.seconds["train"]
 
 
 def test_without_earlier_runs_the_reference_rates_or_a_question_mark(tmp_path):
@@ -130,6 +133,7 @@ def test_without_earlier_runs_the_reference_rates_or_a_question_mark(tmp_path):
     ref = {r.stage: r for r in REFERENCE_RATES if r.key[:2] in (("embedded:tiny", "none"), ("hf", "embedded:tiny"))}
     assert e.seconds["train"] == pytest.approx(ref["train"].overhead + ref["train"].seconds * e.n_examples * cfg.epochs)
     assert "make demo, 2 CPU cores" in e.time_line()
+    assert estimate_run(cfg.replace(evaluate_engine="vllm")).seconds["evaluate"] is None  # references: hf's
     api = estimate_run(cfg.replace(judge_backend="openai", judge_model="gpt-4o-mini-2024-07-18",
                                    judge_method="logprob", judge_min_mass=0.25))
     assert api.seconds["judge"] is None and "judge ?" in api.time_line()
