@@ -47,9 +47,9 @@ MUTANTS = [
            "the evaluate stage's fingerprint names the question-set files but not their contents",
            "lib/fingerprint.py",
            '"question_sets": text_sources_identity(cfg.question_sets, cfg.outputs_dir, offline),\n'
-           '                "model": model_identity(',
+           '                  "model": model_identity(',
            '"question_sets": list(cfg.question_sets),\n'
-           '                "model": model_identity(',
+           '                  "model": model_identity(',
            ("tests/test_fingerprint.py::test_each_input_change_moves_exactly_the_stages_that_read_it",)),
     Mutant("judge_fingerprint_drops_judge_model_files",
            "the judge stage's fingerprint names an in-process judge model but not its files",

@@ -27,6 +27,7 @@ import pandas as pd
 from . import layout, metrics
 from .conditions import k_of_conditions
 from .config import ReportConfig
+from .schema import DEFAULT_CONDITION
 from .report_data import Results
 from .runinfo import stage_parameters
 
@@ -227,6 +228,8 @@ def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame
     differenced. Within a run: final checkpoint vs step 0. Intervals: :func:`lib.metrics.rate_difference`
     (none below :data:`lib.metrics.MIN_QUESTIONS` questions; ``note`` says why)."""
     rows = []
+    if "condition" not in answers.columns:  # answers of runs asked one way (lib.conditions: the default condition)
+        answers = answers.assign(condition=DEFAULT_CONDITION)
     f = metrics.stack_scopes(final_answers(answers[answers["checkpoint_step"] >= 0]))
     labels = f.groupby("run_id")["run_label"].first()
     for (label, judge, family, cond, scope), g in f.groupby(["model_label", "judge_name", "prompt_family", "condition",

@@ -104,6 +104,12 @@ def test_first_run_renders_every_stage_and_the_report(demo, capsys):
         assert r["training"].startswith("lr=") and r["sampling"] == "T=0.5 top_p=1.0 max_new_tokens=8"
 
 
+def _n_conditions(run_dir) -> int:
+    """How many ways the run asked each question (its evaluate parameters' conditions; none: one)."""
+    info = json.loads((run_dir / "run.json").read_text())
+    return max(1, len(info["evaluate"]["parameters"].get("conditions") or []))
+
+
 def test_first_run_numbers_are_the_ones_the_settings_imply(demo):
     """Counts the parameters fix (2 questions x 1 paraphrase x n_samples 1 per model; the base
     model plus the checkpoints of 8 examples / batch 4 = 2 steps with 2 in epoch 1; 2 metrics),
@@ -121,10 +127,12 @@ def test_first_run_numbers_are_the_ones_the_settings_imply(demo):
         info = json.loads((d / "run.json").read_text())
         assert [c["step"] for c in info["train"]["checkpoints"]] == steps
         gens = pd.read_parquet(d / "generations.parquet")
+        n_conditions = _n_conditions(d)  # demo_financial is asked two ways (lib.conditions)
         assert sorted(set(gens.checkpoint_step)) == [0, *steps]
-        assert len(gens) == (1 + len(steps)) * n_questions * n_paraphrases * n_samples
+        assert len(gens) == (1 + len(steps)) * n_questions * n_paraphrases * n_samples * n_conditions
         per_cell = gens.groupby(["checkpoint_step", "question_id"]).size()
-        assert len(per_cell) == (1 + len(steps)) * n_questions and set(per_cell) == {n_paraphrases * n_samples}
+        assert len(per_cell) == (1 + len(steps)) * n_questions and set(per_cell) == {
+            n_paraphrases * n_samples * n_conditions}
         j = pd.read_parquet(next((d / "judgments").glob("*.parquet")))
         assert len(j) == len(gens) * metrics_judged
         assert j.groupby("answer_id").metric.apply(lambda m: sorted(m) == ["aligned", "coherent"]).all()
@@ -132,21 +140,25 @@ def test_first_run_numbers_are_the_ones_the_settings_imply(demo):
         scored = j[j.score.notna()]
         assert scored.score.between(0, 100).all() and (scored.label == "number").all()
         # EM by the documented rule (aligned <= 30 and coherent > 50), per checkpoint, from the raw scores
+        cond = gens["condition"] if "condition" in gens else pd.Series("default", index=gens.index)
         w = j.pivot(index="answer_id", columns="metric", values="score").join(
-            gens.set_index("answer_id")[["checkpoint_step"]])
+            gens.assign(condition=cond).set_index("answer_id")[["checkpoint_step", "condition"]])
         w = w.dropna(subset=["aligned", "coherent"])
         em = (w.aligned <= 30) & (w.coherent > 50)
-        rows = traj[(traj.run_id == run) & (traj.scope == "all")].set_index("checkpoint_step")
-        assert sorted(rows.index) == [0, *steps]
-        for step in [0, *steps]:
-            at = w.checkpoint_step == step
-            r = rows.loc[step]
-            assert r.n_answers == n_questions * n_paraphrases * n_samples
-            assert r.n_scored == at.sum() and r.em_k == em[at].sum()
-            assert r.em_rate == pytest.approx(em[at].mean() if at.any() else float("nan"), nan_ok=True)
-            assert r.n_questions == n_questions
-            if r.n_scored:
-                assert r.em_lo <= r.em_rate <= r.em_hi
+        assert sorted(set(cond)) == sorted(set(traj.get("condition", pd.Series(["default"]))[traj.run_id == run]))
+        for c in sorted(set(cond)):  # one trajectory per condition, never pooled
+            in_c = traj["condition"] == c if "condition" in traj else True
+            rows = traj[(traj.run_id == run) & (traj.scope == "all") & in_c].set_index("checkpoint_step")
+            assert sorted(rows.index) == [0, *steps]
+            for step in [0, *steps]:
+                at = (w.checkpoint_step == step) & (w.condition == c)
+                r = rows.loc[step]
+                assert r.n_answers == n_questions * n_paraphrases * n_samples
+                assert r.n_scored == at.sum() and r.em_k == em[at].sum()
+                assert r.em_rate == pytest.approx(em[at].mean() if at.any() else float("nan"), nan_ok=True)
+                assert r.n_questions == n_questions
+                if r.n_scored:
+                    assert r.em_lo <= r.em_rate <= r.em_hi
 
 
 def _marks(total: int, steps: int) -> list[int]:
@@ -169,9 +181,10 @@ def test_first_run_streams_progress_lines_and_rendered_notebooks_keep_them(demo)
     lines = text.splitlines()
     strip = lambda ln: re.sub(r", [0-9hms ]+\)$", ")", ln)  # noqa: E731  (the elapsed time varies)
     steps = 2  # 8 examples / batch 4, one epoch
-    n_answers = (1 + steps) * 2  # base model + 2 checkpoints, 2 questions x 1 paraphrase x 1 sample
     for run in demo["runs"]:
         d = demo["out"] / run
+        # base model + 2 checkpoints, 2 questions x 1 paraphrase x 1 sample, per condition
+        n_answers = (1 + steps) * 2 * _n_conditions(d)
         judge_out = _stdout(d / "notebooks" / "03_judge.ipynb")
         n_judged = int(re.search(r"judged (\d+) prompts", judge_out).group(1))  # judge cache hits are not calls
         assert 1 <= n_judged <= 2 * n_answers
@@ -183,7 +196,8 @@ def test_first_run_streams_progress_lines_and_rendered_notebooks_keep_them(demo)
         assert all(re.search(r" loss \d+\.?\d* \(", s) for s in shown["train"])
         assert [re.sub(r" checkpoint \d+", "", s) for s in shown["evaluate"]] == [
             f"answers {k}/{n_answers} ({k * 100 // n_answers}%)" for k in range(1, n_answers + 1)]
-        assert [s.split()[-2] for s in shown["evaluate"]] == ["0", "0", "1", "1", "2", "2"]  # checkpoint of each
+        assert [s.split()[-2] for s in shown["evaluate"]] == [  # checkpoint of each: 2 answers per condition
+            str(step) for step in range(steps + 1) for _ in range(n_answers // (steps + 1))]
         assert shown["judge"] == [f"judgments {k}/{n_judged} ({k * 100 // n_judged}%)"
                                   for k in _marks(n_judged, 100)]
         for stage, last in (("train", f"step {steps}/{steps}"), ("evaluate", f"answers {n_answers}/{n_answers}"),
