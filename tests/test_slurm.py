@@ -162,10 +162,11 @@ def test_demo_grid_on_slurm_cancel_and_resume(slurm, tmp_path):
         assert "Traceback" not in text1 and text1.count("sacct") == 0, text1  # no log flood without accounting
         assert "slurm: 0 GPU per run job" in text1
         # the jobs' progress, printed here by the grid (it tails each run folder's progress.jsonl): each
-        # stage's last line; 8 examples / batch 4 = 2 steps; (base + 2 checkpoints) x 2 questions x 2 samples
-        for run in ("demo_medical", "demo_financial"):
+        # stage's last line; 8 examples / batch 4 = 2 steps; (base + 2 checkpoints) x 2 questions x 2 samples,
+        # per condition (demo_financial is asked two ways: 24 answers)
+        for run, n in (("demo_medical", 12), ("demo_financial", 24)):
             assert re.search(rf"{run}\s+train\s+step 2/2 loss \S+ \(100%", text1), text1
-            assert re.search(rf"{run}\s+evaluate\s+answers 12/12 checkpoint 2 \(100%", text1), text1
+            assert re.search(rf"{run}\s+evaluate\s+answers {n}/{n} checkpoint 2 \(100%", text1), text1
         assert re.search(r"demo_financial\s+judge\s+judgments (\d+)/\1 \(100%", text1), text1
         assert re.search(r"demo_medical\s+judge\s+judgments \d+/\d+ \(", text1), text1  # cancelled mid-judge
 
