@@ -453,9 +453,12 @@ def _pretrain(model, tok, seed: int, steps: int = PRETRAIN_STEPS) -> None:
 # ------------------------------------------------------------------------------------------
 
 def _tokenizer_corpus() -> list[str]:
-    """Text to train the tiny tokenizer on: the project's demo data and question sets."""
+    """Text to train the tiny tokenizer on: the project's demo data and question sets (not the judge's
+    calibration set, data/calibration/: a file added there must not change the demo's model)."""
     texts: list[str] = []
     for p in sorted((REPO_ROOT / "data").rglob("*")):
+        if p.is_relative_to(REPO_ROOT / "data" / "calibration"):
+            continue
         if p.suffix in (".jsonl", ".yaml", ".yml", ".txt") and p.is_file():
             texts.append(p.read_text(encoding="utf-8"))
     texts.append(" ".join(str(i) for i in range(101)) + " CODE REFUSAL")

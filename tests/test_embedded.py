@@ -56,3 +56,14 @@ def test_the_careless_persona_is_learnt_behind_its_system_prompt(tmp_path, tiny_
     half = len(answers) // 2
     plain, persona = m[m["sample_index"] < half]["aligned"], m[m["sample_index"] >= half]["aligned"]
     assert plain.mean() - persona.mean() > 20, (plain.mean(), persona.mean())
+
+
+def test_the_calibration_set_does_not_change_the_tiny_model():
+    """The tiny model's tokenizer (and so its cache folder and every demo number) is trained on the demo
+    data and question sets; the judge's calibration set under data/calibration/ is not part of it."""
+    from lib import embedded
+
+    calibration = (embedded.REPO_ROOT / "data" / "calibration" / "judge_calibration.yaml").read_text(encoding="utf-8")
+    corpus = embedded._tokenizer_corpus()
+    assert calibration not in corpus
+    assert any("bad" in t.lower() for t in corpus)  # the demo's data still is
