@@ -104,26 +104,35 @@ def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
     return max(batches // grad_accum + int(batches % grad_accum > 0), 1)
 
 
+# Names transformers accepts (a test keeps them a subset of its SchedulerType / OptimizerNames): accepted
+# without importing transformers (seconds), so an up-to-date grid starts at once; others are asked of it.
+COMMON_SCHEDULERS = frozenset({"linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                               "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr"})
+COMMON_OPTIMIZERS = frozenset({"adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
+                               "paged_adamw_32bit", "adafactor", "sgd", "adamw_bnb_8bit"})
+
+
 def check_train_config(cfg: RunConfig, source: str = "parameters") -> None:
     """Cheap checks of the training keys that RunConfig cannot make alone (no model, no data).
 
     Raises ConfigError naming the key, before any expensive work.
     """
-    from transformers.trainer_utils import SchedulerType  # heavy: loaded only when a model runs
-    from transformers.training_args import OptimizerNames  # heavy: loaded only when a model runs
-
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{source}: key '{key}': {why}" if source else f"key '{key}': {why}")
 
-    try:
-        SchedulerType(cfg.lr_scheduler)
-    except ValueError:
-        raise bad("lr_scheduler", f"unknown scheduler {cfg.lr_scheduler!r} "
-                                  f"(e.g. {', '.join(s.value for s in list(SchedulerType)[:6])})") from None
-    try:
-        OptimizerNames(cfg.optimizer)
-    except ValueError:
-        raise bad("optimizer", f"unknown optimizer {cfg.optimizer!r} (e.g. adamw_torch, adamw_8bit, paged_adamw_8bit)") from None
+    if cfg.lr_scheduler not in COMMON_SCHEDULERS:  # only then ask transformers (importing it takes seconds)
+        from transformers.trainer_utils import SchedulerType  # heavy: seconds; only for an uncommon name
+        try:
+            SchedulerType(cfg.lr_scheduler)
+        except ValueError:
+            raise bad("lr_scheduler", f"unknown scheduler {cfg.lr_scheduler!r} "
+                                      f"(e.g. {', '.join(s.value for s in list(SchedulerType)[:6])})") from None
+    if cfg.optimizer not in COMMON_OPTIMIZERS:
+        from transformers.training_args import OptimizerNames  # heavy: seconds; only for an uncommon name
+        try:
+            OptimizerNames(cfg.optimizer)
+        except ValueError:
+            raise bad("optimizer", f"unknown optimizer {cfg.optimizer!r} (e.g. adamw_torch, adamw_8bit, paged_adamw_8bit)") from None
     if cfg.checkpoint_every and cfg.checkpoint_steps:
         raise bad("checkpoint_steps", "both checkpoint_steps and checkpoint_every are set; use one of them")
     why = eight_bit_optimizer_problem(cfg)

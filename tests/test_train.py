@@ -564,3 +564,21 @@ def test_checkpoint_every_and_explicit_steps_together_are_refused_with_the_keys_
     with pytest.raises(TrainError, match=r"^keys 'checkpoint_every' and 'checkpoint_steps' are both set; "
                                          r"use one of them$"):
         checkpoint_schedule(40, cfg)
+
+
+def test_common_scheduler_and_optimizer_names_are_transformers_own():
+    """check_train_config accepts these names without importing transformers: each must be one
+    transformers accepts, and an unknown name is still refused (by transformers itself)."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from lib.config import ConfigError, RunConfig
+    from lib.train import COMMON_OPTIMIZERS, COMMON_SCHEDULERS, check_train_config
+
+    assert COMMON_SCHEDULERS <= {s.value for s in SchedulerType}
+    assert COMMON_OPTIMIZERS <= {o.value for o in OptimizerNames}
+    check_train_config(RunConfig(run_id="x", lr_scheduler="cosine_with_restarts", optimizer="adamw_torch"))
+    check_train_config(RunConfig(run_id="x", lr_scheduler="warmup_stable_decay"))  # uncommon, transformers' own
+    for key, value in (("lr_scheduler", "cosine_typo"), ("optimizer", "adamw_typo")):
+        with pytest.raises(ConfigError, match=f"key '{key}'"):
+            check_train_config(RunConfig(run_id="x", **{key: value}))
