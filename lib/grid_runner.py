@@ -19,10 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import papermill as pm
-from jupyter_client import AsyncKernelManager
-from papermill.exceptions import PapermillExecutionError
-
 from . import fingerprint as fp
 from . import layout
 from .config import RunConfig, from_mapping
@@ -55,6 +51,8 @@ def _kernel_manager_with_log(log_path: Path) -> type:
     """A kernel manager whose kernel writes its stdout/stderr (ipykernel's own warnings, C-level
     messages, a crash's last words) to ``log_path`` instead of the runner's terminal. What a
     cell prints still goes into the rendered notebook as usual."""
+    from jupyter_client import AsyncKernelManager  # heavy: only when a notebook runs (an up-to-date grid starts at once)
+
     class LoggedKernelManager(AsyncKernelManager):
         async def start_kernel(self, **kw: Any) -> None:
             self._grid_log = open(log_path, "ab")  # closed with the kernel process
@@ -76,6 +74,9 @@ def execute_notebook(nb_in: Path, nb_out: Path, parameters: dict[str, Any], opti
     papermill writes the output notebook after every cell, so a failed run leaves the rendered
     notebook up to (and including) the failing cell, with papermill's error banner on top.
     """
+    import papermill as pm  # heavy (~1 s): only when a notebook runs, so an up-to-date grid starts at once
+    from papermill.exceptions import PapermillExecutionError  # heavy: with papermill
+
     nb_out.parent.mkdir(parents=True, exist_ok=True)
     _quiet_papermill_logs()
     if options.log_output and not logging.getLogger().handlers:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbconvert import HTMLExporter
-
 from .io import write_text_atomic
 
 
@@ -21,6 +18,9 @@ def export_html(ipynb_path: str | Path, html_path: str | Path, hide_code: bool =
     ``hide_code``: the shared report shows the narrative, tables and figures without the code cells and
     their prompts (it reads like a short paper); the rendered ``.ipynb`` beside it keeps the code. The
     stage notebooks keep their code."""
+    import nbformat  # heavy (~1 s with its JSON-schema checks): only when a notebook is exported
+    from nbconvert import HTMLExporter  # heavy: only when a notebook is exported
+
     ipynb_path, html_path = Path(ipynb_path), Path(html_path)
     nb = nbformat.read(ipynb_path, as_version=4)
     exporter = HTMLExporter(template_name="lab", embed_images=True, exclude_input=hide_code,
