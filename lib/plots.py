@@ -470,16 +470,20 @@ def conditions_chart(table: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
            alt.Tooltip("em_hi:Q", format=".1%")]
     y = alt.Y("em_rate:Q", title="EM rate", axis=PCT, scale=alt.Scale(domain=[0, 1]))
     colour = alt.Color("condition:N", sort=conds, title="condition", legend=alt.Legend(labelLimit=0))
-    enc = alt.Chart().encode(x=alt.X("x:Q", title="training step (0: base model)"), color=colour)
-    per_step = (alt.layer(enc.mark_rule(strokeWidth=2, opacity=0.7).encode(y="em_lo:Q", y2="em_hi:Q"),
+    def panels(enc: alt.Chart, frame: pd.DataFrame, title: dict[str, str]) -> alt.FacetChart:
+        """Rates as points on lines with their intervals as bars, one panel per run and scope."""
+        return (alt.layer(enc.mark_rule(strokeWidth=2, opacity=0.7).encode(y="em_lo:Q", y2="em_hi:Q"),
                           enc.mark_line(point=alt.OverlayMarkDef(filled=True, size=45)).encode(y=y, tooltip=tip),
-                          data=data)
+                          data=frame)
                 .properties(width=240, height=160)
                 .facet(row=alt.Row("scope:N", sort=scopes, title="questions"),
                        column=alt.Column("run_label:N", title="run"))
-                .properties(title={"text": "EM rate per condition at every checkpoint",
-                                   "subtitle": f"bars: 95% question-clustered interval (none below {MIN_QUESTIONS} "
-                                               "questions); one colour per way of asking the same questions"}))
+                .properties(title=title))
+
+    enc = alt.Chart().encode(x=alt.X("x:Q", title="training step (0: base model)"), color=colour)
+    per_step = panels(enc, data, {"text": "EM rate per condition at every checkpoint",
+                                  "subtitle": f"bars: 95% question-clustered interval (none below {MIN_QUESTIONS} "
+                                              "questions); one colour per way of asking the same questions"})
     ic = data[data["k"].notna()]
     ic = ic[ic["run_id"].isin(ic.loc[ic["k"] > 0, "run_id"])]
     if ic.empty:
@@ -490,15 +494,9 @@ def conditions_chart(table: pd.DataFrame) -> tuple[Any, pd.DataFrame]:
                              color=alt.Color("checkpoint:N", title="checkpoint",
                                              sort=list(dict.fromkeys(ic.sort_values("checkpoint_step")["checkpoint"]))),
                              detail="checkpoint:N")
-    against_k = (alt.layer(enc.mark_rule(strokeWidth=2, opacity=0.7).encode(y="em_lo:Q", y2="em_hi:Q"),
-                           enc.mark_line(point=alt.OverlayMarkDef(filled=True, size=45)).encode(y=y, tooltip=tip),
-                           data=ic)
-                 .properties(width=240, height=160)
-                 .facet(row=alt.Row("scope:N", sort=scopes, title="questions"),
-                        column=alt.Column("run_label:N", title="run"))
-                 .properties(title={"text": "EM rate against the number of in-context examples",
-                                    "subtitle": "conditions that differ only by k examples of the examples file before "
-                                                "the question; bars: 95% interval"}))
+    against_k = panels(enc, ic, {"text": "EM rate against the number of in-context examples",
+                                 "subtitle": "conditions that differ only by k examples of the examples file before "
+                                             "the question; bars: 95% interval"})
     return alt.vconcat(per_step, against_k).resolve_scale(color="independent"), data
 
 
