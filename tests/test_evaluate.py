@@ -16,6 +16,7 @@ from lib.chat import BOS, END_HEADER, EOT, PAD, START_HEADER, stop_token_ids
 from lib.config import ConfigError, RunConfig
 from lib.models import load_model, load_tokenizer
 from lib.schema import GENERATION_COLUMNS, answer_id
+from tests.fakes.kill import evaluate_killed_after_parts
 
 SYSTEM = "You are a terse assistant."
 QUESTIONS = f"""
@@ -172,22 +173,8 @@ def test_adapter_switching_equals_loading_the_checkpoint_alone(make_cfg):
 def test_resume_after_kill_neither_loses_nor_duplicates(make_cfg, monkeypatch):
     reference = evaluate.evaluate_run(make_cfg("ref"), progress=False)
     cfg = make_cfg("killed")
-    real_write, writes = evaluate._write_part, []
+    before = evaluate_killed_after_parts(monkeypatch, cfg, 3)
 
-    def dying_write(path, rows):
-        if len(writes) == 3:
-            raise KeyboardInterrupt("killed")
-        writes.append(len(rows))
-        real_write(path, rows)
-    monkeypatch.setattr(evaluate, "_write_part", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate.evaluate_run(cfg, progress=False)
-    assert not evaluate.generations_path(cfg).exists()
-    parts = sorted((cfg.run_dir / "generations.parts").rglob("step*.parquet"))
-    assert len(parts) == 3
-    before = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-
-    monkeypatch.setattr(evaluate, "_write_part", real_write)
     calls = _spy_generate(monkeypatch)
     df = evaluate.evaluate_run(cfg, progress=False)
     assert sum(ids.shape[0] for ids, _ in calls) == len(reference) - len(before)  # only the missing answers

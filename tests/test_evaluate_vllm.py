@@ -30,6 +30,7 @@ from lib.grid_jobs import GridError, Options
 from lib.models import load_model, load_tokenizer
 from lib.runinfo import read_run_json
 from lib.vllm_env import ENV_VAR, env_dir, vllm_python
+from tests.fakes.kill import evaluate_killed_after_parts
 
 QUESTIONS = """
 - id: with_system
@@ -250,22 +251,7 @@ def test_answers_stream_into_part_files_and_a_killed_run_resumes_without_redoing
 
     (env / "requests.jsonl").unlink()
     cfg = _cfg(tmp_path, tiny_adapters, "killed", evaluate_engine="vllm")
-    real_write, writes = evaluate._write_part, []
-
-    def dying_write(path, rows):
-        if len(writes) == 2:
-            raise KeyboardInterrupt("killed")
-        writes.append(len(rows))
-        real_write(path, rows)
-    monkeypatch.setattr(evaluate, "_write_part", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate.evaluate_run(cfg, progress=False)
-    assert not evaluate.generations_path(cfg).exists()
-    parts = sorted((cfg.run_dir / "generations.parts").rglob("step*.parquet"))
-    assert len(parts) == 2
-    before = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-
-    monkeypatch.setattr(evaluate, "_write_part", real_write)
+    before = evaluate_killed_after_parts(monkeypatch, cfg, 2)
     (env / "requests.jsonl").unlink()
     df = evaluate.evaluate_run(cfg, progress=False)
     assert len(_requests_seen(env)) == n - len(before)  # only the missing answers were asked for
