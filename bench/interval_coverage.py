@@ -206,6 +206,40 @@ def diff_intervals(kt, nt, kc, nc, paired: bool, rng, n_boot: int) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------------
+# the extreme the cells stop short of: every question all-or-nothing (ICC 1), computed exactly
+# ------------------------------------------------------------------------------------------
+
+def all_or_nothing(m: int, rates: np.ndarray, edge_alpha: float | None = None) -> np.ndarray:
+    """Exact coverage of the headline at each true rate when every question is all-or-nothing: the
+    number of EM questions is Binomial(m, p) and a run with x of them has x questions at 50/50 and the
+    rest at 0/50, so coverage(p) = sum over x of P(x) [p inside the interval of x]. ``edge_alpha``
+    replaces the 0-EM / all-EM bound by 1 - edge_alpha^(1/m) (0.025: Clopper-Pearson's, the bound
+    before this round) to show what the edge rule alone changes."""
+    from scipy.stats import binom
+    x = np.arange(m + 1)
+    k = (np.arange(m)[None, :] < x[:, None]) * float(ANSWERS)
+    _, lo, hi = metrics.beta_binomial_arrays(k, np.full_like(k, float(ANSWERS)), 0.95)
+    if edge_alpha is not None:
+        hi[0], lo[m] = 1 - edge_alpha ** (1 / m), edge_alpha ** (1 / m)
+    inside = (lo[None, :] <= rates[:, None]) & (rates[:, None] <= hi[None, :])
+    return (binom.pmf(x[None, :], m, rates[:, None]) * inside).sum(1)
+
+
+def all_or_nothing_table() -> pd.DataFrame:
+    rates = np.arange(1, 1000) / 1000
+    rows = []
+    for m in QUESTIONS[1:]:
+        e = metrics.edge_bound(m)
+        near = (rates > e) & (rates <= e + 0.05)
+        for label, alpha in (("headline", None), ("previous edge (alpha/2)", 0.025)):
+            cov = all_or_nothing(m, rates, alpha)
+            rows.append({"questions": m, "edge rule": label, "worst coverage": round(float(cov.min()), 3),
+                         "at rate": float(rates[cov.argmin()]),
+                         "worst, rate just above the 0-EM bound": round(float(cov[near].min()), 3)})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------
 # the check against the library
 # ------------------------------------------------------------------------------------------
 
@@ -296,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nmean width (mean over cells) per method and question count:")
     print(res.pivot_table(index="method", columns="questions", values="mean_width", aggfunc="mean")
           .loc[order].round(3).to_string())
+    print("\nevery question all-or-nothing (ICC 1, exact; beyond the cells above, not a goal): coverage over true "
+          "rates 0.001-0.999; the 0-EM bound is the headline's (1 - 0.05^(1/m)) or the previous 1 - 0.025^(1/m)")
+    print(all_or_nothing_table().to_string(index=False))
     wr = pd.DataFrame(ratios)
     print(f"\nwidth ratio {HEADLINE} / {BASELINE}, {WIDTH_CELLS['questions']} questions, ICC {WIDTH_CELLS['icc']}:")
     print(wr.round(3).to_string(index=False))

@@ -323,9 +323,13 @@ def _bb_loglik(k: float, n: float) -> np.ndarray:
 
 def edge_bound(m: int, confidence: float = 0.95) -> float:
     """The upper bound at 0 EM over ``m`` questions (1 minus it: the lower bound at all EM):
-    ``1 - (alpha/2)^(1/m)``, Clopper-Pearson for 0 of m. It is exact for the worst case the data
-    cannot rule out, every question all-or-nothing (then 0 EM answers means 0 EM questions of m)."""
-    return 1.0 - ((1 - confidence) / 2) ** (1.0 / m) if m >= 1 else float("nan")
+    ``1 - alpha^(1/m)``, the exact one-sided bound for 0 of m (the exact form of the "rule of
+    three", Hanley & Lippman-Hand 1983). It is exact for the worst case the data cannot rule out,
+    every question all-or-nothing (then 0 EM answers means 0 EM questions of m). At 0 EM the lower
+    bound is 0 and cannot miss, so the whole alpha goes to the upper end (Clopper-Pearson's alpha/2,
+    the bound until this round, spent half of it on an end that cannot miss); the exact coverage
+    under all-or-nothing questions is in docs/benchmarks.md (bench/interval_coverage.py)."""
+    return 1.0 - (1 - confidence) ** (1.0 / m) if m >= 1 else float("nan")
 
 
 def beta_binomial_arrays(k: np.ndarray, n: np.ndarray, confidence: float = 0.95, chunk: int = 256,

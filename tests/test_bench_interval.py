@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 
 from tests.fakes.bench import load_bench
 
@@ -64,3 +65,25 @@ def test_difference_simulation_designs():
     assert abs(corr["unpaired"]) < 0.05 < corr["paired 0.9"] < corr["identical"]
     cells = list(bench.diff_cells())
     assert ("identical", 8, 0.2, 0.0, 0.0) in cells and not any(c[0] == "identical" and c[4] > 0 for c in cells)
+
+
+def test_all_or_nothing_coverage_is_exact_and_agrees_with_simulation():
+    """The exact ICC-1 coverage: at the 0-EM bound's own rate the 0-EM runs (probability 0.05) are
+    the only upper misses, and the exact figure agrees with simulated all-or-nothing runs."""
+    bench = load_bench("interval_coverage")
+    from lib import metrics
+    m = 8
+    e = metrics.edge_bound(m)
+    just_above = np.array([e + 1e-6])
+    exact = bench.all_or_nothing(m, just_above)[0]
+    assert (1 - e) ** m == pytest.approx(0.05)          # the 0-EM bound spends alpha on its one end
+    assert exact <= 0.95 + 1e-9
+    assert bench.all_or_nothing(m, just_above, edge_alpha=0.025)[0] > exact   # the old edge covered more
+    rng = np.random.default_rng(5)
+    p = 0.2
+    x = rng.binomial(1, p, size=(20000, m)) * 50.0
+    _, lo, hi = metrics.beta_binomial_arrays(x, np.full_like(x, 50.0))
+    simulated = float(((lo <= p) & (p <= hi)).mean())
+    assert simulated == pytest.approx(bench.all_or_nothing(m, np.array([p]))[0], abs=0.006)
+    table = bench.all_or_nothing_table()
+    assert set(table["questions"]) == {8, 24, 48} and table["worst coverage"].between(0.5, 1).all()

@@ -31,9 +31,9 @@ def test_one_em_answer_against_none_covers_a_five_point_difference():
 
 def test_zero_against_zero_is_the_square_and_add_of_the_edge_bounds():
     """No EM on either side, same 8 questions: no correlation can be shown (no spread), and each side's
-    interval [0, u] contributes to one end only: [-u, +u], u = 1 - 0.025^(1/8)."""
+    interval [0, u] contributes to one end only: [-u, +u], u = 1 - 0.05^(1/8)."""
     out = metrics.rate_difference(_group([0] * 8), _group([0] * 8))
-    u = 1 - 0.025 ** (1 / 8)
+    u = 1 - 0.05 ** (1 / 8)
     assert out["diff"] == 0 and out["correlation"] == 0
     assert (out["lo"], out["hi"]) == pytest.approx((-u, u), abs=1e-12)
 
@@ -110,7 +110,7 @@ def test_the_control_table_never_differences_runs_of_different_judges():
     same = pd.DataFrame(_run_rows("bad", "j1", 20) + _run_rows("good", "j1", 2, control_of="bad"))
     d = replication.control_differences(same)
     base = d[(d["step"] == 0) & (d["scope"] == "all")].iloc[0]
-    u = 1 - 0.025 ** (1 / 10)
+    u = 1 - 0.05 ** (1 / 10)   # each side at 0 EM: the edge bound
     assert base["diff"] == 0 and (base["lo"], base["hi"]) == pytest.approx((-u, u), abs=1e-12)
     final = d[(d["step"] == 10) & (d["scope"] == "all")].iloc[0]
     assert final["diff"] == pytest.approx(0.45) and final["lo"] < 0.45 < final["hi"] and final["lo"] > 0

@@ -85,14 +85,18 @@ def test_more_data_against_the_reference(k, n):
 
 
 def test_zero_em_takes_the_exact_all_or_nothing_bound():
-    """0 EM in 400 answers to 8 questions: [0, 1 - 0.025^(1/8)] (Clopper-Pearson for 0 EM questions of 8),
-    not [0, 0]: 8 all-or-nothing questions cannot rule out a rate of 36%."""
+    """0 EM in 400 answers to 8 questions: [0, 1 - 0.05^(1/8)] (the exact one-sided bound for 0 EM
+    questions of 8: the lower end, 0, cannot miss), not [0, 0]: 8 all-or-nothing questions cannot
+    rule out a rate of 31%."""
     rate, lo, hi = metrics.cluster_interval(answers([0] * 8, [50] * 8), "em")
     assert rate == 0 and lo == 0
-    assert hi == pytest.approx(1 - 0.025 ** (1 / 8), abs=1e-12)
-    assert hi == pytest.approx(metrics.edge_bound(8), abs=1e-12) and hi > 0.36
-    # 24 questions
-    assert metrics.cluster_interval(answers([0] * 24, [50] * 24), "em")[2] == pytest.approx(1 - 0.025 ** (1 / 24))
+    assert hi == pytest.approx(1 - 0.05 ** (1 / 8), abs=1e-12)
+    assert hi == pytest.approx(metrics.edge_bound(8), abs=1e-12) and 0.31 < hi < 0.32
+    # 24 questions; all EM mirrors it
+    assert metrics.cluster_interval(answers([0] * 24, [50] * 24), "em")[2] == pytest.approx(1 - 0.05 ** (1 / 24))
+    assert metrics.cluster_interval(answers([50] * 24, [50] * 24), "em")[1:] == pytest.approx((0.05 ** (1 / 24), 1))
+    # 90% intervals spend 10% on the one end
+    assert metrics.edge_bound(8, 0.90) == pytest.approx(1 - 0.10 ** (1 / 8))
 
 
 def test_em_spread_evenly_over_many_questions_gets_a_narrow_interval():
