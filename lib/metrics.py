@@ -294,7 +294,7 @@ MIN_QUESTIONS = 8
 
 # the headline interval in one line, for tables, figures and methods sections
 INTERVAL_METHOD = ("95% interval: beta-binomial profile likelihood with questions as clusters, F(1, questions - 1) "
-                   "calibrated, the exact all-or-nothing bound at 0 EM (bench/interval_coverage.py)")
+                   "calibrated, the exact one-sided all-or-nothing bound at 0 EM (bench/interval_coverage.py)")
 
 # --- the headline: a beta-binomial profile-likelihood interval ------------------------------------
 # The grid the profile likelihood is evaluated on: mu (the EM rate) on arcsine spacing, dense near 0
@@ -350,8 +350,8 @@ def beta_binomial_arrays(k: np.ndarray, n: np.ndarray, confidence: float = 0.95,
       calibrated by F(1, m - 1) for a variance learnt from only m questions (the analogue of Korn
       & Graubard's t_{m-1} correction), ends found by linear interpolation between grid points;
     * edge rule: with 0 EM answers the data cannot tell how alike answers are, so the upper bound
-      is the worst case, every question all-or-nothing: :func:`edge_bound` (Clopper-Pearson for 0
-      of m questions); all EM mirrors it.
+      is the worst case, every question all-or-nothing: :func:`edge_bound` (the exact one-sided
+      bound for 0 of m questions); all EM mirrors it.
 
     Where the data show EM answers spread over many questions, the likelihood says rho is small
     and the interval narrows towards the binomial one on all answers; where they sit in one or two
