@@ -70,6 +70,7 @@ DTYPE = "float32"            # logprobs that match the in-process judge's (bf16 
 MAX_MODEL_LEN = 4096         # prompt tokens the server accepts (a judge prompt with a 600-token answer is ~900)
 STARTUP_TIMEOUT_S = 600.0    # seconds to wait for /v1/models (a dead server is reported at once)
 STOP_WAIT_S = 20.0           # seconds vLLM may take to shut down before its process group is killed
+GUARD = Path(__file__).with_name("proc_guard.py")  # stops the server when this process dies (any way)
 POLL_S = 0.5
 LOG_TAIL_LINES = 3           # lines of the server's log in the one-line error
 # request arguments beyond the OpenAI ones, so the server renders the in-process judge's prompt
@@ -232,9 +233,12 @@ class VllmServer:
             out = open(self.log_path, "wb")
         self._t0 = time.monotonic()
         try:
-            # its own process group (session): stopping it stops vLLM's engine and worker processes too
-            self.proc = subprocess.Popen(self.command(python), stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT if out else None, env=env, start_new_session=True)
+            # its own process group (session): stopping it stops vLLM's engine and worker processes too;
+            # under lib/proc_guard.py, which stops that group when this process dies, even by SIGKILL
+            # (it sees our end of its stdin close): no orphaned server holding ~5 GB and a port
+            self.proc = subprocess.Popen([sys.executable, str(GUARD), str(STOP_WAIT_S), "--", *self.command(python)],
+                                         stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                         env=env, start_new_session=True)
         finally:
             if out is not None:
                 out.close()  # the child holds its own copy
@@ -295,6 +299,8 @@ class VllmServer:
                 pass
         _signal_group(pgid, signal.SIGKILL)  # the engine's processes, should any outlive the server
         self.proc.wait()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         self.proc = None
 
 

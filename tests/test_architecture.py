@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "scoring": BASE,
     "judge_protocol": BASE,
     "lock": BASE,
+    "proc_guard": BASE,  # a script run by path (standard library only): stops a server when its starter dies
     "references": BASE,
     "progress": BASE,
     "notebook_html": BASE,
