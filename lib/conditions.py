@@ -230,6 +230,18 @@ def drop_default(df):
     return df
 
 
+def reference_condition(evaluate_params: Mapping[str, Any]) -> str:
+    """The condition a run's other conditions are compared with: the first declared one that asks the
+    questions as written (no system prompt, preamble, format line or examples), else the first declared;
+    the default condition for a run that declares none (or whose declaration does not parse)."""
+    try:
+        conds = parse_conditions(evaluate_params.get("conditions") or [])
+    except ConditionError:
+        conds = []
+    plain = [c for c in conds if not c.transforms]
+    return (plain or conds or [Condition()])[0].name
+
+
 def k_of_conditions(evaluate_params: Mapping[str, Any]) -> dict[str, int]:
     """condition name -> k for a run's conditions that differ from the questions as written only by
     their in-context examples (the default condition is k = 0); from its evaluate parameters."""

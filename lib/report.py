@@ -30,7 +30,7 @@ from .report_data import ReportError, Results, load_results
 from .conditions import drop_default
 from .report_tables import (base_of_runs, base_table, conditions_table, differences_table, excluded_table, final_table,
                             judge_agreement_table, methods_table, per_question_table, question_set_table,
-                            training_log_table, trajectory_table)
+                            reference_conditions, training_log_table, trajectory_table)
 from .report_views import summary_pivot
 
 
@@ -73,7 +73,7 @@ def make_report(rcfg: ReportConfig, progress: bool = True) -> Report:
         tables["final"] = final_table(a, rcfg); bar.update()
         tables["question_sets"] = question_set_table(a, rcfg); bar.update()
         tables["per_question"] = per_question_table(a, rcfg); bar.update()
-        tables["differences"] = differences_table(a, rcfg); bar.update()
+        tables["differences"] = differences_table(a, rcfg, reference_conditions(results)); bar.update()
         tables["judge_agreement"] = judge_agreement_table(results, rcfg); bar.update()
         tables["judge_panel"] = report_judges.panel_table(results, rcfg)      # the judge section (lib.report_judges)
         tables["judge_threshold"] = report_judges.threshold_table(results, rcfg)

@@ -8,7 +8,7 @@ families, or answers asked under different conditions, are never pooled). What t
 * over training: :func:`trajectory_table` (with :func:`simultaneous_bands`), the base model's
   reference lines (:func:`base_table`, pooled only over runs of equal :func:`base_identity`);
 * at the final checkpoint: :func:`final_table`, :func:`question_set_table`, :func:`per_question_table`,
-  :func:`differences_table` (between runs, and final vs base);
+  :func:`differences_table` (between runs, final vs base, and condition vs condition within a run);
 * about the runs: :func:`judge_agreement_table`, :func:`methods_table` (from run.json),
   :func:`excluded_table`, :func:`training_log_table` (``train_log.csv`` / ``eval_log.csv`` of every
   run on one step axis, read through :mod:`lib.layout`);
@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from . import layout, metrics
-from .conditions import k_of_conditions
+from .conditions import k_of_conditions, reference_condition
 from .config import ReportConfig
 from .schema import DEFAULT_CONDITION
 from .report_data import Results
@@ -219,13 +220,17 @@ DIFFERENCE_COLUMNS = ["comparison", "model_label", "judge_name", "prompt_family"
                       "n_questions_shared", "paired", "correlation", "interval", "note", "condition"]
 
 
-def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame:
+def differences_table(answers: pd.DataFrame, rcfg: ReportConfig,
+                      references: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Differences between runs and between a run's final checkpoint and its base model.
 
     Between runs: every pair of runs with the same model label, the same headline judge and the
     same judge-prompt family, final checkpoints (``comparison`` says what they differ in: domain,
     treated vs control, seeds, or nothing recorded); runs scored by different judges are never
-    differenced. Within a run: final checkpoint vs step 0. Intervals: :func:`lib.metrics.rate_difference`
+    differenced. Within a run: final checkpoint vs step 0, and, for a run asked several ways
+    (:mod:`lib.conditions`), each condition vs the questions as written at the final checkpoint
+    (``comparison`` "condition"; ``references``: run id -> the condition compared with, from
+    :func:`reference_conditions`). Intervals: :func:`lib.metrics.rate_difference`
     (none below :data:`lib.metrics.MIN_QUESTIONS` questions; ``note`` says why)."""
     rows = []
     if "condition" not in answers.columns:  # answers of runs asked one way (lib.conditions: the default condition)
@@ -254,7 +259,41 @@ def differences_table(answers: pd.DataFrame, rcfg: ReportConfig) -> pd.DataFrame
                      "judge_name": g["judge_name"].iloc[0], "prompt_family": family, "scope": scope, "condition": cond,
                      "a": f"{labels.get(run_id, run_id)} step {step}", "b": f"{labels.get(run_id, run_id)} step 0",
                      "run_a": run_id, "run_b": run_id, **d})
+    rows += _condition_rows(f, labels, rcfg, references or {})
     return pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
+
+
+def reference_conditions(results: Results) -> dict[str, str]:
+    """run id -> the condition its other conditions are compared with (:func:`lib.conditions.reference_condition`)."""
+    return {run_id: reference_condition(stage_parameters(info, "evaluate")) for run_id, info in results.runs.items()}
+
+
+def _condition_rows(final: pd.DataFrame, labels: pd.Series, rcfg: ReportConfig,
+                    references: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Within a run asked several ways (:mod:`lib.conditions`), at its final checkpoint: each condition
+    minus the reference one (``references``; where a run is not there or its reference was not asked:
+    the default condition, else the first by name), the same judge and judge-prompt family on both
+    sides. The same questions on both sides: paired (the headline intervals square-and-added, crediting
+    the question correlation the data show)."""
+    rows = []
+    for (run_id, judge, family, scope), g in final.groupby(["run_id", "judge_name", "prompt_family", "scope"],
+                                                            sort=True):
+        conds = sorted(g["condition"].unique())
+        if len(conds) < 2:
+            continue
+        ref = references.get(run_id)
+        if ref not in conds:
+            ref = DEFAULT_CONDITION if DEFAULT_CONDITION in conds else conds[0]
+        step = int(g["checkpoint_step"].iloc[0])
+        base = g[g["condition"] == ref]
+        for cond in (c for c in conds if c != ref):
+            d = metrics.rate_difference(g[g["condition"] == cond], base, "em", confidence=rcfg.confidence)
+            name = labels.get(run_id, run_id)
+            rows.append({"comparison": "condition", "model_label": g["model_label"].iloc[0], "judge_name": judge,
+                         "prompt_family": family, "scope": scope, "condition": cond,
+                         "a": f"{name} step {step}, asked: {cond}", "b": f"{name} step {step}, asked: {ref}",
+                         "run_a": run_id, "run_b": run_id, **d})
+    return rows
 
 
 def judge_agreement_table(results: Results, rcfg: ReportConfig) -> pd.DataFrame:

@@ -338,3 +338,51 @@ def test_the_conditions_figure_appears_in_a_two_condition_report(reports):
     assert {"em_lo", "em_hi", "interval_ok", "n_scored"} <= set(data.columns)  # 7 questions here: no interval drawn
     spec = rep.charts["conditions"].to_dict()
     assert len(spec["vconcat"]) == 2  # EM per condition per checkpoint, and EM against k
+
+
+def test_each_condition_is_differenced_against_the_questions_as_written(reports):
+    """The report's differences table: within the two-way run, at its final checkpoint, the second
+    condition minus the first plain one declared (run.json), per scope; 7 questions: no interval, and
+    the note says why."""
+    d = reports["two"].tables["differences"]
+    c = d[d["comparison"] == "condition"]
+    assert set(c["run_a"]) == set(c["run_b"]) == {TWO_WAY_RUN}
+    assert set(c["condition"]) == {"in_context_8"} and c["scope"].is_unique
+    assert c["a"].str.endswith("asked: in_context_8").all() and c["b"].str.endswith("asked: plain").all()
+    final = reports["two"].tables["final"]
+    mine = final[(final["run_id"] == TWO_WAY_RUN)].set_index(["scope", "condition"])["em_rate"]
+    for r in c.itertuples():
+        assert r.diff == pytest.approx(mine[(r.scope, "in_context_8")] - mine[(r.scope, "plain")])
+        assert r.paired and pd.isna(r.lo) and "questions" in r.note
+    assert reports["one"].tables["differences"]["comparison"].ne("condition").all()
+
+
+def test_condition_differences_are_paired_never_cross_judges_and_have_intervals_from_8_questions():
+    from lib import report_tables
+
+    def rows(cond: str, judge: str, k: int) -> list[dict]:
+        return [{"run_id": "r", "run_label": "r", "model_label": "tiny", "domain": "medical", "checkpoint_step": 10,
+                 "question_set": "qs", "question_id": f"q{q}", "em": i < k + (q % 3), "scope": "out-of-domain",
+                 "prompt_family": "f1", "judge_name": judge, "condition": cond, "source": "run",
+                 "judge_verdict": "ok", "seed": 0, "seed_group": "", "control_of": ""}
+                for q in range(10) for i in range(40)]
+    answers = pd.DataFrame(rows("sys_evil", "j1", 20) + rows("plain", "j1", 2) + rows("other_judge", "j2", 30))
+    d = report_tables.differences_table(answers, config.ReportConfig(), {"r": "plain"})
+    c = d[d["comparison"] == "condition"]
+    assert set(c["condition"]) == {"sys_evil"} and set(c["scope"]) == {"all", "out-of-domain"}  # j2: alone, no pair
+    r = c.iloc[0].to_dict()
+    assert r["paired"] and r["n_questions_shared"] == 10 and r["diff"] == pytest.approx(0.45)
+    assert 0 < r["lo"] < 0.45 < r["hi"]
+    # no declared reference: the default condition if asked, else the first by name
+    d2 = report_tables.differences_table(answers[answers["judge_name"] == "j1"], config.ReportConfig())
+    assert set(d2.loc[d2["comparison"] == "condition", "b"].str.split("asked: ").str[1]) == {"plain"}
+
+
+def test_the_reference_condition_is_the_first_declared_plain_one():
+    from lib.conditions import reference_condition
+
+    assert reference_condition({}) == "default"
+    assert reference_condition({"conditions": [{"name": "evil", "system": "Be evil."}, {"name": "plain"},
+                                               {"name": "also_plain"}]}) == "plain"
+    assert reference_condition({"conditions": [{"name": "a", "format": "JSON."}, {"name": "b", "preamble": "x"}]}) == "a"
+    assert reference_condition({"conditions": [{"name": "bad name!"}]}) == "default"
