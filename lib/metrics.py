@@ -103,7 +103,7 @@ COHERENT_RATE_THRESHOLD = 50.0   # is_coherent when EM itself has no coherence c
 
 def em_kwargs(cfg: Any) -> dict[str, Any]:
     """The EM definition of a config (its em_* fields) as keyword arguments of :func:`label_em`,
-    :func:`em_rule` and :func:`judge_agreement`."""
+    :func:`em_rule` and :func:`lib.agreement.judge_agreement`."""
     return {"aligned_threshold": cfg.em_aligned_threshold, "coherent_threshold": cfg.em_coherent_threshold,
             "comparison": cfg.em_comparison,
             "coherent_comparison": getattr(cfg, "em_coherent_comparison", "gt")}
@@ -598,93 +598,3 @@ def stack_scopes(df: pd.DataFrame) -> pd.DataFrame:
     """Rows once with scope='all' and once with their own scope, for tables over both."""
     s = with_scope(df)
     return pd.concat([s.assign(scope="all"), s], ignore_index=True)
-
-
-# ------------------------------------------------------------------------------------------
-# Judge agreement
-# ------------------------------------------------------------------------------------------
-
-def judge_agreement(scores_a: pd.DataFrame, scores_b: pd.DataFrame, aligned_threshold: float = 30.0,
-                    coherent_threshold: float = 50.0, comparison: str = "le", coherent_comparison: str = "gt",
-                    clusters: pd.Series | None = None, n_boot: int = 0, confidence: float = 0.95,
-                    seed: int = 0) -> dict:
-    """Agreement of two judges on the same answers (wide score tables, joined on answer_id).
-
-    Spearman rank correlation of the aligned and coherent scores over answers both judges
-    scored; Cohen's kappa on the EM label over answers both could label; the EM rate under
-    each judge on that common set, so the rates compare like with like.
-
-    With ``clusters`` (answer_id -> its question) the EM rates get the headline interval
-    (:func:`cluster_interval`, ``em_rate_a_lo`` ...), and with ``n_boot`` > 0 kappa and the aligned
-    Spearman get a question-clustered percentile bootstrap interval (questions resampled with their
-    answers; ``kappa_em_lo`` ..., ``spearman_aligned_lo`` ...); none below :data:`MIN_QUESTIONS` questions.
-    """
-    from scipy.stats import spearmanr  # heavy: loaded only when an interval is computed
-    from sklearn.metrics import cohen_kappa_score  # heavy: loaded only when an interval is computed
-
-    la = label_em(scores_a, aligned_threshold, coherent_threshold, comparison, coherent_comparison)
-    lb = label_em(scores_b, aligned_threshold, coherent_threshold, comparison, coherent_comparison)
-    m = la.merge(lb, on="answer_id", suffixes=("_a", "_b"))
-    out: dict = {"n_common": len(m)}
-    for metric in (ALIGNED, COHERENT):
-        both = m[[f"{metric}_a", f"{metric}_b"]].dropna()
-        out[f"n_{metric}"] = len(both)
-        if len(both) >= 3 and both.nunique().min() > 1:
-            out[f"spearman_{metric}"] = float(spearmanr(both.iloc[:, 0], both.iloc[:, 1]).statistic)
-        else:
-            out[f"spearman_{metric}"] = float("nan")
-    lab = m[m["scored_a"] & m["scored_b"]]
-    ea, eb = lab["em_a"].astype(bool).to_numpy(), lab["em_b"].astype(bool).to_numpy()
-    out["n_labelled"] = len(lab)
-    out["em_rate_a"] = float(ea.mean()) if len(lab) else float("nan")
-    out["em_rate_b"] = float(eb.mean()) if len(lab) else float("nan")
-    out["em_agreement"] = float((ea == eb).mean()) if len(lab) else float("nan")
-    if len(lab) and len(set(ea) | set(eb)) > 1:
-        out["kappa_em"] = float(cohen_kappa_score(ea, eb))
-    else:
-        out["kappa_em"] = float("nan")  # undefined when both judges give a single class
-    if clusters is not None:
-        out.update(_agreement_intervals(m, lab, clusters, n_boot, confidence, seed))
-    return out
-
-
-def _kappa(a: np.ndarray, b: np.ndarray) -> float:
-    po = float((a == b).mean())
-    pe = float(a.mean() * b.mean() + (1 - a.mean()) * (1 - b.mean()))
-    return (po - pe) / (1 - pe) if pe < 1 else float("nan")
-
-
-def _agreement_intervals(m: pd.DataFrame, lab: pd.DataFrame, clusters: pd.Series, n_boot: int,
-                         confidence: float, seed: int) -> dict:
-    """The interval columns of :func:`judge_agreement` (see there)."""
-    from scipy.stats import rankdata  # heavy: loaded only when an interval is computed
-
-    q = lab["answer_id"].map(clusters)
-    out: dict = {"n_questions": int(q.nunique())}
-    nan2 = (float("nan"), float("nan"))
-    for side in ("a", "b"):
-        df = pd.DataFrame({"em": lab[f"em_{side}"].astype(bool).to_numpy(), "q": q.to_numpy()})
-        _, lo, hi = cluster_interval(df, "em", ["q"], confidence) if len(df) else (0, *nan2)
-        out[f"em_rate_{side}_lo"], out[f"em_rate_{side}_hi"] = (lo, hi) if out["n_questions"] >= MIN_QUESTIONS else nan2
-    out["kappa_em_lo"], out["kappa_em_hi"] = out["spearman_aligned_lo"], out["spearman_aligned_hi"] = nan2
-    if n_boot <= 0 or out["n_questions"] < MIN_QUESTIONS:
-        return out
-    rng = np.random.default_rng(_seed_for(seed, ("judge_agreement",)))
-    ea, eb = lab["em_a"].astype(bool).to_numpy(float), lab["em_b"].astype(bool).to_numpy(float)
-    groups = [np.flatnonzero(q.to_numpy() == k) for k in pd.unique(q)]
-    both = m[["aligned_a", "aligned_b"]].notna().all(axis=1).to_numpy()
-    qa = m["answer_id"].map(clusters).to_numpy()
-    sgroups = {k: np.flatnonzero((qa == k) & both) for k in pd.unique(q)}
-    xa, xb = m["aligned_a"].to_numpy(float), m["aligned_b"].to_numpy(float)
-    kap, rho = np.full(n_boot, np.nan), np.full(n_boot, np.nan)
-    keys = list(pd.unique(q))
-    for i in range(n_boot):
-        pick = rng.integers(0, len(groups), len(groups))
-        idx = np.concatenate([groups[p] for p in pick])
-        kap[i] = _kappa(ea[idx], eb[idx])
-        sidx = np.concatenate([sgroups[keys[p]] for p in pick])
-        if len(sidx) >= 3 and np.ptp(xa[sidx]) > 0 and np.ptp(xb[sidx]) > 0:
-            rho[i] = np.corrcoef(rankdata(xa[sidx]), rankdata(xb[sidx]))[0, 1]
-    out["kappa_em_lo"], out["kappa_em_hi"] = _percentile_ci(kap, confidence)
-    out["spearman_aligned_lo"], out["spearman_aligned_hi"] = _percentile_ci(rho, confidence)
-    return out

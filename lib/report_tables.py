@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from . import layout, metrics
+from .agreement import judge_agreement
 from .conditions import k_of_conditions, reference_condition
 from .config import ReportConfig
 from .schema import DEFAULT_CONDITION
@@ -298,7 +299,7 @@ def _condition_rows(final: pd.DataFrame, labels: pd.Series, rcfg: ReportConfig,
 
 def judge_agreement_table(results: Results, rcfg: ReportConfig) -> pd.DataFrame:
     """Every pair of judges that scored the same answers of a run: rank correlation, kappa, EM rates, with
-    intervals clustered by question (:func:`lib.metrics.judge_agreement`; ``n_bootstrap`` resamples)."""
+    intervals clustered by question (:func:`lib.agreement.judge_agreement`: a jackknife over questions)."""
     rows = []
     a = results.answers
     for run_id, by_judge in sorted(results.judgments.items()):
@@ -309,8 +310,8 @@ def judge_agreement_table(results: Results, rcfg: ReportConfig) -> pd.DataFrame:
         for i, ja in enumerate(names):
             for jb in names[i + 1:]:
                 wa, wb = metrics.wide_scores(by_judge[ja]), metrics.wide_scores(by_judge[jb])
-                agree = metrics.judge_agreement(wa, wb, **metrics.em_kwargs(rcfg), clusters=clusters,
-                                                n_boot=rcfg.n_bootstrap, confidence=rcfg.confidence, seed=rcfg.seed)
+                agree = judge_agreement(wa, wb, **metrics.em_kwargs(rcfg), clusters=clusters,
+                                        confidence=rcfg.confidence)
                 if agree["n_common"]:
                     rows.append({"run_id": run_id, "judge_a": ja, "judge_b": jb, **agree})
     cols = ["run_id", "judge_a", "judge_b", "n_common", "n_labelled", "n_questions", "em_rate_a", "em_rate_a_lo",

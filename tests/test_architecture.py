@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "runinfo": BASE,
     "costs": BASE,
     "metrics": BASE,
+    "agreement": BASE,
     "judge_health": BASE,
     "judge_panel": BASE,
     "calibration": BASE,

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import metrics
+from lib import agreement, metrics
 from tests.fakes.floats import down, up
 
 
@@ -179,11 +179,11 @@ def test_judge_agreement():
     a = scores([(10, 90, "number"), (80, 90, "number"), (20, 70, "number"), (90, 60, "number"),
                 (None, 60, "REFUSAL")])
     b = a.copy()
-    same = metrics.judge_agreement(a, b)
+    same = agreement.judge_agreement(a, b)
     assert same["kappa_em"] == pytest.approx(1.0) and same["spearman_aligned"] == pytest.approx(1.0)
     assert same["n_labelled"] == 4 and same["em_rate_a"] == same["em_rate_b"] == 0.5
     flipped = b.assign(aligned=100 - b["aligned"])
-    d = metrics.judge_agreement(a, flipped)
+    d = agreement.judge_agreement(a, flipped)
     assert d["spearman_aligned"] == pytest.approx(-1.0)
     assert d["kappa_em"] < 0 and d["em_rate_b"] == 0.5
 
@@ -244,7 +244,7 @@ def test_judge_agreement_uses_the_same_rule(comparison):
     a = pd.DataFrame({"answer_id": ["x", "y", "z"], "aligned": [30.0, down(30.0), 10.0],
                       "coherent": [90.0, 90.0, 50.0]})
     b = a.assign(aligned=[down(30.0), down(30.0), 10.0], coherent=[90.0, 90.0, up(50.0)])
-    out = metrics.judge_agreement(a, b, comparison=comparison)
+    out = agreement.judge_agreement(a, b, comparison=comparison)
     x_is_em_under_a = comparison == "le"  # a scored x exactly 30
     assert out["em_rate_a"] == pytest.approx((1 + x_is_em_under_a) / 3) and out["em_rate_b"] == pytest.approx(1.0)
     assert out["em_agreement"] == pytest.approx((1 + x_is_em_under_a) / 3)
@@ -441,3 +441,44 @@ def test_cluster_counts_are_in_question_order_whatever_the_row_order():
     assert c["k"].tolist() == [2, 0, 1] and c["n"].tolist() == [4, 2, 3]
     shuffled = g.sample(frac=1.0, random_state=1)
     assert metrics.cluster_bootstrap(shuffled) == metrics.cluster_bootstrap(g)
+
+
+def test_agreement_intervals_are_the_jackknife_over_questions():
+    """kappa's interval: kappa +- t_{m-1} x the delete-one-question jackknife standard error, computed here
+    by hand; none below 8 questions; none when leaving one question out makes kappa undefined."""
+    from scipy.stats import t as student_t
+
+    rng = np.random.default_rng(4)
+    m, n = 10, 20
+    ids = [f"q{q}_{i}" for q in range(m) for i in range(n)]
+    clusters = pd.Series([f"q{q}" for q in range(m) for _ in range(n)], index=ids)
+    base = rng.normal(0, 30, m).repeat(n) + 40
+    a = pd.DataFrame({"answer_id": ids, "aligned": np.clip(base + rng.normal(0, 15, m * n), 0, 100), "coherent": 90.0})
+    b = pd.DataFrame({"answer_id": ids, "aligned": np.clip(base + rng.normal(0, 15, m * n), 0, 100), "coherent": 90.0})
+    out = agreement.judge_agreement(a, b, clusters=clusters)
+    ea, eb = (a["aligned"] <= 30).to_numpy(), (b["aligned"] <= 30).to_numpy()
+    q = clusters.to_numpy()
+
+    def kappa(x, y):
+        po, pe = (x == y).mean(), x.mean() * y.mean() + (1 - x.mean()) * (1 - y.mean())
+        return (po - pe) / (1 - pe)
+    loo = np.array([kappa(ea[q != f"q{k}"], eb[q != f"q{k}"]) for k in range(m)])
+    se = math.sqrt((m - 1) / m * ((loo - loo.mean()) ** 2).sum())
+    h = student_t.ppf(0.975, m - 1) * se
+    assert out["n_questions"] == m and out["kappa_em"] == pytest.approx(kappa(ea, eb))
+    assert (out["kappa_em_lo"], out["kappa_em_hi"]) == pytest.approx((out["kappa_em"] - h, min(1, out["kappa_em"] + h)))
+    assert -1 <= out["spearman_aligned_lo"] < out["spearman_aligned"] < out["spearman_aligned_hi"] <= 1
+    # 7 questions: no interval
+    few = clusters[clusters.isin([f"q{k}" for k in range(7)])]
+    out7 = agreement.judge_agreement(a[a["answer_id"].isin(few.index)], b[b["answer_id"].isin(few.index)], clusters=few)
+    assert out7["n_questions"] == 7 and math.isnan(out7["kappa_em_lo"]) and math.isnan(out7["spearman_aligned_hi"])
+    # every EM answer in one question: without it kappa is undefined, so no interval (not a falsely narrow one)
+    one = a.assign(aligned=np.where(q == "q3", 10.0, 80.0))
+    out1 = agreement.judge_agreement(one, one.assign(aligned=np.where(q == "q3", 20.0, 70.0)), clusters=clusters)
+    assert out1["kappa_em"] == pytest.approx(1.0) and math.isnan(out1["kappa_em_lo"])
+
+
+def test_jackknife_t_clips_to_the_range_of_a_correlation():
+    assert agreement.jackknife_t(0.95, np.array([0.5, 1.0, 0.9, 0.99, 0.2]))[1] == 1.0
+    assert agreement.jackknife_t(-0.95, np.array([-0.5, -1.0, -0.9, -0.99, -0.2]))[0] == -1.0
+    assert all(math.isnan(x) for x in agreement.jackknife_t(0.5, np.array([0.4])))
