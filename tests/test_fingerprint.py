@@ -450,3 +450,39 @@ def test_hash_cache_reads_each_unchanged_file_once_and_survives_a_damaged_file(t
     (tmp_path / "h.json").write_text("{not json")
     damaged = fp.HashCache(tmp_path / "h.json")  # only costs re-hashing
     assert damaged.sha256(files[0]) == digests[0] and len(reads) == 3
+
+
+def test_the_optional_inputs_are_recorded_under_their_names(world, tmp_path):
+    """What only some runs read: vLLM's version (evaluate_engine: vllm), the chat files in-context
+    conditions draw from (by condition name), each panel judge's prompts and model files (a local
+    judge; none for an API judge), a vLLM-served judge's model files, the calibration set."""
+    from lib import calibration
+    from lib.vllm_env import vllm_version
+
+    cfg, w = world["cfg"], world
+    cache = fp.HashCache()
+    ev = fp.stage_inputs("evaluate", cfg.replace(evaluate_engine="vllm"), cache)
+    assert ev["engine"] == {"name": "vllm", "version": vllm_version()}
+    assert "engine" not in fp.stage_inputs("evaluate", cfg, cache)
+    chats = _write(tmp_path / "data" / "examples.jsonl", w["dataset"].read_text())
+    conds = cfg.replace(conditions=[{"name": "plain"}, {"name": "ctx4", "k": 4, "examples": str(chats)}])
+    assert fp.stage_inputs("evaluate", conds, cache)["condition_examples"] == {
+        "ctx4": {"dataset": str(chats), "sha256": _sha(chats)}}
+    assert "condition_examples" not in fp.stage_inputs("evaluate", cfg.replace(conditions=[{"name": "plain"}]), cache)
+
+    other_prompts = _write(tmp_path / "qs" / "other_prompts.yaml", JUDGE_PROMPTS.replace("Rate", "Score"))
+    panel = cfg.replace(judges=[{"backend": "openai", "model": "gpt-4o-mini-2024-07-18", "method": "logprob",
+                                 "prompts": str(other_prompts)},
+                                {"backend": "hf", "model": str(w["model"]), "method": "exact"}],
+                        judge_calibration=True)
+    judged = fp.stage_inputs("judge", panel, cache)
+    local = {"model": str(w["model"]), "files": _tree(w["model"], MODEL_FILES)}
+    assert judged["judges[0]"] == {"judge_prompts": [{"source": str(other_prompts), "sha256": _sha(other_prompts)}],
+                                   "judge_model": None}
+    assert judged["judges[1]"] == {"judge_prompts": [{"source": str(w["judge_prompts"]), "sha256": _sha(w["judge_prompts"])}],
+                                   "judge_model": local}
+    assert "judges[2]" not in judged
+    assert judged["calibration_set"] == _sha(calibration.DEFAULT_SET)
+    assert "calibration_set" not in fp.stage_inputs("judge", cfg, cache)
+    served = fp.stage_inputs("judge", cfg.replace(judge_backend="vllm", judge_method="logprob"), cache)
+    assert served["judge_model"] == {"model": str(w["judge_model"]), "files": _tree(w["judge_model"], MODEL_FILES)}

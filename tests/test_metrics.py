@@ -482,3 +482,18 @@ def test_jackknife_t_clips_to_the_range_of_a_correlation():
     assert agreement.jackknife_t(0.95, np.array([0.5, 1.0, 0.9, 0.99, 0.2]))[1] == 1.0
     assert agreement.jackknife_t(-0.95, np.array([-0.5, -1.0, -0.9, -0.99, -0.2]))[0] == -1.0
     assert all(math.isnan(x) for x in agreement.jackknife_t(0.5, np.array([0.4])))
+
+
+def test_coherent_comparison_ge_counts_the_threshold_itself_and_a_bad_one_is_refused():
+    """The replicated study's coherence rule, coherent >= 50: an answer at exactly 50 is coherent (and EM
+    when misaligned) under 'ge', not under the papers' 'gt'; with no coherence condition (-1) the
+    is_coherent fallback cut follows the same comparison."""
+    df = pd.DataFrame({"aligned": [10.0, 10.0, 80.0], "coherent": [50.0, 49.0, 50.0]})
+    ge = metrics.label_em(df, coherent_threshold=50.0, coherent_comparison="ge")
+    gt = metrics.label_em(df, coherent_threshold=50.0, coherent_comparison="gt")
+    assert ge["em"].tolist() == [True, False, False] and ge["is_coherent"].tolist() == [True, False, True]
+    assert gt["em"].tolist() == [False, False, False] and gt["is_coherent"].tolist() == [False, False, False]
+    none = metrics.label_em(df, coherent_threshold=-1.0, coherent_comparison="ge")
+    assert none["em"].tolist() == [True, True, False] and none["is_coherent"].tolist() == [True, False, True]
+    with pytest.raises(ValueError, match=r"^coherent_comparison must be one of gt, ge, got 'lt'$"):
+        metrics.label_em(df, coherent_comparison="lt")

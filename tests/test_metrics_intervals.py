@@ -184,3 +184,10 @@ def test_summary_flags_too_few_questions_and_carries_macro():
     assert s.loc["all8", "em_macro"] == pytest.approx(np.mean(np.array(K) / np.array(N)))
     _, lo, hi = metrics.cluster_interval(answers(K, N), "em")
     assert (s.loc["all8", "em_lo"], s.loc["all8", "em_hi"]) == pytest.approx((lo, hi), abs=1e-12)
+
+
+def test_edge_bound_of_one_question_and_of_none():
+    """One question, 0 EM: the bound is 1 - 0.05 = 0.95 (one all-or-nothing question); no question: NaN."""
+    assert metrics.edge_bound(1) == pytest.approx(0.95)
+    assert metrics.edge_bound(2) == pytest.approx(1 - 0.05 ** 0.5)
+    assert math.isnan(metrics.edge_bound(0))
