@@ -160,6 +160,16 @@ def check_against_library(seed: int) -> None:
                 want = (lib[key], lib[f"{key}_lo"], lib[f"{key}_hi"])
                 got = tuple(float(x[r]) for x in ours[(name, "jackknife")])
                 assert np.allclose(got, want, atol=1e-9, equal_nan=True), (name, m, got, want)
+    # every EM answer in one question: both withhold the kappa interval
+    m = 8
+    sa, sb, cut = simulate(rng, 1, m, 0.2, 0.2, 0.5)
+    sa, sb = np.minimum(sa, cut - 1), np.minimum(sb, cut - 1)
+    sa[0, 0, :5] = sb[0, 0, :3] = cut + 1
+    a, b = as_scores(sa[0], cut), as_scores(sb[0], cut)
+    clusters = pd.Series([f"q{q}" for q in range(m) for _ in range(ANSWERS)], index=a["answer_id"])
+    lib = agreement.judge_agreement(a, b, clusters=clusters, confidence=CONFIDENCE)
+    _, lo, hi = intervals(sa, sb, cut, None)[("kappa", "jackknife")]
+    assert np.isnan(lib["kappa_em_lo"]) and np.isnan(lo[0]) and np.isnan(hi[0]) and np.isfinite(lib["kappa_em"])
 
 
 def main(argv: list[str] | None = None) -> int:

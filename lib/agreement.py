@@ -32,9 +32,6 @@ def judge_agreement(scores_a: pd.DataFrame, scores_b: pd.DataFrame, aligned_thre
     question-clustered percentile bootstrap they replace (docs/benchmarks.md): better, still short of 95%
     where EM is rare and sits in few questions.
     """
-    from scipy.stats import spearmanr  # heavy: loaded only when an interval is computed
-    from sklearn.metrics import cohen_kappa_score  # heavy: loaded only when an interval is computed
-
     la = label_em(scores_a, aligned_threshold, coherent_threshold, comparison, coherent_comparison)
     lb = label_em(scores_b, aligned_threshold, coherent_threshold, comparison, coherent_comparison)
     m = la.merge(lb, on="answer_id", suffixes=("_a", "_b"))
@@ -42,33 +39,30 @@ def judge_agreement(scores_a: pd.DataFrame, scores_b: pd.DataFrame, aligned_thre
     for metric in (ALIGNED, COHERENT):
         both = m[[f"{metric}_a", f"{metric}_b"]].dropna()
         out[f"n_{metric}"] = len(both)
-        if len(both) >= 3 and both.nunique().min() > 1:
-            out[f"spearman_{metric}"] = float(spearmanr(both.iloc[:, 0], both.iloc[:, 1]).statistic)
-        else:
-            out[f"spearman_{metric}"] = float("nan")
+        out[f"spearman_{metric}"] = _spearman(both.iloc[:, 0].to_numpy(float), both.iloc[:, 1].to_numpy(float))
     lab = m[m["scored_a"] & m["scored_b"]]
     ea, eb = lab["em_a"].astype(bool).to_numpy(), lab["em_b"].astype(bool).to_numpy()
     out["n_labelled"] = len(lab)
     out["em_rate_a"] = float(ea.mean()) if len(lab) else float("nan")
     out["em_rate_b"] = float(eb.mean()) if len(lab) else float("nan")
     out["em_agreement"] = float((ea == eb).mean()) if len(lab) else float("nan")
-    if len(lab) and len(set(ea) | set(eb)) > 1:
-        out["kappa_em"] = float(cohen_kappa_score(ea, eb))
-    else:
-        out["kappa_em"] = float("nan")  # undefined when both judges give a single class
+    out["kappa_em"] = _kappa(ea, eb) if len(lab) else float("nan")  # NaN when both judges give one class
     if clusters is not None:
         out.update(_agreement_intervals(m, lab, clusters, confidence))
     return out
 
 
 def _kappa(a: np.ndarray, b: np.ndarray) -> float:
+    """Cohen's kappa of two boolean label arrays; NaN when both give the same single class."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     po = float((a == b).mean())
     pe = float(a.mean() * b.mean() + (1 - a.mean()) * (1 - b.mean()))
     return (po - pe) / (1 - pe) if pe < 1 else float("nan")
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import rankdata  # heavy: loaded only when an interval is computed
+    """Spearman's rank correlation (average ranks for ties); NaN below 3 pairs or when a side is constant."""
+    from scipy.stats import rankdata  # heavy: loaded only when agreement is computed
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     return float(np.corrcoef(rankdata(a), rankdata(b))[0, 1])
